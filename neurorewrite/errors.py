@@ -1,0 +1,37 @@
+"""Typed errors for everything a user can get wrong.
+
+The CLI prints ``str(error)`` as one line on stderr and exits non-zero, so every message names the
+file, node or option at fault and says what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class NeurorewriteError(Exception):
+    """Base class of every user-facing failure."""
+
+    exit_code = 2
+
+
+class InvalidOptionError(NeurorewriteError):
+    """An option value is out of range or malformed (alpha, split, groups, ...)."""
+
+
+class ModelLoadError(NeurorewriteError):
+    """A file is missing, not ONNX, truncated, or fails the ONNX checker."""
+
+
+class NoBlocksError(NeurorewriteError):
+    """The model holds no MLP block that the pass can rewrite."""
+
+
+class DataError(NeurorewriteError):
+    """A sample/training data file is unreadable or does not match the model."""
+
+
+class OutputError(NeurorewriteError):
+    """The output path cannot be written."""
+
+
+class VerificationError(NeurorewriteError):
+    """A rewritten model failed a postcondition (checker, counts); nothing was written."""

@@ -1,0 +1,357 @@
+"""The FPE math on numpy arrays: split neurons, copy outgoing columns, prune to the exact count.
+
+This module is the one implementation of Fixed Parameter Expansion. The ONNX pass
+(:mod:`neurorewrite.passes.expand`) and the torch side (:mod:`neurorewrite.models.fpe`) both call
+:func:`expand_block`, so the same seed and options give the same expansion in both.
+
+Notation follows ``shared/METHODS.md``: a block is ``h = act(W1 x + b1)``, ``y = W2 h + b2`` with
+``W1`` of shape ``(H, D)`` and ``W2`` of shape ``(O, H)``. Expanding with ``alpha`` gives ``alpha * H``
+children; child ``k`` of parent ``i`` is hidden unit ``i * alpha + k`` (children of one parent are
+contiguous).
+
+Counting rule: the nonzero count of a block is ``nnz(W1) + nnz(b1) + nnz(W2) + nnz(b2)``. Splitting
+keeps ``nnz(W1)``; copying adds ``(alpha - 1) * (nnz(W2) + nnz(b1))`` (output columns and, for both
+bias modes, hidden biases); pruning removes exactly that many weights, so the count after equals the
+count before, ties included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from neurorewrite.errors import InvalidOptionError
+
+SPLITS = ("random", "feature", "groups", "shared")
+BIAS_MODES = ("copy", "split")
+PRUNE_MODES = ("global", "layer")
+
+
+def check_alpha(alpha: object, minimum: int = 1) -> int:
+    """Return ``alpha`` as an int, or raise if it is not an integer >= ``minimum``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, np.integer)):
+        if isinstance(alpha, (float, np.floating)) and float(alpha).is_integer():
+            alpha = int(alpha)
+        else:
+            raise InvalidOptionError(f"--alpha must be an integer >= {minimum}, got {alpha!r}")
+    if int(alpha) < minimum:
+        raise InvalidOptionError(f"--alpha must be an integer >= {minimum}, got {alpha}")
+    return int(alpha)
+
+
+@dataclass(frozen=True)
+class FPEConfig:
+    """Options of one expansion. ``groups`` is only read by ``split="groups"``."""
+
+    alpha: int
+    split: str = "random"
+    seed: int = 0
+    bias: str = "copy"
+    prune: str = "global"
+    groups: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
+        for name, value, allowed in (
+            ("split", self.split, SPLITS),
+            ("bias", self.bias, BIAS_MODES),
+            ("prune", self.prune, PRUNE_MODES),
+        ):
+            if value not in allowed:
+                raise InvalidOptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.split == "groups" and self.groups is None:
+            raise InvalidOptionError("--split groups needs a partition: pass --groups FILE.json")
+
+
+@dataclass(frozen=True)
+class BlockExpansion:
+    """The expanded weights of one block. Pruned entries are exact zeros."""
+
+    w1: np.ndarray  # (alpha*H, D)
+    b1: np.ndarray | None  # (alpha*H,)
+    w2: np.ndarray  # (O, alpha*H)
+    b2: np.ndarray | None  # (O,), unchanged
+    assignment: np.ndarray  # (H, D) child index of every input weight of every parent
+    nnz_before: int
+    nnz_after: int
+
+    @property
+    def alpha(self) -> int:
+        return self.w1.shape[0] // self.assignment.shape[0]
+
+    @property
+    def mask1(self) -> np.ndarray:
+        return self.w1 != 0
+
+    @property
+    def mask2(self) -> np.ndarray:
+        return self.w2 != 0
+
+
+def block_nnz(w1: np.ndarray, b1: np.ndarray | None, w2: np.ndarray, b2: np.ndarray | None) -> int:
+    """Nonzero count of a block under the module's counting rule."""
+    return sum(int(np.count_nonzero(a)) for a in (w1, b1, w2, b2) if a is not None)
+
+
+# --- splitting -----------------------------------------------------------------------------------
+
+
+def _child_dtype(alpha: int) -> type:
+    return np.uint8 if alpha <= 256 else np.uint16 if alpha <= 65536 else np.uint32
+
+
+def balanced_labels(n: int, alpha: int, dtype: type = np.int64) -> np.ndarray:
+    """``[0, 1, ..., alpha-1, 0, 1, ...]`` of length n: group sizes differ by at most one."""
+    return (np.arange(n) % alpha).astype(dtype)
+
+
+def split_random(h: int, d: int, alpha: int, rng: np.random.Generator) -> np.ndarray:
+    """An independent random balanced partition of the ``d`` inputs for each of ``h`` neurons."""
+    base = np.tile(balanced_labels(d, alpha, _child_dtype(alpha)), (h, 1))
+    return rng.permuted(base, axis=1)
+
+
+def split_shared(h: int, d: int, alpha: int, rng: np.random.Generator) -> np.ndarray:
+    """One random balanced partition used by every neuron: W1' becomes ``alpha`` dense blocks."""
+    row = np.empty(d, dtype=_child_dtype(alpha))
+    row[rng.permutation(d)] = balanced_labels(d, alpha, row.dtype)
+    return np.broadcast_to(row, (h, d))
+
+
+def cluster_features(w1: np.ndarray, alpha: int, rng: np.random.Generator, iters: int = 20) -> np.ndarray:
+    """Balanced clustering of the input features (columns of W1) by the Gram matrix ``W1^T W1``.
+
+    Features are compared by ``|cos|`` of their weight columns, which is the normalised Gram entry;
+    the sign is ignored because a neuron that uses a feature negatively still mixes it in. Each of the
+    ``alpha`` clusters gets ``d // alpha`` or ``d // alpha + 1`` features (greedy balanced k-means).
+    """
+    d = w1.shape[1]
+    cols = w1.astype(np.float64, copy=False)
+    norms = np.linalg.norm(cols, axis=0)
+    unit = cols / np.where(norms > 0, norms, 1.0)
+    capacity = np.bincount(balanced_labels(d, alpha), minlength=alpha)
+    centers = unit[:, rng.choice(d, size=alpha, replace=False)]
+    labels = balanced_labels(d, alpha)
+    for _ in range(iters):
+        score = np.abs(unit.T @ centers)  # (d, alpha)
+        order = np.argsort(-score, axis=None, kind="stable")
+        new = np.full(d, -1, dtype=np.int64)
+        room = capacity.copy()
+        for flat in order:
+            j, c = divmod(int(flat), alpha)
+            if new[j] < 0 and room[c] > 0:
+                new[j] = c
+                room[c] -= 1
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        for c in range(alpha):
+            members = unit[:, labels == c]
+            signs = np.sign(members.T @ centers[:, c])
+            signs[signs == 0] = 1.0
+            center = members @ signs
+            n = np.linalg.norm(center)
+            if n > 0:
+                centers[:, c] = center / n
+    return labels
+
+
+def split_feature(w1: np.ndarray, alpha: int, rng: np.random.Generator) -> np.ndarray:
+    """Every neuron sends each feature cluster to one child, so clusters that interfere separate.
+
+    The clustering is global (one per layer), so all neurons share the partition; children of a parent
+    are interchangeable, so a per-neuron relabelling of clusters would compute the same function.
+    """
+    labels = cluster_features(w1, alpha, rng).astype(_child_dtype(alpha))
+    return np.broadcast_to(labels, w1.shape)
+
+
+def check_groups(groups: Sequence[Sequence[int]], d: int, alpha: int) -> list[np.ndarray]:
+    """Validate that ``groups`` partitions ``range(d)`` into at least ``alpha`` non-empty groups."""
+    out = [np.asarray(list(g), dtype=np.int64) for g in groups]
+    if len(out) < alpha:
+        raise InvalidOptionError(f"--groups has {len(out)} groups but alpha is {alpha}: give at least alpha groups")
+    if any(g.size == 0 for g in out):
+        raise InvalidOptionError("--groups contains an empty group; every group needs at least one input index")
+    flat = np.concatenate(out)
+    if flat.min() < 0 or flat.max() >= d:
+        raise InvalidOptionError(f"--groups has index {int(flat.max()) if flat.max() >= d else int(flat.min())} outside 0..{d - 1}")
+    counts = np.bincount(flat, minlength=d)
+    if (counts > 1).any():
+        raise InvalidOptionError(f"--groups is not a partition: input {int(np.argmax(counts > 1))} is in several groups")
+    if (counts == 0).any():
+        raise InvalidOptionError(f"--groups is not a partition: input {int(np.argmax(counts == 0))} is in no group")
+    return out
+
+
+def split_groups(h: int, d: int, alpha: int, groups: Sequence[Sequence[int]], rng: np.random.Generator) -> np.ndarray:
+    """Each user group goes whole to one child; per neuron, groups are dealt to children in a random
+    order, each to the child with the fewest inputs so far (ties to the lowest child index)."""
+    parts = check_groups(groups, d, alpha)
+    sizes = np.array([p.size for p in parts])
+    group_child = np.empty((h, len(parts)), dtype=np.int64)
+    for i in range(h):
+        load = np.zeros(alpha, dtype=np.int64)
+        for g in rng.permutation(len(parts)):
+            c = int(np.argmin(load))
+            group_child[i, g] = c
+            load[c] += sizes[g]
+    feature_group = np.empty(d, dtype=np.int64)
+    for g, p in enumerate(parts):
+        feature_group[p] = g
+    return group_child[:, feature_group].astype(_child_dtype(alpha))
+
+
+def split_neurons(w1: np.ndarray, cfg: FPEConfig) -> np.ndarray:
+    """The ``(H, D)`` child index of every input weight: row ``i`` partitions ``range(D)`` into
+    ``alpha`` disjoint, covering subsets."""
+    h, d = w1.shape
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.alpha == 1:
+        return np.zeros((h, d), dtype=np.uint8)
+    if cfg.split == "random":
+        return split_random(h, d, cfg.alpha, rng)
+    if cfg.split == "shared":
+        return split_shared(h, d, cfg.alpha, rng)
+    if cfg.split == "feature":
+        return split_feature(w1, cfg.alpha, rng)
+    assert cfg.groups is not None  # FPEConfig guarantees it
+    return split_groups(h, d, cfg.alpha, cfg.groups, rng)
+
+
+def scatter_children(w1: np.ndarray, assignment: np.ndarray, alpha: int) -> np.ndarray:
+    """W1' of shape ``(alpha*H, D)``: child ``k`` of parent ``i`` keeps ``W1[i, assignment[i] == k]``."""
+    h, d = w1.shape
+    out = np.zeros((h, alpha, d), dtype=w1.dtype)
+    rows = np.arange(h)[:, None]
+    cols = np.arange(d)[None, :]
+    out[rows, assignment, cols] = w1
+    return out.reshape(h * alpha, d)
+
+
+def copy_outputs(w2: np.ndarray, alpha: int) -> np.ndarray:
+    """W2' of shape ``(O, alpha*H)``: every child inherits its parent's outgoing column."""
+    return np.repeat(w2, alpha, axis=1)
+
+
+def expand_bias(b1: np.ndarray | None, alpha: int, mode: str) -> np.ndarray | None:
+    if b1 is None:
+        return None
+    out = np.repeat(b1, alpha)
+    return out / np.asarray(alpha, dtype=b1.dtype) if mode == "split" else out
+
+
+# --- pruning -------------------------------------------------------------------------------------
+
+
+def smallest_by_count(magnitudes: np.ndarray, multiplicity: np.ndarray, k: int) -> tuple[np.ndarray, int, int]:
+    """Choose the ``k`` smallest entries of a multiset given as values with multiplicities.
+
+    Returns the indices (into ``magnitudes``) removed whole, the index of the entry that is cut last,
+    and how many of its copies go (1 up to its multiplicity); ``(empty, -1, 0)`` when ``k == 0``.
+    Order is by magnitude, ties by position (a stable sort), so the count is exact and the choice is
+    deterministic.
+    """
+    if k == 0:
+        return np.empty(0, dtype=np.int64), -1, 0
+    order = np.argsort(magnitudes, kind="stable")
+    cum = np.cumsum(multiplicity[order], dtype=np.int64)
+    available = int(cum[-1]) if cum.size else 0
+    if available < k:
+        raise InvalidOptionError(
+            f"cannot prune {k} weights from a block with only {available} candidates: "
+            "the block is too small for this alpha; lower --alpha or use --prune global"
+        )
+    p = int(np.searchsorted(cum, k, side="left"))
+    before = int(cum[p - 1]) if p > 0 else 0
+    return order[:p], int(order[p]), k - before
+
+
+def _zero_w1(w1e: np.ndarray, flat: np.ndarray, d: int, assignment: np.ndarray, alpha: int) -> None:
+    rows, cols = np.divmod(flat, d)
+    w1e[rows * alpha + assignment[rows, cols], cols] = 0
+
+
+def _zero_w2(w2e: np.ndarray, flat: np.ndarray, h: int, alpha: int, copies: int) -> None:
+    o, i = np.divmod(flat, h)
+    for k in range(copies):
+        w2e[o, i * alpha + k] = 0
+
+
+def prune_to_count(
+    w1e: np.ndarray,
+    w2e: np.ndarray,
+    w1: np.ndarray,
+    w2: np.ndarray,
+    assignment: np.ndarray,
+    excess_w1: int,
+    excess_w2: int,
+    mode: str,
+) -> None:
+    """Zero exactly ``excess_w1 + excess_w2`` nonzero weights of W1' and W2' in place.
+
+    The candidates are counted on the original matrices (a W2 entry stands for its ``alpha`` equal
+    copies) so nothing of the expanded size is sorted. ``global`` removes the smallest magnitudes over
+    both layers at once (the paper's rule); ``layer`` removes ``excess_w1`` from W1' and ``excess_w2``
+    from W2' separately, so each layer keeps its own count. When only some copies of a W2 entry go,
+    the lowest-numbered children lose theirs.
+    """
+    h, d = w1.shape
+    alpha = w1e.shape[0] // h
+    i1 = np.flatnonzero(w1)
+    i2 = np.flatnonzero(w2)
+    m1 = np.abs(w1.ravel()[i1])
+    m2 = np.abs(w2.ravel()[i2]).astype(m1.dtype, copy=False)
+    if mode == "global":
+        mags = np.concatenate([m1, m2])
+        mult = np.concatenate([np.ones(i1.size, np.int64), np.full(i2.size, alpha, np.int64)])
+        whole, last, copies = smallest_by_count(mags, mult, excess_w1 + excess_w2)
+        _zero_w1(w1e, i1[whole[whole < i1.size]], d, assignment, alpha)
+        _zero_w2(w2e, i2[whole[whole >= i1.size] - i1.size], h, alpha, alpha)
+        if last >= i1.size:
+            _zero_w2(w2e, i2[[last - i1.size]], h, alpha, copies)
+        elif last >= 0:
+            _zero_w1(w1e, i1[[last]], d, assignment, alpha)
+        return
+    whole, last, _ = smallest_by_count(m1, np.ones(i1.size, np.int64), excess_w1)
+    _zero_w1(w1e, i1[whole if last < 0 else np.append(whole, last)], d, assignment, alpha)
+    whole, last, copies = smallest_by_count(m2, np.full(i2.size, alpha, np.int64), excess_w2)
+    _zero_w2(w2e, i2[whole], h, alpha, alpha)
+    if last >= 0:
+        _zero_w2(w2e, i2[[last]], h, alpha, copies)
+
+
+def expand_block(
+    w1: np.ndarray,
+    b1: np.ndarray | None,
+    w2: np.ndarray,
+    b2: np.ndarray | None,
+    cfg: FPEConfig,
+) -> BlockExpansion:
+    """Split every hidden neuron into ``cfg.alpha`` children and prune back to the original count.
+
+    Invariants: each row of ``assignment`` partitions ``range(D)``; ``nnz_after == nnz_before``.
+    The inputs are not modified.
+    """
+    h, d = w1.shape
+    if w2.shape[1] != h:
+        raise InvalidOptionError(f"W2 has {w2.shape[1]} inputs but W1 has {h} outputs")
+    alpha = cfg.alpha
+    assignment = split_neurons(w1, cfg)
+    w1e = scatter_children(w1, assignment, alpha)
+    w2e = copy_outputs(w2, alpha)
+    b1e = expand_bias(b1, alpha, cfg.bias)
+    nb1 = 0 if b1 is None else int(np.count_nonzero(b1))
+    excess_w2 = (alpha - 1) * int(np.count_nonzero(w2))
+    excess_w1 = (alpha - 1) * nb1
+    if cfg.bias == "split" and b1 is not None:
+        # b/alpha can underflow to zero for subnormal biases; count what is really there
+        excess_w1 = int(np.count_nonzero(b1e)) - nb1
+    prune_to_count(w1e, w2e, w1, w2, assignment, excess_w1, excess_w2, cfg.prune)
+    before = block_nnz(w1, b1, w2, b2)
+    after = block_nnz(w1e, b1e, w2e, b2)
+    if after != before:
+        raise AssertionError(f"FPE count invariant broken: {before} -> {after}")
+    return BlockExpansion(w1e, b1e, w2e, None if b2 is None else b2.copy(), assignment, before, after)
