@@ -90,6 +90,12 @@ class BlockExpansion:
         return self.w2 != 0
 
 
+def block_seed(seed: int, position: int) -> int:
+    """The seed of the ``position``-th expanded block of a model: blocks get independent streams,
+    and the ONNX pass and the torch module derive them the same way."""
+    return int(np.random.SeedSequence((seed, position)).generate_state(1)[0])
+
+
 def block_nnz(w1: np.ndarray, b1: np.ndarray | None, w2: np.ndarray, b2: np.ndarray | None) -> int:
     """Nonzero count of a block under the module's counting rule."""
     return sum(int(np.count_nonzero(a)) for a in (w1, b1, w2, b2) if a is not None)

@@ -1,0 +1,133 @@
+"""The Python API: everything the CLI does, as functions that take and return models and reports."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from neurorewrite.errors import InvalidOptionError
+from neurorewrite.fpe import FPEConfig, block_nnz, check_alpha
+from neurorewrite.passes.expand import ExpandReport, Progress, expand_model
+from neurorewrite.rewriter.blocks import Skipped, find_blocks
+from neurorewrite.rewriter.edit import read_metadata
+from neurorewrite.rewriter.graph import GraphIndex
+from neurorewrite.rewriter.io import ModelLike, load_model, save_model
+from neurorewrite.rewriter.linear import read_weights
+
+
+def load_groups(path: str | os.PathLike) -> tuple[tuple[int, ...], ...]:
+    """Read a ``--groups`` JSON file: a list of lists of input indices (or ``{"groups": [...]}``)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InvalidOptionError(f"--groups {path}: cannot read a JSON partition ({e})") from e
+    if isinstance(data, dict):
+        data = data.get("groups")
+    if not isinstance(data, list) or not all(isinstance(g, list) and all(isinstance(i, int) for i in g) for g in data):
+        raise InvalidOptionError(f"--groups {path}: expected a JSON list of lists of integer input indices")
+    return tuple(tuple(g) for g in data)
+
+
+def expand(
+    model: ModelLike,
+    alpha: int = 4,
+    split: str = "random",
+    seed: int = 0,
+    bias: str = "copy",
+    prune: str = "global",
+    groups: Sequence[Sequence[int]] | str | os.PathLike | None = None,
+    layers: Sequence[str] | None = None,
+    calibrate: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    output: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+) -> tuple[onnx.ModelProto, ExpandReport]:
+    """FPE-expand every MLP block of ``model`` (a path or a ModelProto); optionally calibrate and save.
+
+    ``calibrate`` is an ``.npz`` path or a mapping from graph input names to sample arrays. With
+    ``output`` the model is written atomically (nothing is written if any step fails).
+    """
+    where = str(model) if not isinstance(model, onnx.ModelProto) else "model"
+    alpha = check_alpha(alpha)
+    if isinstance(groups, (str, os.PathLike)):
+        groups = load_groups(groups)
+    cfg = FPEConfig(
+        alpha=alpha, split=split, seed=int(seed), bias=bias, prune=prune,
+        groups=None if groups is None else tuple(tuple(int(i) for i in g) for g in groups),
+    )
+    sample = None
+    if calibrate is not None:
+        from neurorewrite.passes.calibrate import load_sample
+
+        sample = load_sample(calibrate)
+    original = load_model(model)
+    new, report = expand_model(original, cfg, list(layers) if layers else None, progress, where)
+    if sample is not None:
+        from neurorewrite.passes.calibrate import calibrate_model
+
+        new, report = calibrate_model(original, new, report, sample)
+    if output is not None:
+        save_model(new, output)
+    else:
+        _check_in_memory(new)
+    return new, report
+
+
+def _check_in_memory(model: onnx.ModelProto) -> None:
+    from neurorewrite.rewriter.io import EXTERNAL_DATA_THRESHOLD
+
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(model, full_check=True)
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    name: str
+    first: str
+    second: str
+    activation: str
+    in_features: int
+    width: int
+    out_features: int
+    nonzeros: int
+    parameters: int
+
+
+@dataclass
+class Inspection:
+    """What ``inspect`` shows: the MLP blocks, their sizes, and any FPE record in the metadata."""
+
+    blocks: list[BlockInfo] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    fpe: dict[str, object] | None = None
+
+
+def inspect(model: ModelLike) -> Inspection:
+    """List the MLP blocks of a model with widths and nonzero counts, and its FPE metadata."""
+    proto = load_model(model)
+    search = find_blocks(proto)
+    index = GraphIndex.build(proto.graph)
+    out = Inspection(skipped=search.skipped, fpe=read_metadata(proto))
+    for block in search.blocks:
+        w1, b1 = read_weights(index, block.first)
+        w2, b2 = read_weights(index, block.second)
+        params = sum(a.size for a in (w1, b1, w2, b2) if a is not None)
+        out.blocks.append(
+            BlockInfo(
+                block.name, block.first.name, block.second.name, block.activation, block.in_features,
+                block.width, block.out_features, block_nnz(w1, b1, w2, b2), params,
+            )
+        )
+    return out
+
+
+def default_output(path: str | os.PathLike) -> Path:
+    """``model.onnx`` -> ``model.fpe.onnx`` beside it."""
+    p = Path(path)
+    return p.with_name(p.stem + ".fpe" + (p.suffix or ".onnx"))

@@ -1,0 +1,256 @@
+"""MEmeL: inhibit monosemantic activation elements during training (METHODS.md section 2).
+
+:class:`MEmeL` is a parameter-free module applied to an activation ``z`` of shape
+``(batch, *features)``. In train mode, for each batch it
+
+1. scores every element with the Monosemantic Scale
+   ``phi = (z - mu)^2 / (s^2 + 0.01 * mean(s^2))``, where ``mu`` and ``s^2`` (unbiased) are the
+   running per-element statistics from the *previous* batches (the paper's "historical" mean),
+   ``mean(s^2)`` being taken over all elements of the activation;
+2. selects, per sample, the ``top_t`` elements of ``phi`` over the flattened activation;
+3. applies Reversed Deactivation to the selected elements,
+   ``z' = -D*z + (mu + D*z).detach()``: the forward value is ``mu``, the gradient is ``-D`` times the
+   upstream gradient. ``delta`` (D) = 1 is RD; 0 and -1 are the paper's two naive variants (no
+   gradient, and straight-through). It is computed as ``a - a.detach() + mu`` with ``a = -D*z``,
+   the same function and gradient, but the forward value is exactly ``mu``;
+4. merges the batch into the running statistics with the *pre-inhibition* values ``z``
+   (see :mod:`neurorewrite.models.memel_stats`: Chan merge, count capped at ``n_forget`` batches).
+
+Late start: the first ``n_forget`` training batches only feed the statistics; inhibition begins
+with batch ``n_forget + 1``. In eval mode the module returns its input unchanged and updates nothing.
+With ``torch.distributed`` initialised (and ``sync_ranks=True``) the batch moments are summed over
+all ranks, so ranks on shards of a batch keep the same statistics and make the same selections as
+one process on the whole batch. Statistics are buffers (``count``, ``mean``, ``m2``,
+``batches_seen``), created lazily from the first activation's shape; ``load_state_dict`` into a
+fresh module works.
+
+Design choice for :func:`insert_memel`: a forward hook on the named submodule, not a wrapper. The
+module tree, parameter names and ``state_dict`` keys of the model stay exactly as they were, an
+exported model (export runs in eval mode, where the hook does nothing) has the same graph and node
+names as the plain model, and :func:`remove_memel` only deletes hooks. The hook follows the hooked
+module's train/eval flag. The price: the MEmeL statistics live outside the model's ``state_dict``
+(get the modules with :func:`find_memel`); after a restart they warm up again for ``n_forget``
+batches. The hooked submodule must return a tensor, or a tuple/list whose first item is the tensor
+(as Hugging Face layers do); the activation's feature shape must stay fixed between batches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neurorewrite.errors import InvalidOptionError
+from neurorewrite.models.memel_stats import batch_moments, merge_capped, unbiased_variance
+
+__all__ = ["MEmeL", "insert_memel", "remove_memel", "find_memel"]
+
+VARIANCE_FLOOR_SHARE = 0.01  # the paper's 0.01 * mean(s^2) added to every element's variance
+
+
+def _check_int(option: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidOptionError(f"MEmeL option {option} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_delta(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidOptionError(f"MEmeL option delta must be a finite number (1 = RD, 0 or -1 = naive), got {value!r}")
+    return float(value)
+
+
+class MEmeL(nn.Module):
+    """Monosemantic-element inhibition for one activation; identity in eval mode (see module doc)."""
+
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+    batches_seen: Tensor
+
+    def __init__(
+        self, top_t: int = 1, delta: float = 1.0, n_forget: int = 10, sync_ranks: bool = True, name: str = "MEmeL"
+    ) -> None:
+        super().__init__()
+        self.top_t = _check_int("top_t", top_t, 1)
+        self.n_forget = _check_int("n_forget", n_forget, 1)
+        self.delta = _check_delta(delta)
+        self.sync_ranks = bool(sync_ranks)
+        self.name = name
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("mean", torch.zeros(0))
+        self.register_buffer("m2", torch.zeros(0))
+
+    def extra_repr(self) -> str:
+        return f"top_t={self.top_t}, delta={self.delta}, n_forget={self.n_forget}, sync_ranks={self.sync_ranks}"
+
+    @property
+    def variance(self) -> Tensor:
+        """The running unbiased variance ``s^2`` per element (flattened)."""
+        return unbiased_variance(self.count.to(self.m2.dtype), self.m2)
+
+    def monosemantic_scale(self, z: Tensor) -> Tensor:
+        """``phi`` of every element of ``z`` (batch x flattened features) against the running statistics."""
+        variance = self.variance
+        denominator = (variance + VARIANCE_FLOOR_SHARE * variance.mean()).clamp_min(torch.finfo(variance.dtype).tiny)
+        z2d = z.detach().reshape(z.shape[0], -1).to(self.mean.dtype)
+        return (z2d - self.mean).square() / denominator
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The statistics are shaped lazily; take the saved shape so a fresh module can load them.
+        for key in ("mean", "m2"):
+            saved = state_dict.get(prefix + key)
+            if isinstance(saved, Tensor) and saved.shape != getattr(self, key).shape:
+                setattr(self, key, torch.zeros(saved.shape, dtype=saved.dtype, device=self.count.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, z: Tensor) -> Tensor:
+        if not self.training:
+            return z
+        z2d = self._flatten_checked(z)
+        inhibit = int(self.batches_seen) >= self.n_forget
+        with torch.no_grad():
+            running_mean = self.mean
+            selected = self._select(z2d) if inhibit else None
+            self._update_statistics(z2d)
+            self.batches_seen += 1
+        if selected is None:
+            return z
+        return self._reversed_deactivation(z2d, selected, running_mean).view_as(z)
+
+    def _flatten_checked(self, z: Tensor) -> Tensor:
+        if z.dim() < 2:
+            raise InvalidOptionError(
+                f"MEmeL after {self.name!r} got an activation of shape {tuple(z.shape)}; it needs (batch, features...):"
+                " insert it after a layer whose output has a feature dimension"
+            )
+        z2d = z.reshape(z.shape[0], -1)
+        features = z2d.shape[1]
+        if self.mean.numel() == 0:
+            dtype = torch.promote_types(z.dtype, torch.float32)
+            self.mean = torch.zeros(features, dtype=dtype, device=z.device)
+            self.m2 = torch.zeros(features, dtype=dtype, device=z.device)
+        elif self.mean.numel() != features:
+            raise InvalidOptionError(
+                f"MEmeL after {self.name!r}: the activation has {features} elements per sample but earlier batches had"
+                f" {self.mean.numel()}; MEmeL keeps statistics per element, so the feature shape must stay fixed"
+                " (pad sequences to one length, or insert MEmeL after another layer)"
+            )
+        if self.top_t > features:
+            raise InvalidOptionError(
+                f"MEmeL option top_t={self.top_t} exceeds the {features} elements per sample after {self.name!r}"
+            )
+        if self.mean.device != z.device:
+            self.to(z.device)
+        return z2d
+
+    def _select(self, z2d: Tensor) -> Tensor:
+        """Indices (batch x top_t) of the elements with the largest phi in each sample."""
+        phi = self.monosemantic_scale(z2d)
+        if self.top_t == 1:
+            return phi.argmax(dim=1, keepdim=True)
+        return phi.topk(self.top_t, dim=1, sorted=False).indices
+
+    def _update_statistics(self, z2d: Tensor) -> None:
+        values = z2d.detach().to(self.mean.dtype)
+        batch = batch_moments(values, self.mean, self.sync_ranks)
+        old = (self.count.to(self.mean.dtype), self.mean, self.m2)
+        count, self.mean, self.m2 = merge_capped(old, batch, self.n_forget)
+        self.count = count.round().to(torch.int64)
+
+    def _reversed_deactivation(self, z2d: Tensor, selected: Tensor, running_mean: Tensor) -> Tensor:
+        # Only the selected elements are touched: gather them, rewrite, scatter back (out of place).
+        picked = z2d.gather(1, selected)
+        reversed_part = picked * (-self.delta)
+        replaced = reversed_part - reversed_part.detach() + running_mean.to(z2d.dtype)[selected]
+        return z2d.scatter(1, selected, replaced)
+
+
+class _MEmeLHook:
+    """Forward hook that routes a submodule's output through its MEmeL in train mode."""
+
+    def __init__(self, memel: MEmeL) -> None:
+        self.memel = memel
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if not module.training:
+            return None
+        self.memel.train(True)
+        if isinstance(output, Tensor):
+            return self.memel(output)
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+            return type(output)([self.memel(output[0]), *output[1:]])
+        raise InvalidOptionError(
+            f"MEmeL after {self.memel.name!r}: that submodule returns {type(output).__name__}, not a tensor or a"
+            " tuple starting with one; insert MEmeL after a submodule that returns the activation tensor"
+        )
+
+
+def _hooks_of(module: nn.Module) -> list[tuple[int, _MEmeLHook]]:
+    return [(key, hook) for key, hook in module._forward_hooks.items() if isinstance(hook, _MEmeLHook)]
+
+
+def find_memel(model: nn.Module) -> dict[str, MEmeL]:
+    """The MEmeL modules inserted in ``model``, keyed by the name of the submodule they follow."""
+    return {name: hook.memel for name, module in model.named_modules() for _, hook in _hooks_of(module)}
+
+
+def _valid_name_hint(missing: list[str], names: list[str]) -> str:
+    close = [match for name in missing for match in difflib.get_close_matches(name, names, n=3)]
+    examples = list(dict.fromkeys(close)) or names[:8]
+    return ", ".join(repr(name) for name in examples)
+
+
+def insert_memel(
+    model: nn.Module,
+    after: Iterable[str] | str,
+    top_t: int = 1,
+    delta: float = 1.0,
+    n_forget: int = 10,
+    sync_ranks: bool = True,
+) -> nn.Module:
+    """Insert a MEmeL after each named submodule of ``model`` (in place) and return ``model``.
+
+    ``after`` holds names from ``model.named_modules()``. Every name and option is checked before
+    anything is changed; a wrong name raises :class:`InvalidOptionError` listing all missing names
+    and some valid ones. Undo with :func:`remove_memel`.
+    """
+    names = [after] if isinstance(after, str) else list(after)
+    modules = dict(model.named_modules())
+    valid = [name for name in modules if name]
+    if not names:
+        raise InvalidOptionError(f"insert_memel: `after` is empty; name submodules such as {_valid_name_hint([], valid)}")
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise InvalidOptionError(
+            f"insert_memel: {type(model).__name__} has no submodule named {', '.join(map(repr, missing))}; valid names"
+            f" include {_valid_name_hint(missing, valid)}"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1} | set(find_memel(model)) & set(names))
+    if repeated:
+        raise InvalidOptionError(
+            f"insert_memel: MEmeL would follow {', '.join(map(repr, repeated))} twice; name each submodule once"
+            " (call remove_memel first to re-insert with other options)"
+        )
+    memels = [MEmeL(top_t=top_t, delta=delta, n_forget=n_forget, sync_ranks=sync_ranks, name=n) for n in names]
+    for name, memel in zip(names, memels):
+        modules[name].register_forward_hook(_MEmeLHook(memel))
+    return model
+
+
+def remove_memel(model: nn.Module) -> nn.Module:
+    """Remove every MEmeL that :func:`insert_memel` put into ``model`` (in place); return ``model``.
+
+    The module tree, parameters and ``state_dict`` are then those of the plain model. A model
+    without MEmeL is returned unchanged.
+    """
+    for module in model.modules():
+        for key, _ in _hooks_of(module):
+            for registry in (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+                registry.pop(key, None)
+    return model

@@ -1,0 +1,139 @@
+"""The FPE expansion pass.
+
+Replaces each selected MLP block ``second(act(first(x)))`` with its FPE expansion: ``first`` gets
+``alpha * H`` outputs whose rows hold disjoint shares of each parent row, ``second`` gets ``alpha * H``
+inputs whose columns copy the parent columns, and both are pruned back to the block's original count.
+
+Before: ``find_blocks`` matched the block (constant, unshared weights; the hidden tensor feeds only the
+activation and the second linear). After: every node outside the blocks, the graph inputs and outputs,
+the opset imports and other domains are as they were; ``nonzeros(block) == nonzeros(original block)``
+exactly for every rewritten block (weights and biases counted); the record goes to ``metadata_props``.
+The input model is never modified. Place in the pipeline: load -> find blocks -> **expand** ->
+calibrate -> lower -> verify.
+
+Blocks in a chain (``L1 -> act -> L2 -> act -> L3``) share a linear: they are expanded in graph order,
+and the later block splits the already widened weights, so both counts stay exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import onnx
+
+from neurorewrite.errors import NoBlocksError
+from neurorewrite.fpe import FPEConfig, block_seed, expand_block
+from neurorewrite.rewriter.blocks import MLPBlock, Skipped, find_blocks, select_blocks
+from neurorewrite.rewriter.edit import NewWeights, replace_weights
+from neurorewrite.rewriter.graph import GraphIndex
+from neurorewrite.rewriter.linear import Linear, read_weights
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    name: str
+    first: str
+    second: str
+    activation: str
+    in_features: int
+    width_before: int
+    width_after: int
+    out_features: int
+    nnz_before: int
+    nnz_after: int
+
+
+@dataclass
+class ExpandReport:
+    """What the pass did: one row per rewritten block, and the blocks it left alone with why."""
+
+    alpha: int
+    split: str
+    seed: int
+    bias: str
+    prune: str
+    blocks: list[BlockReport] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    calibration: list[dict[str, object]] = field(default_factory=list)
+    format: str = "dense"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.blocks)
+
+
+def no_blocks_error(where: str, skipped: list[Skipped]) -> NoBlocksError:
+    detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5])
+    hint = f" (near misses: {detail})" if detail else " (looked for Gemm/MatMul -> activation -> Gemm/MatMul)"
+    return NoBlocksError(f"{where}: no MLP block to rewrite{hint}")
+
+
+def expand_model(
+    model: onnx.ModelProto,
+    cfg: FPEConfig,
+    layers: list[str] | None = None,
+    progress: Progress | None = None,
+    where: str = "model",
+) -> tuple[onnx.ModelProto, ExpandReport]:
+    """Expand the MLP blocks of ``model`` (all, or those ``layers`` selects); see the module docstring."""
+    search = find_blocks(model)
+    blocks, skipped = select_blocks(search, layers)
+    if not blocks:
+        raise no_blocks_error(where, skipped)
+    index = GraphIndex.build(model.graph)
+    current: dict[int, tuple[Linear, np.ndarray, np.ndarray | None]] = {}
+    report = ExpandReport(cfg.alpha, cfg.split, cfg.seed, cfg.bias, cfg.prune, skipped=skipped)
+    stale: set[str] = set()
+    for position, block in enumerate(blocks):
+        if progress is not None:
+            progress(position, len(blocks), block.name)
+        w1, b1 = _current(index, current, block.first)
+        w2, b2 = _current(index, current, block.second)
+        exp = expand_block(w1, b1, w2, b2, replace(cfg, seed=block_seed(cfg.seed, position)))
+        current[block.first.node] = (block.first, exp.w1, exp.b1)
+        current[block.second.node] = (block.second, exp.w2, exp.b2)
+        stale |= _widened_tensors(model, block)
+        report.blocks.append(
+            BlockReport(
+                name=block.name, first=block.first.name, second=block.second.name, activation=block.activation,
+                in_features=block.in_features, width_before=w1.shape[0], width_after=exp.w1.shape[0],
+                out_features=block.out_features, nnz_before=exp.nnz_before, nnz_after=exp.nnz_after,
+            )
+        )
+    if progress is not None:
+        progress(len(blocks), len(blocks), "writing")
+    updates = [NewWeights(lin, w, b) for lin, w, b in current.values()]
+    new = replace_weights(model, updates, stale, metadata=fpe_metadata(report))
+    return new, report
+
+
+def _current(
+    index: GraphIndex, current: dict[int, tuple[Linear, np.ndarray, np.ndarray | None]], lin: Linear
+) -> tuple[np.ndarray, np.ndarray | None]:
+    if lin.node in current:
+        _, w, b = current[lin.node]
+        return w, b
+    return read_weights(index, lin)
+
+
+def _widened_tensors(model: onnx.ModelProto, block: MLPBlock) -> set[str]:
+    """Tensors whose last dimension changes: the first linear's outputs and the activation region."""
+    names = set(block.region_tensors)
+    for i in block.first.nodes:
+        names |= set(model.graph.node[i].output)
+    return names
+
+
+def fpe_metadata(report: ExpandReport) -> dict[str, object]:
+    return {
+        "alpha": report.alpha, "split": report.split, "seed": report.seed, "bias": report.bias,
+        "prune": report.prune, "format": report.format,
+        "blocks": [asdict(b) for b in report.blocks],
+    }

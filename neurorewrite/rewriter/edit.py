@@ -1,0 +1,141 @@
+"""Build a new model from an old one with some linear layers' weights replaced.
+
+The input model is never modified: the new one is assembled field by field, skipping the
+initializers that are replaced so the old weights are not copied only to be thrown away.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from google.protobuf.message import Message
+from onnx import numpy_helper
+
+from neurorewrite.rewriter.graph import GraphIndex
+from neurorewrite.rewriter.linear import Linear
+
+METADATA_KEY = "neurorewrite.fpe"
+
+
+@dataclass(frozen=True)
+class NewWeights:
+    """Effective weights for one linear layer: ``w`` (out, in), ``b`` (out,) or None to keep the bias."""
+
+    linear: Linear
+    w: np.ndarray
+    b: np.ndarray | None
+
+
+def _stored_dtype(index: GraphIndex, name: str) -> np.dtype:
+    if name in index.initializers:
+        return onnx.helper.tensor_dtype_to_np_dtype(index.initializers[name].data_type)
+    value = index.constant_value(name)
+    if value is None:
+        raise ValueError(f"{name} is not a constant")
+    return value.dtype
+
+
+def _bias_shape(index: GraphIndex, name: str, out: int) -> tuple[int, ...]:
+    shape = index.constant_shape(name) or (out,)
+    return (out,) if all(d == 1 for d in shape) else tuple(shape[:-1]) + (out,)
+
+
+def _copy_fields(src: Message, dst: Message, skip: tuple[str, ...]) -> None:
+    for desc, value in src.ListFields():
+        if desc.name in skip:
+            continue
+        if desc.is_repeated:
+            getattr(dst, desc.name).extend(value)
+        elif desc.message_type is not None:
+            getattr(dst, desc.name).CopyFrom(value)
+        else:
+            setattr(dst, desc.name, value)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 0
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def replace_weights(
+    model: onnx.ModelProto,
+    updates: Iterable[NewWeights],
+    stale_tensors: Iterable[str],
+    metadata: dict[str, object] | None = None,
+) -> onnx.ModelProto:
+    """A new model in which each updated linear reads new initializers (old ones are dropped).
+
+    Gemm alpha/beta are reset to 1 because the new weights are effective weights. ``stale_tensors``
+    lose their value_info (their width changed); shape inference recomputes them.
+    """
+    index = GraphIndex.build(model.graph)
+    updates = list(updates)
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    taken |= {i.name for i in model.graph.input}
+    drop: set[str] = set()
+    dead_constants: set[int] = set()
+    renames: dict[tuple[int, int], str] = {}  # (node index, input slot) -> new tensor name
+    new_inits: list[onnx.TensorProto] = []
+    for up in updates:
+        lin = up.linear
+        parts = [("weight", lin.weight, lin.node, 1)]
+        if up.b is not None and lin.bias is not None:
+            parts.append(("bias", lin.bias, lin.node if lin.add_node is None else lin.add_node, None))
+        for what, old, node_i, slot in parts:
+            node = model.graph.node[node_i]
+            slot = slot if slot is not None else (2 if node.op_type == "Gemm" else list(node.input).index(old))
+            dtype = _stored_dtype(index, old)
+            if what == "weight":
+                value = up.w if lin.weight_out_in else up.w.T
+            else:
+                value = up.b.reshape(_bias_shape(index, old, up.b.size))
+            name = _unique(old + ".fpe", taken)
+            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=dtype), name))
+            renames[(node_i, slot)] = name
+            if index.constant_source(old) == "initializer":
+                drop.add(old)
+            elif index.constant_source(old) == "constant":
+                dead_constants.add(index.constant_nodes[old])
+    scaled = {up.linear.node for up in updates if up.linear.op == "Gemm"}
+    new = onnx.ModelProto()
+    _copy_fields(model, new, skip=("graph",))
+    graph = new.graph
+    _copy_fields(model.graph, graph, skip=("initializer", "value_info", "node"))
+    graph.initializer.extend(t for t in model.graph.initializer if t.name not in drop)
+    for i, node in enumerate(model.graph.node):
+        if i in dead_constants:
+            continue
+        copy = graph.node.add()
+        copy.CopyFrom(node)
+        for (node_i, slot), name in renames.items():
+            if node_i == i:
+                copy.input[slot] = name
+        if i in scaled:
+            for attr in copy.attribute:
+                if attr.name in ("alpha", "beta"):
+                    attr.f = 1.0
+    graph.initializer.extend(new_inits)
+    stale = set(stale_tensors)
+    graph.value_info.extend(v for v in model.graph.value_info if v.name not in stale)
+    if metadata is not None:
+        kept = [p for p in new.metadata_props if p.key != METADATA_KEY]
+        del new.metadata_props[:]
+        new.metadata_props.extend(kept)
+        new.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata, sort_keys=True))
+    return new
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, object] | None:
+    """The FPE record a previous expansion left in ``metadata_props``, if any."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    return None
