@@ -40,7 +40,7 @@ def expand(
     alpha: int = 4,
     split: str = "random",
     seed: int = 0,
-    bias: str = "copy",
+    bias: str = "split",
     prune: str = "global",
     groups: Sequence[Sequence[int]] | str | os.PathLike | None = None,
     layers: Sequence[str] | None = None,

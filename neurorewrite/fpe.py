@@ -48,7 +48,7 @@ class FPEConfig:
     alpha: int
     split: str = "random"
     seed: int = 0
-    bias: str = "copy"
+    bias: str = "split"
     prune: str = "global"
     groups: tuple[tuple[int, ...], ...] | None = None
 

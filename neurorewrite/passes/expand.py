@@ -45,6 +45,8 @@ class BlockReport:
     out_features: int
     nnz_before: int
     nnz_after: int
+    hidden_tensor: str = ""
+    output_tensor: str = ""
 
 
 @dataclass
@@ -105,6 +107,7 @@ def expand_model(
                 name=block.name, first=block.first.name, second=block.second.name, activation=block.activation,
                 in_features=block.in_features, width_before=w1.shape[0], width_after=exp.w1.shape[0],
                 out_features=block.out_features, nnz_before=exp.nnz_before, nnz_after=exp.nnz_after,
+                hidden_tensor=block.hidden, output_tensor=block.second.output,
             )
         )
     if progress is not None:

@@ -1,0 +1,50 @@
+"""The ``neurorewrite`` command: parses arguments, calls the Python API, prints reports.
+
+Each subcommand lives in ``neurorewrite/commands/<name>.py`` with ``register(subparsers)``; its
+handler returns an exit code. A :class:`NeurorewriteError` becomes one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from neurorewrite.errors import NeurorewriteError
+
+COMMANDS = ("expand", "inspect", "finetune", "analyze", "compile", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neurorewrite",
+        description="Rewrite the dense MLP blocks of ONNX models into FPE-expanded sparse blocks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"neurorewrite.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"neurorewrite.commands.{name}":
+                continue  # command not built in this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except NeurorewriteError as e:
+        print(f"neurorewrite {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"neurorewrite {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

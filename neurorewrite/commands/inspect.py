@@ -1,0 +1,46 @@
+"""``neurorewrite inspect``: the MLP blocks of a model, their sizes, and its FPE metadata."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from neurorewrite.table import format_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="list the MLP blocks found, widths, nonzero counts and FPE metadata",
+        description="List the MLP blocks neurorewrite finds in an ONNX model (and the near misses with the "
+        "reason they are skipped), their widths and nonzero counts, and the FPE record of an expanded model.",
+    )
+    p.add_argument("model", type=Path, help="ONNX model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from neurorewrite.api import inspect
+
+    info = inspect(args.model)
+    if args.json:
+        print(json.dumps(asdict(info), indent=2))
+        return 0
+    rows = [
+        (b.name, b.activation, b.in_features, b.width, b.out_features, b.nonzeros, b.parameters)
+        for b in info.blocks
+    ]
+    print(format_table(("block", "activation", "in", "hidden", "out", "nonzeros", "parameters"), rows,
+                       title=f"{args.model}: {len(info.blocks)} MLP block(s)"))
+    if info.skipped:
+        print(format_table(("block", "reason"), [(s.name, s.reason) for s in info.skipped], title="\nskipped"))
+    if info.fpe:
+        meta = {k: v for k, v in info.fpe.items() if k != "blocks"}
+        print("\nFPE: " + " ".join(f"{k}={v}" for k, v in sorted(meta.items())))
+        fpe_rows = [(b["name"], f"{b['width_before']} -> {b['width_after']}", f"{b['nnz_before']} -> {b['nnz_after']}")
+                    for b in info.fpe.get("blocks", [])]  # type: ignore[union-attr]
+        print(format_table(("block", "width", "nonzeros"), fpe_rows))
+    return 0

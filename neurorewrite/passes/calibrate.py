@@ -1,0 +1,131 @@
+"""The calibration pass: a label-free least-squares refit of expanded blocks' outgoing weights.
+
+Replaces the outgoing weights ``W2'`` (and bias ``b2``) of each expanded block with the least-squares
+fit, on the kept support only, of the original block's output from the expanded block's hidden
+activations on sample inputs (both computed by onnxruntime). It keeps the sparsity pattern, so the
+nonzero count does not change; pruned weights stay exactly zero. It runs after ``expand``.
+
+In a chain (``L1 -> act -> L2 -> act -> L3``) the middle linear is itself split by the next block, so
+only the last linear of each chain is refit, against the original chain's output. Blocks are refit in
+graph order, each seeing the already calibrated earlier blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
+import onnx
+
+from neurorewrite.errors import DataError
+from neurorewrite.passes.expand import ExpandReport, fpe_metadata
+from neurorewrite.rewriter.blocks import MLPBlock, find_blocks
+from neurorewrite.rewriter.edit import METADATA_KEY, NewWeights, replace_weights
+from neurorewrite.rewriter.graph import GraphIndex
+from neurorewrite.rewriter.linear import read_weights
+from neurorewrite.runtime.ort import match_inputs, ort_session, run_with_outputs
+
+RIDGE = 1e-4  # relative to the mean diagonal of the Gram matrix: keeps collinear children solvable
+
+
+def load_sample(source: str | os.PathLike | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Sample inputs from an ``.npz`` file (or a mapping), keyed by graph input name."""
+    if isinstance(source, Mapping):
+        return {k: np.asarray(v) for k, v in source.items()}
+    try:
+        with np.load(source, allow_pickle=False) as data:
+            sample = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"--calibrate {source}: not a readable .npz file ({e})") from e
+    if not sample:
+        raise DataError(f"--calibrate {source}: the .npz file holds no arrays")
+    return sample
+
+
+def refit_rows(hidden: np.ndarray, target: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Least squares per output row on that row's nonzero support, with a small ridge.
+
+    ``hidden`` (N, H'), ``target`` (N, O), ``w`` (O, H'). The bias is refit where it is nonzero.
+    A fitted weight that comes out exactly zero is nudged to the smallest normal float, so the
+    nonzero count cannot drop.
+    """
+    n = hidden.shape[0]
+    h64 = hidden.astype(np.float64)
+    ones = np.ones((n, 1))
+    aug = np.hstack([h64, ones])  # last column: the bias
+    gram = aug.T @ aug
+    rhs = aug.T @ target.astype(np.float64)
+    ridge = RIDGE * float(np.mean(np.diag(gram)[:-1])) if gram.shape[0] > 1 else RIDGE
+    new_w = np.zeros_like(w)
+    new_b = None if b is None else b.copy()
+    tiny = np.finfo(w.dtype).tiny
+    for o in range(w.shape[0]):
+        support = np.flatnonzero(w[o])
+        use_bias = b is not None and b[o] != 0
+        cols = np.append(support, aug.shape[1] - 1) if use_bias else support
+        if cols.size == 0:
+            continue
+        g = gram[np.ix_(cols, cols)]
+        reg = np.full(cols.size, ridge)
+        if use_bias:
+            reg[-1] = 0.0
+        sol = np.linalg.solve(g + np.diag(reg), rhs[cols, o])
+        fitted = sol[: support.size].astype(w.dtype)
+        fitted[fitted == 0] = tiny
+        new_w[o, support] = fitted
+        if use_bias and new_b is not None:
+            new_b[o] = sol[-1] if sol[-1] != 0 else tiny
+    return new_w, new_b
+
+
+def _chain_ends(blocks: list[MLPBlock]) -> list[MLPBlock]:
+    firsts = {b.first.node for b in blocks}
+    return [b for b in blocks if b.second.node not in firsts]
+
+
+def calibrate_model(
+    original: onnx.ModelProto,
+    expanded: onnx.ModelProto,
+    report: ExpandReport,
+    sample: Mapping[str, np.ndarray],
+) -> tuple[onnx.ModelProto, ExpandReport]:
+    """Refit the last linear of every expanded chain; see the module docstring."""
+    feeds = match_inputs(ort_session(original, providers=["CPUExecutionProvider"]), sample, "--calibrate")
+    rewritten = {b.output_tensor for b in report.blocks}
+    blocks = [b for b in find_blocks(expanded).blocks if b.second.output in rewritten]
+    ends = _chain_ends(blocks)
+    targets = run_with_outputs(original, feeds, [b.second.output for b in ends])
+    model, notes = expanded, []
+    for block in ends:
+        index = GraphIndex.build(model.graph)
+        # indices shift between models only if nodes were removed; look the block up by tensor name
+        lin = next(b for b in find_blocks(model).blocks if b.second.output == block.second.output).second
+        hidden = run_with_outputs(model, feeds, [lin.data_input, lin.output])
+        h = hidden[lin.data_input].reshape(-1, lin.in_features)
+        y_exp = hidden[lin.output].reshape(-1, lin.out_features)
+        y = targets[lin.output].reshape(-1, lin.out_features)
+        if h.shape[0] < 2:
+            raise DataError("--calibrate: the sample needs at least 2 rows")
+        w, b = read_weights(index, lin)
+        new_w, new_b = refit_rows(h, y, w, b)
+        model = replace_weights(model, [NewWeights(lin, new_w, new_b)], stale_tensors=())
+        y_new = (h.astype(np.float64) @ new_w.T.astype(np.float64)) + (0 if new_b is None else new_b)
+        notes.append({
+            "block": block.name, "layer": lin.name, "rows": int(h.shape[0]),
+            "rmse_before": float(np.sqrt(np.mean((y_exp - y) ** 2))),
+            "rmse_after": float(np.sqrt(np.mean((y_new - y) ** 2))),
+        })
+    report = replace(report, calibration=notes)
+    return _with_metadata(model, report), report
+
+
+def _with_metadata(model: onnx.ModelProto, report: ExpandReport) -> onnx.ModelProto:
+    meta = fpe_metadata(report)
+    meta["calibrated"] = [c["layer"] for c in report.calibration]
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = json.dumps(meta, sort_keys=True)
+    return model

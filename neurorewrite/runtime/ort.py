@@ -1,0 +1,80 @@
+"""onnxruntime sessions: providers, threads, and reading intermediate tensors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from neurorewrite.errors import DataError
+
+_DTYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+}
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def ort_session(
+    model: onnx.ModelProto | str | os.PathLike,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """An InferenceSession on ``providers`` (default: CUDA first when present, then CPU)."""
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if providers is None:
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available_providers()]
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, sess_options=options, providers=list(providers))
+
+
+def match_inputs(session: ort.InferenceSession, sample: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    """Map sample arrays to the session's inputs by name (a lone array feeds a lone input)."""
+    inputs = session.get_inputs()
+    if len(inputs) == 1 and len(sample) == 1 and inputs[0].name not in sample:
+        sample = {inputs[0].name: next(iter(sample.values()))}
+    missing = [i.name for i in inputs if i.name not in sample]
+    if missing:
+        raise DataError(f"{where}: no array for model input(s) {', '.join(missing)} (has {', '.join(sample)})")
+    feeds = {}
+    for i in inputs:
+        value = np.asarray(sample[i.name])
+        dtype = _DTYPES.get(i.type)
+        if dtype is not None and value.dtype != dtype:
+            value = value.astype(dtype)
+        shape = i.shape
+        if len(shape) != value.ndim or any(isinstance(d, int) and d != v for d, v in zip(shape, value.shape)):
+            raise DataError(f"{where}: input {i.name} expects shape {shape}, the sample has {list(value.shape)}")
+        feeds[i.name] = value
+    return feeds
+
+
+def run_with_outputs(
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    tensors: Sequence[str],
+    threads: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Run ``model`` and return the named intermediate tensors (they are added as graph outputs)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in existing:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = ort_session(probe, providers=["CPUExecutionProvider"], threads=threads)
+    try:
+        values = session.run(list(tensors), dict(feeds))
+    except Exception as e:  # onnxruntime raises its own exception types for bad feeds
+        raise DataError(f"onnxruntime could not run the model on the sample: {str(e).splitlines()[0]}") from e
+    return dict(zip(tensors, values))
