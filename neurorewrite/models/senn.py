@@ -3,7 +3,7 @@
 Lifecycle (the growth hook): a training loop calls ``net.maybe_grow(x, y, epoch)`` once per epoch, before
 that epoch's steps. Every ``config.cooldown`` epochs it scores the network on (up to
 ``config.score_batch_size`` samples of) ``x, y`` and adds neurons or layers while a proposal passes both
-thresholds (at most ``config.max_additions`` per call). It returns the events; when any happened the
+thresholds (at most ``config.max_additions`` per call, at most one of them a new layer). It returns the events; when any happened the
 parameters were replaced, so the loop must rebuild its optimizer. :func:`neurorewrite.models.senn_train.fit`
 is such a loop.
 
@@ -113,7 +113,7 @@ class SelfExpandingMLP(nn.Module):
             x, y = x[keep], y[keep]
         events = []
         for _ in range(self.config.max_additions):
-            proposal = self.propose(x, y)
+            proposal = self.propose(x, y, allow_depth=all(event.kind != "depth" for event in events))
             if proposal is None:
                 break
             self.apply(proposal)
@@ -121,7 +121,7 @@ class SelfExpandingMLP(nn.Module):
         self.history.extend(events)
         return events
 
-    def propose(self, x: Tensor, y: Tensor) -> Proposal | None:
+    def propose(self, x: Tensor, y: Tensor, allow_depth: bool = True) -> Proposal | None:
         """Score every layer on ``(x, y)`` and return the best passing growth step, or None."""
         x, y = check_data(x, y, self.in_features, self.out_features, self.loss)
         dtype = self.linears[0].weight.dtype
@@ -130,7 +130,7 @@ class SelfExpandingMLP(nn.Module):
             recorded = record_factors(
                 sources, preacts, y, self.loss, self.config.fisher, self.config.g_damping, self.config.a_damping
             )
-        return propose(recorded, self.widths, self.config, self.activation_init, self._generator)
+        return propose(recorded, self.widths, self.config, self.activation_init, self._generator, allow_depth)
 
     def apply(self, proposal: Proposal) -> None:
         """Carry out a proposal (function-preserving); replaces parameters, so rebuild optimizers."""

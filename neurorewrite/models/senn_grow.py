@@ -44,37 +44,45 @@ def propose(
     config: SENNConfig,
     activation_init: tuple[float, float, float],
     generator: torch.Generator,
+    allow_depth: bool = True,
 ) -> Proposal | None:
-    """The growth step to take now, or None when nothing passes both thresholds."""
+    """The growth step to take now, or None when nothing passes both thresholds.
+
+    ``allow_depth=False`` restricts this call to width (``config.allow_depth`` must also be set for depth).
+    """
     v, c, l = (torch.tensor(value, dtype=torch.float64) for value in activation_init)  # noqa: E741
 
     def activation(x: Tensor) -> Tensor:
         return rational(x, v, c, l)
 
+    total_eta = sum(layer.eta for layer in recorded.layers)
     best: dict[str, Proposal] = {}
     for consumer, factors in enumerate(recorded.layers):
-        for kind, layer, source in _options(consumer, recorded, widths, config):
+        reference = total_eta if config.tau_reference == "total" else factors.eta
+        for kind, layer, source in _options(consumer, recorded, widths, config, allow_depth):
             found = search_candidates(
                 source, factors, activation, config.candidates, config.search_steps, config.search_lr, generator
             )
-            ratio = found.gain / max(factors.eta, _TINY)
+            ratio = found.gain / max(reference, _TINY)
             absolute = found.gain / max(recorded.output_grad_sq, _TINY)
             if ratio <= config.tau or absolute <= config.alpha_abs:
                 continue
             if kind not in best or found.gain > best[kind].candidate.gain:
-                best[kind] = Proposal(kind, layer, found, factors.eta, ratio, absolute)
+                best[kind] = Proposal(kind, layer, found, reference, ratio, absolute)
     width, depth = best.get("width"), best.get("depth")
     if depth is not None and (width is None or depth.candidate.gain > config.depth_margin * width.candidate.gain):
         return depth
     return width
 
 
-def _options(consumer: int, recorded: RecordedBatch, widths: list[int], config: SENNConfig) -> list[tuple[str, int, Tensor]]:
+def _options(
+    consumer: int, recorded: RecordedBatch, widths: list[int], config: SENNConfig, allow_depth: bool
+) -> list[tuple[str, int, Tensor]]:
     """(kind, hidden layer index, candidate source) for every growth allowed in front of ``consumer``."""
     options = []
     if config.allow_width and consumer >= 1 and widths[consumer - 1] < config.max_width:
         options.append(("width", consumer - 1, recorded.sources[consumer - 1]))
     source = recorded.sources[consumer]
-    if config.allow_depth and len(widths) < config.max_hidden_layers and source.shape[1] + 1 <= config.max_width:
+    if allow_depth and config.allow_depth and len(widths) < config.max_hidden_layers and source.shape[1] + 1 <= config.max_width:
         options.append(("depth", consumer, source))
     return options
