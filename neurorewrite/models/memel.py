@@ -11,8 +11,9 @@
 3. applies Reversed Deactivation to the selected elements,
    ``z' = -D*z + (mu + D*z).detach()``: the forward value is ``mu``, the gradient is ``-D`` times the
    upstream gradient. ``delta`` (D) = 1 is RD; 0 and -1 are the paper's two naive variants (no
-   gradient, and straight-through). It is computed as ``a - a.detach() + mu`` with ``a = -D*z``,
-   the same function and gradient, but the forward value is exactly ``mu``;
+   gradient, and straight-through). :func:`reversed_deactivation` computes it with a small autograd
+   function: same value and gradient as the formula, but the forward value is exactly ``mu`` and
+   it costs one copy forward and one backward;
 4. merges the batch into the running statistics with the *pre-inhibition* values ``z``
    (see :mod:`neurorewrite.models.memel_stats`: Chan merge, count capped at ``n_forget`` batches).
 
@@ -37,6 +38,7 @@ batches. The hooked submodule must return a tensor, or a tuple/list whose first 
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -45,9 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from neurorewrite.errors import InvalidOptionError
-from neurorewrite.models.memel_stats import batch_moments, merge_capped, unbiased_variance
+from neurorewrite.models.memel_stats import batch_moments, merge_capped_, unbiased_variance
 
-__all__ = ["MEmeL", "insert_memel", "remove_memel", "find_memel"]
+__all__ = ["MEmeL", "find_memel", "first_argmax", "insert_memel", "remove_memel", "reversed_deactivation"]
 
 VARIANCE_FLOOR_SHARE = 0.01  # the paper's 0.01 * mean(s^2) added to every element's variance
 
@@ -92,14 +94,18 @@ class MEmeL(nn.Module):
     @property
     def variance(self) -> Tensor:
         """The running unbiased variance ``s^2`` per element (flattened)."""
-        return unbiased_variance(self.count.to(self.m2.dtype), self.m2)
+        return unbiased_variance(float(self.count), self.m2)
+
+    def _inverse_denominator(self) -> Tensor:
+        """``1 / (s^2 + 0.01 * mean(s^2))`` per element; zero variance everywhere gives a huge, finite value."""
+        variance = self.variance
+        denominator = variance + VARIANCE_FLOOR_SHARE * variance.mean()
+        return denominator.clamp_min(torch.finfo(variance.dtype).tiny).reciprocal()
 
     def monosemantic_scale(self, z: Tensor) -> Tensor:
         """``phi`` of every element of ``z`` (batch x flattened features) against the running statistics."""
-        variance = self.variance
-        denominator = (variance + VARIANCE_FLOOR_SHARE * variance.mean()).clamp_min(torch.finfo(variance.dtype).tiny)
         z2d = z.detach().reshape(z.shape[0], -1).to(self.mean.dtype)
-        return (z2d - self.mean).square() / denominator
+        return (z2d - self.mean).square() * self._inverse_denominator()
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The statistics are shaped lazily; take the saved shape so a fresh module can load them.
@@ -115,13 +121,23 @@ class MEmeL(nn.Module):
         z2d = self._flatten_checked(z)
         inhibit = int(self.batches_seen) >= self.n_forget
         with torch.no_grad():
-            running_mean = self.mean
-            selected = self._select(z2d) if inhibit else None
-            self._update_statistics(z2d)
-            self.batches_seen += 1
-        if selected is None:
+            # One centred pass serves both phi (old statistics) and the batch moments (the merge).
+            values = z2d.detach() if z2d.dtype == self.mean.dtype else z2d.detach().to(self.mean.dtype)
+            centred = values - self.mean
+            centred_squared = centred.square()
+            if inhibit:
+                selected = self._select(centred_squared)
+                replacement = self.mean[selected]  # the running mean before this batch is merged
+                if replacement.dtype != z2d.dtype:
+                    replacement = replacement.to(z2d.dtype)
+            batch = batch_moments(centred, centred_squared, self.sync_ranks)
+            count = merge_capped_(float(self.count), self.mean, self.m2, batch, self.n_forget)
+            self.count.fill_(round(count))
+            self.batches_seen.add_(1)
+        if not inhibit:
             return z
-        return self._reversed_deactivation(z2d, selected, running_mean).view_as(z)
+        out = _ReversedDeactivation.apply(z2d, selected, replacement, self.delta)
+        return out if out.shape == z.shape else out.view_as(z)
 
     def _flatten_checked(self, z: Tensor) -> Tensor:
         if z.dim() < 2:
@@ -129,7 +145,7 @@ class MEmeL(nn.Module):
                 f"MEmeL after {self.name!r} got an activation of shape {tuple(z.shape)}; it needs (batch, features...):"
                 " insert it after a layer whose output has a feature dimension"
             )
-        z2d = z.reshape(z.shape[0], -1)
+        z2d = z if z.dim() == 2 else z.reshape(z.shape[0], -1)
         features = z2d.shape[1]
         if self.mean.numel() == 0:
             dtype = torch.promote_types(z.dtype, torch.float32)
@@ -149,26 +165,58 @@ class MEmeL(nn.Module):
             self.to(z.device)
         return z2d
 
-    def _select(self, z2d: Tensor) -> Tensor:
+    def _select(self, centred_squared: Tensor) -> Tensor:
         """Indices (batch x top_t) of the elements with the largest phi in each sample."""
-        phi = self.monosemantic_scale(z2d)
+        phi = centred_squared * self._inverse_denominator()
         if self.top_t == 1:
-            return phi.argmax(dim=1, keepdim=True)
+            return first_argmax(phi)
         return phi.topk(self.top_t, dim=1, sorted=False).indices
 
-    def _update_statistics(self, z2d: Tensor) -> None:
-        values = z2d.detach().to(self.mean.dtype)
-        batch = batch_moments(values, self.mean, self.sync_ranks)
-        old = (self.count.to(self.mean.dtype), self.mean, self.m2)
-        count, self.mean, self.m2 = merge_capped(old, batch, self.n_forget)
-        self.count = count.round().to(torch.int64)
 
-    def _reversed_deactivation(self, z2d: Tensor, selected: Tensor, running_mean: Tensor) -> Tensor:
-        # Only the selected elements are touched: gather them, rewrite, scatter back (out of place).
-        picked = z2d.gather(1, selected)
-        reversed_part = picked * (-self.delta)
-        replaced = reversed_part - reversed_part.detach() + running_mean.to(z2d.dtype)[selected]
-        return z2d.scatter(1, selected, replaced)
+@functools.lru_cache(maxsize=16)
+def _countdown(width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.arange(width, 0, -1, dtype=dtype, device=device)
+
+
+def first_argmax(values: Tensor) -> Tensor:
+    """Index (rows x 1) of the first maximum of each row; same result as ``argmax(1, keepdim=True)``.
+
+    On CPU, ``argmax`` along rows and comparisons into bool tensors are several times slower than
+    plain arithmetic and ``amax``, so the first maximum is found with arithmetic only:
+    ``sign(v - rowmax) + 1`` is 1 exactly at the maxima, times a countdown, and ``amax`` again.
+    """
+    width = values.shape[1]
+    countdown = _countdown(width, values.dtype, values.device)
+    at_max = values - values.amax(dim=1, keepdim=True)
+    at_max.sign_().add_(1.0).mul_(countdown)
+    return (width - at_max.amax(dim=1, keepdim=True)).clamp_max_(width - 1).long()
+
+
+class _ReversedDeactivation(torch.autograd.Function):
+    """Selected elements: forward value ``mu``, gradient ``-delta`` times the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, z2d: Tensor, selected: Tensor, replacement: Tensor, delta: float) -> Tensor:
+        ctx.save_for_backward(selected)
+        ctx.delta = delta
+        return z2d.scatter(1, selected, replacement)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
+        (selected,) = ctx.saved_tensors
+        reversed_grad = grad_out.gather(1, selected) * (-ctx.delta)
+        return grad_out.scatter(1, selected, reversed_grad), None, None, None
+
+
+def reversed_deactivation(z2d: Tensor, selected: Tensor, running_mean: Tensor, delta: float) -> Tensor:
+    """Reversed Deactivation ``z' = -D*z + (mu + D*z).detach()`` on the ``selected`` (batch x t) elements.
+
+    Equal in value and gradient to that formula (tests check it against the literal form), but the
+    forward value is exactly ``mu`` and only one full-size copy is made each way: the same cost as
+    any element-wise op, which is what keeps MEmeL cheap.
+    """
+    replacement = running_mean.to(z2d.dtype)[selected]
+    return _ReversedDeactivation.apply(z2d, selected, replacement, float(delta))
 
 
 class _MEmeLHook:
@@ -180,7 +228,8 @@ class _MEmeLHook:
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         if not module.training:
             return None
-        self.memel.train(True)
+        if not self.memel.training:  # follow the hooked module; train() is costly enough to skip
+            self.memel.train(True)
         if isinstance(output, Tensor):
             return self.memel(output)
         if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):

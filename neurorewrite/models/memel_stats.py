@@ -24,49 +24,47 @@ def distributed_active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def batch_moments(z2d: Tensor, shift: Tensor, sync_ranks: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Return ``(count, mean, m2)`` of ``z2d`` (samples x elements) over its first dimension.
+def batch_moments(centred: Tensor, centred_squared: Tensor, sync_ranks: bool) -> tuple[float, Tensor, Tensor]:
+    """Return ``(count, mean_offset, m2)`` of a batch given as samples ``centred`` on the running mean.
 
-    Sums are taken around ``shift`` (the running mean, identical on every rank) so that the
-    sum of squares does not cancel catastrophically. With ``sync_ranks`` and an initialised
-    process group, the count and both sums are added over all ranks in one ``all_reduce``, so every
-    rank gets the moments of the global batch, exactly as one process on the whole batch would.
+    ``mean_offset`` is the batch mean minus the running mean. Sums around the running mean (identical
+    on every rank) do not cancel catastrophically, and MEmeL reuses ``centred`` and its square for the
+    monosemantic scale. With ``sync_ranks`` and an initialised process group, the count and both
+    sums are added over all ranks in one ``all_reduce``, so every rank gets the moments of the global
+    batch, exactly as one process on the whole batch would.
     """
-    centred = z2d - shift
     sum1 = centred.sum(dim=0)
-    sum2 = centred.square().sum(dim=0)
-    count = torch.full((1,), float(z2d.shape[0]), dtype=sum1.dtype, device=sum1.device)
+    sum2 = centred_squared.sum(dim=0)
+    count = float(centred.shape[0])
     if sync_ranks and distributed_active():
-        packed = torch.cat([count, sum1, sum2])
+        packed = torch.cat([sum1.new_full((1,), count), sum1, sum2])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        count, sum1, sum2 = packed[:1], packed[1 : 1 + sum1.numel()], packed[1 + sum1.numel() :]
-    count = count.reshape(())
-    mean_centred = sum1 / count
-    m2 = (sum2 - sum1 * mean_centred).clamp_min(0.0)
-    return count, shift + mean_centred, m2
+        count, sum1, sum2 = float(packed[0]), packed[1 : 1 + sum1.numel()], packed[1 + sum1.numel() :]
+    mean_offset = sum1.div_(count)
+    m2 = sum2.addcmul_(mean_offset, mean_offset, value=-count).clamp_min_(0.0)  # sum2 - sum1^2 / count
+    return count, mean_offset, m2
 
 
-def merge_capped(
-    old: tuple[Tensor, Tensor, Tensor], new: tuple[Tensor, Tensor, Tensor], n_forget: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge batch moments ``new`` into running moments ``old``, each ``(count, mean, m2)``.
+def merge_capped_(
+    count: float, mean: Tensor, m2: Tensor, batch: tuple[float, Tensor, Tensor], n_forget: int
+) -> float:
+    """Merge batch moments ``(count, mean_offset, m2)`` into the running ``mean`` and ``m2`` in place.
 
-    The old count is first capped at ``(n_forget - 1) * count_new`` (``m2`` scaled with it), so
-    the merged count is at most ``n_forget`` batches. ``n_forget = 1`` keeps only the new batch.
+    The running count is first capped at ``(n_forget - 1)`` times the batch count (``m2`` scaled with
+    it), so the merged statistics weigh at most ``n_forget`` batches; ``n_forget = 1`` keeps only the
+    new batch. Returns the merged count. Counts are Python numbers and the update is in place: each
+    saved kernel launch or module ``__setattr__`` is a visible share of MEmeL's cost per step.
     """
-    count_a, mean_a, m2_a = old
-    count_b, mean_b, m2_b = new
-    cap = count_b * (n_forget - 1)
-    capped = torch.minimum(count_a, cap)
+    count_b, mean_offset, m2_b = batch
+    capped = min(count, (n_forget - 1) * count_b)
     # Keep the per-sample spread m2/count of the old statistics while lowering their weight.
-    m2_a = torch.where(count_a > 0, m2_a * (capped / count_a.clamp_min(1.0)), torch.zeros_like(m2_a))
+    keep = capped / count if count > 0 else 0.0
     total = capped + count_b
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (count_b / total)
-    m2 = m2_a + m2_b + delta.square() * (capped * count_b / total)
-    return total, mean, m2
+    mean.add_(mean_offset, alpha=count_b / total)
+    m2.mul_(keep).add_(m2_b).addcmul_(mean_offset, mean_offset, value=capped * count_b / total)
+    return total
 
 
-def unbiased_variance(count: Tensor, m2: Tensor) -> Tensor:
-    """``m2 / (count - 1)``, the sample variance; 0 where fewer than two samples were seen."""
-    return m2 / (count - 1.0).clamp_min(1.0)
+def unbiased_variance(count: float, m2: Tensor) -> Tensor:
+    """``m2 / (count - 1)``, the sample variance; ``m2`` itself where fewer than two samples were seen."""
+    return m2 / max(count - 1.0, 1.0)
