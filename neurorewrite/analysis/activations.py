@@ -1,0 +1,160 @@
+"""Hidden activations of MLP blocks on a data sample: dead and always-on neurons, monosemantic scale.
+
+The activations are the tensor each block's second linear reads (the activation output), computed by
+onnxruntime. Every position of a sample row is one activation vector: a (N, T, H) tensor gives N*T rows.
+
+Definitions, per hidden neuron, over all activation vectors of the sample:
+
+- dead: ``|z| <= ACTIVE_EPS`` for every vector (it never outputs anything).
+- always-on: ``z > ACTIVE_EPS`` for every vector (for ReLU-like activations: it never switches off, so
+  it acts as a linear unit). Both are meaningful for ReLU-like activations; the activation is reported.
+- monosemantic scale (METHODS.md 2): ``phi(z) = (z - mu)^2 / (s^2 + 0.01 * mean(s^2))`` with ``mu``,
+  ``s^2`` the neuron's mean and unbiased variance over the sample and ``mean(s^2)`` over the layer's
+  neurons. Each neuron is summarised by its **maximum** phi over the sample (``phi_max``): a neuron
+  that fires strongly on a few inputs only (monosemantic) has a large one. The maximum is exact from
+  per-neuron min, max, mean and variance, so the sample is streamed in chunks of rows and never held.
+  A constant neuron (``s^2 = 0``) has phi 0; if every neuron is constant, all phi are 0.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from neurorewrite.errors import DataError
+from neurorewrite.runtime.ort import match_inputs, ort_session, run_with_outputs
+
+ACTIVE_EPS = 1e-6
+PHI_EPS = 0.01  # METHODS.md 2: s^2 + 0.01 * mean(s^2)
+ROWS_PER_RUN = 256  # sample rows per onnxruntime run: bounds the memory the hidden tensors take
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """Per-neuron statistics of one hidden layer over a sample (arrays of shape (H,))."""
+
+    vectors: int  # activation vectors seen (sample rows x positions)
+    mean: np.ndarray
+    var: np.ndarray  # unbiased
+    dead: np.ndarray  # bool
+    always_on: np.ndarray  # bool
+    phi_max: np.ndarray
+
+    @property
+    def dead_fraction(self) -> float:
+        return float(self.dead.mean()) if self.dead.size else 0.0
+
+    @property
+    def always_on_fraction(self) -> float:
+        return float(self.always_on.mean()) if self.always_on.size else 0.0
+
+
+class _Accumulator:
+    """Chan's parallel merge of count, mean and sum of squared deviations, plus min, max, counts."""
+
+    def __init__(self, width: int) -> None:
+        self.n = 0
+        self.mean = np.zeros(width)
+        self.m2 = np.zeros(width)
+        self.lo = np.full(width, np.inf)
+        self.hi = np.full(width, -np.inf)
+        self.active = np.zeros(width, dtype=np.int64)
+        self.positive = np.zeros(width, dtype=np.int64)
+
+    def add(self, z: np.ndarray) -> None:
+        z = z.astype(np.float64, copy=False)
+        n_b = z.shape[0]
+        if n_b == 0:
+            return
+        mean_b = z.mean(axis=0)
+        m2_b = ((z - mean_b) ** 2).sum(axis=0)
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta**2 * (self.n * n_b / n)
+        self.n = n
+        self.lo = np.minimum(self.lo, z.min(axis=0))
+        self.hi = np.maximum(self.hi, z.max(axis=0))
+        self.active += (np.abs(z) > ACTIVE_EPS).sum(axis=0)
+        self.positive += (z > ACTIVE_EPS).sum(axis=0)
+
+    def result(self) -> ActivationStats:
+        var = self.m2 / (self.n - 1) if self.n > 1 else np.zeros_like(self.m2)
+        return ActivationStats(
+            vectors=self.n, mean=self.mean, var=var, dead=self.active == 0, always_on=self.positive == self.n,
+            phi_max=phi_max_from_range(self.lo, self.hi, self.mean, var),
+        )
+
+
+def monosemantic_scale(z: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """``phi`` of activations ``z`` (rows, H) given per-neuron mean and unbiased variance (H,)."""
+    denom = var + PHI_EPS * float(np.mean(var))
+    safe = np.where(denom > 0, denom, 1.0)
+    return np.where(denom > 0, (z - mean) ** 2 / safe, 0.0)
+
+
+def phi_max_from_range(lo: np.ndarray, hi: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """Max over the sample of phi: (z - mu)^2 is largest at the sample's min or max of z."""
+    worst = np.maximum((hi - mean) ** 2, (lo - mean) ** 2)
+    return monosemantic_scale(worst[None, :], np.zeros_like(mean), var)[0] if worst.size else worst
+
+
+def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Sample inputs from an ``.npz`` file, keyed by graph input name."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            sample = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"--data {path}: not a readable .npz file ({e})") from e
+    if not sample:
+        raise DataError(f"--data {path}: the .npz file holds no arrays")
+    return sample
+
+
+@dataclass(frozen=True)
+class Feeds:
+    """Sample arrays matched to a model's inputs; ``chunkable`` when every input's first axis is free."""
+
+    arrays: dict[str, np.ndarray]
+    rows: int
+    chunkable: bool
+
+
+def check_data(model: onnx.ModelProto, sample: Mapping[str, np.ndarray], where: str) -> Feeds:
+    """The sample as feeds for ``model``, or a DataError naming what does not match (nothing runs)."""
+    session = ort_session(model, providers=["CPUExecutionProvider"], threads=1)
+    feeds = match_inputs(session, sample, where)
+    rows = {v.shape[0] if v.ndim else 0 for v in feeds.values()}
+    if len(rows) != 1 or 0 in rows:
+        sizes = ", ".join(f"{k}: {v.shape[0] if v.ndim else 'scalar'}" for k, v in feeds.items())
+        raise DataError(f"{where}: the sample arrays need one common, nonzero first dimension (rows); got {sizes}")
+    chunkable = all(i.shape and not isinstance(i.shape[0], int) for i in session.get_inputs())
+    return Feeds(feeds, rows.pop(), chunkable)
+
+
+def hidden_statistics(
+    model: onnx.ModelProto,
+    feeds: Feeds,
+    hidden: Sequence[str],
+    rows_per_run: int = ROWS_PER_RUN,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, ActivationStats]:
+    """Statistics of each named hidden tensor of ``model`` over the sample, streamed in row chunks
+    (one run when an input has a fixed first dimension)."""
+    total = feeds.rows
+    step = rows_per_run if feeds.chunkable else total
+    acc: dict[str, _Accumulator] = {}
+    for start in range(0, total, step):
+        chunk = {k: v[start:start + step] for k, v in feeds.arrays.items()}
+        values = run_with_outputs(model, chunk, list(hidden))
+        for name in hidden:
+            z = values[name]
+            z = z.reshape(-1, z.shape[-1]) if z.ndim else z.reshape(1, 1)
+            acc.setdefault(name, _Accumulator(z.shape[1])).add(z)
+        if progress is not None:
+            progress(min(start + step, total), total)
+    return {name: acc[name].result() for name in hidden}
