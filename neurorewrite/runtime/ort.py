@@ -25,8 +25,13 @@ def ort_session(
     model: onnx.ModelProto | str | os.PathLike,
     providers: Sequence[str] | None = None,
     threads: int | None = None,
+    sparse_method: str = "densify",
 ) -> ort.InferenceSession:
-    """An InferenceSession on ``providers`` (default: CUDA first when present, then CPU)."""
+    """An InferenceSession on ``providers`` (default: CUDA first when present, then CPU).
+
+    A model with ``ai.neurorewrite.SparseLinear`` nodes (``--format sparse``) is rewritten to standard
+    ops first, by ``sparse_method`` (see :mod:`neurorewrite.runtime.sparse_ort`).
+    """
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
@@ -35,7 +40,26 @@ def ort_session(
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available_providers()]
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    source = _standard_ops(model, sparse_method) or source
     return ort.InferenceSession(source, sess_options=options, providers=list(providers))
+
+
+def _standard_ops(model: onnx.ModelProto | str | os.PathLike, method: str) -> bytes | None:
+    """The serialized standard-op form of a model that uses the sparse operator, else None."""
+    from neurorewrite.runtime.sparse_ort import DOMAIN, to_standard_ops
+
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        from neurorewrite.rewriter.io import load_model
+
+        head = onnx.load(str(model), load_external_data=False)
+        if not any(o.domain == DOMAIN for o in head.opset_import):
+            return None
+        proto = load_model(model)
+    if not any(n.domain == DOMAIN for n in proto.graph.node):
+        return None
+    return to_standard_ops(proto, method).SerializeToString()
 
 
 def match_inputs(session: ort.InferenceSession, sample: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:

@@ -1,0 +1,114 @@
+"""The lowering pass: chooses how the expanded blocks' weights are stored and computed.
+
+Replaces the linear layers of every FPE-expanded block with one representation:
+
+- ``dense``: unchanged (zeros stored); runs everywhere.
+- ``grouped``: for a shared input partition (``--split shared`` / ``feature``), W1' as ``alpha`` dense
+  blocks run as one batched MatMul; the second linear as a permuted MatMul, or, when its children
+  share their outgoing column (``--structured``), as a sum over children and W2 at its original size
+  (see ``lower_grouped.py``). Plain ONNX ops.
+- ``sparse``: each expanded linear as one ``ai.neurorewrite.SparseLinear`` node holding CSR arrays
+  with the narrowest index types (``docs/sparse-op.md``; ``lower_sparse.py``).
+
+Before: the model carries the FPE record of ``expand`` (``metadata_props``) and its blocks. After:
+every format computes the same outputs as ``dense`` (float rounding aside); the record's ``format``
+key names the representation and ``lowered`` lists what each layer became. The input model is not
+modified. Place in the pipeline: expand -> calibrate -> **lower** -> verify.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import onnx
+
+from neurorewrite.errors import InvalidOptionError
+from neurorewrite.passes.lower_graph import GraphRewrite, default_opset
+from neurorewrite.passes.lower_grouped import lower_grouped_first, lower_second
+from neurorewrite.passes.lower_sparse import lower_sparse
+from neurorewrite.rewriter.blocks import MLPBlock, find_blocks
+from neurorewrite.rewriter.edit import METADATA_KEY, read_metadata
+from neurorewrite.rewriter.linear import read_weights
+
+FORMATS = ("dense", "grouped", "sparse")
+GROUPED_SPLITS = ("shared", "feature")  # the splits that give one partition for all neurons
+
+
+@dataclass
+class LowerReport:
+    """What the pass did: the format and one row per rewritten linear layer."""
+
+    format: str
+    layers: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.layers)
+
+
+def check_format(fmt: object, split: str | None = None) -> str:
+    """Validate ``--format`` (and that ``grouped`` meets a shared split); returns it."""
+    if fmt not in FORMATS:
+        raise InvalidOptionError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "grouped" and split is not None and split not in GROUPED_SPLITS:
+        raise InvalidOptionError(
+            f"--format grouped needs one input partition for all neurons (--split shared or feature), "
+            f"but the split is {split!r}; use --split shared, or --format dense/sparse"
+        )
+    return str(fmt)
+
+
+def expanded_blocks(model: onnx.ModelProto, record: dict[str, object]) -> list[MLPBlock]:
+    """The blocks of ``model`` that the FPE record says were expanded, in graph order."""
+    outputs = {b["output_tensor"] for b in record.get("blocks", [])}  # type: ignore[union-attr]
+    return [b for b in find_blocks(model).blocks if b.second.output in outputs]
+
+
+def lower_model(model: onnx.ModelProto, fmt: str) -> tuple[onnx.ModelProto, LowerReport]:
+    """Rewrite the expanded blocks of ``model`` into ``fmt``; see the module docstring."""
+    record = read_metadata(model)
+    if record is None:
+        raise InvalidOptionError(f"--format {fmt}: the model carries no FPE record; expand it with neurorewrite first")
+    fmt = check_format(fmt, str(record.get("split")))
+    report = LowerReport(fmt)
+    if fmt == "dense":
+        return _with_record(model, record, report), report
+    blocks = expanded_blocks(model, record)
+    rw = GraphRewrite.start(model)
+    if fmt == "sparse":
+        done: set[int] = set()
+        for block in blocks:
+            for lin in (block.first, block.second):
+                if lin.node not in done:
+                    done.add(lin.node)
+                    report.layers.append(lower_sparse(rw, lin, *read_weights(rw.index, lin)))
+    else:
+        _lower_grouped(model, rw, blocks, int(record["alpha"]), report)  # type: ignore[arg-type]
+    return _with_record(rw.apply(model), record, report), report
+
+
+def _lower_grouped(model: onnx.ModelProto, rw: GraphRewrite, blocks: list[MLPBlock], alpha: int, report: LowerReport) -> None:
+    perms = {}  # tensor -> new_to_old for hidden tensors now stored children-major
+    firsts = {b.first.node for b in blocks}
+    for block in blocks:
+        w, b = read_weights(rw.index, block.first)
+        perm = lower_grouped_first(rw, block.first, w, b, alpha, perms.get(block.first.data_input))
+        perms[block.hidden] = perm
+        report.layers.append({"layer": block.first.name, "kind": f"grouped x{alpha}", "shape": list(w.shape)})
+    for block in blocks:
+        if block.second.node in firsts:  # chain middle: already lowered as the next block's first
+            continue
+        w, b = read_weights(rw.index, block.second)
+        kind = lower_second(rw, block.second, w, b, alpha, perms[block.hidden], default_opset(model))
+        report.layers.append({"layer": block.second.name, "kind": kind, "shape": list(w.shape)})
+
+
+def _with_record(model: onnx.ModelProto, record: dict[str, object], report: LowerReport) -> onnx.ModelProto:
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    record = {**record, "format": report.format, "lowered": report.layers}
+    for prop in new.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = json.dumps(record, sort_keys=True)
+    return new
