@@ -47,14 +47,24 @@ def expand(
     calibrate: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     output: str | os.PathLike | None = None,
     progress: Progress | None = None,
+    format: str | None = None,
+    structured: bool = False,
 ) -> tuple[onnx.ModelProto, ExpandReport]:
     """FPE-expand every MLP block of ``model`` (a path or a ModelProto); optionally calibrate and save.
 
     ``calibrate`` is an ``.npz`` path or a mapping from graph input names to sample arrays. With
-    ``output`` the model is written atomically (nothing is written if any step fails).
+    ``output`` the model is written atomically (nothing is written if any step fails). ``format``
+    (``dense`` by default, ``grouped``, ``sparse``) picks the representation (:mod:`neurorewrite.passes.lower`).
+    ``structured`` is the preset that runs at dense speed: the ``shared`` split (or ``feature``), tied
+    outgoing weights, ``prune="layer"``, ``grouped`` format (:mod:`neurorewrite.passes.lower_structured`).
     """
+    from neurorewrite.passes.lower import check_format, lower_model
+
     where = str(model) if not isinstance(model, onnx.ModelProto) else "model"
     alpha = check_alpha(alpha)
+    if structured:
+        split, prune, format = _structured_options(split, format)
+    format = check_format(format or "dense", split)
     if isinstance(groups, (str, os.PathLike)):
         groups = load_groups(groups)
     cfg = FPEConfig(
@@ -68,15 +78,31 @@ def expand(
         sample = load_sample(calibrate)
     original = load_model(model)
     new, report = expand_model(original, cfg, list(layers) if layers else None, progress, where)
+    if structured:
+        from neurorewrite.passes.lower_structured import calibrate_tied, tie_outputs
+
+        new, report = tie_outputs(original, new, report)
     if sample is not None:
         from neurorewrite.passes.calibrate import calibrate_model
 
-        new, report = calibrate_model(original, new, report, sample)
+        refit = calibrate_tied if structured else calibrate_model
+        new, report = refit(original, new, report, sample)
+    report.format = format
+    new, _ = lower_model(new, format)
     if output is not None:
         save_model(new, output)
     else:
         _check_in_memory(new)
     return new, report
+
+
+def _structured_options(split: str, format: str | None) -> tuple[str, str, str]:
+    """``--structured`` fixes split (shared unless feature), prune (layer) and format (grouped)."""
+    if split not in ("random", "shared", "feature"):
+        raise InvalidOptionError(f"--structured needs --split shared or feature (one partition for all neurons), got {split!r}")
+    if format not in (None, "grouped"):
+        raise InvalidOptionError(f"--structured writes the grouped format; drop --format {format} or use --format grouped")
+    return ("feature" if split == "feature" else "shared"), "layer", "grouped"
 
 
 def _check_in_memory(model: onnx.ModelProto) -> None:

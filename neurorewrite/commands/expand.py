@@ -31,6 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prune", default="global", choices=PRUNE_MODES, help="one threshold over both layers, or per layer")
     p.add_argument("--layers", nargs="+", metavar="NAME_OR_REGEX", help="only blocks whose linear node names match")
     p.add_argument("--calibrate", type=Path, metavar="SAMPLE.npz", help="refit outgoing weights on sample inputs")
+    p.add_argument(
+        "--format", choices=("dense", "grouped", "sparse"), default=None,
+        help="how expanded weights are stored: dense (zeros kept, default), grouped (batched MatMul; needs "
+        "--split shared/feature), sparse (CSR SparseLinear op, docs/sparse-op.md)",
+    )
+    p.add_argument(
+        "--structured", action="store_true",
+        help="preset that runs at dense speed in plain onnxruntime: shared split, tied outgoing weights, grouped format",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     p.set_defaults(handler=run)
 
@@ -53,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     _, report = expand(
         args.model, alpha=alpha, split=args.split, seed=args.seed, bias=args.bias, prune=args.prune,
         groups=args.groups, layers=args.layers, calibrate=args.calibrate, output=output,
-        progress=ProgressBar("expand"),
+        progress=ProgressBar("expand"), format=args.format, structured=args.structured,
     )
     if args.json:
         print(json.dumps({"output": str(output), **report.to_dict()}, indent=2))
@@ -71,7 +80,7 @@ def render_report(report: ExpandReport, output: Path) -> str:
         format_table(
             ("block", "activation", "width", "nonzeros"), rows,
             title=f"FPE alpha={report.alpha} split={report.split} seed={report.seed} bias={report.bias} "
-            f"prune={report.prune}",
+            f"prune={report.prune} format={report.format}",
         )
     ]
     if report.calibration:
