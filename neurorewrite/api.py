@@ -17,7 +17,7 @@ from neurorewrite.passes.expand import ExpandReport, Progress, expand_model
 from neurorewrite.rewriter.blocks import Skipped, find_blocks
 from neurorewrite.rewriter.edit import read_metadata
 from neurorewrite.rewriter.graph import GraphIndex
-from neurorewrite.rewriter.io import ModelLike, load_model, save_model
+from neurorewrite.rewriter.io import ModelLike, load_model, save_model, stored_with_external_data
 from neurorewrite.rewriter.linear import read_weights
 
 
@@ -90,7 +90,8 @@ def expand(
     report.format = format
     new, _ = lower_model(new, format)
     if output is not None:
-        save_model(new, output)
+        external = not isinstance(model, onnx.ModelProto) and stored_with_external_data(model)
+        save_model(new, output, external_data=True if external else None)
     else:
         _check_in_memory(new)
     return new, report

@@ -252,27 +252,49 @@ def expand_bias(b1: np.ndarray | None, alpha: int, mode: str) -> np.ndarray | No
 # --- pruning -------------------------------------------------------------------------------------
 
 
-def smallest_by_count(magnitudes: np.ndarray, multiplicity: np.ndarray, k: int) -> tuple[np.ndarray, int, int]:
-    """Choose the ``k`` smallest entries of a multiset given as values with multiplicities.
+Cut = tuple[np.ndarray, int, int]  # (indices removed whole, index of a partly removed entry or -1, its copies)
 
-    Returns the indices (into ``magnitudes``) removed whole, the index of the entry that is cut last,
-    and how many of its copies go (1 up to its multiplicity); ``(empty, -1, 0)`` when ``k == 0``.
-    Order is by magnitude, ties by position (a stable sort), so the count is exact and the choice is
-    deterministic.
+
+def smallest_by_count(parts: Sequence[tuple[np.ndarray, int]], k: int) -> list[Cut]:
+    """Choose the ``k`` smallest entries of a multiset given as parts ``(magnitudes, multiplicity)``.
+
+    The order is by magnitude; ties go by part, then by position within the part, exactly as a stable
+    sort of the concatenated parts would order them. Returns one :data:`Cut` per part. The threshold is
+    found by bisection over one sorted copy of the magnitudes with counting, so no weighted sort or
+    expanded-size array is built.
     """
     if k == 0:
-        return np.empty(0, dtype=np.int64), -1, 0
-    order = np.argsort(magnitudes, kind="stable")
-    cum = np.cumsum(multiplicity[order], dtype=np.int64)
-    available = int(cum[-1]) if cum.size else 0
+        return [(np.empty(0, dtype=np.int64), -1, 0) for _ in parts]
+    available = sum(m.size * mult for m, mult in parts)
     if available < k:
         raise InvalidOptionError(
             f"cannot prune {k} weights from a block with only {available} candidates: "
             "the block is too small for this alpha; lower --alpha or use --prune global"
         )
-    p = int(np.searchsorted(cum, k, side="left"))
-    before = int(cum[p - 1]) if p > 0 else 0
-    return order[:p], int(order[p]), k - before
+    values = np.sort(np.concatenate([m for m, _ in parts]))
+
+    def count_le(v: np.floating) -> int:
+        return sum(int(np.count_nonzero(m <= v)) * mult for m, mult in parts)
+
+    lo, hi = 0, values.size - 1
+    while lo < hi:  # smallest position whose value covers k
+        mid = (lo + hi) // 2
+        if count_le(values[mid]) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    t = values[lo]
+    remaining = k - sum(int(np.count_nonzero(m < t)) * mult for m, mult in parts)
+    cuts: list[Cut] = []
+    for m, mult in parts:
+        ties = np.flatnonzero(m == t)
+        n_full = min(ties.size, remaining // mult)
+        remaining -= n_full * mult
+        last, copies = -1, 0
+        if 0 < remaining < mult and n_full < ties.size:
+            last, copies, remaining = int(ties[n_full]), remaining, 0
+        cuts.append((np.concatenate([np.flatnonzero(m < t), ties[:n_full]]), last, copies))
+    return cuts
 
 
 def _zero_w1(w1e: np.ndarray, flat: np.ndarray, d: int, assignment: np.ndarray, alpha: int) -> None:
@@ -280,10 +302,16 @@ def _zero_w1(w1e: np.ndarray, flat: np.ndarray, d: int, assignment: np.ndarray, 
     w1e[rows * alpha + assignment[rows, cols], cols] = 0
 
 
-def _zero_w2(w2e: np.ndarray, flat: np.ndarray, h: int, alpha: int, copies: int) -> None:
-    o, i = np.divmod(flat, h)
-    for k in range(copies):
-        w2e[o, i * alpha + k] = 0
+def _zero_w2(w2e: np.ndarray, cut: Cut, h: int, alpha: int) -> None:
+    """Zero all copies of each whole entry, and the first ``copies`` children of the partial one."""
+    whole, last, copies = cut
+    by_parent = w2e.view()
+    by_parent.shape = (w2e.shape[0], h, alpha)  # raises rather than copy: the zeros must land in w2e
+    o, i = np.divmod(whole, h)
+    by_parent[o, i, :] = 0
+    if last >= 0:
+        o1, i1 = divmod(last, h)
+        by_parent[o1, i1, :copies] = 0
 
 
 def prune_to_count(
@@ -300,9 +328,9 @@ def prune_to_count(
 
     The candidates are counted on the original matrices (a W2 entry stands for its ``alpha`` equal
     copies) so nothing of the expanded size is sorted. ``global`` removes the smallest magnitudes over
-    both layers at once (the paper's rule); ``layer`` removes ``excess_w1`` from W1' and ``excess_w2``
-    from W2' separately, so each layer keeps its own count. When only some copies of a W2 entry go,
-    the lowest-numbered children lose theirs.
+    both layers at once (the paper's rule; at equal magnitude W1' goes first); ``layer`` removes
+    ``excess_w1`` from W1' and ``excess_w2`` from W2' separately, so each layer keeps its own count.
+    When only some copies of a W2 entry go, the lowest-numbered children lose theirs.
     """
     h, d = w1.shape
     alpha = w1e.shape[0] // h
@@ -311,22 +339,14 @@ def prune_to_count(
     m1 = np.abs(w1.ravel()[i1])
     m2 = np.abs(w2.ravel()[i2]).astype(m1.dtype, copy=False)
     if mode == "global":
-        mags = np.concatenate([m1, m2])
-        mult = np.concatenate([np.ones(i1.size, np.int64), np.full(i2.size, alpha, np.int64)])
-        whole, last, copies = smallest_by_count(mags, mult, excess_w1 + excess_w2)
-        _zero_w1(w1e, i1[whole[whole < i1.size]], d, assignment, alpha)
-        _zero_w2(w2e, i2[whole[whole >= i1.size] - i1.size], h, alpha, alpha)
-        if last >= i1.size:
-            _zero_w2(w2e, i2[[last - i1.size]], h, alpha, copies)
-        elif last >= 0:
-            _zero_w1(w1e, i1[[last]], d, assignment, alpha)
-        return
-    whole, last, _ = smallest_by_count(m1, np.ones(i1.size, np.int64), excess_w1)
-    _zero_w1(w1e, i1[whole if last < 0 else np.append(whole, last)], d, assignment, alpha)
-    whole, last, copies = smallest_by_count(m2, np.full(i2.size, alpha, np.int64), excess_w2)
-    _zero_w2(w2e, i2[whole], h, alpha, alpha)
-    if last >= 0:
-        _zero_w2(w2e, i2[[last]], h, alpha, copies)
+        cut1, cut2 = smallest_by_count([(m1, 1), (m2, alpha)], excess_w1 + excess_w2)
+    else:
+        (cut1,) = smallest_by_count([(m1, 1)], excess_w1)
+        (cut2,) = smallest_by_count([(m2, alpha)], excess_w2)
+    whole1, last1, _ = cut1
+    _zero_w1(w1e, i1[whole1 if last1 < 0 else np.append(whole1, last1)], d, assignment, alpha)
+    whole2, last2, copies2 = cut2
+    _zero_w2(w2e, (i2[whole2], int(i2[last2]) if last2 >= 0 else -1, copies2), h, alpha)
 
 
 def expand_block(

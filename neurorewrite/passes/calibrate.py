@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -38,7 +39,7 @@ def load_sample(source: str | os.PathLike | Mapping[str, np.ndarray]) -> dict[st
     try:
         with np.load(source, allow_pickle=False) as data:
             sample = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"--calibrate {source}: not a readable .npz file ({e})") from e
     if not sample:
         raise DataError(f"--calibrate {source}: the .npz file holds no arrays")

@@ -185,7 +185,8 @@ def find_blocks(model: onnx.ModelProto) -> BlockSearch:
 
 
 def select_blocks(search: BlockSearch, patterns: list[str] | None) -> tuple[list[MLPBlock], list[Skipped]]:
-    """Keep the blocks whose first or second linear's node name equals or fully matches a pattern."""
+    """Keep the blocks whose name (the node name of the linear that produces the hidden layer) equals or
+    fully matches one of ``patterns``."""
     if not patterns:
         return list(search.blocks), list(search.skipped)
     compiled = []
@@ -198,8 +199,7 @@ def select_blocks(search: BlockSearch, patterns: list[str] | None) -> tuple[list
             raise InvalidOptionError(f"--layers pattern {p!r} is not a valid regex: {e}") from e
     chosen, skipped = [], list(search.skipped)
     for block in search.blocks:
-        names = (block.first.name, block.second.name)
-        if any(n == p.pattern or p.fullmatch(n) for p in compiled for n in names):
+        if any(block.name == p.pattern or p.fullmatch(block.name) for p in compiled):
             chosen.append(block)
         else:
             skipped.append(Skipped(block.name, "not selected by --layers"))

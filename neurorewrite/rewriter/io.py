@@ -22,6 +22,11 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
+def stored_with_external_data(path: str | os.PathLike) -> bool:
+    """Whether the model file keeps its weights in external data files (read without loading them)."""
+    return uses_external_data(onnx.load(str(path), load_external_data=False))
+
+
 def load_model(source: ModelLike, check: bool = True) -> onnx.ModelProto:
     """Read an ONNX model (external data included) and run the ONNX checker on it.
 
@@ -36,7 +41,9 @@ def load_model(source: ModelLike, check: bool = True) -> onnx.ModelProto:
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
+        if uses_external_data(model):
+            onnx.load_external_data_for_model(model, str(path.parent))
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(f"{path}: not a readable ONNX model ({first}); is the file complete?") from e
@@ -80,6 +87,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
                     model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=1024,
                 )
+                # onnx moved the weights out of the in-memory model; read them back so the caller's
+                # model is as it was (cheaper than saving a copy of a multi-GB model)
+                onnx.load_external_data_for_model(model, tmp)
             else:
                 onnx.save_model(model, str(tmp_model))
         except (OSError, ValueError) as e:
