@@ -90,17 +90,21 @@ class _Accumulator:
         )
 
 
+def _over_denominator(squared: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """``squared / (s^2 + 0.01 * mean(s^2))``, 0 where that denominator is 0 (constant neurons)."""
+    denom = var + PHI_EPS * float(np.mean(var)) if var.size else var
+    safe = np.where(denom > 0, denom, 1.0)
+    return np.where(denom > 0, squared / safe, 0.0)
+
+
 def monosemantic_scale(z: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     """``phi`` of activations ``z`` (rows, H) given per-neuron mean and unbiased variance (H,)."""
-    denom = var + PHI_EPS * float(np.mean(var))
-    safe = np.where(denom > 0, denom, 1.0)
-    return np.where(denom > 0, (z - mean) ** 2 / safe, 0.0)
+    return _over_denominator((z - mean) ** 2, var)
 
 
 def phi_max_from_range(lo: np.ndarray, hi: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     """Max over the sample of phi: (z - mu)^2 is largest at the sample's min or max of z."""
-    worst = np.maximum((hi - mean) ** 2, (lo - mean) ** 2)
-    return monosemantic_scale(worst[None, :], np.zeros_like(mean), var)[0] if worst.size else worst
+    return _over_denominator(np.maximum((hi - mean) ** 2, (lo - mean) ** 2), var)
 
 
 def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:

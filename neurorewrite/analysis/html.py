@@ -56,7 +56,7 @@ def write_report(text: str, path: str | os.PathLike) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a report is as readable as any new file
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, UnicodeError) as e:
         raise OutputError(f"--html {path}: could not write the report ({e})") from e
     finally:
         if tmp is not None and os.path.exists(tmp):

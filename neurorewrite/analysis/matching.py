@@ -43,10 +43,11 @@ class Matching:
 
 def _shape_problem(a: MLPBlock, b: MLPBlock) -> str | None:
     if (a.in_features, a.out_features) != (b.in_features, b.out_features):
-        return (f"{a.name} maps {a.in_features} -> {a.out_features} features but {b.name} maps "
-                f"{b.in_features} -> {b.out_features}")
+        return (f"block {a.name} of the first model maps {a.in_features} -> {a.out_features} features, block "
+                f"{b.name} of the second maps {b.in_features} -> {b.out_features}")
     if b.width < a.width:
-        return f"hidden width shrinks from {a.width} ({a.name}) to {b.width} ({b.name}); pass the original model first"
+        return (f"hidden width shrinks from {a.width} (first model, {a.name}) to {b.width} (second, {b.name}); "
+                "pass the original model first")
     return None
 
 
@@ -89,25 +90,26 @@ def match_blocks(
     right = {b.first.name: b for b in second}
     if meta_second:
         _by_metadata(left, right, meta_second, out)
+    why: dict[str, str] = {}  # first-model block -> why its same-named counterpart did not pair
     for key in [k for k in left if k in right]:
-        a, b = left.pop(key), right.pop(key)
-        problem = _shape_problem(a, b)
+        problem = _shape_problem(left[key], right[key])
         if problem is None:
-            out.pairs.append(_pair(a, b, "node names"))
+            out.pairs.append(_pair(left.pop(key), right.pop(key), "node names"))
         else:
-            out.mismatches.append(Mismatch("second", b.name, problem))
+            why[key] = problem
     if left and len(left) == len(right):
         for a, b in zip(list(left.values()), list(right.values())):
             if _shape_problem(a, b) is None:
                 out.pairs.append(_pair(a, b, "graph order"))
                 del left[a.first.name], right[b.first.name]
-    names = ", ".join(sorted(right)) or "none"
-    for a in left.values():
-        out.mismatches.append(Mismatch("first", a.name, f"no block of the second model matches it by FPE record, "
-                                       f"node name or graph order and shape (unpaired there: {names})"))
+    names = ", ".join(sorted(b.name for b in right.values())) or "none"
+    for key, a in left.items():
+        reason = why.get(key) or (f"no block of the second model matches it by FPE record, node name or "
+                                  f"graph order and shape (unpaired there: {names})")
+        out.mismatches.append(Mismatch("first", a.name, reason))
     names = ", ".join(sorted(b.name for b in left.values())) or "none"
-    for b in right.values():
-        out.mismatches.append(Mismatch("second", b.name, f"no block of the first model matches it "
-                                       f"(unpaired there: {names})"))
+    for key, b in right.items():
+        reason = why.get(key) or f"no block of the first model matches it (unpaired there: {names})"
+        out.mismatches.append(Mismatch("second", b.name, reason))
     out.pairs.sort(key=lambda p: [x.name for x in first].index(p.before))
     return out

@@ -56,7 +56,7 @@ def gram_figure(panels: list[tuple[str, GramPreview]]) -> bytes:
 def sparsity_caption(s: SparsityPreview) -> str:
     if s.tile == (1, 1):
         return f"{s.shape[0]} x {s.shape[1]}, every weight shown"
-    return f"{s.shape[0]} x {s.shape[1]}, pooled: each cell is a {s.tile[0]} x {s.tile[1]} tile"
+    return f"{s.shape[0]} x {s.shape[1]}, pooled: each cell is a tile of up to {s.tile[0]} x {s.tile[1]} weights"
 
 
 def sparsity_figure(previews: list[SparsityPreview], title: str) -> bytes:
