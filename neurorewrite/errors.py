@@ -35,3 +35,7 @@ class OutputError(NeurorewriteError):
 
 class VerificationError(NeurorewriteError):
     """A rewritten model failed a postcondition (checker, counts); nothing was written."""
+
+
+class UnsupportedModelError(NeurorewriteError):
+    """A valid model uses something a command cannot handle (e.g. an op finetune cannot lift into torch)."""
