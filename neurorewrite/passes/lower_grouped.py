@@ -69,7 +69,7 @@ def lower_grouped_first(
     cols = child_columns(w, alpha, lin.name)
     m = max(c.size for c in cols)
     old_to_new = np.arange(w.shape[1]) if new_to_old is None else np.argsort(new_to_old)
-    gather = np.zeros((alpha, m), dtype=np.int64)  # padding reads column 0 against a zero weight
+    gather = np.zeros((alpha, m), dtype=np.int32 if w.shape[1] < 2**31 else np.int64)  # padding reads column 0 against a zero weight
     blocks = np.zeros((alpha, m, h), dtype=w.dtype)
     for k, c in enumerate(cols):
         gather[k, : c.size] = old_to_new[c]
