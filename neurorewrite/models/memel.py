@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.models.memel_stats import batch_moments, merge_capped_, unbiased_variance
 
-__all__ = ["MEmeL", "find_memel", "first_argmax", "insert_memel", "remove_memel", "reversed_deactivation"]
+__all__ = ["MEmeL", "find_memel", "first_argmax_", "insert_memel", "remove_memel", "reversed_deactivation"]
 
 VARIANCE_FLOOR_SHARE = 0.01  # the paper's 0.01 * mean(s^2) added to every element's variance
 
@@ -97,10 +97,14 @@ class MEmeL(nn.Module):
         return unbiased_variance(float(self.count), self.m2)
 
     def _inverse_denominator(self) -> Tensor:
-        """``1 / (s^2 + 0.01 * mean(s^2))`` per element; zero variance everywhere gives a huge, finite value."""
+        """``1 / (s^2 + 0.01 * mean(s^2))`` per element.
+
+        The denominator is floored at the dtype's epsilon: only a layer whose every element has been
+        constant so far (a dead layer) gets there, and the floor keeps its phi finite.
+        """
         variance = self.variance
         denominator = variance + VARIANCE_FLOOR_SHARE * variance.mean()
-        return denominator.clamp_min(torch.finfo(variance.dtype).tiny).reciprocal()
+        return denominator.clamp_min(torch.finfo(variance.dtype).eps).reciprocal()
 
     def monosemantic_scale(self, z: Tensor) -> Tensor:
         """``phi`` of every element of ``z`` (batch x flattened features) against the running statistics."""
@@ -121,22 +125,25 @@ class MEmeL(nn.Module):
         z2d = self._flatten_checked(z)
         inhibit = int(self.batches_seen) >= self.n_forget
         with torch.no_grad():
-            # One centred pass serves both phi (old statistics) and the batch moments (the merge).
+            # One centred tensor serves the batch sums and then, squared in place, phi: every fresh
+            # full-size tensor costs page faults, which on small batches cost as much as the math.
             values = z2d.detach() if z2d.dtype == self.mean.dtype else z2d.detach().to(self.mean.dtype)
             centred = values - self.mean
-            centred_squared = centred.square()
+            sum1 = centred.sum(dim=0)
+            centred_squared = centred.square_()
+            sum2 = centred_squared.sum(dim=0)
             if inhibit:
-                selected = self._select(centred_squared)
+                selected = self._select_(centred_squared)
                 replacement = self.mean[selected]  # the running mean before this batch is merged
                 if replacement.dtype != z2d.dtype:
                     replacement = replacement.to(z2d.dtype)
-            batch = batch_moments(centred, centred_squared, self.sync_ranks)
+            batch = batch_moments(sum1, sum2, z2d.shape[0], self.sync_ranks)
             count = merge_capped_(float(self.count), self.mean, self.m2, batch, self.n_forget)
             self.count.fill_(round(count))
             self.batches_seen.add_(1)
         if not inhibit:
             return z
-        out = _ReversedDeactivation.apply(z2d, selected, replacement, self.delta)
+        out = reversed_deactivation(z2d, selected, replacement, self.delta)
         return out if out.shape == z.shape else out.view_as(z)
 
     def _flatten_checked(self, z: Tensor) -> Tensor:
@@ -165,11 +172,11 @@ class MEmeL(nn.Module):
             self.to(z.device)
         return z2d
 
-    def _select(self, centred_squared: Tensor) -> Tensor:
-        """Indices (batch x top_t) of the elements with the largest phi in each sample."""
-        phi = centred_squared * self._inverse_denominator()
+    def _select_(self, centred_squared: Tensor) -> Tensor:
+        """Indices (batch x top_t) of the elements with the largest phi in each sample; overwrites the input."""
+        phi = centred_squared.mul_(self._inverse_denominator())
         if self.top_t == 1:
-            return first_argmax(phi)
+            return first_argmax_(phi)
         return phi.topk(self.top_t, dim=1, sorted=False).indices
 
 
@@ -178,8 +185,8 @@ def _countdown(width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.arange(width, 0, -1, dtype=dtype, device=device)
 
 
-def first_argmax(values: Tensor) -> Tensor:
-    """Index (rows x 1) of the first maximum of each row; same result as ``argmax(1, keepdim=True)``.
+def first_argmax_(values: Tensor) -> Tensor:
+    """Index (rows x 1) of the first maximum of each row, like ``argmax(1, keepdim=True)``; overwrites ``values``.
 
     On CPU, ``argmax`` along rows and comparisons into bool tensors are several times slower than
     plain arithmetic and ``amax``, so the first maximum is found with arithmetic only:
@@ -187,9 +194,9 @@ def first_argmax(values: Tensor) -> Tensor:
     """
     width = values.shape[1]
     countdown = _countdown(width, values.dtype, values.device)
-    at_max = values - values.amax(dim=1, keepdim=True)
-    at_max.sign_().add_(1.0).mul_(countdown)
-    return (width - at_max.amax(dim=1, keepdim=True)).clamp_max_(width - 1).long()
+    at_max = values.sub_(values.amax(dim=1, keepdim=True)).sign_().add_(1.0).mul_(countdown)
+    # A NaN row (the training has diverged) gives a NaN here; the clamp keeps the index in range.
+    return (width - at_max.amax(dim=1, keepdim=True)).long().clamp_(0, width - 1)
 
 
 class _ReversedDeactivation(torch.autograd.Function):
@@ -208,14 +215,13 @@ class _ReversedDeactivation(torch.autograd.Function):
         return grad_out.scatter(1, selected, reversed_grad), None, None, None
 
 
-def reversed_deactivation(z2d: Tensor, selected: Tensor, running_mean: Tensor, delta: float) -> Tensor:
+def reversed_deactivation(z2d: Tensor, selected: Tensor, replacement: Tensor, delta: float) -> Tensor:
     """Reversed Deactivation ``z' = -D*z + (mu + D*z).detach()`` on the ``selected`` (batch x t) elements.
 
-    Equal in value and gradient to that formula (tests check it against the literal form), but the
-    forward value is exactly ``mu`` and only one full-size copy is made each way: the same cost as
-    any element-wise op, which is what keeps MEmeL cheap.
+    ``replacement`` holds ``mu`` at the selected positions (batch x t). Equal in value and gradient to
+    the formula (tests check it against the literal form), but the forward value is exactly ``mu``
+    and only one full-size copy is made each way: the cost of any element-wise op.
     """
-    replacement = running_mean.to(z2d.dtype)[selected]
     return _ReversedDeactivation.apply(z2d, selected, replacement, float(delta))
 
 

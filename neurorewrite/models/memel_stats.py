@@ -24,25 +24,24 @@ def distributed_active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def batch_moments(centred: Tensor, centred_squared: Tensor, sync_ranks: bool) -> tuple[float, Tensor, Tensor]:
-    """Return ``(count, mean_offset, m2)`` of a batch given as samples ``centred`` on the running mean.
+def batch_moments(sum1: Tensor, sum2: Tensor, count: int, sync_ranks: bool) -> tuple[float, Tensor, Tensor]:
+    """Return ``(count, mean_offset, m2)`` of a batch from its per-element sums around the running mean.
 
-    ``mean_offset`` is the batch mean minus the running mean. Sums around the running mean (identical
-    on every rank) do not cancel catastrophically, and MEmeL reuses ``centred`` and its square for the
-    monosemantic scale. With ``sync_ranks`` and an initialised process group, the count and both
-    sums are added over all ranks in one ``all_reduce``, so every rank gets the moments of the global
-    batch, exactly as one process on the whole batch would.
+    ``sum1`` and ``sum2`` are the sums over the batch of ``z - mu`` and ``(z - mu)^2`` with ``mu`` the
+    running mean (identical on every rank): sums around it do not cancel catastrophically.
+    ``mean_offset`` is the batch mean minus ``mu``. With ``sync_ranks`` and an initialised process
+    group, the count and both sums are added over all ranks in one ``all_reduce``, so every rank
+    gets the moments of the global batch, exactly as one process on the whole batch would. The sums
+    are reused in place.
     """
-    sum1 = centred.sum(dim=0)
-    sum2 = centred_squared.sum(dim=0)
-    count = float(centred.shape[0])
+    total = float(count)
     if sync_ranks and distributed_active():
-        packed = torch.cat([sum1.new_full((1,), count), sum1, sum2])
+        packed = torch.cat([sum1.new_full((1,), total), sum1, sum2])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        count, sum1, sum2 = float(packed[0]), packed[1 : 1 + sum1.numel()], packed[1 + sum1.numel() :]
-    mean_offset = sum1.div_(count)
-    m2 = sum2.addcmul_(mean_offset, mean_offset, value=-count).clamp_min_(0.0)  # sum2 - sum1^2 / count
-    return count, mean_offset, m2
+        total, sum1, sum2 = float(packed[0]), packed[1 : 1 + sum1.numel()], packed[1 + sum1.numel() :]
+    mean_offset = sum1.div_(total)
+    m2 = sum2.addcmul_(mean_offset, mean_offset, value=-total).clamp_min_(0.0)  # sum2 - sum1^2 / count
+    return total, mean_offset, m2
 
 
 def merge_capped_(

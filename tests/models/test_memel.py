@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neurorewrite.errors import InvalidOptionError
-from neurorewrite.models.memel import MEmeL, reversed_deactivation
+from neurorewrite.models.memel import MEmeL, first_argmax_, reversed_deactivation
 
 
 def _batches(seed: int, sizes: list[int], shape: tuple[int, ...] = (3, 4)) -> list[torch.Tensor]:
@@ -110,7 +110,7 @@ def test_reversed_deactivation_equals_the_papers_formula_in_value_and_gradient()
     mask = torch.zeros(5, 6, dtype=torch.bool).scatter_(1, selected, True)
     literal = torch.where(mask, -delta * z + (running_mean + delta * z).detach(), z)
     (literal_grad,) = torch.autograd.grad((literal * upstream).sum(), z)
-    ours = reversed_deactivation(z, selected, running_mean, delta)
+    ours = reversed_deactivation(z, selected, running_mean[selected], delta)
     (ours_grad,) = torch.autograd.grad((ours * upstream).sum(), z)
     torch.testing.assert_close(ours, literal)
     torch.testing.assert_close(ours_grad, literal_grad)
@@ -159,3 +159,23 @@ def test_activation_errors_name_the_layer() -> None:
     ok(torch.randn(4, 12))
     with pytest.raises(InvalidOptionError, match="feature shape must stay fixed"):
         ok(torch.randn(4, 13))
+
+
+def test_first_argmax_matches_argmax_including_ties_and_survives_nan() -> None:
+    values = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 0.0, 2.0], [float("nan"), 1, 2, 3]])
+    expected = values[:3].argmax(dim=1, keepdim=True)
+    found = first_argmax_(values.clone())
+    assert torch.equal(found[:3], expected)
+    assert 0 <= found[3].item() < 4
+    random = torch.rand(64, 300, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first_argmax_(random.clone()), random.argmax(dim=1, keepdim=True))
+
+
+def test_a_dead_layer_that_wakes_up_gives_finite_selections() -> None:
+    memel = MEmeL(n_forget=2).train()
+    for _ in range(2):
+        memel(torch.zeros(4, 6))
+    z = torch.zeros(4, 6)
+    z[:, 3] = 1e6
+    out = memel(z)
+    assert torch.isfinite(out).all() and torch.equal(out[:, 3], torch.zeros(4))

@@ -1,0 +1,167 @@
+"""MEmeL benchmark: what it does to accuracy and to the monosemantic scale, and what it costs per step.
+
+Part 1, digits: a 64-64-64-10 ReLU MLP on sklearn's ``load_digits`` (75/25 stratified split, inputs
+standardised), Adam, trained with plain training and with MEmeL after both hidden ReLUs as naive (a)
+delta=0, naive (b) delta=-1 and RD delta=1 (top_t=1, n_forget=10), 5 seeds each. Reported: test
+accuracy (mean +- std over seeds) and the monosemantic scale of the trained models' hidden layers on
+test data: phi of every test activation against the train-set mean and variance of that element
+(MEmeL's own formula, statistics from one pass over the train set).
+
+Part 2, cost: one training step (forward, cross entropy, backward, SGD) of a 4-layer MLP, width 512,
+batch 256, with and without MEmeL after each of the three hidden ReLUs (past warm-up, so inhibition
+runs). Interleaved repeats on one thread; the ratio is the median of per-repeat ratios, for the
+thread's CPU time (robust to other processes on a shared machine) and for wall time.
+
+Run: ``.venv/bin/python -m benchmarks.memel`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from benchmarks.machine import describe
+from neurorewrite.models.memel import MEmeL, insert_memel, remove_memel
+
+SEEDS = (0, 1, 2, 3, 4)
+EPOCHS, BATCH, HIDDEN = 40, 32, 64
+VARIANTS: tuple[tuple[str, float | None], ...] = (
+    ("plain", None), ("naive (a) delta=0", 0.0), ("naive (b) delta=-1", -1.0), ("RD delta=1", 1.0),
+)
+HIDDEN_LAYERS = ("1", "3")  # the ReLUs of nn.Sequential(Linear, ReLU, Linear, ReLU, Linear)
+PHI_LEVEL = 9.0
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    data = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        data.data, data.target, test_size=0.25, random_state=0, stratify=data.target
+    )
+    scaler = StandardScaler().fit(x_train)
+    as_x = lambda a: torch.tensor(scaler.transform(a), dtype=torch.float32)  # noqa: E731
+    return as_x(x_train), torch.tensor(y_train), as_x(x_test), torch.tensor(y_test)
+
+
+def _mlp(widths: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width_in, width_out in zip(widths[:-2], widths[1:-1]):
+        layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(widths[-2], widths[-1]))
+
+
+def _train_digits(seed: int, delta: float | None, data: tuple[torch.Tensor, ...]) -> nn.Sequential:
+    x_train, y_train = data[0], data[1]
+    torch.manual_seed(seed)
+    model = _mlp([64, HIDDEN, HIDDEN, 10])
+    if delta is not None:
+        insert_memel(model, after=list(HIDDEN_LAYERS), top_t=1, delta=delta, n_forget=10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    order = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(EPOCHS):
+        for batch in torch.randperm(len(x_train), generator=order).split(BATCH):
+            loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return remove_memel(model).eval()
+
+
+def _hidden(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model[: int(name) + 1](x) for name in HIDDEN_LAYERS]
+
+
+def _phi_summary(model: nn.Sequential, data: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """phi of the test activations of both hidden layers against their train-set statistics."""
+    phis = []
+    for train_h, test_h in zip(_hidden(model, data[0]), _hidden(model, data[2])):
+        reference = MEmeL(n_forget=1).train()
+        reference(train_h)  # one batch, n_forget=1: the exact train-set mean and variance
+        phis.append(reference.monosemantic_scale(test_h))
+    phi = torch.cat(phis, dim=1)
+    return {
+        "phi mean": phi.mean().item(),
+        "phi p99": phi.flatten().quantile(0.99).item(),
+        "max phi/sample": phi.max(dim=1).values.mean().item(),
+        f"% phi>{PHI_LEVEL:g}": (phi > PHI_LEVEL).float().mean().item() * 100,
+    }
+
+
+def digits_table() -> None:
+    data = _digits()
+    columns = ["test acc %", "phi mean", "phi p99", "max phi/sample", f"% phi>{PHI_LEVEL:g}"]
+    print(f"digits: MLP 64-{HIDDEN}-{HIDDEN}-10, {EPOCHS} epochs, batch {BATCH}, Adam 1e-3, seeds {SEEDS};"
+          " MEmeL top_t=1, n_forget=10 after both hidden ReLUs; mean +- std over seeds")
+    print(f"| variant | {' | '.join(columns)} |")
+    print("|" + "---|" * (len(columns) + 1))
+    for label, delta in VARIANTS:
+        rows: dict[str, list[float]] = {column: [] for column in columns}
+        for seed in SEEDS:
+            model = _train_digits(seed, delta, data)
+            with torch.no_grad():
+                accuracy = (model(data[2]).argmax(1) == data[3]).float().mean().item() * 100
+            rows["test acc %"].append(accuracy)
+            for key, value in _phi_summary(model, data).items():
+                rows[key].append(value)
+        cells = [f"{np.mean(v):.3f} +- {np.std(v):.3f}" if c != "test acc %" else f"{np.mean(v):.2f} +- {np.std(v):.2f}"
+                 for c, v in rows.items()]
+        print(f"| {label} | {' | '.join(cells)} |", flush=True)
+
+
+def _step_time(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int
+) -> tuple[float, float]:
+    """Seconds per step: (wall clock, CPU time of this thread). Torch runs on this one thread here,
+    so the CPU time is the work done, and unlike wall time it does not count other users' processes."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - wall) / steps, (time.thread_time() - cpu) / steps
+
+
+def cost_table(width: int = 512, batch: int = 256, repeats: int = 31, steps: int = 5) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, width), torch.randint(0, 10, (batch,))
+    plain = _mlp([width, width, width, width, 10])
+    with_memel = insert_memel(_mlp([width, width, width, width, 10]), after=["1", "3", "5"])
+    optimizers = {id(m): torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, with_memel)}
+    for model in (plain, with_memel):  # warm-up past n_forget, so every timed MEmeL step inhibits
+        model.train()
+        _step_time(model, optimizers[id(model)], x, y, 12)
+    times: dict[str, list[tuple[float, float]]] = {"plain": [], "memel": []}
+    for repeat in range(repeats):
+        order = [("plain", plain), ("memel", with_memel)]
+        for label, model in order if repeat % 2 == 0 else order[::-1]:
+            times[label].append(_step_time(model, optimizers[id(model)], x, y, steps))
+    print(f"\ncost: 4-layer MLP width {width}, batch {batch}, MEmeL (top_t=1) after the 3 hidden ReLUs; one torch "
+          f"thread, {repeats} interleaved repeats x {steps} steps; medians, ratio = median of per-repeat ratios")
+    print("| clock | plain step ms | MEmeL step ms | ratio | target |")
+    print("|---|---|---|---|---|")
+    for column, clock in enumerate(("wall", "thread CPU time")):
+        plain_ms = [t[column] * 1e3 for t in times["plain"]]
+        memel_ms = [t[column] * 1e3 for t in times["memel"]]
+        ratio = statistics.median(m / p for m, p in zip(memel_ms, plain_ms))
+        print(f"| {clock} | {statistics.median(plain_ms):.2f} | {statistics.median(memel_ms):.2f} | {ratio:.3f} |"
+              " <= 1.15 |")
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    print(describe())
+    digits_table()
+    cost_table()
+
+
+if __name__ == "__main__":
+    main()
