@@ -1,0 +1,72 @@
+"""``neurorewrite compile``: build an ONNX model into a TVM library, tuning the sparse kernels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from neurorewrite.errors import InvalidOptionError
+from neurorewrite.progress import ProgressBar
+from neurorewrite.table import format_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="compile a (rewritten) ONNX model into a TVM library, with tuned sparse kernels",
+        description="Import an ONNX model with TVM's Relax frontend, map ai.neurorewrite.SparseLinear nodes to the "
+        "project's TensorIR kernels, optionally tune with MetaSchedule (records kept in a database folder and reused "
+        "on the next compile), and export a shared library plus LIBRARY.json describing its inputs.",
+    )
+    p.add_argument("model", type=Path, help="input ONNX model")
+    p.add_argument("-o", "--output", type=Path, help="output library (default: MODEL.so beside the input)")
+    p.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, or a TVM target JSON dict")
+    p.add_argument("--tune", action="store_true", help="tune with MetaSchedule (tasks already in --database are reused)")
+    p.add_argument("--trials", type=int, default=None, help="measurement budget for --tune (default 128)")
+    p.add_argument("--database", type=Path, help="tuning database folder (default: OUTPUT.tuning beside the output)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                   help="static shape for an input with symbolic dims (repeatable), e.g. --shape x=1,768")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=run)
+
+
+def parse_shapes(items: list[str]) -> dict[str, list[int]]:
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.rpartition("=")
+        try:
+            values = [int(v) for v in dims.replace("x", ",").split(",") if v]
+        except ValueError:
+            values = []
+        if not sep or not name or not values or any(v <= 0 for v in values):
+            raise InvalidOptionError(f"--shape {item!r}: expected NAME=D0,D1,... with positive integers")
+        shapes[name] = values
+    return shapes
+
+
+def run(args: argparse.Namespace) -> int:
+    from neurorewrite.runtime.tvm_compile import DEFAULT_TRIALS, compile
+
+    if args.trials is not None and not args.tune:
+        raise InvalidOptionError("--trials only applies with --tune")
+    output = args.output or args.model.with_suffix(".so")
+    _, report = compile(
+        args.model, target=args.target, output=output, tune=args.tune,
+        trials=DEFAULT_TRIALS if args.trials is None else args.trials, database=args.database,
+        shapes=parse_shapes(args.shape), progress=ProgressBar("tune"),
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    rows = [(k["in_features"], k["out_features"], k["n"], k["width"], k["layout"]) for k in report.sparse_kernels]
+    parts = [format_table(("in", "out", "rows", "ELL width", "layout"), rows,
+                          title=f"sparse kernels ({len(rows)}; none means a plain Relax import)")]
+    summary = [("target", report.target), ("inputs", json.dumps(report.inputs)),
+               ("tuned tasks", f"{report.tuned_tasks} ({report.trials} trials)" if args.tune else "not tuned"),
+               ("database", report.database or "-"), ("tune time", f"{report.seconds_tune:.1f}s"),
+               ("build time", f"{report.seconds_build:.1f}s")]
+    parts.append(format_table(("", ""), summary, title=""))
+    parts.append(f"\nwrote {report.output} and {report.output}.json")
+    print("\n".join(parts))
+    return 0

@@ -1,0 +1,141 @@
+"""Compile an ONNX model (with or without neurorewrite operators) into a deployable TVM library.
+
+``compile`` imports the model with the Relax ONNX frontend (SparseLinear -> the project's kernels),
+optionally tunes with MetaSchedule into a reusable database, builds, and writes ``OUTPUT`` (a shared
+library) plus ``OUTPUT.json`` (input names/shapes, outputs, target) atomically: on any failure nothing
+is written and an existing output is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from neurorewrite.errors import InvalidOptionError, OutputError
+from neurorewrite.rewriter.io import ModelLike, load_model
+
+Progress = Callable[[int, int, str], None]
+DEFAULT_TRIALS = 128
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CompileReport:
+    """What ``compile`` did: target, kernels, tuning, timings and where it wrote."""
+
+    target: str
+    inputs: dict[str, list[int]]
+    outputs: list[str]
+    sparse_kernels: list[dict[str, object]] = field(default_factory=list)
+    tuned_tasks: int = 0
+    trials: int = 0
+    database: str | None = None
+    seconds_tune: float = 0.0
+    seconds_build: float = 0.0
+    output: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def compile(  # noqa: A001 (the public name the issue asks for)
+    model: ModelLike,
+    target: str | dict = "llvm",
+    output: str | os.PathLike | None = None,
+    tune: bool = False,
+    trials: int = DEFAULT_TRIALS,
+    database: str | os.PathLike | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    progress: Progress | None = None,
+):  # -> tuple[relax.VMExecutable, CompileReport]
+    """Compile ``model`` for ``target``; with ``tune`` run up to ``trials`` MetaSchedule measurements.
+
+    The database (default: ``OUTPUT.tuning/`` beside the output) keeps the records; a later compile
+    with the same shapes and target reuses them without measuring again.
+    """
+    from neurorewrite.kernels import tuning
+    from neurorewrite.runtime.tvm_import import import_model, input_shapes
+    from neurorewrite.runtime.tvm_target import parse_target
+
+    if trials < 0:
+        raise InvalidOptionError(f"--trials must be >= 0, got {trials}")
+    tvm_target = parse_target(target)
+    proto = load_model(model)
+    static = input_shapes(proto, shapes)
+    if tune and database is None:
+        if output is None:
+            raise InvalidOptionError("tuning needs a --database folder (or an output path to put it beside)")
+        database = Path(str(output) + ".tuning")
+    db = tuning.open_database(database, tvm_target) if database is not None else None
+    mod, kernels = import_model(proto, static, tvm_target, scheduled=db is None)
+    report = CompileReport(
+        target=str(tvm_target), inputs=static, outputs=[o.name for o in proto.graph.output],
+        sparse_kernels=[asdict(k) | {"layout": k.layout} for k in kernels],
+        trials=trials if tune else 0, database=None if database is None else str(database),
+    )
+    start = time.monotonic()
+    if db is not None and tune:
+        report.tuned_tasks = tuning.tune(mod, tvm_target, db, trials, progress)
+    report.seconds_tune = time.monotonic() - start
+    start = time.monotonic()
+    executable = _build(mod, tvm_target, db)
+    report.seconds_build = time.monotonic() - start
+    if output is not None:
+        write_library(executable, report, output)
+        report.output = str(output)
+    return executable, report
+
+
+def _build(mod, target, db):  # noqa: ANN001, ANN202
+    import tvm
+
+    from neurorewrite.kernels import tuning
+
+    if db is None:
+        return tvm.compile(mod, target=target)
+    with target:
+        return tuning.apply_database(mod, target, db)
+
+
+def write_library(executable, report: CompileReport, output: str | os.PathLike) -> None:  # noqa: ANN001
+    """Export the library and its ``.json`` description beside it, each via a temporary file + rename."""
+    out = Path(output)
+    if out.is_dir():
+        raise OutputError(f"-o {out} is a directory; give a file name such as model.so")
+    if not out.parent.exists():
+        raise OutputError(f"-o {out}: folder {out.parent} does not exist")
+    meta = {"format": FORMAT_VERSION, "target": report.target, "inputs": report.inputs, "outputs": report.outputs}
+    lib_tmp = _temp_path(out, ".so")
+    meta_tmp = _temp_path(out, ".json")
+    try:
+        executable.export_library(str(lib_tmp))
+        meta_tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(meta_tmp, metadata_path(out))
+        os.replace(lib_tmp, out)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e}") from e
+    finally:
+        for tmp in (lib_tmp, meta_tmp):
+            tmp.unlink(missing_ok=True)
+
+
+def metadata_path(library: str | os.PathLike) -> Path:
+    return Path(str(library) + ".json")
+
+
+def _temp_path(out: Path, suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def model_inputs(model: onnx.ModelProto) -> list[str]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]

@@ -1,0 +1,142 @@
+"""Import an ONNX model into Relax, mapping ``ai.neurorewrite.SparseLinear`` to the project's kernels.
+
+The stock Relax ONNX frontend knows only standard operators. :class:`_Importer` extends it with one
+converter: each SparseLinear node becomes ``reshape -> transpose -> call_tir(ell_linear) -> transpose
+(+ bias) -> reshape``, with the ELL weights as constants. The sparsity pattern is fixed here, so the
+kernel is specialised on its shape (rows, width); MetaSchedule tuning records are keyed by that.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import tvm
+import tvm.relax.frontend.onnx  # noqa: F401 (registers the frontend; the project uses it explicitly)
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend
+
+from neurorewrite.errors import InvalidOptionError, ModelLoadError
+from neurorewrite.kernels.ell import ell_from_csr
+from neurorewrite.kernels.sparse_linear import EllShape, ell_linear_func, schedule_default
+
+SPARSE_DOMAIN = "ai.neurorewrite"
+SPARSE_OPS = ("SparseLinear",)
+
+
+def custom_ops(model: onnx.ModelProto) -> list[str]:
+    """The project's operators the graph uses (empty for a plain ONNX model)."""
+    return sorted({n.op_type for n in model.graph.node if n.domain == SPARSE_DOMAIN})
+
+
+class _Importer(onnx_frontend.ONNXGraphImporter):
+    def __init__(self, shape_dict: dict, target: tvm.target.Target, scheduled: bool) -> None:
+        super().__init__(shape_dict, "float32")
+        self._target = target
+        self._scheduled = scheduled
+        self.kernels: list[EllShape] = []
+
+    def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
+        convert_map = onnx_frontend._get_convert_map()
+        unsupported = sorted({
+            n.op_type for n in graph.node
+            if n.op_type not in convert_map and n.op_type not in SPARSE_OPS and n.op_type not in ("If", "Constant")
+        })
+        if unsupported:
+            raise ModelLoadError(f"TVM's ONNX importer does not support operator(s) {', '.join(unsupported)}")
+
+    def _convert_operator(self, op_name: str, inputs: list, attrs: dict, opset: int) -> relax.Expr:
+        if op_name == "SparseLinear":
+            return self._sparse_linear(inputs, attrs)
+        return super()._convert_operator(op_name, inputs, attrs, opset)
+
+    def _sparse_linear(self, inputs: list, attrs: dict) -> relax.Expr:
+        name = attrs["tvm_custom"]["name"] or "SparseLinear"
+        fmt = attrs.get("format", b"csr")
+        fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+        if fmt != "csr":
+            raise ModelLoadError(f"SparseLinear {name}: format {fmt!r} is not supported by the TVM path (only csr)")
+        consts = [_constant(inputs[i], name, role) for i, role in ((1, "values"), (2, "indices"), (3, "indptr"))]
+        bias = _constant(inputs[4], name, "bias") if len(inputs) > 4 and inputs[4] is not None else None
+        d, o = int(attrs["in_features"]), int(attrs["out_features"])
+        ell = ell_from_csr(*consts, in_features=d, where=f"SparseLinear {name}")
+        if ell.out_features != o:
+            raise ModelLoadError(f"SparseLinear {name}: indptr has {ell.out_features} rows, out_features is {o}")
+        x = inputs[0]
+        dims = [_static_dim(v, name) for v in x.ty.shape]
+        n = math.prod(dims[:-1])
+        shape = EllShape(n, d, o, ell.width, str(ell.indices.dtype))
+        if shape.layout == "cols":
+            ell = ell.transposed()
+        func = ell_linear_func(shape)
+        if self._scheduled:
+            func = schedule_default(func, self._target)
+        self.kernels.append(shape)
+        gv = self.bb.add_func(func, "ell_linear")
+        bb = self.bb
+        xt = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(x, (n, d)))))
+        yt = bb.emit(relax.call_tir(
+            gv, [xt, relax.const(ell.values), relax.const(ell.indices)], relax.TensorType((o, n), "float32")
+        ))
+        y = relax.op.permute_dims(yt)
+        if bias is not None:
+            y = relax.op.add(bb.emit(y), relax.const(bias.astype(np.float32)))
+        return relax.op.reshape(bb.emit(y), (*dims[:-1], o))
+
+
+def _constant(expr: relax.Expr, node: str, role: str) -> np.ndarray:
+    if not isinstance(expr, tvm.ir.expr.Constant):
+        raise ModelLoadError(f"SparseLinear {node}: {role} must be a constant initializer for the TVM path")
+    return expr.value.numpy()
+
+
+def _static_dim(value: object, node: str) -> int:
+    if isinstance(value, tvm.tirx.IntImm):
+        return int(value)
+    raise InvalidOptionError(f"SparseLinear {node}: input dimension {value} is not static; pass --shape NAME=D0,D1,...")
+
+
+def input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
+    """Static shapes of the graph inputs: the model's own, with ``shapes`` filling symbolic dims."""
+    shapes = dict(shapes or {})
+    initializers = {t.name for t in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in initializers]
+    unknown = sorted(set(shapes) - {i.name for i in graph_inputs})
+    if unknown:
+        raise InvalidOptionError(f"--shape names {', '.join(unknown)}, not an input of the model "
+                                 f"(inputs: {', '.join(i.name for i in graph_inputs)})")
+    out = {}
+    for i in graph_inputs:
+        dims = i.type.tensor_type.shape.dim
+        if i.name in shapes:
+            given = [int(v) for v in shapes[i.name]]
+            if len(given) != len(dims) or any(d.HasField("dim_value") and d.dim_value != g for d, g in zip(dims, given)):
+                model_dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+                raise InvalidOptionError(f"--shape {i.name}={given} does not fit the model's shape {model_dims}")
+            out[i.name] = given
+            continue
+        if any(not d.HasField("dim_value") for d in dims):
+            raise InvalidOptionError(f"input {i.name} has a symbolic dimension; pass --shape {i.name}=D0,D1,... "
+                                     "(the kernels are specialised on static shapes)")
+        out[i.name] = [d.dim_value for d in dims]
+    return out
+
+
+def import_model(
+    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], target: tvm.target.Target, scheduled: bool
+) -> tuple[tvm.IRModule, list[EllShape]]:
+    """The Relax module of ``model``; ``scheduled`` applies the untuned kernel schedule (else left to tuning)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    importer = _Importer(dict(shapes), target, scheduled)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the frontend warns on every custom-domain node
+        try:
+            mod = importer.from_onnx(model.graph, opset)
+        except (InvalidOptionError, ModelLoadError):
+            raise
+        except Exception as e:  # the frontend raises assorted TVM and Python errors on graphs it cannot take
+            raise ModelLoadError(f"TVM could not import the model: {str(e).strip().splitlines()[-1]}") from e
+    return mod, importer.kernels
