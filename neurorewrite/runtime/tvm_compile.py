@@ -8,6 +8,7 @@ is written and an existing output is left as it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -116,6 +117,7 @@ def write_library(executable, report: CompileReport, output: str | os.PathLike) 
     meta_tmp = _temp_path(out, ".json")
     try:
         executable.export_library(str(lib_tmp))
+        meta["sha256"] = file_digest(lib_tmp)
         meta_tmp.write_text(json.dumps(meta, indent=2))
         os.replace(meta_tmp, metadata_path(out))
         os.replace(lib_tmp, out)
@@ -124,6 +126,15 @@ def write_library(executable, report: CompileReport, output: str | os.PathLike) 
     finally:
         for tmp in (lib_tmp, meta_tmp):
             tmp.unlink(missing_ok=True)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file: the loader refuses a library whose bytes changed (dlopen of a damaged file can crash)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def metadata_path(library: str | os.PathLike) -> Path:

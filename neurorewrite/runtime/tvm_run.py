@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from neurorewrite.errors import DataError, ModelLoadError
-from neurorewrite.runtime.tvm_compile import FORMAT_VERSION, metadata_path
+from neurorewrite.runtime.tvm_compile import FORMAT_VERSION, file_digest, metadata_path
 
 _LIBRARY_MAGIC = b"\x7fELF"
 
@@ -77,6 +77,9 @@ def _read_metadata(path: Path) -> dict:
         raise ModelLoadError(f"{path}: its description {meta_file.name} is missing or unreadable ({e}); recompile") from e
     if meta.get("format") != FORMAT_VERSION or not isinstance(meta.get("inputs"), dict):
         raise ModelLoadError(f"{meta_file}: unknown format {meta.get('format')!r}; recompile with this version")
+    if meta.get("sha256") != file_digest(path):
+        raise ModelLoadError(f"{path}: the library is corrupt or was changed after compiling (checksum differs "
+                             f"from {meta_file.name}); recompile it")
     return meta
 
 

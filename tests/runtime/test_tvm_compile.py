@@ -1,0 +1,60 @@
+"""The TVM compile/run path end to end on tiny models: numerics vs onnxruntime, plain models, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("tvm")
+
+from neurorewrite.runtime import compile, load, ort_session  # noqa: E402
+from tests.runtime.tvm_models import masked, mlp, reference  # noqa: E402
+
+
+def _weights(seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    return (masked(rng, 32, 12, 0.4), rng.standard_normal(32).astype(np.float32),
+            masked(rng, 6, 32, 0.4), rng.standard_normal(6).astype(np.float32))
+
+
+@pytest.mark.parametrize("n", [1, 10])
+def test_sparse_model_matches_onnxruntime_dense(tmp_path: Path, n: int) -> None:
+    w1, b1, w2, b2 = _weights(n)
+    lib = tmp_path / "m.so"
+    _, report = compile(mlp(w1, b1, w2, b2, sparse=True), "llvm", output=lib, shapes={"x": [n, 12]})
+    assert [k["out_features"] for k in report.sparse_kernels] == [32, 6]
+    x = np.random.default_rng(7).standard_normal((n, 12)).astype(np.float32)
+    dense = ort_session(mlp(w1, b1, w2, b2, sparse=False), providers=["CPUExecutionProvider"])
+    expected = dense.run(None, {"x": x})[0]
+    got = load(lib)({"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(got, reference(x, w1, b1, w2, b2), rtol=1e-4, atol=1e-4)
+
+
+def test_plain_onnx_model_compiles_without_sparse_kernels(tmp_path: Path) -> None:
+    w1, b1, w2, b2 = _weights(3)
+    model = mlp(w1, b1, w2, b2, sparse=False, input_shape=[2, 3, 12])
+    _, report = compile(model, "llvm", output=tmp_path / "d.so")
+    assert report.sparse_kernels == []
+    x = np.random.default_rng(1).standard_normal((2, 3, 12)).astype(np.float32)
+    expected = ort_session(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(load(tmp_path / "d.so")(x)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_compiles_a_sparse_model_and_writes_library_and_description(tmp_path: Path) -> None:
+    w1, b1, w2, b2 = _weights(4)
+    onnx.save(mlp(w1, b1, w2, b2, sparse=True, input_shape=["batch", 2, 12]), tmp_path / "m.onnx")
+    result = subprocess.run(
+        [sys.executable, "-m", "neurorewrite.cli", "compile", str(tmp_path / "m.onnx"), "--shape", "x=3,2,12",
+         "-o", str(tmp_path / "m.so")], capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sparse kernels (2" in result.stdout
+    x = np.random.default_rng(2).standard_normal((3, 2, 12)).astype(np.float32)
+    np.testing.assert_allclose(load(tmp_path / "m.so")(x)[0], reference(x, w1, b1, w2, b2), rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "m.so.json").exists()

@@ -1,0 +1,44 @@
+"""CUDA: code generation for the sparse kernels is checked here without a GPU; execution needs one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from neurorewrite.runtime import compile, load  # noqa: E402
+from tests.runtime.tvm_models import masked, mlp, reference  # noqa: E402
+
+
+def _weights() -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(5)
+    return (masked(rng, 32, 12, 0.4), rng.standard_normal(32).astype(np.float32),
+            masked(rng, 6, 32, 0.4), rng.standard_normal(6).astype(np.float32))
+
+
+def _sources(module) -> list[str]:  # noqa: ANN001
+    found = [module.inspect_source()] if module.kind == "cuda" else []
+    for child in module.imports:
+        found += _sources(child)
+    return found
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA sources cannot be built")
+def test_cuda_source_builds_for_the_sparse_kernels() -> None:
+    executable, report = compile(mlp(*_weights(), sparse=True, input_shape=[4, 12]), "cuda")
+    assert '"kind":"cuda"' in report.target.replace(" ", "")
+    text = "\n".join(_sources(executable.mod))
+    assert "__global__" in text and "ell_linear" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not tvm.cuda(0).exist, reason="no CUDA device")
+def test_cuda_execution_matches_numpy(tmp_path: Path) -> None:
+    weights = _weights()
+    compile(mlp(*weights, sparse=True, input_shape=[4, 12]), "cuda", output=tmp_path / "m.so")
+    x = np.random.default_rng(0).standard_normal((4, 12)).astype(np.float32)
+    np.testing.assert_allclose(load(tmp_path / "m.so")(x)[0], reference(x, *weights), rtol=1e-4, atol=1e-4)
