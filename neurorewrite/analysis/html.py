@@ -88,8 +88,9 @@ def _block_section(title: str, blocks: list[tuple[str, BlockAnalysis]]) -> str:
     if last.sparsity:
         parts.append(_img(plots.sparsity_figure(last.sparsity, f"nonzero pattern, {last_label}"),
                           f"sparsity pattern of {title}"))
-    capacity = [(label, b.capacity) for label, b in blocks]
-    phi = [(label, b.activations.phi_max) for label, b in blocks if b.activations is not None]
+    short = ["before", "after"] if len(blocks) == 2 else [Path(label).name for label, _ in blocks]
+    capacity = [(name, b.capacity) for name, (_, b) in zip(short, blocks)]
+    phi = [(name, b.activations.phi_max) for name, (_, b) in zip(short, blocks) if b.activations is not None]
     parts.append(_img(plots.histogram_figure(capacity, phi, title), f"histograms of {title}"))
     return "\n".join(parts)
 
@@ -97,14 +98,15 @@ def _block_section(title: str, blocks: list[tuple[str, BlockAnalysis]]) -> str:
 def _sections(analysis: Analysis) -> list[tuple[str, list[tuple[str, BlockAnalysis]]]]:
     first = analysis.model
     if analysis.other is None or analysis.matching is None:
-        return [(f"block {b.name}", [(first.label, b)]) for b in first.blocks]
+        return [(f"block {b.name}", [(Path(first.label).name, b)]) for b in first.blocks]
     other = analysis.other
+    a, b = Path(first.label).name, Path(other.label).name  # picture titles: file names, not whole paths
     out = [(f"block {p.before} (before) / {p.after} (after)",
-            [(f"before: {first.label}", first.block(p.before)), (f"after: {other.label}", other.block(p.after))])
+            [(f"before: {a}", first.block(p.before)), (f"after: {b}", other.block(p.after))])
            for p in analysis.matching.pairs]
     for m in analysis.matching.mismatches:
         model = first if m.model == "first" else other
-        out.append((f"unpaired block {m.block} of {model.label}", [(model.label, model.block(m.block))]))
+        out.append((f"unpaired block {m.block} of {model.label}", [(Path(model.label).name, model.block(m.block))]))
     return out
 
 

@@ -22,7 +22,7 @@ MAX_PARENT_LINES = 32  # draw parent boundaries only while they stay readable
 def _png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.15)  # never clip a label
     return buf.getvalue()
 
 
@@ -94,23 +94,24 @@ def histogram_figure(
     fig = Figure(figsize=(11 if phi else 5.6, 4.2), layout="constrained")
     ax = fig.add_subplot(1, 2 if phi else 1, 1)
     for label, values in capacity:
-        ax.hist(values, bins=np.linspace(0, 1, 21), weights=np.full(values.size, 1 / max(values.size, 1)),
+        ax.hist(values, bins=np.linspace(0, 1, 51), weights=np.full(values.size, 1 / max(values.size, 1)),
                 alpha=0.55, label=f"{label} (sum {values.sum():.4g})")
     ax.set_xlabel("feature capacity C_j (0 = unused, 1 = no interference)")
     ax.set_ylabel("fraction of input features")
     ax.set_title("feature capacity", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     if phi:
         ax = fig.add_subplot(1, 2, 2)
         bins = _phi_bins([v for _, v in phi])
         for label, values in phi:
             zero = int(np.count_nonzero(values <= 0))
             ax.hist(values[values > 0], bins=bins, weights=np.full(int((values > 0).sum()), 1 / max(values.size, 1)),
-                    alpha=0.55, label=f"{label} (median {np.median(values):.3g}; {zero} constant, not shown)")
+                    alpha=0.55, label=f"{label}: median {np.median(values):.3g}, {zero} constant (not shown)")
         ax.set_xscale("log")
         ax.set_xlabel("phi_max: largest monosemantic scale over the sample")
         ax.set_ylabel("fraction of neurons")
         ax.set_title("monosemantic scale per neuron", fontsize=10)
-        ax.legend(fontsize=8)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
+        ax.legend(fontsize=8, loc="upper right")
     fig.suptitle(title, fontsize=11)
     return _png(fig)
