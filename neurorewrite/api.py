@@ -107,9 +107,9 @@ def _structured_options(split: str, format: str | None) -> tuple[str, str, str]:
 
 
 def _check_in_memory(model: onnx.ModelProto) -> None:
-    from neurorewrite.rewriter.io import EXTERNAL_DATA_THRESHOLD
+    from neurorewrite.rewriter.io import EXTERNAL_DATA_THRESHOLD, weight_bytes
 
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
         onnx.checker.check_model(model, full_check=True)
 
 

@@ -255,13 +255,49 @@ def expand_bias(b1: np.ndarray | None, alpha: int, mode: str) -> np.ndarray | No
 Cut = tuple[np.ndarray, int, int]  # (indices removed whole, index of a partly removed entry or -1, its copies)
 
 
+def _count_le(parts: Sequence[tuple[np.ndarray, int]], v: float) -> int:
+    return sum(int(np.count_nonzero(m <= v)) * mult for m, mult in parts)
+
+
+def kth_weighted_value(parts: Sequence[tuple[np.ndarray, int]], k: int, sample_size: int = 20_000) -> np.floating:
+    """The smallest value ``t`` with at least ``k`` entries ``<= t`` (entries counted with multiplicity).
+
+    A strided sample brackets ``t`` between two values whose counts are checked exactly; only the
+    entries inside the bracket (a few percent) are sorted. Exact whatever the sample: the bracket widens
+    until the checks pass.
+    """
+    n = sum(m.size for m, _ in parts)
+    step = max(1, n // sample_size)
+    s_vals = np.concatenate([m[::step] for m, _ in parts])
+    s_mult = np.concatenate([np.full(m[::step].size, mult * step, np.int64) for m, mult in parts])
+    order = np.argsort(s_vals, kind="stable")
+    s_sorted, s_cum = s_vals[order], np.cumsum(s_mult[order])
+    margin = 0.02
+    while True:
+        lo_i = int(np.searchsorted(s_cum, k * (1 - margin), side="left")) - 1
+        hi_i = int(np.searchsorted(s_cum, k * (1 + margin), side="left"))
+        lo = s_sorted[lo_i] if lo_i >= 0 else None
+        hi = s_sorted[hi_i] if hi_i < s_sorted.size else None
+        below = 0 if lo is None else _count_le(parts, lo)
+        if below < k and (hi is None or _count_le(parts, hi) >= k):
+            break
+        margin *= 4
+    inside = [(m[(m > lo) if lo is not None else slice(None)], mult) for m, mult in parts]
+    if hi is not None:
+        inside = [(m[m <= hi], mult) for m, mult in inside]
+    vals = np.concatenate([m for m, _ in inside])
+    mults = np.concatenate([np.full(m.size, mult, np.int64) for m, mult in inside])
+    order = np.argsort(vals, kind="stable")
+    cum = below + np.cumsum(mults[order])
+    return vals[order][int(np.searchsorted(cum, k, side="left"))]
+
+
 def smallest_by_count(parts: Sequence[tuple[np.ndarray, int]], k: int) -> list[Cut]:
     """Choose the ``k`` smallest entries of a multiset given as parts ``(magnitudes, multiplicity)``.
 
     The order is by magnitude; ties go by part, then by position within the part, exactly as a stable
-    sort of the concatenated parts would order them. Returns one :data:`Cut` per part. The threshold is
-    found by bisection over one sorted copy of the magnitudes with counting, so no weighted sort or
-    expanded-size array is built.
+    sort of the concatenated parts would order them. Returns one :data:`Cut` per part. No array of the
+    expanded size is built, and nothing of the original size is sorted (see :func:`kth_weighted_value`).
     """
     if k == 0:
         return [(np.empty(0, dtype=np.int64), -1, 0) for _ in parts]
@@ -271,19 +307,7 @@ def smallest_by_count(parts: Sequence[tuple[np.ndarray, int]], k: int) -> list[C
             f"cannot prune {k} weights from a block with only {available} candidates: "
             "the block is too small for this alpha; lower --alpha or use --prune global"
         )
-    values = np.sort(np.concatenate([m for m, _ in parts]))
-
-    def count_le(v: np.floating) -> int:
-        return sum(int(np.count_nonzero(m <= v)) * mult for m, mult in parts)
-
-    lo, hi = 0, values.size - 1
-    while lo < hi:  # smallest position whose value covers k
-        mid = (lo + hi) // 2
-        if count_le(values[mid]) >= k:
-            hi = mid
-        else:
-            lo = mid + 1
-    t = values[lo]
+    t = kth_weighted_value(parts, k)
     remaining = k - sum(int(np.count_nonzero(m < t)) * mult for m, mult in parts)
     cuts: list[Cut] = []
     for m, mult in parts:
@@ -297,43 +321,18 @@ def smallest_by_count(parts: Sequence[tuple[np.ndarray, int]], k: int) -> list[C
     return cuts
 
 
-def _zero_w1(w1e: np.ndarray, flat: np.ndarray, d: int, assignment: np.ndarray, alpha: int) -> None:
-    rows, cols = np.divmod(flat, d)
-    w1e[rows * alpha + assignment[rows, cols], cols] = 0
+def choose_pruned(
+    w1: np.ndarray, w2: np.ndarray, alpha: int, excess_w1: int, excess_w2: int, mode: str
+) -> tuple[np.ndarray, Cut]:
+    """Which weights FPE prunes, chosen on the original matrices.
 
-
-def _zero_w2(w2e: np.ndarray, cut: Cut, h: int, alpha: int) -> None:
-    """Zero all copies of each whole entry, and the first ``copies`` children of the partial one."""
-    whole, last, copies = cut
-    by_parent = w2e.view()
-    by_parent.shape = (w2e.shape[0], h, alpha)  # raises rather than copy: the zeros must land in w2e
-    o, i = np.divmod(whole, h)
-    by_parent[o, i, :] = 0
-    if last >= 0:
-        o1, i1 = divmod(last, h)
-        by_parent[o1, i1, :copies] = 0
-
-
-def prune_to_count(
-    w1e: np.ndarray,
-    w2e: np.ndarray,
-    w1: np.ndarray,
-    w2: np.ndarray,
-    assignment: np.ndarray,
-    excess_w1: int,
-    excess_w2: int,
-    mode: str,
-) -> None:
-    """Zero exactly ``excess_w1 + excess_w2`` nonzero weights of W1' and W2' in place.
-
-    The candidates are counted on the original matrices (a W2 entry stands for its ``alpha`` equal
-    copies) so nothing of the expanded size is sorted. ``global`` removes the smallest magnitudes over
-    both layers at once (the paper's rule; at equal magnitude W1' goes first); ``layer`` removes
-    ``excess_w1`` from W1' and ``excess_w2`` from W2' separately, so each layer keeps its own count.
-    When only some copies of a W2 entry go, the lowest-numbered children lose theirs.
+    Returns the flat indices into W1 whose (single) child copy goes, and a :data:`Cut` of flat W2
+    indices whose ``alpha`` copies go (whole, or the first ``copies`` children of one entry). A W2 entry
+    stands for its ``alpha`` equal copies, so nothing of the expanded size is sorted. ``global``
+    removes the smallest magnitudes over both layers at once (the paper's rule; at equal magnitude W1'
+    goes first); ``layer`` removes ``excess_w1`` from W1' and ``excess_w2`` from W2' separately, so each
+    layer keeps its own count.
     """
-    h, d = w1.shape
-    alpha = w1e.shape[0] // h
     i1 = np.flatnonzero(w1)
     i2 = np.flatnonzero(w2)
     m1 = np.abs(w1.ravel()[i1])
@@ -343,10 +342,10 @@ def prune_to_count(
     else:
         (cut1,) = smallest_by_count([(m1, 1)], excess_w1)
         (cut2,) = smallest_by_count([(m2, alpha)], excess_w2)
-    whole1, last1, _ = cut1
-    _zero_w1(w1e, i1[whole1 if last1 < 0 else np.append(whole1, last1)], d, assignment, alpha)
+    whole1, last1, _ = cut1  # multiplicity 1: a partly cut entry is cut whole
     whole2, last2, copies2 = cut2
-    _zero_w2(w2e, (i2[whole2], int(i2[last2]) if last2 >= 0 else -1, copies2), h, alpha)
+    flat1 = i1[whole1 if last1 < 0 else np.append(whole1, last1)]
+    return flat1, (i2[whole2], int(i2[last2]) if last2 >= 0 else -1, copies2)
 
 
 def expand_block(
@@ -366,8 +365,6 @@ def expand_block(
         raise InvalidOptionError(f"W2 has {w2.shape[1]} inputs but W1 has {h} outputs")
     alpha = cfg.alpha
     assignment = split_neurons(w1, cfg)
-    w1e = scatter_children(w1, assignment, alpha)
-    w2e = copy_outputs(w2, alpha)
     b1e = expand_bias(b1, alpha, cfg.bias)
     nb1 = 0 if b1 is None else int(np.count_nonzero(b1))
     excess_w2 = (alpha - 1) * int(np.count_nonzero(w2))
@@ -375,7 +372,16 @@ def expand_block(
     if cfg.bias == "split" and b1 is not None:
         # b/alpha can underflow to zero for subnormal biases; count what is really there
         excess_w1 = int(np.count_nonzero(b1e)) - nb1
-    prune_to_count(w1e, w2e, w1, w2, assignment, excess_w1, excess_w2, cfg.prune)
+    cut1, (whole2, last2, copies2) = choose_pruned(w1, w2, alpha, excess_w1, excess_w2, cfg.prune)
+    kept1 = w1.copy()
+    kept1.ravel()[cut1] = 0
+    w1e = scatter_children(kept1, assignment, alpha)
+    kept2 = w2.copy()
+    kept2.ravel()[whole2] = 0
+    w2e = copy_outputs(kept2, alpha)
+    if last2 >= 0:  # the lowest-numbered children of the last entry lose their copies
+        o, i = divmod(last2, h)
+        w2e[o, i * alpha : i * alpha + copies2] = 0
     before = block_nnz(w1, b1, w2, b2)
     after = block_nnz(w1e, b1e, w2e, b2)
     if after != before:

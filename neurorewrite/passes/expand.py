@@ -112,7 +112,8 @@ def expand_model(
         )
     if progress is not None:
         progress(len(blocks), len(blocks), "writing")
-    updates = [NewWeights(lin, w, b) for lin, w, b in current.values()]
+    # hand the expanded arrays over one at a time so each is freed once it is in the new model
+    updates = (NewWeights(*current.pop(node)) for node in list(current))
     new = replace_weights(model, updates, stale, metadata=fpe_metadata(report))
     return new, report
 

@@ -77,15 +77,17 @@ def replace_weights(
     lose their value_info (their width changed); shape inference recomputes them.
     """
     index = GraphIndex.build(model.graph)
-    updates = list(updates)
     taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
     taken |= {i.name for i in model.graph.input}
     drop: set[str] = set()
     dead_constants: set[int] = set()
     renames: dict[tuple[int, int], str] = {}  # (node index, input slot) -> new tensor name
     new_inits: list[onnx.TensorProto] = []
-    for up in updates:
+    scaled: set[int] = set()
+    for up in updates:  # may be a generator that hands over (and releases) one layer at a time
         lin = up.linear
+        if lin.op == "Gemm":
+            scaled.add(lin.node)
         parts = [("weight", lin.weight, lin.node, 1)]
         if up.b is not None and lin.bias is not None:
             parts.append(("bias", lin.bias, lin.node if lin.add_node is None else lin.add_node, None))
@@ -98,13 +100,13 @@ def replace_weights(
             else:
                 value = up.b.reshape(_bias_shape(index, old, up.b.size))
             name = _unique(old + ".fpe", taken)
-            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=dtype), name))
+            # from_array writes C-order bytes itself: no contiguous copy first
+            new_inits.append(numpy_helper.from_array(value.astype(dtype, copy=False), name))
             renames[(node_i, slot)] = name
             if index.constant_source(old) == "initializer":
                 drop.add(old)
             elif index.constant_source(old) == "constant":
                 dead_constants.add(index.constant_nodes[old])
-    scaled = {up.linear.node for up in updates if up.linear.op == "Gemm"}
     new = onnx.ModelProto()
     _copy_fields(model, new, skip=("graph",))
     graph = new.graph

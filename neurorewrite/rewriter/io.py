@@ -11,11 +11,24 @@ from google.protobuf.message import DecodeError
 
 from neurorewrite.errors import ModelLoadError, OutputError
 
-# Protobuf cannot serialise a message over 2 GiB; above this many initializer bytes we write the
-# weights to an external data file beside the model.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Protobuf cannot serialise a message over 2 GiB, and serialising one near that size costs several
+# copies of it in memory; above this many weight bytes the weights go to a data file beside the model.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 ModelLike = onnx.ModelProto | str | os.PathLike
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers, from their shapes and types (serialising a large model to ask
+    protobuf for its size would cost a copy of it, and fails above 2 GiB)."""
+    total = 0
+    for t in model.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 1
+        n = 1
+        for d in t.dims:
+            n *= d
+        total += n * itemsize
+    return total
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
@@ -50,7 +63,7 @@ def load_model(source: ModelLike, check: bool = True) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph found); is the file complete?")
     if check:
-        _check(model, str(path), path if model.ByteSize() > EXTERNAL_DATA_THRESHOLD else None)
+        _check(model, str(path), path if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD else None)
     return model
 
 
@@ -77,7 +90,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{path}: folder {folder} is not writable")
     if external_data is None:
-        external_data = uses_external_data(model) or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        external_data = uses_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as tmp:
         tmp_model = Path(tmp) / path.name
