@@ -1,0 +1,165 @@
+"""Deploy benchmark: original vs widened (alpha 4) models in onnxruntime, side by side, interleaved.
+
+Models: an FFN block 768 -> 3072 -> 768 (GELU) and a 2-layer torch TransformerEncoder (d_model 256,
+FFN 1024, sequence 16; exported with dynamo=True). Variants, one function each: the original; the FPE
+expansion as ``dense`` (zeros stored), ``grouped`` (shared split, W1' batched; W2' still unstructured),
+``structured`` (shared split + tied outgoing weights, grouped), ``sparse`` (CSR SparseLinear) through
+both standard-op conversions; and a slot for the TVM-compiled widened model (``tvm_variant``).
+Prints the machine, then median latency and ratios against the original at batch 1 and 32, and each
+written model's bytes.
+
+Run: ``.venv/bin/python -m benchmarks.deploy [--repeats N] [--threads T]`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from benchmarks.machine import describe
+from neurorewrite.api import expand
+from neurorewrite.runtime.bench import bench_sessions, file_bytes
+from neurorewrite.runtime.ort import ort_session
+from neurorewrite.table import format_table
+
+ALPHA = 4
+Variant = Callable[[Path, Path, int], ort.InferenceSession | None]  # (original, folder, threads)
+
+
+def export_ffn(folder: Path) -> Path:
+    torch.manual_seed(0)
+    ffn = torch.nn.Sequential(torch.nn.Linear(768, 3072), torch.nn.GELU(), torch.nn.Linear(3072, 768)).eval()
+    return _export(ffn, torch.randn(2, 768), folder / "ffn.onnx", dynamic={"x": {0: "batch"}})
+
+
+def export_encoder(folder: Path) -> Path:
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True)
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    with torch.no_grad():  # the layers start as clones; identical weights would be exported as shared
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return _export(enc, torch.randn(2, 16, 256), folder / "encoder.onnx", dynamic={"x": {0: "batch"}})
+
+
+def _export(module: torch.nn.Module, x: torch.Tensor, path: Path, dynamic: dict) -> Path:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        torch.onnx.export(module, (x,), str(path), dynamo=True, input_names=["x"], dynamic_shapes=({0: batch},))
+    return path
+
+
+def _session(path: Path, threads: int, method: str = "densify") -> ort.InferenceSession:
+    return ort_session(path, providers=["CPUExecutionProvider"], threads=threads, sparse_method=method)
+
+
+def _written(original: Path, folder: Path, name: str, **options: object) -> Path:
+    out = folder / f"{original.stem}.{name}.onnx"
+    if not out.exists():
+        expand(original, alpha=ALPHA, output=out, **options)
+    return out
+
+
+def original_variant(original: Path, folder: Path, threads: int) -> ort.InferenceSession:
+    return _session(original, threads)
+
+
+def dense_variant(original: Path, folder: Path, threads: int) -> ort.InferenceSession:
+    return _session(_written(original, folder, "dense", split="random"), threads)
+
+
+def grouped_variant(original: Path, folder: Path, threads: int) -> ort.InferenceSession:
+    return _session(_written(original, folder, "grouped", split="shared", format="grouped"), threads)
+
+
+def structured_variant(original: Path, folder: Path, threads: int) -> ort.InferenceSession:
+    return _session(_written(original, folder, "structured", structured=True), threads)
+
+
+def sparse_densify_variant(original: Path, folder: Path, threads: int) -> ort.InferenceSession:
+    return _session(_written(original, folder, "sparse", split="random", format="sparse"), threads, "densify")
+
+
+def sparse_gather_variant(original: Path, folder: Path, threads: int) -> ort.InferenceSession:
+    return _session(_written(original, folder, "sparse", split="random", format="sparse"), threads, "gather")
+
+
+def tvm_variant(original: Path, folder: Path, threads: int) -> None:
+    """Slot for the TVM-compiled widened model (filled by the TVM path); None = not measured here."""
+    return None
+
+
+VARIANTS: dict[str, tuple[Variant, str | None]] = {  # label -> (builder, written file's name)
+    "original": (original_variant, None),
+    "dense": (dense_variant, "dense"),
+    "grouped": (grouped_variant, "grouped"),
+    "structured": (structured_variant, "structured"),
+    "sparse (densify)": (sparse_densify_variant, "sparse"),
+    "sparse (gather)": (sparse_gather_variant, "sparse"),
+    "tvm": (tvm_variant, None),
+}
+
+
+def bench_model(original: Path, folder: Path, threads: int, repeats: int) -> list[tuple[str, ...]]:
+    sessions = {}
+    for label, (build, _) in VARIANTS.items():
+        session = build(original, folder, threads)
+        if session is not None:
+            sessions[label] = session
+    result = bench_sessions(sessions, (1, 32), repeats=repeats)
+    base_bytes = file_bytes(original)
+    rows = []
+    for label, (_, written) in VARIANTS.items():
+        path = original if label == "original" else folder / f"{original.stem}.{written}.onnx" if written else None
+        size = f"{file_bytes(path) / base_bytes:.2f}x" if path is not None and path.exists() else "-"
+        if label not in result.labels:
+            rows.append((original.stem, label, size, "-", "-", "-", "-"))
+            continue
+        rows.append((
+            original.stem, label, size,
+            f"{result.median[(label, 1)] * 1e6:.0f}", f"{result.ratio(label, 1):.2f}x",
+            f"{result.median[(label, 32)] * 1e6:.0f}", f"{result.ratio(label, 32):.2f}x",
+        ))
+    return rows
+
+
+def check_outputs(original: Path, folder: Path, threads: int) -> str:
+    """Max relative difference of every lowered format against the ``dense`` file on one input."""
+    dense = _session(folder / f"{original.stem}.dense.onnx", threads)
+    x = np.random.default_rng(0).standard_normal([2] + [d for d in dense.get_inputs()[0].shape[1:]]).astype(np.float32)
+    ref = _session(folder / f"{original.stem}.sparse.onnx", threads).run(None, {"x": x})[0]
+    want = dense.run(None, {"x": x})[0]
+    return f"{original.stem}: sparse vs dense (same expansion) max rel diff {np.abs(ref - want).max() / np.abs(want).max():.1e}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(describe())
+    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads, alpha {ALPHA}, median of {args.repeats} interleaved runs")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for export in (export_ffn, export_encoder):
+            original = export(folder)
+            rows += bench_model(original, folder, args.threads, args.repeats)
+            print(check_outputs(original, folder, args.threads))
+    print(format_table(
+        ("model", "variant", "bytes vs original", "batch 1 us", "batch 1 ratio", "batch 32 us", "batch 32 ratio"), rows,
+        title="\nlatency in onnxruntime (CPU) against the original model",
+    ))
+
+
+if __name__ == "__main__":
+    main()

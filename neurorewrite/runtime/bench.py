@@ -1,0 +1,113 @@
+"""The benchmark harness: median latency of several models side by side, runs interleaved.
+
+Interleaving (model A, model B, model A, ...) spreads the noise of a shared machine over every model
+alike, so the ratios are fairer than back-to-back runs. Timings never appear in tests.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from neurorewrite.errors import DataError
+from neurorewrite.runtime.ort import match_inputs, ort_session
+
+SEQUENCE = 16  # length used for every symbolic dimension after the batch dimension
+
+
+@dataclass
+class BenchResult:
+    """Median seconds per run, by model label and batch size, and each model's file size."""
+
+    labels: list[str]
+    batches: list[int]
+    median: dict[tuple[str, int], float] = field(default_factory=dict)
+    nbytes: dict[str, int] = field(default_factory=dict)
+
+    def ratio(self, label: str, batch: int) -> float:
+        return self.median[(label, batch)] / self.median[(self.labels[0], batch)]
+
+
+def feeds_for(session: ort.InferenceSession, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float inputs: the first symbolic dimension is ``batch``, later ones :data:`SEQUENCE`."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i in session.get_inputs():
+        dims, first = [], True
+        for d in i.shape:
+            if isinstance(d, int):
+                dims.append(d)
+            else:
+                dims.append(batch if first else SEQUENCE)
+                first = False
+        feeds[i.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Size of a model file plus its external data file, if any."""
+    size = os.path.getsize(path)
+    data = f"{path}.data"
+    return size + (os.path.getsize(data) if os.path.exists(data) else 0)
+
+
+def bench_sessions(
+    sessions: dict[str, ort.InferenceSession],
+    batches: Sequence[int],
+    repeats: int = 20,
+    warmup: int = 3,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> BenchResult:
+    """Time every session on the same inputs, interleaved; the first session is the reference.
+
+    Raises DataError naming the model when a session does not accept the reference's inputs.
+    """
+    labels = list(sessions)
+    result = BenchResult(labels, list(batches))
+    first = sessions[labels[0]]
+    step, total = 0, len(batches) * (repeats + warmup)
+    for batch in batches:
+        base = feeds_for(first, batch)
+        feeds = {label: match_inputs(s, base, f"model {label}") for label, s in sessions.items()}
+        samples: dict[str, list[float]] = {label: [] for label in labels}
+        for r in range(repeats + warmup):
+            for label, session in sessions.items():
+                start = time.perf_counter()
+                try:
+                    session.run(None, feeds[label])
+                except Exception as e:  # onnxruntime's own exception types for shape errors
+                    raise DataError(f"model {label} cannot run on the inputs of {labels[0]} at batch {batch}: {str(e).splitlines()[0]}") from e
+                if r >= warmup:
+                    samples[label].append(time.perf_counter() - start)
+            step += 1
+            if progress is not None:
+                progress(step, total, f"batch {batch}")
+        for label in labels:
+            result.median[(label, batch)] = float(np.median(samples[label]))
+    return result
+
+
+def bench_files(
+    paths: Sequence[str | os.PathLike],
+    batches: Sequence[int],
+    repeats: int = 20,
+    threads: int | None = None,
+    sparse_method: str = "densify",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> BenchResult:
+    """Load each model file into onnxruntime (CPU) and run :func:`bench_sessions`."""
+    labels = [str(p) for p in paths]
+    if len(set(labels)) != len(labels):
+        raise DataError("bench: the same model is listed twice")
+    sessions = {
+        label: ort_session(p, providers=["CPUExecutionProvider"], threads=threads, sparse_method=sparse_method)
+        for label, p in zip(labels, paths)
+    }
+    result = bench_sessions(sessions, batches, repeats, progress=progress)
+    result.nbytes = {label: file_bytes(p) for label, p in zip(labels, paths)}
+    return result
