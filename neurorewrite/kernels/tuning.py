@@ -112,7 +112,19 @@ def tune(
 
 
 def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: ms.database.Database) -> relax.VMExecutable:
-    """Build ``mod`` with the tuned schedules from ``database`` (untuned functions get default schedules)."""
+    """Build ``mod`` with the tuned schedules from ``database``; a sparse kernel without a valid record
+    (tuning skipped, or every candidate failed) gets the untuned default schedule, never none."""
+    from neurorewrite.kernels.sparse_linear import RULE, schedule_default
+
+    updates = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or RULE not in func.script():
+            continue
+        record = database.query_tuning_record(tvm.IRModule({"main": func}), target, "main")
+        if record is None or not record.run_secs:
+            updates[gv] = schedule_default(func, target)
+    for gv, func in updates.items():
+        mod[gv] = func
     return ms.relax_integration.compile_relax(database, mod, target, params=None)
 
 
