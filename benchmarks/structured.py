@@ -1,0 +1,75 @@
+"""Accuracy of the --structured FPE variant against the paper's unstructured FPE, on sklearn digits.
+
+Structured = shared input split + children with tied outgoing weights (runs at dense speed in plain
+onnxruntime, see ``benchmarks/deploy.py``); unstructured = random split + global prune (the paper's
+rule). Both at the original block's exact nonzero count, alpha 4, on a small MLP (64 -> H -> 10, ReLU)
+trained by sklearn and exported with skl2onnx. "bare" is the pass alone; "calibrated" adds the
+label-free least-squares refit of the outgoing weights on the training inputs. Mean (min..max) test
+accuracy over seeds. (The Boolean DNF comparison needs ``benchmarks/boolean.py``, not in this checkout.)
+
+Run: ``.venv/bin/python -m benchmarks.structured`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+from skl2onnx import to_onnx
+
+from benchmarks.machine import describe
+from neurorewrite.api import expand
+from neurorewrite.runtime.ort import ort_session
+from neurorewrite.table import format_table
+
+ALPHA = 4
+SEEDS = range(5)
+VARIANTS = {  # label -> expand options
+    "unstructured FPE (random, global)": {"split": "random"},
+    "structured (shared, tied)": {"structured": True},
+}
+
+
+def train(hidden: int, seed: int) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray, np.ndarray]:
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16).astype(np.float32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf = MLPClassifier((hidden,), max_iter=300, random_state=seed).fit(x_tr, y_tr)
+    return to_onnx(clf, x_tr[:1], options={"zipmap": False}), x_tr, x_te, y_te
+
+
+def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
+    session = ort_session(model, providers=["CPUExecutionProvider"], threads=1)
+    label = session.run(None, {session.get_inputs()[0].name: x})[0]
+    return float(np.mean(label == y))
+
+
+def summary(values: list[float]) -> str:
+    return f"{100 * np.mean(values):.1f} ({100 * min(values):.1f}..{100 * max(values):.1f})"
+
+
+def main() -> None:
+    print(describe())
+    print(f"digits, alpha {ALPHA}, seeds {list(SEEDS)}, test accuracy % mean (min..max)")
+    rows = []
+    for hidden in (8, 16):
+        scores: dict[str, list[float]] = {"dense (original)": []}
+        for seed in SEEDS:
+            model, x_tr, x_te, y_te = train(hidden, seed)
+            scores["dense (original)"].append(accuracy(model, x_te, y_te))
+            for label, options in VARIANTS.items():
+                for mode, sample in (("bare", None), ("calibrated", {"X": x_tr})):
+                    new, _ = expand(model, alpha=ALPHA, seed=seed, calibrate=sample, **options)
+                    scores.setdefault(f"{label}, {mode}", []).append(accuracy(new, x_te, y_te))
+        rows += [(str(hidden), label, summary(values)) for label, values in scores.items()]
+    print(format_table(("H", "variant", "accuracy %"), rows, title="\nsame nonzero count as the original block"))
+
+
+if __name__ == "__main__":
+    main()
