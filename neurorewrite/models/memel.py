@@ -21,8 +21,9 @@ Late start: the first ``n_forget`` training batches only feed the statistics; in
 with batch ``n_forget + 1``. In eval mode the module returns its input unchanged and updates nothing.
 With ``torch.distributed`` initialised (and ``sync_ranks=True``) the batch moments are summed over
 all ranks, so ranks on shards of a batch keep the same statistics and make the same selections as
-one process on the whole batch. Statistics are buffers (``count``, ``mean``, ``m2``,
-``batches_seen``), created lazily from the first activation's shape; ``load_state_dict`` into a
+one process on the whole batch. The statistics ``mean`` and ``m2`` are buffers, created lazily from
+the first activation's shape; the sample ``count`` and ``batches_seen`` are Python ints kept in the
+``state_dict`` as the module's extra state (no tensor op, no device sync per step); ``load_state_dict`` into a
 fresh module works.
 
 Design choice for :func:`insert_memel`: a forward hook on the named submodule, not a wrapper. The
@@ -69,10 +70,8 @@ def _check_delta(value: object) -> float:
 class MEmeL(nn.Module):
     """Monosemantic-element inhibition for one activation; identity in eval mode (see module doc)."""
 
-    count: Tensor
     mean: Tensor
     m2: Tensor
-    batches_seen: Tensor
 
     def __init__(
         self, top_t: int = 1, delta: float = 1.0, n_forget: int = 10, sync_ranks: bool = True, name: str = "MEmeL"
@@ -83,10 +82,11 @@ class MEmeL(nn.Module):
         self.delta = _check_delta(delta)
         self.sync_ranks = bool(sync_ranks)
         self.name = name
-        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.int64))
+        self.count = 0  # samples the running statistics stand for (capped at n_forget batches)
+        self.batches_seen = 0  # training batches seen; inhibition starts when it reaches n_forget
         self.register_buffer("mean", torch.zeros(0))
         self.register_buffer("m2", torch.zeros(0))
+        self._scratch: Tensor | None = None  # not state: a reusable work tensor (see _scratch_like)
 
     def extra_repr(self) -> str:
         return f"top_t={self.top_t}, delta={self.delta}, n_forget={self.n_forget}, sync_ranks={self.sync_ranks}"
@@ -94,41 +94,47 @@ class MEmeL(nn.Module):
     @property
     def variance(self) -> Tensor:
         """The running unbiased variance ``s^2`` per element (flattened)."""
-        return unbiased_variance(float(self.count), self.m2)
+        return unbiased_variance(self.count, self.m2)
 
-    def _inverse_denominator(self) -> Tensor:
-        """``1 / (s^2 + 0.01 * mean(s^2))`` per element.
+    def _scaled_denominator(self) -> Tensor:
+        """``(count - 1) * (s^2 + 0.01 * mean(s^2)) = m2 + 0.01 * mean(m2)`` per element.
 
-        The denominator is floored at the dtype's epsilon: only a layer whose every element has been
-        constant so far (a dead layer) gets there, and the floor keeps its phi finite.
+        ``phi * (count - 1)`` is ``(z - mu)^2`` over this: the same order within a sample, in three
+        kernel launches. It is floored at the dtype's epsilon (per unit of variance): only a layer
+        whose every element has been constant so far (a dead layer) gets there, and the floor keeps
+        its phi finite.
         """
-        variance = self.variance
-        denominator = variance + VARIANCE_FLOOR_SHARE * variance.mean()
-        return denominator.clamp_min(torch.finfo(variance.dtype).eps).reciprocal()
+        floor = torch.finfo(self.m2.dtype).eps * max(self.count - 1.0, 1.0)
+        return torch.add(self.m2, self.m2.mean(), alpha=VARIANCE_FLOOR_SHARE).clamp_min_(floor)
 
     def monosemantic_scale(self, z: Tensor) -> Tensor:
         """``phi`` of every element of ``z`` (batch x flattened features) against the running statistics."""
         z2d = z.detach().reshape(z.shape[0], -1).to(self.mean.dtype)
-        return (z2d - self.mean).square() * self._inverse_denominator()
+        return (z2d - self.mean).square_().div_(self._scaled_denominator()).mul_(max(self.count - 1.0, 1.0))
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"count": self.count, "batches_seen": self.batches_seen}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.count, self.batches_seen = int(state["count"]), int(state["batches_seen"])
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The statistics are shaped lazily; take the saved shape so a fresh module can load them.
         for key in ("mean", "m2"):
             saved = state_dict.get(prefix + key)
             if isinstance(saved, Tensor) and saved.shape != getattr(self, key).shape:
-                setattr(self, key, torch.zeros(saved.shape, dtype=saved.dtype, device=self.count.device))
+                setattr(self, key, torch.zeros(saved.shape, dtype=saved.dtype, device=self.mean.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, z: Tensor) -> Tensor:
         if not self.training:
             return z
         z2d = self._flatten_checked(z)
-        inhibit = int(self.batches_seen) >= self.n_forget
+        inhibit = self.batches_seen >= self.n_forget
         with torch.no_grad():
-            # One centred tensor serves the batch sums and then, squared in place, phi: every fresh
-            # full-size tensor costs page faults, which on small batches cost as much as the math.
-            values = z2d.detach() if z2d.dtype == self.mean.dtype else z2d.detach().to(self.mean.dtype)
-            centred = values - self.mean
+            # One centred tensor serves the batch sums and then, squared in place, phi: full-size
+            # passes and fresh tensors are most of MEmeL's cost.
+            centred = torch.sub(z2d, self.mean, out=self._scratch_like(z2d.shape))
             sum1 = centred.sum(dim=0)
             centred_squared = centred.square_()
             sum2 = centred_squared.sum(dim=0)
@@ -138,9 +144,8 @@ class MEmeL(nn.Module):
                 if replacement.dtype != z2d.dtype:
                     replacement = replacement.to(z2d.dtype)
             batch = batch_moments(sum1, sum2, z2d.shape[0], self.sync_ranks)
-            count = merge_capped_(float(self.count), self.mean, self.m2, batch, self.n_forget)
-            self.count.fill_(round(count))
-            self.batches_seen.add_(1)
+            self.count = round(merge_capped_(self.count, self.mean, self.m2, batch, self.n_forget))
+            self.batches_seen += 1
         if not inhibit:
             return z
         out = reversed_deactivation(z2d, selected, replacement, self.delta)
@@ -172,9 +177,17 @@ class MEmeL(nn.Module):
             self.to(z.device)
         return z2d
 
+    def _scratch_like(self, shape: torch.Size) -> Tensor:
+        """A work tensor of ``shape`` in the statistics' dtype, kept between steps (a fresh one costs page faults)."""
+        scratch = self._scratch
+        wanted = (shape, self.mean.dtype, self.mean.device)
+        if scratch is None or (scratch.shape, scratch.dtype, scratch.device) != wanted:
+            scratch = self._scratch = self.mean.new_empty(shape)
+        return scratch
+
     def _select_(self, centred_squared: Tensor) -> Tensor:
         """Indices (batch x top_t) of the elements with the largest phi in each sample; overwrites the input."""
-        phi = centred_squared.mul_(self._inverse_denominator())
+        phi = centred_squared.div_(self._scaled_denominator())  # phi / (count - 1): same selection
         if self.top_t == 1:
             return first_argmax_(phi)
         return phi.topk(self.top_t, dim=1, sorted=False).indices
@@ -189,14 +202,14 @@ def first_argmax_(values: Tensor) -> Tensor:
     """Index (rows x 1) of the first maximum of each row, like ``argmax(1, keepdim=True)``; overwrites ``values``.
 
     On CPU, ``argmax`` along rows and comparisons into bool tensors are several times slower than
-    plain arithmetic and ``amax``, so the first maximum is found with arithmetic only:
-    ``sign(v - rowmax) + 1`` is 1 exactly at the maxima, times a countdown, and ``amax`` again.
+    plain arithmetic and ``amax``, so the first maximum is found with arithmetic and ``amax`` only.
     """
     width = values.shape[1]
-    countdown = _countdown(width, values.dtype, values.device)
-    at_max = values.sub_(values.amax(dim=1, keepdim=True)).sign_().add_(1.0).mul_(countdown)
+    below_max = values.sub_(values.amax(dim=1, keepdim=True)).sign_()  # 0 at the maxima, -1 elsewhere
+    # countdown (width..1) + width * sign: positive only at the maxima, largest at the first one.
+    score = torch.add(_countdown(width, values.dtype, values.device), below_max, alpha=width, out=below_max)
     # A NaN row (the training has diverged) gives a NaN here; the clamp keeps the index in range.
-    return (width - at_max.amax(dim=1, keepdim=True)).long().clamp_(0, width - 1)
+    return (width - score.amax(dim=1, keepdim=True)).long().clamp_(0, width - 1)
 
 
 class _ReversedDeactivation(torch.autograd.Function):
@@ -279,7 +292,8 @@ def insert_memel(
     modules = dict(model.named_modules())
     valid = [name for name in modules if name]
     if not names:
-        raise InvalidOptionError(f"insert_memel: `after` is empty; name submodules such as {_valid_name_hint([], valid)}")
+        hint = _valid_name_hint([], valid)
+        raise InvalidOptionError(f"insert_memel: `after` is empty; name submodules such as {hint}")
     missing = [name for name in names if name not in modules]
     if missing:
         raise InvalidOptionError(
@@ -306,6 +320,7 @@ def remove_memel(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         for key, _ in _hooks_of(module):
-            for registry in (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+            registries = (module._forward_hooks, module._forward_hooks_with_kwargs, module._forward_hooks_always_called)
+            for registry in registries:
                 registry.pop(key, None)
     return model

@@ -35,7 +35,7 @@ def test_statistics_before_the_cap_are_the_sample_mean_and_variance_of_everythin
     for batch in batches:
         memel(batch)
     everything = torch.cat(batches).reshape(57, -1).double().numpy()
-    assert memel.count.item() == 57
+    assert memel.count == 57
     np.testing.assert_allclose(memel.mean.numpy(), everything.mean(0), rtol=1e-6)
     np.testing.assert_allclose(memel.variance.numpy(), everything.var(0, ddof=1), rtol=1e-5)
 
@@ -47,10 +47,10 @@ def test_running_statistics_match_numpy_over_a_stream_with_the_capped_counter(n_
     for seen in range(1, len(batches) + 1):
         memel(batches[seen - 1])
         count, mean, variance = _numpy_running_stats([b.numpy() for b in batches[:seen]], n_forget)
-        assert memel.count.item() == count
+        assert memel.count == count
         np.testing.assert_allclose(memel.mean.numpy(), mean, rtol=1e-5)
         np.testing.assert_allclose(memel.variance.numpy(), variance, rtol=1e-4)
-    assert memel.batches_seen.item() == len(batches)
+    assert memel.batches_seen == len(batches)
 
 
 def test_no_inhibition_before_n_forget_batches() -> None:
@@ -120,11 +120,10 @@ def test_eval_mode_is_the_identity_and_updates_nothing() -> None:
     memel = MEmeL(n_forget=1).train()
     batches = _batches(5, [8, 8])
     memel(batches[0])
-    state = {k: v.clone() for k, v in memel.state_dict().items()}
+    mean, m2, extra = memel.mean.clone(), memel.m2.clone(), memel.get_extra_state()
     memel.eval()
     assert memel(batches[1]) is batches[1]
-    for key, value in memel.state_dict().items():
-        assert torch.equal(value, state[key])
+    assert torch.equal(memel.mean, mean) and torch.equal(memel.m2, m2) and memel.get_extra_state() == extra
 
 
 def test_state_dict_round_trip_into_a_fresh_module_continues_identically() -> None:
@@ -134,7 +133,7 @@ def test_state_dict_round_trip_into_a_fresh_module_continues_identically() -> No
         memel(batch)
     fresh = MEmeL(n_forget=2).train()
     fresh.load_state_dict(memel.state_dict())
-    assert set(memel.state_dict()) == {"count", "batches_seen", "mean", "m2"}
+    assert set(memel.state_dict()) == {"mean", "m2", "_extra_state"}
     assert torch.equal(fresh(batches[3]), memel(batches[3]))
     assert torch.equal(fresh.m2, memel.m2)
 
@@ -179,3 +178,15 @@ def test_a_dead_layer_that_wakes_up_gives_finite_selections() -> None:
     z[:, 3] = 1e6
     out = memel(z)
     assert torch.isfinite(out).all() and torch.equal(out[:, 3], torch.zeros(4))
+
+
+def test_monosemantic_scale_is_the_papers_phi_against_the_running_statistics() -> None:
+    memel = MEmeL(n_forget=5).train()
+    batches = _batches(7, [24] * 3)
+    for batch in batches[:2]:
+        memel(batch)
+    seen = torch.cat(batches[:2]).reshape(48, -1).double().numpy()
+    mean, variance = seen.mean(0), seen.var(0, ddof=1)
+    z = batches[2].reshape(24, -1).double().numpy()
+    expected = (z - mean) ** 2 / (variance + 0.01 * variance.mean())
+    np.testing.assert_allclose(memel.monosemantic_scale(batches[2]).numpy(), expected, rtol=1e-4, atol=1e-6)

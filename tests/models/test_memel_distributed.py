@@ -28,7 +28,7 @@ def _run(memel: MEmeL, batches: list[torch.Tensor]) -> dict[str, list[torch.Tens
         (out * upstream).sum().backward()
         assert z.grad is not None
         for key, value in (("out", out), ("grad", z.grad), ("mean", memel.mean), ("variance", memel.variance),
-                           ("count", memel.count)):
+                           ("count", torch.tensor(memel.count))):
             record[key].append(value.detach().clone())
     return record
 

@@ -69,7 +69,7 @@ def test_insert_acts_in_train_mode_and_remove_restores_the_original_tree() -> No
     for _ in range(3):  # warm-up batches only feed the statistics
         torch.testing.assert_close(model(x), plain.train()(x))
     assert not torch.allclose(model(x), plain(x))
-    assert find_memel(model)["layer.1"].batches_seen.item() == 4
+    assert find_memel(model)["layer.1"].batches_seen == 4
     model.eval(), plain.eval()
     torch.testing.assert_close(model(x), plain(x))
 
@@ -159,6 +159,6 @@ def test_deepcopy_gets_independent_statistics() -> None:
     model = insert_memel(Encoder(), after=["head.1"], n_forget=1)
     twin = copy.deepcopy(model)
     model(torch.randn(8, 16))
-    assert find_memel(twin)["head.1"].batches_seen.item() == 0
+    assert find_memel(twin)["head.1"].batches_seen == 0
     remove_memel(twin)
     assert len(find_memel(model)) == 1
