@@ -30,7 +30,8 @@ from neurorewrite.runtime.ort import match_inputs, ort_session, run_with_outputs
 
 ACTIVE_EPS = 1e-6
 PHI_EPS = 0.01  # METHODS.md 2: s^2 + 0.01 * mean(s^2)
-ROWS_PER_RUN = 256  # sample rows per onnxruntime run: bounds the memory the hidden tensors take
+FIRST_ROWS = 16  # sample rows of the first onnxruntime run, which measures what a row costs
+RUN_BYTES = 1 << 30  # later runs take as many rows as keep the hidden tensors under this
 
 
 @dataclass(frozen=True)
@@ -144,21 +145,31 @@ def hidden_statistics(
     model: onnx.ModelProto,
     feeds: Feeds,
     hidden: Sequence[str],
-    rows_per_run: int = ROWS_PER_RUN,
+    rows_per_run: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, ActivationStats]:
-    """Statistics of each named hidden tensor of ``model`` over the sample, streamed in row chunks
-    (one run when an input has a fixed first dimension)."""
+    """Statistics of each named hidden tensor of ``model`` over the sample, streamed in row chunks.
+
+    Without ``rows_per_run`` the first run takes ``FIRST_ROWS`` rows and later runs as many as keep the
+    hidden tensors under ``RUN_BYTES`` (long sequences make a row expensive). An input with a fixed
+    first dimension is run whole.
+    """
     total = feeds.rows
-    step = rows_per_run if feeds.chunkable else total
+    step = (rows_per_run or FIRST_ROWS) if feeds.chunkable else total
     acc: dict[str, _Accumulator] = {}
-    for start in range(0, total, step):
+    start = 0
+    while start < total:
         chunk = {k: v[start:start + step] for k, v in feeds.arrays.items()}
         values = run_with_outputs(model, chunk, list(hidden))
+        rows = next(iter(chunk.values())).shape[0]
         for name in hidden:
             z = values[name]
             z = z.reshape(-1, z.shape[-1]) if z.ndim else z.reshape(1, 1)
             acc.setdefault(name, _Accumulator(z.shape[1])).add(z)
+        start += rows
+        if rows_per_run is None and feeds.chunkable:
+            per_row = sum(values[name].nbytes for name in hidden) / max(rows, 1)
+            step = max(1, int(RUN_BYTES // max(per_row, 1)))
         if progress is not None:
-            progress(min(start + step, total), total)
+            progress(start, total)
     return {name: acc[name].result() for name in hidden}

@@ -73,7 +73,10 @@ class ModelAnalysis:
     data_vectors: int | None = None  # activation vectors per block's sample (None without data)
 
     def block(self, name: str) -> BlockAnalysis:
-        return next(b for b in self.blocks if b.name == name)
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(f"{self.label} has no MLP block named {name}")
 
 
 @dataclass

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import export, mlp
 
-from neurorewrite.analysis import analyze
+from neurorewrite.analysis import activations, analyze
 from neurorewrite.analysis.activations import check_data, hidden_statistics, monosemantic_scale
 from neurorewrite.errors import DataError
 from neurorewrite.rewriter.blocks import find_blocks
@@ -50,7 +50,7 @@ def test_dead_and_always_on_neurons_are_found(tmp_path):
     assert int(stats.always_on.sum()) == int(np.all(z > 1e-6, axis=0).sum())
 
 
-def test_chunked_runs_give_the_statistics_of_one_run(models, sample):
+def test_chunked_runs_give_the_statistics_of_one_run(models, sample, monkeypatch):
     _, x = sample
     proto = load_model(models["chain"].path)
     feeds = check_data(proto, {"x": x}, "test")
@@ -59,8 +59,15 @@ def test_chunked_runs_give_the_statistics_of_one_run(models, sample):
     one = hidden_statistics(proto, feeds, hidden, rows_per_run=1000)
     steps = []
     many = hidden_statistics(proto, feeds, hidden, rows_per_run=9, progress=lambda d, t: steps.append(d))
-    assert steps[-1] == 64 and len(steps) == 8
+    assert steps[-1] == 64 and len(steps) == 8  # ceil(64 / 9) runs
+    # adaptive chunks: a first run of 5 rows measures 88 bytes a row (12 + 10 floats), then 11 rows a run
+    monkeypatch.setattr(activations, "FIRST_ROWS", 5)
+    monkeypatch.setattr(activations, "RUN_BYTES", 1000)
+    sized = []
+    adaptive = hidden_statistics(proto, feeds, hidden, progress=lambda d, t: sized.append(d))
+    assert sized[:3] == [5, 16, 27] and sized[-1] == 64
     for name in hidden:
+        np.testing.assert_allclose(adaptive[name].phi_max, one[name].phi_max, rtol=1e-9)
         np.testing.assert_allclose(many[name].mean, one[name].mean, atol=1e-9)
         np.testing.assert_allclose(many[name].var, one[name].var, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(many[name].phi_max, one[name].phi_max, rtol=1e-9)
