@@ -2,7 +2,7 @@
 
 from neurorewrite.errors import NeurorewriteError
 
-__all__ = ["NeurorewriteError", "expand", "inspect"]
+__all__ = ["NeurorewriteError", "analyze", "expand", "inspect"]
 __version__ = "0.1.0"
 
 
@@ -15,4 +15,8 @@ def __getattr__(name: str):  # lazy: importing the package must not pull in onnx
         from neurorewrite.api import inspect
 
         return inspect
+    if name == "analyze":
+        from neurorewrite.analysis import analyze
+
+        return analyze
     raise AttributeError(name)
