@@ -1,0 +1,45 @@
+"""The FPE math on numpy arrays: split neurons, copy outgoing columns, prune to the exact count.
+
+This module is the one implementation of Fixed Parameter Expansion. The ONNX pass
+(:mod:`neurorewrite.passes.expand`) and the torch side (:mod:`neurorewrite.models.fpe`) both call
+:func:`expand_block`, so the same seed and options give the same expansion in both.
+
+Notation follows ``shared/METHODS.md``: a block is ``h = act(W1 x + b1)``, ``y = W2 h + b2`` with
+``W1`` of shape ``(H, D)`` and ``W2`` of shape ``(O, H)``. Expanding with ``alpha`` gives ``alpha * H``
+children; child ``k`` of parent ``i`` is hidden unit ``i * alpha + k`` (children of one parent are
+contiguous).
+
+Counting rule: the nonzero count of a block is ``nnz(W1) + nnz(b1) + nnz(W2) + nnz(b2)``. Splitting
+keeps ``nnz(W1)``; copying adds ``(alpha - 1) * (nnz(W2) + nnz(b1))`` (output columns and, for both
+bias modes, hidden biases); pruning removes exactly that many weights, so the count after equals the
+count before, ties included.
+"""
+
+from neurorewrite.fpe.config import (
+    BIAS_MODES,
+    PRUNE_MODES,
+    SPLITS,
+    FPEConfig,
+    block_nnz,
+    block_seed,
+    check_alpha,
+)
+from neurorewrite.fpe.expand import BlockExpansion, copy_outputs, expand_bias, expand_block, scatter_children
+from neurorewrite.fpe.prune import choose_pruned, kth_weighted_value, smallest_by_count
+from neurorewrite.fpe.split import (
+    balanced_labels,
+    check_groups,
+    cluster_features,
+    split_feature,
+    split_groups,
+    split_neurons,
+    split_random,
+    split_shared,
+)
+
+__all__ = [
+    "BIAS_MODES", "PRUNE_MODES", "SPLITS", "BlockExpansion", "FPEConfig", "balanced_labels", "block_nnz",
+    "block_seed", "check_alpha", "check_groups", "choose_pruned", "cluster_features", "copy_outputs",
+    "expand_bias", "expand_block", "kth_weighted_value", "scatter_children", "smallest_by_count",
+    "split_feature", "split_groups", "split_neurons", "split_random", "split_shared",
+]

@@ -1,0 +1,63 @@
+"""Options of an FPE expansion and the counting rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from neurorewrite.errors import InvalidOptionError
+
+SPLITS = ("random", "feature", "groups", "shared")
+BIAS_MODES = ("copy", "split")
+PRUNE_MODES = ("global", "layer")
+
+
+def check_alpha(alpha: object, minimum: int = 1) -> int:
+    """Return ``alpha`` as an int, or raise if it is not an integer >= ``minimum``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, np.integer)):
+        if isinstance(alpha, (float, np.floating)) and float(alpha).is_integer():
+            alpha = int(alpha)
+        else:
+            raise InvalidOptionError(f"--alpha must be an integer >= {minimum}, got {alpha!r}")
+    if int(alpha) < minimum:
+        raise InvalidOptionError(f"--alpha must be an integer >= {minimum}, got {alpha}")
+    return int(alpha)
+
+
+@dataclass(frozen=True)
+class FPEConfig:
+    """Options of one expansion. ``groups`` is only read by ``split="groups"``."""
+
+    alpha: int
+    split: str = "random"
+    seed: int = 0
+    bias: str = "split"
+    prune: str = "global"
+    groups: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
+        for name, value, allowed in (
+            ("split", self.split, SPLITS),
+            ("bias", self.bias, BIAS_MODES),
+            ("prune", self.prune, PRUNE_MODES),
+        ):
+            if value not in allowed:
+                raise InvalidOptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.split == "groups" and self.groups is None:
+            raise InvalidOptionError("--split groups needs a partition: pass --groups FILE.json")
+
+
+def block_seed(seed: int, position: int) -> int:
+    """The seed of the ``position``-th expanded block of a model: blocks get independent streams,
+    and the ONNX pass and the torch module derive them the same way."""
+    return int(np.random.SeedSequence((seed, position)).generate_state(1)[0])
+
+
+def block_nnz(w1: np.ndarray, b1: np.ndarray | None, w2: np.ndarray, b2: np.ndarray | None) -> int:
+    """Nonzero count of a block under the module's counting rule."""
+    return sum(int(np.count_nonzero(a)) for a in (w1, b1, w2, b2) if a is not None)
+
+
+# --- splitting -----------------------------------------------------------------------------------

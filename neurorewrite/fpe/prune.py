@@ -1,0 +1,104 @@
+"""Exact-count magnitude pruning of the expanded block, chosen on the original matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from neurorewrite.errors import InvalidOptionError
+
+Cut = tuple[np.ndarray, int, int]  # (indices removed whole, index of a partly removed entry or -1, its copies)
+
+
+def _count_le(parts: Sequence[tuple[np.ndarray, int]], v: float) -> int:
+    return sum(int(np.count_nonzero(m <= v)) * mult for m, mult in parts)
+
+
+def kth_weighted_value(parts: Sequence[tuple[np.ndarray, int]], k: int, sample_size: int = 20_000) -> np.floating:
+    """The smallest value ``t`` with at least ``k`` entries ``<= t`` (entries counted with multiplicity).
+
+    A strided sample brackets ``t`` between two values whose counts are checked exactly; only the
+    entries inside the bracket (a few percent) are sorted. Exact whatever the sample: the bracket widens
+    until the checks pass.
+    """
+    n = sum(m.size for m, _ in parts)
+    step = max(1, n // sample_size)
+    s_vals = np.concatenate([m[::step] for m, _ in parts])
+    s_mult = np.concatenate([np.full(m[::step].size, mult * step, np.int64) for m, mult in parts])
+    order = np.argsort(s_vals, kind="stable")
+    s_sorted, s_cum = s_vals[order], np.cumsum(s_mult[order])
+    margin = 0.02
+    while True:
+        lo_i = int(np.searchsorted(s_cum, k * (1 - margin), side="left")) - 1
+        hi_i = int(np.searchsorted(s_cum, k * (1 + margin), side="left"))
+        lo = s_sorted[lo_i] if lo_i >= 0 else None
+        hi = s_sorted[hi_i] if hi_i < s_sorted.size else None
+        below = 0 if lo is None else _count_le(parts, lo)
+        if below < k and (hi is None or _count_le(parts, hi) >= k):
+            break
+        margin *= 4
+    inside = [(m[(m > lo) if lo is not None else slice(None)], mult) for m, mult in parts]
+    if hi is not None:
+        inside = [(m[m <= hi], mult) for m, mult in inside]
+    vals = np.concatenate([m for m, _ in inside])
+    mults = np.concatenate([np.full(m.size, mult, np.int64) for m, mult in inside])
+    order = np.argsort(vals, kind="stable")
+    cum = below + np.cumsum(mults[order])
+    return vals[order][int(np.searchsorted(cum, k, side="left"))]
+
+
+def smallest_by_count(parts: Sequence[tuple[np.ndarray, int]], k: int) -> list[Cut]:
+    """Choose the ``k`` smallest entries of a multiset given as parts ``(magnitudes, multiplicity)``.
+
+    The order is by magnitude; ties go by part, then by position within the part, exactly as a stable
+    sort of the concatenated parts would order them. Returns one :data:`Cut` per part. No array of the
+    expanded size is built, and nothing of the original size is sorted (see :func:`kth_weighted_value`).
+    """
+    if k == 0:
+        return [(np.empty(0, dtype=np.int64), -1, 0) for _ in parts]
+    available = sum(m.size * mult for m, mult in parts)
+    if available < k:
+        raise InvalidOptionError(
+            f"cannot prune {k} weights from a block with only {available} candidates: "
+            "the block is too small for this alpha; lower --alpha or use --prune global"
+        )
+    t = kth_weighted_value(parts, k)
+    remaining = k - sum(int(np.count_nonzero(m < t)) * mult for m, mult in parts)
+    cuts: list[Cut] = []
+    for m, mult in parts:
+        ties = np.flatnonzero(m == t)
+        n_full = min(ties.size, remaining // mult)
+        remaining -= n_full * mult
+        last, copies = -1, 0
+        if 0 < remaining < mult and n_full < ties.size:
+            last, copies, remaining = int(ties[n_full]), remaining, 0
+        cuts.append((np.concatenate([np.flatnonzero(m < t), ties[:n_full]]), last, copies))
+    return cuts
+
+
+def choose_pruned(
+    w1: np.ndarray, w2: np.ndarray, alpha: int, excess_w1: int, excess_w2: int, mode: str
+) -> tuple[np.ndarray, Cut]:
+    """Which weights FPE prunes, chosen on the original matrices.
+
+    Returns the flat indices into W1 whose (single) child copy goes, and a :data:`Cut` of flat W2
+    indices whose ``alpha`` copies go (whole, or the first ``copies`` children of one entry). A W2 entry
+    stands for its ``alpha`` equal copies, so nothing of the expanded size is sorted. ``global``
+    removes the smallest magnitudes over both layers at once (the paper's rule; at equal magnitude W1'
+    goes first); ``layer`` removes ``excess_w1`` from W1' and ``excess_w2`` from W2' separately, so each
+    layer keeps its own count.
+    """
+    i1 = np.flatnonzero(w1)
+    i2 = np.flatnonzero(w2)
+    m1 = np.abs(w1.ravel()[i1])
+    m2 = np.abs(w2.ravel()[i2]).astype(m1.dtype, copy=False)
+    if mode == "global":
+        cut1, cut2 = smallest_by_count([(m1, 1), (m2, alpha)], excess_w1 + excess_w2)
+    else:
+        (cut1,) = smallest_by_count([(m1, 1)], excess_w1)
+        (cut2,) = smallest_by_count([(m2, alpha)], excess_w2)
+    whole1, last1, _ = cut1  # multiplicity 1: a partly cut entry is cut whole
+    whole2, last2, copies2 = cut2
+    flat1 = i1[whole1 if last1 < 0 else np.append(whole1, last1)]
+    return flat1, (i2[whole2], int(i2[last2]) if last2 >= 0 else -1, copies2)

@@ -1,0 +1,133 @@
+"""Split strategies: which child of each parent neuron keeps each input weight."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from neurorewrite.errors import InvalidOptionError
+from neurorewrite.fpe.config import FPEConfig
+
+
+def _child_dtype(alpha: int) -> type:
+    return np.uint8 if alpha <= 256 else np.uint16 if alpha <= 65536 else np.uint32
+
+
+def balanced_labels(n: int, alpha: int, dtype: type = np.int64) -> np.ndarray:
+    """``[0, 1, ..., alpha-1, 0, 1, ...]`` of length n: group sizes differ by at most one."""
+    return (np.arange(n) % alpha).astype(dtype)
+
+
+def split_random(h: int, d: int, alpha: int, rng: np.random.Generator) -> np.ndarray:
+    """An independent random balanced partition of the ``d`` inputs for each of ``h`` neurons."""
+    base = np.tile(balanced_labels(d, alpha, _child_dtype(alpha)), (h, 1))
+    return rng.permuted(base, axis=1)
+
+
+def split_shared(h: int, d: int, alpha: int, rng: np.random.Generator) -> np.ndarray:
+    """One random balanced partition used by every neuron: W1' becomes ``alpha`` dense blocks."""
+    row = np.empty(d, dtype=_child_dtype(alpha))
+    row[rng.permutation(d)] = balanced_labels(d, alpha, row.dtype)
+    return np.broadcast_to(row, (h, d))
+
+
+def cluster_features(w1: np.ndarray, alpha: int, rng: np.random.Generator, iters: int = 20) -> np.ndarray:
+    """Balanced clustering of the input features (columns of W1) by the Gram matrix ``W1^T W1``.
+
+    Features are compared by ``|cos|`` of their weight columns, which is the normalised Gram entry;
+    the sign is ignored because a neuron that uses a feature negatively still mixes it in. Each of the
+    ``alpha`` clusters gets ``d // alpha`` or ``d // alpha + 1`` features (greedy balanced k-means).
+    """
+    d = w1.shape[1]
+    cols = w1.astype(np.float64, copy=False)
+    norms = np.linalg.norm(cols, axis=0)
+    unit = cols / np.where(norms > 0, norms, 1.0)
+    capacity = np.bincount(balanced_labels(d, alpha), minlength=alpha)
+    centers = unit[:, rng.choice(d, size=alpha, replace=False)]
+    labels = balanced_labels(d, alpha)
+    for _ in range(iters):
+        score = np.abs(unit.T @ centers)  # (d, alpha)
+        order = np.argsort(-score, axis=None, kind="stable")
+        new = np.full(d, -1, dtype=np.int64)
+        room = capacity.copy()
+        for flat in order:
+            j, c = divmod(int(flat), alpha)
+            if new[j] < 0 and room[c] > 0:
+                new[j] = c
+                room[c] -= 1
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        for c in range(alpha):
+            members = unit[:, labels == c]
+            signs = np.sign(members.T @ centers[:, c])
+            signs[signs == 0] = 1.0
+            center = members @ signs
+            n = np.linalg.norm(center)
+            if n > 0:
+                centers[:, c] = center / n
+    return labels
+
+
+def split_feature(w1: np.ndarray, alpha: int, rng: np.random.Generator) -> np.ndarray:
+    """Every neuron sends each feature cluster to one child, so clusters that interfere separate.
+
+    The clustering is global (one per layer), so all neurons share the partition; children of a parent
+    are interchangeable, so a per-neuron relabelling of clusters would compute the same function.
+    """
+    labels = cluster_features(w1, alpha, rng).astype(_child_dtype(alpha))
+    return np.broadcast_to(labels, w1.shape)
+
+
+def check_groups(groups: Sequence[Sequence[int]], d: int, alpha: int) -> list[np.ndarray]:
+    """Validate that ``groups`` partitions ``range(d)`` into at least ``alpha`` non-empty groups."""
+    out = [np.asarray(list(g), dtype=np.int64) for g in groups]
+    if len(out) < alpha:
+        raise InvalidOptionError(f"--groups has {len(out)} groups but alpha is {alpha}: give at least alpha groups")
+    if any(g.size == 0 for g in out):
+        raise InvalidOptionError("--groups contains an empty group; every group needs at least one input index")
+    flat = np.concatenate(out)
+    if flat.min() < 0 or flat.max() >= d:
+        raise InvalidOptionError(f"--groups has index {int(flat.max()) if flat.max() >= d else int(flat.min())} outside 0..{d - 1}")
+    counts = np.bincount(flat, minlength=d)
+    if (counts > 1).any():
+        raise InvalidOptionError(f"--groups is not a partition: input {int(np.argmax(counts > 1))} is in several groups")
+    if (counts == 0).any():
+        raise InvalidOptionError(f"--groups is not a partition: input {int(np.argmax(counts == 0))} is in no group")
+    return out
+
+
+def split_groups(h: int, d: int, alpha: int, groups: Sequence[Sequence[int]], rng: np.random.Generator) -> np.ndarray:
+    """Each user group goes whole to one child; per neuron, groups are dealt to children in a random
+    order, each to the child with the fewest inputs so far (ties to the lowest child index)."""
+    parts = check_groups(groups, d, alpha)
+    sizes = np.array([p.size for p in parts])
+    group_child = np.empty((h, len(parts)), dtype=np.int64)
+    for i in range(h):
+        load = np.zeros(alpha, dtype=np.int64)
+        for g in rng.permutation(len(parts)):
+            c = int(np.argmin(load))
+            group_child[i, g] = c
+            load[c] += sizes[g]
+    feature_group = np.empty(d, dtype=np.int64)
+    for g, p in enumerate(parts):
+        feature_group[p] = g
+    return group_child[:, feature_group].astype(_child_dtype(alpha))
+
+
+def split_neurons(w1: np.ndarray, cfg: FPEConfig) -> np.ndarray:
+    """The ``(H, D)`` child index of every input weight: row ``i`` partitions ``range(D)`` into
+    ``alpha`` disjoint, covering subsets."""
+    h, d = w1.shape
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.alpha == 1:
+        return np.zeros((h, d), dtype=np.uint8)
+    if cfg.split == "random":
+        return split_random(h, d, cfg.alpha, rng)
+    if cfg.split == "shared":
+        return split_shared(h, d, cfg.alpha, rng)
+    if cfg.split == "feature":
+        return split_feature(w1, cfg.alpha, rng)
+    assert cfg.groups is not None  # FPEConfig guarantees it
+    return split_groups(h, d, cfg.alpha, cfg.groups, rng)
