@@ -28,9 +28,10 @@ from neurorewrite.errors import NoBlocksError
 from neurorewrite.fpe import FPEConfig, block_seed, check_alpha, expand_block
 
 # Modules that act per element, so widening the hidden layer is safe (as ``rewriter.blocks`` allows
-# for ONNX). Dropout is the identity in the exported (eval) graph.
+# for ONNX). Dropout is the identity in the exported (eval) graph. PReLU is left out: its slopes are
+# per hidden unit, so widening the layer would need new slopes.
 ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish,
     nn.Tanhshrink, nn.Identity, nn.Dropout,
 )
