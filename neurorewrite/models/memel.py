@@ -32,8 +32,14 @@ exported model (export runs in eval mode, where the hook does nothing) has the s
 names as the plain model, and :func:`remove_memel` only deletes hooks. The hook follows the hooked
 module's train/eval flag. The price: the MEmeL statistics live outside the model's ``state_dict``
 (get the modules with :func:`find_memel`); after a restart they warm up again for ``n_forget``
-batches. The hooked submodule must return a tensor, or a tuple/list whose first item is the tensor
+batches. Under ``DistributedDataParallel`` the MEmeL statistics are not model buffers, so DDP does
+not broadcast them; they stay equal across ranks because every rank merges the same all-reduced
+moments. The hooked submodule must return a tensor, or a tuple/list whose first item is the tensor
 (as Hugging Face layers do); the activation's feature shape must stay fixed between batches.
+
+Cost: the per-step work is a dozen element-wise passes over the activation plus a few kernels on
+per-element vectors; the code reuses one scratch tensor and works in place where it can, because on
+CPU those passes and launches, not arithmetic, are what MEmeL costs (``benchmarks/memel.py``).
 """
 
 from __future__ import annotations
@@ -105,7 +111,9 @@ class MEmeL(nn.Module):
         its phi finite.
         """
         floor = torch.finfo(self.m2.dtype).eps * max(self.count - 1.0, 1.0)
-        return torch.add(self.m2, self.m2.mean(), alpha=VARIANCE_FLOOR_SHARE).clamp_min_(floor)
+        # sum / numel rather than mean(): sum is a kernel this step already ran, so its code is warm.
+        share = VARIANCE_FLOOR_SHARE / max(self.m2.numel(), 1)
+        return torch.add(self.m2, self.m2.sum(), alpha=share).clamp_min_(floor)
 
     def monosemantic_scale(self, z: Tensor) -> Tensor:
         """``phi`` of every element of ``z`` (batch x flattened features) against the running statistics."""
@@ -136,11 +144,11 @@ class MEmeL(nn.Module):
             # passes and fresh tensors are most of MEmeL's cost.
             centred = torch.sub(z2d, self.mean, out=self._scratch_like(z2d.shape))
             sum1 = centred.sum(dim=0)
-            centred_squared = centred.square_()
+            centred_squared = centred.mul_(centred)
             sum2 = centred_squared.sum(dim=0)
             if inhibit:
                 selected = self._select_(centred_squared)
-                replacement = self.mean[selected]  # the running mean before this batch is merged
+                replacement = torch.take(self.mean, selected)  # the running mean before this batch is merged
                 if replacement.dtype != z2d.dtype:
                     replacement = replacement.to(z2d.dtype)
             batch = batch_moments(sum1, sum2, z2d.shape[0], self.sync_ranks)

@@ -2,14 +2,14 @@
 
 The statistics of an activation are kept per element (over the batch dimension) as a sample count,
 a mean and ``m2`` (the sum of squared deviations from the mean), the state of Chan et al.'s parallel
-variance algorithm. Each training batch is merged in with :func:`merge_capped`; before the merge the
+variance algorithm. Each training batch is merged in with :func:`merge_capped_`; before the merge the
 old count is capped at ``(n_forget - 1)`` batches of the current size, so the merged statistics never
 weigh more than ``n_forget`` batches and old batches fade like an exponential moving average with
 rate ``1 / n_forget``. Capping keeps the old mean and the old per-sample spread ``m2 / count``: it
 only says "these statistics are worth fewer samples now".
 
-Everything here is tensor arithmetic without host synchronisation, so it costs a handful of
-element-wise kernels per step.
+Counts are Python numbers and the tensors are updated in place: a handful of small kernels per step,
+no host synchronisation except reading the summed count back after a cross-rank ``all_reduce``.
 """
 
 from __future__ import annotations
