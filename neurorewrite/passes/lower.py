@@ -25,7 +25,7 @@ import onnx
 
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.passes.lower_graph import GraphRewrite, default_opset
-from neurorewrite.passes.lower_grouped import lower_grouped_first, lower_second
+from neurorewrite.passes.lower_grouped import is_tied, lower_grouped_first, lower_second
 from neurorewrite.passes.lower_sparse import lower_sparse
 from neurorewrite.rewriter.blocks import MLPBlock, find_blocks
 from neurorewrite.rewriter.edit import METADATA_KEY, read_metadata
@@ -91,16 +91,26 @@ def lower_model(model: onnx.ModelProto, fmt: str) -> tuple[onnx.ModelProto, Lowe
 def _lower_grouped(model: onnx.ModelProto, rw: GraphRewrite, blocks: list[MLPBlock], alpha: int, report: LowerReport) -> None:
     perms = {}  # tensor -> new_to_old for hidden tensors now stored children-major
     firsts = {b.first.node for b in blocks}
+    chain_starts = {b.first.node for b in blocks if b.first.node not in {c.second.node for c in blocks}}
+    # a lone block with tied outgoing weights keeps the hidden as (alpha, rows, H): no transpose back
+    axis_kept = {
+        b.first.node for b in blocks
+        if b.second.node not in firsts and b.first.node in chain_starts and is_tied(read_weights(rw.index, b.second)[0], alpha)
+    }
     for block in blocks:
         w, b = read_weights(rw.index, block.first)
-        perm = lower_grouped_first(rw, block.first, w, b, alpha, perms.get(block.first.data_input))
+        keep = block.first.node in axis_kept
+        perm = lower_grouped_first(rw, block.first, w, b, alpha, perms.get(block.first.data_input), keep)
         perms[block.hidden] = perm
+        if keep:
+            rw.stale |= set(block.region_tensors) | {block.first.output}
         report.layers.append({"layer": block.first.name, "kind": f"grouped x{alpha}", "shape": list(w.shape)})
     for block in blocks:
         if block.second.node in firsts:  # chain middle: already lowered as the next block's first
             continue
         w, b = read_weights(rw.index, block.second)
-        kind = lower_second(rw, block.second, w, b, alpha, perms[block.hidden], default_opset(model))
+        lead = block.first.data_input if block.first.node in axis_kept else None
+        kind = lower_second(rw, block.second, w, b, alpha, perms[block.hidden], default_opset(model), lead)
         report.layers.append({"layer": block.second.name, "kind": kind, "shape": list(w.shape)})
 
 
