@@ -84,3 +84,55 @@ def ell_from_dense(weight: np.ndarray) -> EllMatrix:
     indptr = np.concatenate([[0], np.cumsum(mask.sum(axis=1))])
     cols = np.nonzero(mask)[1]
     return ell_from_csr(weight[mask], cols, indptr, weight.shape[1])
+
+
+@dataclass(frozen=True)
+class SlicedEll:
+    """Sliced ELL (SELL-C): rows in slices of ``lanes``; within a slice, entry ``k`` of each row is stored
+    side by side (``values[ptr[s] + k, lane]``), so one vector load reads one entry of ``lanes`` rows.
+
+    Each slice is padded only to its own widest row; rows past ``out_features`` (the last slice) are empty.
+    """
+
+    values: np.ndarray  # (stored, lanes) float32
+    indices: np.ndarray  # (stored, lanes) int16 or int32
+    slice_ptr: np.ndarray  # (slices + 1,) int32: slice s is values[slice_ptr[s]:slice_ptr[s+1]]
+    in_features: int
+    out_features: int
+
+    @property
+    def lanes(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def slices(self) -> int:
+        return int(self.slice_ptr.size - 1)
+
+    def to_dense(self) -> np.ndarray:
+        dense = np.zeros((self.slices * self.lanes, self.in_features), dtype=np.float32)
+        slot_slice = np.repeat(np.arange(self.slices), np.diff(self.slice_ptr))
+        rows = slot_slice[:, None] * self.lanes + np.arange(self.lanes)[None, :]
+        np.add.at(dense, (rows.reshape(-1), self.indices.reshape(-1).astype(np.int64)), self.values.reshape(-1))
+        return dense[: self.out_features]
+
+
+def sliced_ell_from_csr(
+    values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, in_features: int, lanes: int,
+    where: str = "SparseLinear",
+) -> SlicedEll:
+    """Pack a CSR matrix into :class:`SlicedEll` with ``lanes`` rows per slice (checked like :func:`ell_from_csr`)."""
+    ell = ell_from_csr(values, indices, indptr, in_features, where)  # validates; rows padded to the global width
+    counts = np.diff(np.asarray(indptr).reshape(-1).astype(np.int64))
+    slices = -(-ell.out_features // lanes)
+    padded_counts = np.zeros(slices * lanes, dtype=np.int64)
+    padded_counts[: counts.size] = counts
+    widths = padded_counts.reshape(slices, lanes).max(axis=1)
+    slice_ptr = np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)
+    sell_values = np.zeros((int(slice_ptr[-1]), lanes), dtype=np.float32)
+    sell_indices = np.zeros((int(slice_ptr[-1]), lanes), dtype=ell.indices.dtype)
+    rows = np.repeat(np.arange(ell.out_features), counts)
+    slots = np.arange(rows.size) - np.repeat(np.asarray(indptr).reshape(-1)[:-1].astype(np.int64), counts)
+    position = slice_ptr[rows // lanes] + slots
+    sell_values[position, rows % lanes] = ell.values[rows, slots]
+    sell_indices[position, rows % lanes] = ell.indices[rows, slots]
+    return SlicedEll(sell_values, sell_indices, slice_ptr, in_features, ell.out_features)

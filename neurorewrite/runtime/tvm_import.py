@@ -20,7 +20,8 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from neurorewrite.errors import InvalidOptionError, ModelLoadError
-from neurorewrite.kernels.ell import ell_from_csr
+from neurorewrite.kernels.ell import ell_from_csr, sliced_ell_from_csr
+from neurorewrite.kernels.gather_gemv import gather_gemv_func, gather_lanes
 from neurorewrite.kernels.sparse_linear import EllShape, ell_linear_func, schedule_default
 
 SPARSE_DOMAIN = "ai.neurorewrite"
@@ -69,6 +70,9 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         dims = [_static_dim(v, name) for v in x.ty.shape]
         n = math.prod(dims[:-1])
         shape = EllShape(n, d, o, ell.width, str(ell.indices.dtype))
+        lanes = gather_lanes(self._target)
+        if shape.layout == "cols" and lanes:
+            return self._gather_linear(x, dims, consts, bias, shape, lanes, name)
         if shape.layout == "cols":
             ell = ell.transposed()
         func = ell_linear_func(shape)
@@ -85,6 +89,25 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         if bias is not None:
             y = relax.op.add(bb.emit(y), relax.const(bias.astype(np.float32)))
         return relax.op.reshape(bb.emit(y), (*dims[:-1], o))
+
+    def _gather_linear(self, x: relax.Expr, dims: list[int], csr: list[np.ndarray], bias: np.ndarray | None,
+                       shape: EllShape, lanes: int, name: str) -> relax.Expr:
+        """Small batch on a CPU with gathers: sliced-ELL kernel on the untransposed input, bias inside."""
+        sell = sliced_ell_from_csr(*csr, in_features=shape.in_features, lanes=lanes, where=f"SparseLinear {name}")
+        padded = np.zeros(sell.slices * lanes, dtype=np.float32)
+        if bias is not None:
+            padded[: shape.out_features] = bias.astype(np.float32)
+        func = gather_gemv_func(shape.n, shape.in_features, sell.slices, sell.values.shape[0], lanes,
+                                str(sell.indices.dtype))
+        self.kernels.append(shape)
+        gv = self.bb.add_func(func, "sell_gather_linear")
+        bb = self.bb
+        consts = [relax.const(a) for a in (sell.values, sell.indices, sell.slice_ptr, padded)]
+        y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (shape.n, shape.in_features))), *consts],
+                                   relax.TensorType((shape.n, sell.slices * lanes), "float32")))
+        if sell.slices * lanes != shape.out_features:
+            y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[shape.out_features]))
+        return relax.op.reshape(y, (*dims[:-1], shape.out_features))
 
 
 def _constant(expr: relax.Expr, node: str, role: str) -> np.ndarray:
