@@ -207,16 +207,17 @@ def _countdown(width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def first_argmax_(values: Tensor) -> Tensor:
-    """Index (rows x 1) of the first maximum of each row, like ``argmax(1, keepdim=True)``; overwrites ``values``.
+    """Index (rows x 1) of the first maximum of each row of ``values >= 0``, like ``argmax(1, keepdim=True)``.
 
-    On CPU, ``argmax`` along rows and comparisons into bool tensors are several times slower than
-    plain arithmetic and ``amax``, so the first maximum is found with arithmetic and ``amax`` only.
+    Overwrites ``values``. On CPU, ``argmax`` along rows and comparisons into bool tensors are several
+    times slower than plain arithmetic and ``amax``, so the first maximum is found with arithmetic:
+    ``trunc(v / rowmax)`` is exactly 1 at the maxima and 0 elsewhere (a correctly rounded ``a / b`` with
+    ``0 <= a < b`` stays below 1), times a countdown ``width..1``, and ``amax`` again.
     """
     width = values.shape[1]
-    below_max = values.sub_(values.amax(dim=1, keepdim=True)).sign_()  # 0 at the maxima, -1 elsewhere
-    # countdown (width..1) + width * sign: positive only at the maxima, largest at the first one.
-    score = torch.add(_countdown(width, values.dtype, values.device), below_max, alpha=width, out=below_max)
-    # A NaN row (the training has diverged) gives a NaN here; the clamp keeps the index in range.
+    at_max = torch.div(values, values.amax(dim=1, keepdim=True), rounding_mode="trunc", out=values)
+    score = at_max.mul_(_countdown(width, values.dtype, values.device))
+    # A row of zeros gives 0/0 and a NaN row stays NaN: the clamp turns both into index 0, the first.
     return (width - score.amax(dim=1, keepdim=True)).long().clamp_(0, width - 1)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
 
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.models.memel import MEmeL, first_argmax_, reversed_deactivation
@@ -161,11 +164,14 @@ def test_activation_errors_name_the_layer() -> None:
 
 
 def test_first_argmax_matches_argmax_including_ties_and_survives_nan() -> None:
-    values = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 0.0, 2.0], [float("nan"), 1, 2, 3]])
-    expected = values[:3].argmax(dim=1, keepdim=True)
+    values = torch.tensor(
+        [[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0],
+         [1.0, 1.0 + 2**-23, 1.0, 0.5], [float("nan"), 1, 2, 3]]
+    )
+    expected = values[:5].argmax(dim=1, keepdim=True)
     found = first_argmax_(values.clone())
-    assert torch.equal(found[:3], expected)
-    assert 0 <= found[3].item() < 4
+    assert torch.equal(found[:5], expected)
+    assert 0 <= found[5].item() < 4
     random = torch.rand(64, 300, generator=torch.Generator().manual_seed(3))
     assert torch.equal(first_argmax_(random.clone()), random.argmax(dim=1, keepdim=True))
 
@@ -190,3 +196,16 @@ def test_monosemantic_scale_is_the_papers_phi_against_the_running_statistics() -
     z = batches[2].reshape(24, -1).double().numpy()
     expected = (z - mean) ** 2 / (variance + 0.01 * variance.mean())
     np.testing.assert_allclose(memel.monosemantic_scale(batches[2]).numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40),
+        elements=st.one_of(st.integers(0, 3).map(float), st.floats(0, 2.0**100, width=32)),
+    )
+)
+def test_first_argmax_agrees_with_numpy_on_nonnegative_rows_with_ties(values: np.ndarray) -> None:
+    found = first_argmax_(torch.from_numpy(values.copy()))
+    np.testing.assert_array_equal(found.numpy()[:, 0], values.argmax(axis=1))
