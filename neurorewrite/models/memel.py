@@ -117,7 +117,7 @@ class MEmeL(nn.Module):
 
     def monosemantic_scale(self, z: Tensor) -> Tensor:
         """``phi`` of every element of ``z`` (batch x flattened features) against the running statistics."""
-        z2d = z.detach().reshape(z.shape[0], -1).to(self.mean.dtype)
+        z2d = z.detach().flatten(1).to(self.mean.dtype)
         return (z2d - self.mean).square_().div_(self._scaled_denominator()).mul_(max(self.count - 1.0, 1.0))
 
     def get_extra_state(self) -> dict[str, int]:
@@ -153,7 +153,7 @@ class MEmeL(nn.Module):
                     replacement = replacement.to(z2d.dtype)
             batch = batch_moments(sum1, sum2, z2d.shape[0], self.sync_ranks)
             self.count = round(merge_capped_(self.count, self.mean, self.m2, batch, self.n_forget))
-            self.batches_seen += 1
+            self.batches_seen += int(batch[0] > 0)  # the global batch size: the same on every rank
         if not inhibit:
             return z
         out = reversed_deactivation(z2d, selected, replacement, self.delta)
@@ -165,7 +165,7 @@ class MEmeL(nn.Module):
                 f"MEmeL after {self.name!r} got an activation of shape {tuple(z.shape)}; it needs (batch, features...):"
                 " insert it after a layer whose output has a feature dimension"
             )
-        z2d = z if z.dim() == 2 else z.reshape(z.shape[0], -1)
+        z2d = z if z.dim() == 2 else z.flatten(1)
         features = z2d.shape[1]
         if self.mean.numel() == 0:
             dtype = torch.promote_types(z.dtype, torch.float32)

@@ -39,7 +39,7 @@ def batch_moments(sum1: Tensor, sum2: Tensor, count: int, sync_ranks: bool) -> t
         packed = torch.cat([sum1.new_full((1,), total), sum1, sum2])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         total, sum1, sum2 = float(packed[0]), packed[1 : 1 + sum1.numel()], packed[1 + sum1.numel() :]
-    mean_offset = sum1.div_(total)
+    mean_offset = sum1.div_(max(total, 1.0))
     m2 = sum2.addcmul_(mean_offset, mean_offset, value=-total).clamp_min_(0.0)  # sum2 - sum1^2 / count
     return total, mean_offset, m2
 
@@ -55,6 +55,8 @@ def merge_capped_(
     saved kernel launch or module ``__setattr__`` is a visible share of MEmeL's cost per step.
     """
     count_b, mean_offset, m2_b = batch
+    if count_b == 0:  # an empty batch (e.g. the last shard of an uneven split) adds nothing
+        return count
     capped = min(count, (n_forget - 1) * count_b)
     # Keep the per-sample spread m2/count of the old statistics while lowering their weight.
     keep = capped / count if count > 0 else 0.0

@@ -209,3 +209,29 @@ def test_monosemantic_scale_is_the_papers_phi_against_the_running_statistics() -
 def test_first_argmax_agrees_with_numpy_on_nonnegative_rows_with_ties(values: np.ndarray) -> None:
     found = first_argmax_(torch.from_numpy(values.copy()))
     np.testing.assert_array_equal(found.numpy()[:, 0], values.argmax(axis=1))
+
+
+def test_an_empty_batch_changes_nothing() -> None:
+    memel = MEmeL(n_forget=2).train()
+    batches = _batches(8, [8, 8])
+    for batch in batches:
+        memel(batch)
+    mean, m2, extra = memel.mean.clone(), memel.m2.clone(), memel.get_extra_state()
+    assert memel(batches[0][:0]).shape == (0, 3, 4)
+    assert torch.equal(memel.mean, mean) and torch.equal(memel.m2, m2) and memel.get_extra_state() == extra
+
+
+def test_bfloat16_activations_keep_float32_statistics_and_their_dtype() -> None:
+    memel = MEmeL(n_forget=2).train()
+    batches = [batch.to(torch.bfloat16) for batch in _batches(9, [16] * 3)]
+    for batch in batches[:2]:
+        memel(batch)
+    reference = MEmeL(n_forget=2).train()
+    for batch in batches:
+        reference(batch.float())
+    z = batches[2].clone().requires_grad_(True)
+    out = memel(z)
+    out.float().sum().backward()
+    assert memel.mean.dtype == torch.float32 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(memel.mean, reference.mean)
+    assert z.grad is not None and (z.grad == -1).sum().item() == 16
