@@ -17,6 +17,7 @@ from neurorewrite.passes.expand import ExpandReport, Progress, expand_model
 from neurorewrite.rewriter.blocks import Skipped, find_blocks
 from neurorewrite.rewriter.edit import read_metadata
 from neurorewrite.rewriter.graph import GraphIndex
+from neurorewrite.rewriter.pipeline import Pass, run_passes
 from neurorewrite.rewriter.io import ModelLike, load_model, save_model, stored_with_external_data
 from neurorewrite.rewriter.linear import read_weights
 
@@ -58,7 +59,7 @@ def expand(
     ``structured`` is the preset that runs at dense speed: the ``shared`` split (or ``feature``), tied
     outgoing weights, ``prune="layer"``, ``grouped`` format (:mod:`neurorewrite.passes.lower_structured`).
     """
-    from neurorewrite.passes.lower import check_format, lower_model
+    from neurorewrite.passes.lower import check_format
 
     where = str(model) if not isinstance(model, onnx.ModelProto) else "model"
     alpha = check_alpha(alpha)
@@ -77,24 +78,48 @@ def expand(
 
         sample = load_sample(calibrate)
     original = load_model(model)
-    new, report = expand_model(original, cfg, list(layers) if layers else None, progress, where)
-    if structured:
-        from neurorewrite.passes.lower_structured import calibrate_tied, tie_outputs
-
-        new, report = tie_outputs(original, new, report)
-    if sample is not None:
-        from neurorewrite.passes.calibrate import calibrate_model
-
-        refit = calibrate_tied if structured else calibrate_model
-        new, report = refit(original, new, report, sample)
-    report.format = format
-    new, _ = lower_model(new, format)
+    new, report = run_passes(original, _pipeline(original, cfg, layers, progress, where, structured, sample, format))
+    assert report is not None  # the pipeline always starts with expand
     if output is not None:
         external = not isinstance(model, onnx.ModelProto) and stored_with_external_data(model)
         save_model(new, output, external_data=True if external else None)
     else:
         _check_in_memory(new)
     return new, report
+
+
+def _pipeline(
+    original: onnx.ModelProto,
+    cfg: FPEConfig,
+    layers: Sequence[str] | None,
+    progress: Progress | None,
+    where: str,
+    structured: bool,
+    sample: Mapping[str, np.ndarray] | None,
+    format: str,
+) -> list[Pass[ExpandReport]]:
+    """expand -> (tie, for --structured) -> (calibrate) -> lower."""
+    from neurorewrite.passes.lower import lower_model
+
+    def expand_pass(m: onnx.ModelProto, _: ExpandReport | None) -> tuple[onnx.ModelProto, ExpandReport]:
+        return expand_model(m, cfg, list(layers) if layers else None, progress, where)
+
+    def lower_pass(m: onnx.ModelProto, report: ExpandReport | None) -> tuple[onnx.ModelProto, ExpandReport]:
+        assert report is not None
+        report.format = format
+        return lower_model(m, format)[0], report
+
+    passes: list[Pass[ExpandReport]] = [Pass("expand", expand_pass)]
+    if structured:
+        from neurorewrite.passes.lower_structured import tie_outputs
+
+        passes.append(Pass("tie outputs", lambda m, r: tie_outputs(original, m, r)))
+    if sample is not None:
+        from neurorewrite.passes.calibrate import calibrate_model
+
+        passes.append(Pass("calibrate", lambda m, r: calibrate_model(original, m, r, sample, tied=structured)))
+    passes.append(Pass(f"lower to {format}", lower_pass))
+    return passes
 
 
 def _structured_options(split: str, format: str | None) -> tuple[str, str, str]:

@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 
 from neurorewrite.errors import DataError
-from neurorewrite.passes.expand import ExpandReport, fpe_metadata
+from neurorewrite.fpe import copy_outputs
+from neurorewrite.passes.expand import ExpandReport
 from neurorewrite.rewriter.blocks import MLPBlock, find_blocks
 from neurorewrite.rewriter.edit import METADATA_KEY, NewWeights, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex
@@ -82,7 +83,10 @@ def refit_rows(hidden: np.ndarray, target: np.ndarray, w: np.ndarray, b: np.ndar
     return new_w, new_b
 
 
-def _chain_ends(blocks: list[MLPBlock]) -> list[MLPBlock]:
+def chain_ends(model: onnx.ModelProto, output_tensors: set[str]) -> list[MLPBlock]:
+    """The expanded blocks (named by their output tensors) whose second linear ends a chain, i.e. is
+    not also the first linear of another expanded block."""
+    blocks = [b for b in find_blocks(model).blocks if b.second.output in output_tensors]
     firsts = {b.first.node for b in blocks}
     return [b for b in blocks if b.second.node not in firsts]
 
@@ -92,12 +96,17 @@ def calibrate_model(
     expanded: onnx.ModelProto,
     report: ExpandReport,
     sample: Mapping[str, np.ndarray],
+    tied: bool = False,
 ) -> tuple[onnx.ModelProto, ExpandReport]:
-    """Refit the last linear of every expanded chain; see the module docstring."""
+    """Refit the last linear of every expanded chain; see the module docstring.
+
+    With ``tied`` (the ``--structured`` variant, where the ``alpha`` children of a parent share one
+    outgoing column) the fit is on the children's summed activations, one weight per parent, so the
+    ties survive.
+    """
     feeds = match_inputs(ort_session(original, providers=["CPUExecutionProvider"]), sample, "--calibrate")
-    rewritten = {b.output_tensor for b in report.blocks}
-    blocks = [b for b in find_blocks(expanded).blocks if b.second.output in rewritten]
-    ends = _chain_ends(blocks)
+    ends = chain_ends(expanded, {b.output_tensor for b in report.blocks})
+    alpha = report.alpha if tied else 1
     targets = run_with_outputs(original, feeds, [b.second.output for b in ends])
     model, notes = expanded, []
     for block in ends:
@@ -105,14 +114,14 @@ def calibrate_model(
         # indices shift between models only if nodes were removed; look the block up by tensor name
         lin = next(b for b in find_blocks(model).blocks if b.second.output == block.second.output).second
         hidden = run_with_outputs(model, feeds, [lin.data_input, lin.output])
-        h = hidden[lin.data_input].reshape(-1, lin.in_features)
+        h = hidden[lin.data_input].reshape(-1, lin.in_features // alpha, alpha).sum(axis=-1)
         y_exp = hidden[lin.output].reshape(-1, lin.out_features)
         y = targets[lin.output].reshape(-1, lin.out_features)
         if h.shape[0] < 2:
             raise DataError("--calibrate: the sample needs at least 2 rows")
         w, b = read_weights(index, lin)
-        new_w, new_b = refit_rows(h, y, w, b)
-        model = replace_weights(model, [NewWeights(lin, new_w, new_b)], stale_tensors=())
+        new_w, new_b = refit_rows(h, y, w[:, ::alpha], b)
+        model = replace_weights(model, [NewWeights(lin, copy_outputs(new_w, alpha), new_b)], stale_tensors=())
         y_new = (h.astype(np.float64) @ new_w.T.astype(np.float64)) + (0 if new_b is None else new_b)
         notes.append({
             "block": block.name, "layer": lin.name, "rows": int(h.shape[0]),
@@ -124,9 +133,9 @@ def calibrate_model(
 
 
 def _with_metadata(model: onnx.ModelProto, report: ExpandReport) -> onnx.ModelProto:
-    meta = fpe_metadata(report)
-    meta["calibrated"] = [c["layer"] for c in report.calibration]
+    """Add the calibrated layers to the FPE record, keeping what earlier passes wrote there."""
+    calibrated = [c["layer"] for c in report.calibration]
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
-            prop.value = json.dumps(meta, sort_keys=True)
+            prop.value = json.dumps({**json.loads(prop.value), "calibrated": calibrated}, sort_keys=True)
     return model
