@@ -74,7 +74,7 @@ def regression() -> None:
         fit(fixed, x, y, epochs=EPOCHS, batch_size=BATCH, lr=LR, grow=False)
         fixed_losses.append(mean_loss(fixed, x_test, y_test))
     mean_fixed = statistics.mean(fixed_losses)
-    print(f"\n| network | hidden widths | test loss (0.5*mse) | train time s |")
+    print("\n| network | hidden widths | test loss (0.5*mse) | train time s |")
     print("|---|---|---|---|")
     print(f"| SENN grown from [1] | {grown.widths} | {grown_loss:.3g} | {grown_time:.1f} |")
     for seed, loss in zip((1, 2, 3), fixed_losses):

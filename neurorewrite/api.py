@@ -17,9 +17,9 @@ from neurorewrite.passes.expand import ExpandReport, Progress, expand_model
 from neurorewrite.rewriter.blocks import Skipped, find_blocks
 from neurorewrite.rewriter.edit import read_metadata
 from neurorewrite.rewriter.graph import GraphIndex
-from neurorewrite.rewriter.pipeline import Pass, run_passes
 from neurorewrite.rewriter.io import ModelLike, load_model, save_model, stored_with_external_data
 from neurorewrite.rewriter.linear import read_weights
+from neurorewrite.rewriter.pipeline import Pass, run_passes
 
 
 def load_groups(path: str | os.PathLike) -> tuple[tuple[int, ...], ...]:

@@ -61,9 +61,9 @@ def _sklearn_mlp(path: Path) -> Path:
     pytest.importorskip("skl2onnx")
     import warnings as w
 
+    from skl2onnx import to_onnx
     from sklearn.datasets import load_digits
     from sklearn.neural_network import MLPClassifier
-    from skl2onnx import to_onnx
 
     X, y = load_digits(return_X_y=True)
     with w.catch_warnings():

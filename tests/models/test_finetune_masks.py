@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from neurorewrite.errors import DataError, InvalidOptionError
-from neurorewrite.models import MaskedLinear, enforce_masks, fpe_expand, finetune
+from neurorewrite.models import MaskedLinear, enforce_masks, finetune, fpe_expand
 
 torch.set_num_threads(1)
 

@@ -17,8 +17,8 @@ from torch.func import functional_call, jacrev
 
 from neurorewrite.models.senn import SelfExpandingMLP
 from neurorewrite.models.senn_config import SENNConfig
-from neurorewrite.models.senn_layers import rational
 from neurorewrite.models.senn_data import loss_sum, output_fisher_vectors
+from neurorewrite.models.senn_layers import rational
 from neurorewrite.models.senn_score import candidate_lower_bound, kfac_factors, record_factors, search_candidates
 
 torch.set_num_threads(1)

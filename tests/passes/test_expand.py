@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import neurorewrite
-from neurorewrite.fpe import block_nnz, copy_outputs, expand_bias, scatter_children, split_neurons, FPEConfig
+from neurorewrite.fpe import FPEConfig, block_nnz, copy_outputs, expand_bias, scatter_children, split_neurons
 from neurorewrite.rewriter.blocks import find_blocks
 from neurorewrite.rewriter.edit import NewWeights, read_metadata, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex

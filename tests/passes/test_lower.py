@@ -13,8 +13,8 @@ from neurorewrite.api import expand
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.passes.lower import lower_model
 from neurorewrite.passes.lower_sparse import DOMAIN, csr_arrays, narrowest_int
-from neurorewrite.runtime.ort import ort_session
 from neurorewrite.rewriter.edit import read_metadata
+from neurorewrite.runtime.ort import ort_session
 from tests.conftest import sample_for
 
 # (fixture model, what it stands for): a torch MLP, a transformer FFN with rank-3 input, a 2-block chain
