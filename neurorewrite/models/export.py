@@ -22,6 +22,7 @@ from torch import nn
 
 from neurorewrite.errors import VerificationError
 from neurorewrite.models.fpe import FPERecord, masked_layers
+from neurorewrite.models.fpe_structured import untied
 from neurorewrite.rewriter.blocks import find_blocks
 from neurorewrite.rewriter.edit import METADATA_KEY
 from neurorewrite.rewriter.io import save_model
@@ -74,7 +75,9 @@ def export_onnx(
 
     Masks are applied first (and kept weights that training drove to exactly 0.0 get the smallest
     normal value), so each masked layer exports exactly its mask's nonzero count. The module's
-    training flag is restored afterwards.
+    training flag is restored afterwards. A ``fpe_expand(..., structured=True)`` model is written in
+    the ``grouped`` format, as ``neurorewrite expand --structured`` writes it (dense speed, W2 stored
+    once).
     """
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     was_training = model.training
@@ -82,13 +85,18 @@ def export_onnx(
         layer.apply_mask()
         layer.restore_support()
     model.eval()
+    record = getattr(model, "fpe_record", None)
+    structured = isinstance(record, FPERecord) and record.structured
     try:
-        proto = _to_proto(model, args, input_names, output_names, opset, dynamic_batch)
+        proto = _to_proto(untied(model) if structured else model, args, input_names, output_names, opset, dynamic_batch)
     finally:
         model.train(was_training)
-    record = getattr(model, "fpe_record", None)
     if isinstance(record, FPERecord):
         meta = fpe_metadata(proto, record)
         proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True))
+    if structured:
+        from neurorewrite.passes.lower import lower_model
+
+        proto = lower_model(proto, "grouped")[0]
     save_model(proto, Path(path))
     return proto

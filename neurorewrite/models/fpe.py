@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from neurorewrite.errors import NoBlocksError
 from neurorewrite.fpe import FPEConfig, block_seed, check_alpha, expand_block
+from neurorewrite.models.fpe_structured import TiedLinear, chain_ends, structured_config
 
 # Modules that act per element, so widening the hidden layer is safe (as ``rewriter.blocks`` allows
 # for ONNX). Dropout is the identity in the exported (eval) graph. PReLU is left out: its slopes are
@@ -140,13 +141,17 @@ class FPERecord:
 
     config: FPEConfig
     blocks: list[TorchBlock] = field(default_factory=list)
+    structured: bool = False
 
     def to_dict(self) -> dict[str, object]:
         cfg = self.config
-        return {
+        out: dict[str, object] = {
             "alpha": cfg.alpha, "split": cfg.split, "seed": cfg.seed, "bias": cfg.bias, "prune": cfg.prune,
             "blocks": [asdict(b) for b in self.blocks],
         }
+        if self.structured:
+            out["structured"] = True
+        return out
 
 
 def find_pairs(module: nn.Module) -> list[tuple[str, str, str]]:
@@ -192,12 +197,18 @@ def fpe_expand(
     prune: str = "global",
     groups: tuple[tuple[int, ...], ...] | list[list[int]] | None = None,
     config: FPEConfig | None = None,
+    structured: bool = False,
 ) -> nn.Module:
     """A new module in which every Linear pair of ``model`` is FPE-expanded (``model`` is unchanged).
 
     Options are those of :class:`neurorewrite.fpe.FPEConfig` (pass ``config`` instead to give them
     all at once); ``alpha`` must be at least 2. The expanded linears become :class:`MaskedLinear`;
     ``result.fpe_record`` (an :class:`FPERecord`) lists the blocks.
+
+    ``structured=True`` is the preset of ``neurorewrite expand --structured``
+    (:mod:`neurorewrite.models.fpe_structured`): ``shared`` split (or ``feature``), ``prune="layer"``,
+    and the last linear of every chain becomes a :class:`TiedLinear` holding the ORIGINAL weights
+    (a :class:`MaskedLinear`, so its zeros stay zero), fed with the sum of each parent's children.
     """
     if config is None:
         config = FPEConfig(
@@ -206,6 +217,8 @@ def fpe_expand(
         )
     else:
         check_alpha(config.alpha, minimum=2)
+    if structured:
+        config = structured_config(config)
     pairs = find_pairs(model)
     if not pairs:
         raise NoBlocksError(
@@ -226,10 +239,16 @@ def fpe_expand(
             TorchBlock(first, second, activation, w1.shape[1], w1.shape[0], exp.w1.shape[0], w2.shape[0],
                        exp.nnz_before, exp.nnz_after)
         )
+    tied = chain_ends(pairs) if structured else set()
     for path, (w, b) in current.items():
         old = new.get_submodule(path)
-        layer = MaskedLinear.from_arrays(w, b).to(old.weight.device)
+        if path in tied:  # the original W2, shared by each parent's children
+            w, b = _arrays(old)
+        layer: nn.Module = MaskedLinear.from_arrays(w, b).to(old.weight.device)
+        if path in tied:
+            layer = TiedLinear(layer, config.alpha)
         layer.train(old.training)
         _set_module(new, path, layer)
+    record.structured = structured
     new.fpe_record = record
     return new
