@@ -18,8 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
-from tvm import te
-from tvm import s_tir
+from tvm import s_tir, te
 
 RULE = "neurorewrite_ell_linear"
 ROWS_LAYOUT_MIN = 8

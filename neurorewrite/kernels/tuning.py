@@ -65,9 +65,31 @@ def _check_records(database: ms.database.JSONDatabase, folder: Path, target: tvm
 
 
 def untuned_tasks(mod: tvm.IRModule, target: tvm.target.Target, database: ms.database.Database) -> list:
-    """The tuning tasks of ``mod`` with no record in ``database`` yet."""
+    """The sparse-kernel tuning tasks of ``mod`` with no record in ``database`` yet.
+
+    Only the ELL kernels are tuned: the reshapes and element-wise ops around them compile fine
+    unscheduled on a CPU, and trials spent on them would be taken from the kernels.
+    """
+    from neurorewrite.kernels.sparse_linear import RULE
+
     tasks = ms.relax_integration.extract_tasks(mod, target)
-    return [t for t in tasks if not database.has_workload(t.dispatched[0])]
+    return [t for t in tasks if RULE in t.dispatched[0].script() and not database.has_workload(t.dispatched[0])]
+
+
+def _contexts(tasks: list, work_dir: str, target: tvm.target.Target) -> tuple[list, list]:
+    """Tune contexts whose design space is the kernel's own rule only.
+
+    MetaSchedule's default CPU space adds its parallel/vectorize/unroll annotations to the root block
+    and its postprocessor then rejects every candidate of a kernel that is already parallel and
+    vectorised: the search sampled nothing, recorded nothing, and tuning silently did nothing.
+    """
+    space = ms.space_generator.PostOrderApply(
+        sch_rules=[ms.schedule_rule.ApplyCustomRule()], postprocs=[],
+        mutator_probs={ms.mutator.MutateTileSize(): 1.0},
+    )
+    return ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks, work_dir, space=space, num_threads=_cores(target), seed=0
+    )
 
 
 @derived_object
@@ -94,9 +116,7 @@ def tune(
     if not tasks or trials <= 0:
         return 0
     work_dir = str(Path(database.path_workload).parent)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, work_dir, num_threads=_cores(target), seed=0
-    )
+    contexts, weights = _contexts(tasks, work_dir, target)
     callbacks = ms.measure_callback.MeasureCallback.create("default")
     if progress is not None:
         callbacks = [*callbacks, _ProgressCallback(progress, trials)]
@@ -104,11 +124,53 @@ def tune(
     ms.tune.tune_tasks(
         tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=trials,
         num_trials_per_iter=min(64, max(8, trials // max(len(tasks), 1))), database=database,
-        measure_callbacks=callbacks,
+        measure_callbacks=callbacks, builder=ms.builder.LocalBuilder(f_build=build_kernel, timeout_sec=120),
+        runner=ms.runner.LocalRunner(f_alloc_argument=alloc_valid_arguments),
     )
     if progress is not None:
         progress(trials, trials, "done")
     return len(tasks)
+
+
+def build_kernel(mod: tvm.IRModule, target: tvm.target.Target, _params: object) -> object:
+    """MetaSchedule's default build minus its ``import tvm.s_tir.tensor_intrin``.
+
+    That import registers every CUDA/ROCm tensor intrinsic and takes ~30 s on a busy 2-core machine,
+    in each fresh builder worker: every candidate hit the builder's 30 s timeout and failed.
+    The ELL kernels use no tensor intrinsics.
+    """
+    from tvm.driver import build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def alloc_valid_arguments(device, args_info: list, alloc_repeat: int) -> list:  # noqa: ANN001
+    """MetaSchedule's argument allocation, but integer tensors (the ELL column indices) hold valid indices.
+
+    The default fills every tensor with random bits, so candidates read far outside the input, crash or
+    are timed on garbage addresses: tuning then picks schedules at random (it made kernels slower).
+    The kernel's first argument is the input ``XT`` of shape ``(in_features, n)``: indices are drawn
+    uniformly from ``[0, in_features)``, which is what FPE's random split produces.
+    """
+    import numpy as np
+    import tvm
+
+    rng = np.random.default_rng(0)
+    bound = int(args_info[0][2][0]) if args_info and args_info[0][0] == "TENSOR" else 1
+    repeated = []
+    for _ in range(alloc_repeat):
+        args = []
+        for kind, dtype, shape in args_info:
+            if kind != "TENSOR":
+                raise NotImplementedError(f"MetaSchedule argument kind {kind}")
+            if "int" in dtype:
+                data = rng.integers(0, bound, size=shape).astype(dtype)
+            else:
+                data = rng.standard_normal(shape).astype(dtype)
+            args.append(tvm.runtime.tensor(data, device))
+        repeated.append(args)
+    return repeated
 
 
 def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: ms.database.Database) -> relax.VMExecutable:
