@@ -60,8 +60,8 @@ def smallest_by_count(parts: Sequence[tuple[np.ndarray, int]], k: int) -> list[C
     available = sum(m.size * mult for m, mult in parts)
     if available < k:
         raise InvalidOptionError(
-            f"cannot prune {k} weights from a block with only {available} candidates: "
-            "the block is too small for this alpha; lower --alpha or use --prune global"
+            f"cannot prune {k} weights from a block with only {available} nonzero candidates: the block is "
+            "too small to absorb the copies at this alpha; lower --alpha (with --prune layer, try --prune global)"
         )
     t = kth_weighted_value(parts, k)
     remaining = k - sum(int(np.count_nonzero(m < t)) * mult for m, mult in parts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from neurorewrite.errors import InvalidOptionError
@@ -48,6 +48,7 @@ def children_support_disjoint(w1e: np.ndarray, w1: np.ndarray, alpha: int) -> No
 
 
 @settings(max_examples=60, deadline=None)
+@example(h=1, d=1, o=1, alpha=2, seed=0, split="random", prune="global", bias="copy", ties=True)  # all weights 0
 @given(
     h=st.integers(1, 12), d=st.integers(1, 20), o=st.integers(1, 8), alpha=st.integers(1, 5),
     seed=st.integers(0, 2**31 - 1), split=st.sampled_from(["random", "shared", "feature", "groups"]),
@@ -63,8 +64,13 @@ def test_count_and_partition_invariants(h, d, o, alpha, seed, split, prune, bias
     cfg = FPEConfig(alpha=alpha, split=split, seed=seed, bias=bias, prune=prune, groups=groups)
     try:
         exp = expand_block(w1, b1, w2, b2, cfg)
-    except InvalidOptionError as e:  # layer pruning of a block too small to absorb the copies
-        assert prune == "layer" and "cannot prune" in str(e)
+    except InvalidOptionError as e:  # a block too small to absorb the copies: only when it truly is
+        assert "cannot prune" in str(e)
+        extra = (alpha - 1) * (np.count_nonzero(w2) + np.count_nonzero(b1))
+        if prune == "global":
+            assert np.count_nonzero(w1) + alpha * np.count_nonzero(w2) < extra
+        else:  # W2' can always shed its own copies; W1' must absorb the hidden-bias copies
+            assert np.count_nonzero(w1) < (alpha - 1) * np.count_nonzero(b1)
         return
     assert exp.nnz_after == exp.nnz_before == block_nnz(w1, b1, w2, b2)
     assert exp.nnz_after == block_nnz(exp.w1, exp.b1, exp.w2, exp.b2)
