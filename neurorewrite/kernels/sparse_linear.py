@@ -69,26 +69,48 @@ def _split(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, max_inner: int, fix
 
 
 def schedule_cpu(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, sample: bool = True) -> list[s_tir.Schedule]:
-    """Register tile (rows x lanes) kept in a local accumulator, parallel over row tiles, lanes vectorised."""
+    """Register tile (rows x lanes) kept in a local accumulator, parallel over row tiles, lanes vectorised.
+
+    Row layout, tuning: two design spaces, the batch tile outside the nonzero loop (each index read
+    once per lane tile) or inside it (the whole batch per index read, more accumulators).
+    """
+    rows_layout = int(sch.get(sch.get_loops(block)[1]).extent) >= ROWS_LAYOUT_MIN
+    if not rows_layout:
+        _cols(sch, block, sample)
+        return [sch]
+    if not sample:
+        _rows(sch, block, sample, batch_inside=False)
+        return [sch]
+    inside = sch.copy()
+    _rows(sch, block, sample, batch_inside=False)
+    _rows(inside, block, sample, batch_inside=True)
+    return [sch, inside]
+
+
+def _rows(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, sample: bool, batch_inside: bool) -> None:
     o, b, j = sch.get_loops(block)
-    rows_layout = int(sch.get(b).extent) >= ROWS_LAYOUT_MIN
-    if rows_layout:
-        oo, oi = _split(sch, o, 8, 4, sample)
-        bo, bi = _split(sch, b, 16, 16, sample)
-        sch.reorder(oo, bo, j, oi, bi)
-        lanes, unrolled, anchor = bi, oi, bo
-    else:
-        oo, oi = _split(sch, o, 64, 16, sample)
-        sch.reorder(oo, b, j, oi)
-        lanes, unrolled, anchor = oi, None, b
+    oo, oi = _split(sch, o, 8, 4, sample)
+    bo, bi = _split(sch, b, 16, 16, sample)
+    sch.reorder(*((oo, j, oi, bo, bi) if batch_inside else (oo, bo, j, oi, bi)))
     acc = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(acc, anchor)
-    sch.vectorize(lanes)
-    if unrolled is not None:
-        sch.unroll(unrolled)
+    sch.reverse_compute_at(acc, oo if batch_inside else bo)
+    sch.vectorize(bi)
+    sch.unroll(oi)
+    if batch_inside:
+        sch.unroll(bo)
     sch.parallel(oo)
     sch.decompose_reduction(block, j)
-    return [sch]
+
+
+def _cols(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, sample: bool) -> None:
+    o, b, j = sch.get_loops(block)
+    oo, oi = _split(sch, o, 64, 16, sample)
+    sch.reorder(oo, b, j, oi)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, b)
+    sch.vectorize(oi)
+    sch.parallel(oo)
+    sch.decompose_reduction(block, j)
 
 
 def schedule_cuda(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, sample: bool = True) -> list[s_tir.Schedule]:

@@ -1,0 +1,94 @@
+"""An onnxruntime-session look-alike over TVM-compiled libraries, so TVM sits in the same benchmark harness.
+
+TVM libraries are specialised on static shapes; :func:`tvm_session` compiles one library per batch size
+and :class:`TvmSession` picks the one matching the batch of the inputs it is given. It offers the two
+methods the harness uses: ``get_inputs()`` (name, shape with the symbolic batch, type) and
+``run(None, feeds)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from neurorewrite.errors import DataError
+from neurorewrite.runtime.tvm_run import CompiledModel
+
+SEQUENCE = 16  # symbolic dimensions after the batch, as in neurorewrite.runtime.bench
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What ``InferenceSession.get_inputs()`` returns per input, as far as the harness reads it."""
+
+    name: str
+    shape: list
+    type: str = "tensor(float)"
+
+
+class TvmSession:
+    """``run(None, feeds)`` on the library compiled for the feeds' batch size."""
+
+    def __init__(self, inputs: list[InputSpec], libraries: Mapping[int, CompiledModel]) -> None:
+        self._inputs = inputs
+        self._libraries = dict(libraries)
+
+    def get_inputs(self) -> list[InputSpec]:
+        return list(self._inputs)
+
+    def run(self, _output_names: object, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        batch = int(np.shape(feeds[self._inputs[0].name])[0])
+        if batch not in self._libraries:
+            raise DataError(f"no TVM library compiled for batch {batch} (compiled: {sorted(self._libraries)})")
+        return self._libraries[batch](dict(feeds))
+
+
+def set_threads(threads: int) -> None:
+    """TVM's thread pool size (the kernels' ``parallel`` loops), to compare with onnxruntime like for like."""
+    import tvm
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the pool starts
+    config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if config is not None:
+        config(1, threads)  # 1: all (big) cores, up to ``threads`` workers
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [
+        InputSpec(i.name, [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in i.type.tensor_type.shape.dim])
+        for i in model.graph.input if i.name not in initializers
+    ]
+
+
+def static_shape(spec: InputSpec, batch: int) -> list[int]:
+    """The spec's shape with the first symbolic dimension = ``batch`` and later ones = :data:`SEQUENCE`."""
+    dims, first = [], True
+    for d in spec.shape:
+        dims.append(d if isinstance(d, int) else batch if first else SEQUENCE)
+        first = first and isinstance(d, int)
+    return dims
+
+
+def tvm_session(
+    model_path: str | os.PathLike, batches: Sequence[int], threads: int, folder: str | os.PathLike,
+    tune: bool = False, trials: int = 0,
+) -> TvmSession:
+    """Compile ``model_path`` for llvm once per batch size into ``folder`` and wrap the libraries."""
+    from neurorewrite.runtime.tvm_compile import compile
+
+    set_threads(threads)
+    model = onnx.load(str(model_path))
+    specs = input_specs(model)
+    libraries = {}
+    for batch in batches:
+        lib = Path(folder) / f"{Path(model_path).stem}.b{batch}.so"
+        shapes = {s.name: static_shape(s, batch) for s in specs}
+        compile(model, "llvm", output=lib, shapes=shapes, tune=tune, trials=trials)
+        libraries[batch] = CompiledModel(lib)
+    return TvmSession(specs, libraries)
