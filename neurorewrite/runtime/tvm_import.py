@@ -20,6 +20,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from neurorewrite.errors import InvalidOptionError, ModelLoadError
+from neurorewrite.kernels.blocked_rows import ROW_TILE, batch_tile, blocked_ell_from_csr, blocked_rows_func
 from neurorewrite.kernels.ell import ell_from_csr, sliced_ell_from_csr
 from neurorewrite.kernels.gather_gemv import gather_gemv_func, gather_lanes
 from neurorewrite.kernels.sparse_linear import EllShape, ell_linear_func, schedule_default
@@ -73,6 +74,8 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         lanes = gather_lanes(self._target)
         if shape.layout == "cols" and lanes:
             return self._gather_linear(x, dims, consts, bias, shape, lanes, name)
+        if shape.layout == "rows" and self._target.kind.name == "llvm" and batch_tile(n):
+            return self._blocked_linear(x, dims, consts, bias, shape)
         if shape.layout == "cols":
             ell = ell.transposed()
         func = ell_linear_func(shape)
@@ -108,6 +111,24 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         if sell.slices * lanes != shape.out_features:
             y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[shape.out_features]))
         return relax.op.reshape(y, (*dims[:-1], shape.out_features))
+
+    def _blocked_linear(self, x: relax.Expr, dims: list[int], csr: list[np.ndarray], bias: np.ndarray | None,
+                        shape: EllShape) -> relax.Expr:
+        """Batches that are a multiple of 16 on a CPU: column-blocked ELL with the bias inside the kernel."""
+        ell = blocked_ell_from_csr(*csr, in_features=shape.in_features, index_type=shape.index_dtype)
+        out = ell.row_tiles * ROW_TILE
+        padded = np.zeros(out, dtype=np.float32)
+        if bias is not None:
+            padded[: shape.out_features] = bias.astype(np.float32)
+        self.kernels.append(shape)
+        gv = self.bb.add_func(blocked_rows_func(shape.n, ell), "blocked_ell_linear")
+        bb = self.bb
+        xt = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(x, (shape.n, shape.in_features)))))
+        consts = [relax.const(a) for a in (ell.values, ell.indices, ell.tile_ptr, padded)]
+        yt = bb.emit(relax.call_tir(gv, [xt, *consts], relax.TensorType((out, shape.n), "float32")))
+        if out != shape.out_features:
+            yt = bb.emit(relax.op.strided_slice(yt, axes=[0], begin=[0], end=[shape.out_features]))
+        return relax.op.reshape(bb.emit(relax.op.permute_dims(yt)), (*dims[:-1], shape.out_features))
 
 
 def _constant(expr: relax.Expr, node: str, role: str) -> np.ndarray:
