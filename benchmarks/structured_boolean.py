@@ -69,7 +69,7 @@ def no_finetune_rows(warm: nn.Module, alpha: int, seed: int, x_tr: torch.Tensor,
 def run_seed(args, seed: int, folder: Path) -> dict[str, float]:
     # the same data, init and shuffling order as benchmarks.boolean.run_seed
     rng = np.random.default_rng(seed)
-    formula = random_dnf(args.n, args.clauses, args.k, rng)
+    formula = random_dnf(args.n, args.clauses, args.k, rng, disjoint=not args.shared_variables)
     x_tr, y_tr = (torch.from_numpy(a) for a in balanced_sample(formula, args.train, rng))
     x_te, y_te = (torch.from_numpy(a) for a in balanced_sample(formula, args.test, rng))
     torch.manual_seed(seed)
@@ -81,7 +81,7 @@ def run_seed(args, seed: int, folder: Path) -> dict[str, float]:
     out = {f"dense, {args.e1 + args.e2} epochs": accuracy(dense, x_te, y_te)}
     for label, options in FINETUNED.items():
         extra = {"groups": formula.clause_groups()} if options["split"] == "groups" else {}
-        fpe = fpe_expand(warm, alpha=args.alpha, seed=seed, **options, **extra)
+        fpe = fpe_expand(warm, alpha=args.alpha, seed=seed, bias=args.bias, **options, **extra)
         train(fpe, data, args.e2, args.lr)
         out[f"{label} + {args.e2} ft"] = accuracy(fpe, x_te, y_te)
     out.update(no_finetune_rows(warm, args.alpha, seed, x_tr, x_te, y_te, folder))
@@ -106,10 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     print(describe())
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as folder:
-        results = [run_seed(args, seed, Path(folder)) for seed in range(args.seeds)]
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        results = [run_seed(args, seed, Path(folder)) for seed in seeds]
     elapsed = time.monotonic() - start
     settings = (f"n={args.n} clauses={args.clauses} k={args.k} hidden={args.hidden} alpha={args.alpha} "
-                f"train={args.train} test={args.test} E1={args.e1} E2={args.e2} Adam lr={args.lr} batch={args.batch}")
+                f"train={args.train} test={args.test} E1={args.e1} E2={args.e2} Adam lr={args.lr} "
+                f"batch={args.batch or 'full'} bias={args.bias} seeds {args.first_seed}..{args.first_seed + args.seeds - 1}")
     reference = f"FPE random split (paper) + {args.e2} ft"
     print(format_table(("model (same nonzero count)", "test acc % mean +- std", "min..max", "vs FPE random + ft, paired"),
                        summarize(results, reference),
