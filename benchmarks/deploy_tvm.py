@@ -40,7 +40,7 @@ def ffn_weights(rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     return (*linear(H, D), *linear(D, H))
 
 
-def bench_batch(n: int, e, dense, args, tmp: Path) -> tuple:  # noqa: ANN001
+def bench_batch(n: int, e, dense, args, tmp: Path) -> tuple:
     model = mlp(e.w1, e.b1, e.w2, e.b2, sparse=True, input_shape=[n, D])
     specs = [s.__class__(s.name, ["batch", D]) for s in input_specs(model)]
     _, report = compile(model, "llvm", output=tmp / f"default{n}.so")

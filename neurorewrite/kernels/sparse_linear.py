@@ -49,10 +49,10 @@ def ell_linear_func(shape: EllShape) -> tvm.tirx.PrimFunc:
     indices = te.placeholder(shape.weight_shape(), shape.index_dtype, name="I")
     j = te.reduce_axis((0, shape.width), name="j")
     if shape.layout == "rows":
-        def body(o, b):  # noqa: ANN001, ANN202 (te index variables)
+        def body(o, b):
             return te.sum(values[o, j] * xt[indices[o, j].astype("int32"), b], axis=j)
     else:
-        def body(o, b):  # noqa: ANN001, ANN202
+        def body(o, b):
             return te.sum(values[j, o] * xt[indices[j, o].astype("int32"), b], axis=j)
     yt = te.compute((shape.out_features, shape.n), body, name="YT", attrs={"schedule_rule": RULE})
     return te.create_prim_func([xt, values, indices, yt]).without_attr("global_symbol")

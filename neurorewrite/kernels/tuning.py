@@ -99,7 +99,7 @@ class _ProgressCallback(ms.measure_callback.PyMeasureCallback):
         self.total = total
         self.done = 0
 
-    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:  # noqa: ANN001
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         self.done = min(self.total, self.done + len(measure_candidates))
         self.progress(self.done, self.total, f"task {task_id}")
 
@@ -145,7 +145,7 @@ def build_kernel(mod: tvm.IRModule, target: tvm.target.Target, _params: object) 
     return build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
-def alloc_valid_arguments(device, args_info: list, alloc_repeat: int) -> list:  # noqa: ANN001
+def alloc_valid_arguments(device, args_info: list, alloc_repeat: int) -> list:
     """MetaSchedule's argument allocation, but integer tensors (the ELL column indices) hold valid indices.
 
     The default fills every tensor with random bits, so candidates read far outside the input, crash or

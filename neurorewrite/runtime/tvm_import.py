@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 import tvm
-import tvm.relax.frontend.onnx  # noqa: F401 (registers the frontend; the project uses it explicitly)
+import tvm.relax.frontend.onnx
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 

@@ -9,15 +9,19 @@ import pytest
 
 pytest.importorskip("tvm")
 
-import tvm  # noqa: E402
+import tvm
 
-from neurorewrite.kernels.blocked_rows import (  # noqa: E402
-    COLUMN_BLOCK, ROW_TILE, batch_tile, blocked_ell_from_csr, blocked_rows_func,
+from neurorewrite.kernels.blocked_rows import (
+    COLUMN_BLOCK,
+    ROW_TILE,
+    batch_tile,
+    blocked_ell_from_csr,
+    blocked_rows_func,
 )
-from neurorewrite.runtime import compile, load  # noqa: E402
-from neurorewrite.runtime.tvm_import import import_model  # noqa: E402
-from neurorewrite.runtime.tvm_target import parse_target  # noqa: E402
-from tests.runtime.tvm_models import masked, mlp, reference  # noqa: E402
+from neurorewrite.runtime import compile, load
+from neurorewrite.runtime.tvm_import import import_model
+from neurorewrite.runtime.tvm_target import parse_target
+from tests.runtime.tvm_models import masked, mlp, reference
 
 
 def _csr(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

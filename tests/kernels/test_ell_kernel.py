@@ -7,12 +7,12 @@ import pytest
 
 pytest.importorskip("tvm")
 
-import tvm  # noqa: E402
+import tvm
 
-from neurorewrite.errors import InvalidOptionError  # noqa: E402
-from neurorewrite.kernels.ell import ell_from_csr, ell_from_dense, index_dtype  # noqa: E402
-from neurorewrite.kernels.sparse_linear import EllShape, ell_linear_func, schedule_default  # noqa: E402
-from neurorewrite.runtime.tvm_target import parse_target  # noqa: E402
+from neurorewrite.errors import InvalidOptionError
+from neurorewrite.kernels.ell import ell_from_csr, ell_from_dense, index_dtype
+from neurorewrite.kernels.sparse_linear import EllShape, ell_linear_func, schedule_default
+from neurorewrite.runtime.tvm_target import parse_target
 
 
 def _weight(rng: np.random.Generator, out_f: int, in_f: int, density: float) -> np.ndarray:

@@ -7,12 +7,12 @@ import pytest
 
 pytest.importorskip("tvm")
 
-import tvm  # noqa: E402
+import tvm
 
-from neurorewrite.errors import InvalidOptionError  # noqa: E402
-from neurorewrite.kernels.ell import sliced_ell_from_csr  # noqa: E402
-from neurorewrite.kernels.gather_gemv import gather_gemv_func, gather_lanes  # noqa: E402
-from neurorewrite.runtime.tvm_target import host_llvm, parse_target  # noqa: E402
+from neurorewrite.errors import InvalidOptionError
+from neurorewrite.kernels.ell import sliced_ell_from_csr
+from neurorewrite.kernels.gather_gemv import gather_gemv_func, gather_lanes
+from neurorewrite.runtime.tvm_target import host_llvm, parse_target
 
 
 def _csr(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

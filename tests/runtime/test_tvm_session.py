@@ -9,11 +9,11 @@ import pytest
 
 pytest.importorskip("tvm")
 
-from neurorewrite.errors import DataError  # noqa: E402
-from neurorewrite.runtime.bench import bench_sessions  # noqa: E402
-from neurorewrite.runtime.ort import ort_session  # noqa: E402
-from neurorewrite.runtime.tvm_session import input_specs, static_shape, tvm_session  # noqa: E402
-from tests.runtime.tvm_models import masked, mlp, reference  # noqa: E402
+from neurorewrite.errors import DataError
+from neurorewrite.runtime.bench import bench_sessions
+from neurorewrite.runtime.ort import ort_session
+from neurorewrite.runtime.tvm_session import input_specs, static_shape, tvm_session
+from tests.runtime.tvm_models import masked, mlp, reference
 
 
 def test_one_library_per_batch_matches_the_reference_and_runs_in_the_harness(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("tvm")
 
-from neurorewrite.runtime import compile, load  # noqa: E402
-from tests.runtime.tvm_models import masked, mlp, reference  # noqa: E402
+from neurorewrite.runtime import compile, load
+from tests.runtime.tvm_models import masked, mlp, reference
 
 
 @pytest.mark.slow
