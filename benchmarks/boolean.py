@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.dnf import balanced_sample, random_dnf
+from benchmarks.dnf import DNF, balanced_sample, random_dnf
 from benchmarks.machine import describe
 from neurorewrite.errors import NeurorewriteError
 from neurorewrite.models import finetune, fpe_expand
@@ -57,7 +58,22 @@ def train(model: nn.Module, data: Shuffled, epochs: int, lr: float) -> None:
     finetune(model, data, epochs=epochs, optimizer=torch.optim.Adam(model.parameters(), lr=lr))
 
 
-def run_seed(args: argparse.Namespace, seed: int) -> dict[str, float]:
+@dataclass
+class SeedRun:
+    """One seed's formula, data and networks: ``warm`` after E1 dense epochs, ``dense`` after E1 + E2."""
+
+    formula: DNF
+    x_tr: torch.Tensor
+    y_tr: torch.Tensor
+    x_te: torch.Tensor
+    y_te: torch.Tensor
+    data: Shuffled
+    warm: nn.Module
+    dense: nn.Module
+
+
+def warm_start(args: argparse.Namespace, seed: int) -> SeedRun:
+    """The data and the dense baseline of one seed; every Boolean benchmark row starts from here."""
     rng = np.random.default_rng(seed)
     formula = random_dnf(args.n, args.clauses, args.k, rng, disjoint=not args.shared_variables)
     x_tr, y_tr = (torch.from_numpy(a) for a in balanced_sample(formula, args.train, rng))
@@ -68,6 +84,13 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, float]:
     train(dense, data, args.e1, args.lr)
     warm = copy.deepcopy(dense)
     train(dense, data, args.e2, args.lr)
+    return SeedRun(formula, x_tr, y_tr, x_te, y_te, data, warm, dense)
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict[str, float]:
+    run = warm_start(args, seed)
+    formula, x_tr, y_tr, x_te, y_te, data, warm, dense = (
+        run.formula, run.x_tr, run.y_tr, run.x_te, run.y_te, run.data, run.warm, run.dense)
     out = {"dense": accuracy(dense, x_te, y_te), "dense train": accuracy(dense, x_tr, y_tr)}
     splits = {"random": {"split": "random"}, "clause": {"split": "groups", "groups": formula.clause_groups()}}
     for name, options in splits.items():

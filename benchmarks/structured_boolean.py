@@ -17,7 +17,6 @@ Run: ``.venv/bin/python -m benchmarks.structured_boolean`` (from the repository 
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.boolean import Shuffled, accuracy, parse, train
-from benchmarks.dnf import balanced_sample, random_dnf
+from benchmarks.boolean import accuracy, parse, train, warm_start
 from benchmarks.machine import describe
 from neurorewrite.api import expand
 from neurorewrite.models import export_onnx, fpe_expand
@@ -67,17 +65,8 @@ def no_finetune_rows(warm: nn.Module, alpha: int, seed: int, x_tr: torch.Tensor,
 
 
 def run_seed(args, seed: int, folder: Path) -> dict[str, float]:
-    # the same data, init and shuffling order as benchmarks.boolean.run_seed
-    rng = np.random.default_rng(seed)
-    formula = random_dnf(args.n, args.clauses, args.k, rng, disjoint=not args.shared_variables)
-    x_tr, y_tr = (torch.from_numpy(a) for a in balanced_sample(formula, args.train, rng))
-    x_te, y_te = (torch.from_numpy(a) for a in balanced_sample(formula, args.test, rng))
-    torch.manual_seed(seed)
-    dense = nn.Sequential(nn.Linear(args.n, args.hidden), nn.ReLU(), nn.Linear(args.hidden, 2))
-    data = Shuffled(x_tr, y_tr, args.batch, seed)
-    train(dense, data, args.e1, args.lr)
-    warm = copy.deepcopy(dense)
-    train(dense, data, args.e2, args.lr)
+    run = warm_start(args, seed)  # the same data, init and shuffling order as benchmarks.boolean
+    formula, x_tr, x_te, y_te, data, warm, dense = run.formula, run.x_tr, run.x_te, run.y_te, run.data, run.warm, run.dense
     out = {f"dense, {args.e1 + args.e2} epochs": accuracy(dense, x_te, y_te)}
     for label, options in FINETUNED.items():
         extra = {"groups": formula.clause_groups()} if options["split"] == "groups" else {}
