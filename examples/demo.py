@@ -18,7 +18,7 @@ from examples.digits import accuracy, export, load_data, recovered, train_mlp
 from neurorewrite.table import format_table
 
 
-def run(hidden: int, alpha: int, seed: int, out: Path) -> dict[str, float]:
+def run(hidden: int, alpha: int, seed: int, out: Path, keep: bool = True) -> dict[str, float]:
     x_train, x_test, y_train, y_test = load_data(seed)
     dense_path = export(train_mlp(x_train, y_train, hidden, seed), out / "digits.onnx")
     np.savez(out / "sample.npz", x=x_train[:512])
@@ -41,7 +41,8 @@ def run(hidden: int, alpha: int, seed: int, out: Path) -> dict[str, float]:
     print(format_table(("model", "file", "hidden", "nonzeros", "test accuracy"), rows,
                        title=f"digits MLP 64-{hidden}-10, FPE alpha={alpha}, seed={seed} (onnxruntime, {len(y_test)} test images)"))
     share = recovered(acc["dense"], acc["fpe"], acc["fpe+calibrate"])
-    print(f"\ncalibration won back {100 * share:.0f}% of the accuracy the bare expansion lost; files in {out}")
+    where = f"models in {out}" if keep else "pass --out DIR to keep the models"
+    print(f"\ncalibration won back {100 * share:.0f}% of the accuracy the bare expansion lost; {where}")
     return acc
 
 
@@ -57,7 +58,7 @@ def main() -> None:
         run(args.hidden, args.alpha, args.seed, args.out)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            run(args.hidden, args.alpha, args.seed, Path(tmp))
+            run(args.hidden, args.alpha, args.seed, Path(tmp), keep=False)
 
 
 if __name__ == "__main__":
