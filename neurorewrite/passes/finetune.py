@@ -11,7 +11,6 @@ modified. Place in the pipeline: expand -> (calibrate) -> **finetune** -> lower 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from neurorewrite.errors import DataError, VerificationError
 from neurorewrite.models.finetune import Progress, default_loss, finetune, make_optimizer
 from neurorewrite.models.onnx_module import OnnxMLP
-from neurorewrite.rewriter.edit import NewWeights, replace_weights
+from neurorewrite.rewriter.edit import NewWeights, replace_weights, write_metadata
 from neurorewrite.runtime.ort import ort_session
 
 FINETUNE_KEY = "neurorewrite.finetune"
@@ -148,8 +147,5 @@ def finetune_model(
     report.loss_after, report.accuracy_after = _evaluate(lifted, xt, yt)
     new = replace_weights(model, updates, stale_tensors=())
     record = {"epochs": options.epochs, "loss": report.loss, "samples": report.samples, **asdict(options)}
-    kept = [p for p in new.metadata_props if p.key != FINETUNE_KEY]
-    del new.metadata_props[:]
-    new.metadata_props.extend(kept)
-    new.metadata_props.add(key=FINETUNE_KEY, value=json.dumps(record, sort_keys=True))
+    write_metadata(new, record, FINETUNE_KEY)
     return new, report

@@ -7,7 +7,7 @@ initializers that are replaced so the old weights are not copied only to be thro
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,16 +128,26 @@ def replace_weights(
     stale = set(stale_tensors)
     graph.value_info.extend(v for v in model.graph.value_info if v.name not in stale)
     if metadata is not None:
-        kept = [p for p in new.metadata_props if p.key != METADATA_KEY]
-        del new.metadata_props[:]
-        new.metadata_props.extend(kept)
-        new.metadata_props.add(key=METADATA_KEY, value=json.dumps(metadata, sort_keys=True))
+        write_metadata(new, metadata)
     return new
 
 
-def read_metadata(model: onnx.ModelProto) -> dict[str, object] | None:
-    """The FPE record a previous expansion left in ``metadata_props``, if any."""
+def read_metadata(model: onnx.ModelProto, key: str = METADATA_KEY) -> dict[str, object] | None:
+    """The JSON record under ``key`` in ``metadata_props`` (by default the FPE record), if any."""
     for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
+        if prop.key == key:
             return json.loads(prop.value)
     return None
+
+
+def write_metadata(model: onnx.ModelProto, record: Mapping[str, object], key: str = METADATA_KEY) -> None:
+    """Store ``record`` as JSON under ``key`` in ``metadata_props``, replacing an earlier one in place.
+
+    Edits ``model`` itself: call it on the new model a pass built, never on the pass's input.
+    """
+    value = json.dumps(record, sort_keys=True)
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
