@@ -12,7 +12,6 @@ graph order, each seeing the already calibrated earlier blocks.
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from collections.abc import Mapping
@@ -24,8 +23,8 @@ import onnx
 from neurorewrite.errors import DataError
 from neurorewrite.fpe import copy_outputs
 from neurorewrite.passes.expand import ExpandReport
-from neurorewrite.rewriter.blocks import MLPBlock, find_blocks
-from neurorewrite.rewriter.edit import METADATA_KEY, NewWeights, replace_weights
+from neurorewrite.rewriter.blocks import blocks_by_output, chain_ends, find_blocks
+from neurorewrite.rewriter.edit import NewWeights, read_metadata, replace_weights, write_metadata
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import read_weights
 from neurorewrite.runtime.ort import match_inputs, ort_session, run_with_outputs
@@ -83,14 +82,6 @@ def refit_rows(hidden: np.ndarray, target: np.ndarray, w: np.ndarray, b: np.ndar
     return new_w, new_b
 
 
-def chain_ends(model: onnx.ModelProto, output_tensors: set[str]) -> list[MLPBlock]:
-    """The expanded blocks (named by their output tensors) whose second linear ends a chain, i.e. is
-    not also the first linear of another expanded block."""
-    blocks = [b for b in find_blocks(model).blocks if b.second.output in output_tensors]
-    firsts = {b.first.node for b in blocks}
-    return [b for b in blocks if b.second.node not in firsts]
-
-
 def calibrate_model(
     original: onnx.ModelProto,
     expanded: onnx.ModelProto,
@@ -105,7 +96,7 @@ def calibrate_model(
     ties survive.
     """
     feeds = match_inputs(ort_session(original, providers=["CPUExecutionProvider"]), sample, "--calibrate")
-    ends = chain_ends(expanded, {b.output_tensor for b in report.blocks})
+    ends = chain_ends(blocks_by_output(expanded, {b.output_tensor for b in report.blocks}))
     alpha = report.alpha if tied else 1
     targets = run_with_outputs(original, feeds, [b.second.output for b in ends])
     model, notes = expanded, []
@@ -128,14 +119,7 @@ def calibrate_model(
             "rmse_before": float(np.sqrt(np.mean((y_exp - y) ** 2))),
             "rmse_after": float(np.sqrt(np.mean((y_new - y) ** 2))),
         })
-    report = replace(report, calibration=notes)
-    return _with_metadata(model, report), report
-
-
-def _with_metadata(model: onnx.ModelProto, report: ExpandReport) -> onnx.ModelProto:
-    """Add the calibrated layers to the FPE record, keeping what earlier passes wrote there."""
-    calibrated = [c["layer"] for c in report.calibration]
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            prop.value = json.dumps({**json.loads(prop.value), "calibrated": calibrated}, sort_keys=True)
-    return model
+    record = read_metadata(model)
+    if record is not None:  # add the calibrated layers, keeping what earlier passes wrote there
+        write_metadata(model, {**record, "calibrated": [n["layer"] for n in notes]})
+    return model, replace(report, calibration=notes)

@@ -18,7 +18,6 @@ modified. Place in the pipeline: expand -> calibrate -> **lower** -> verify.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import onnx
@@ -27,8 +26,8 @@ from neurorewrite.errors import InvalidOptionError
 from neurorewrite.passes.lower_graph import GraphRewrite, default_opset
 from neurorewrite.passes.lower_grouped import is_tied, lower_grouped_first, lower_second
 from neurorewrite.passes.lower_sparse import lower_sparse
-from neurorewrite.rewriter.blocks import MLPBlock, find_blocks
-from neurorewrite.rewriter.edit import METADATA_KEY, read_metadata
+from neurorewrite.rewriter.blocks import MLPBlock, blocks_by_output, chain_ends
+from neurorewrite.rewriter.edit import read_metadata, write_metadata
 from neurorewrite.rewriter.linear import read_weights
 
 FORMATS = ("dense", "grouped", "sparse")
@@ -59,12 +58,6 @@ def check_format(fmt: object, split: str | None = None) -> str:
     return str(fmt)
 
 
-def expanded_blocks(model: onnx.ModelProto, record: dict[str, object]) -> list[MLPBlock]:
-    """The blocks of ``model`` that the FPE record says were expanded, in graph order."""
-    outputs = {b["output_tensor"] for b in record.get("blocks", [])}  # type: ignore[union-attr]
-    return [b for b in find_blocks(model).blocks if b.second.output in outputs]
-
-
 def lower_model(model: onnx.ModelProto, fmt: str) -> tuple[onnx.ModelProto, LowerReport]:
     """Rewrite the expanded blocks of ``model`` into ``fmt``; see the module docstring."""
     record = read_metadata(model)
@@ -73,29 +66,37 @@ def lower_model(model: onnx.ModelProto, fmt: str) -> tuple[onnx.ModelProto, Lowe
     fmt = check_format(fmt, str(record.get("split")))
     report = LowerReport(fmt)
     if fmt == "dense":
-        return _with_record(model, record, report), report
-    blocks = expanded_blocks(model, record)
-    rw = GraphRewrite.start(model)
-    if fmt == "sparse":
-        done: set[int] = set()
-        for block in blocks:
-            for lin in (block.first, block.second):
-                if lin.node not in done:
-                    done.add(lin.node)
-                    report.layers.append(lower_sparse(rw, lin, *read_weights(rw.index, lin)))
+        new = onnx.ModelProto()
+        new.CopyFrom(model)
     else:
-        _lower_grouped(model, rw, blocks, int(record["alpha"]), report)  # type: ignore[arg-type]
-    return _with_record(rw.apply(model), record, report), report
+        blocks = blocks_by_output(model, {b["output_tensor"] for b in record.get("blocks", [])})  # type: ignore[union-attr]
+        rw = GraphRewrite.start(model)
+        if fmt == "sparse":
+            _lower_sparse(rw, blocks, report)
+        else:
+            _lower_grouped(model, rw, blocks, int(record["alpha"]), report)  # type: ignore[arg-type]
+        new = rw.apply(model)  # a copy already: the record is written into it
+    write_metadata(new, {**record, "format": fmt, "lowered": report.layers})
+    return new, report
+
+
+def _lower_sparse(rw: GraphRewrite, blocks: list[MLPBlock], report: LowerReport) -> None:
+    done: set[int] = set()  # a chain middle is the second linear of one block and the first of the next
+    for block in blocks:
+        for lin in (block.first, block.second):
+            if lin.node not in done:
+                done.add(lin.node)
+                report.layers.append(lower_sparse(rw, lin, *read_weights(rw.index, lin)))
 
 
 def _lower_grouped(model: onnx.ModelProto, rw: GraphRewrite, blocks: list[MLPBlock], alpha: int, report: LowerReport) -> None:
     perms = {}  # tensor -> new_to_old for hidden tensors now stored children-major
-    firsts = {b.first.node for b in blocks}
-    chain_starts = {b.first.node for b in blocks if b.first.node not in {c.second.node for c in blocks}}
+    ends = chain_ends(blocks)
+    seconds = {b.second.node for b in blocks}
     # a lone block with tied outgoing weights keeps the hidden as (alpha, rows, H): no transpose back
     axis_kept = {
-        b.first.node for b in blocks
-        if b.second.node not in firsts and b.first.node in chain_starts and is_tied(read_weights(rw.index, b.second)[0], alpha)
+        b.first.node for b in ends
+        if b.first.node not in seconds and is_tied(read_weights(rw.index, b.second)[0], alpha)
     }
     for block in blocks:
         w, b = read_weights(rw.index, block.first)
@@ -105,20 +106,8 @@ def _lower_grouped(model: onnx.ModelProto, rw: GraphRewrite, blocks: list[MLPBlo
         if keep:
             rw.stale |= set(block.region_tensors) | {block.first.output}
         report.layers.append({"layer": block.first.name, "kind": f"grouped x{alpha}", "shape": list(w.shape)})
-    for block in blocks:
-        if block.second.node in firsts:  # chain middle: already lowered as the next block's first
-            continue
+    for block in ends:  # a chain middle was lowered above as the next block's first linear
         w, b = read_weights(rw.index, block.second)
         lead = block.first.data_input if block.first.node in axis_kept else None
         kind = lower_second(rw, block.second, w, b, alpha, perms[block.hidden], default_opset(model), lead)
         report.layers.append({"layer": block.second.name, "kind": kind, "shape": list(w.shape)})
-
-
-def _with_record(model: onnx.ModelProto, record: dict[str, object], report: LowerReport) -> onnx.ModelProto:
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
-    record = {**record, "format": report.format, "lowered": report.layers}
-    for prop in new.metadata_props:
-        if prop.key == METADATA_KEY:
-            prop.value = json.dumps(record, sort_keys=True)
-    return new

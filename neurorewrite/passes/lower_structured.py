@@ -19,14 +19,11 @@ from __future__ import annotations
 import onnx
 
 from neurorewrite.fpe import copy_outputs
-from neurorewrite.passes.calibrate import chain_ends
 from neurorewrite.passes.expand import ExpandReport, fpe_metadata
-from neurorewrite.rewriter.blocks import find_blocks
+from neurorewrite.rewriter.blocks import blocks_by_output, chain_ends, find_blocks
 from neurorewrite.rewriter.edit import NewWeights, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import read_weights
-
-STRUCTURED_SPLITS = ("shared", "feature")
 
 
 def tie_outputs(original: onnx.ModelProto, expanded: onnx.ModelProto, report: ExpandReport) -> tuple[onnx.ModelProto, ExpandReport]:
@@ -34,7 +31,7 @@ def tie_outputs(original: onnx.ModelProto, expanded: onnx.ModelProto, report: Ex
     old_index = GraphIndex.build(original.graph)
     old_by_output = {b.second.output: b.second for b in find_blocks(original).blocks}
     updates = []
-    for block in chain_ends(expanded, {b.output_tensor for b in report.blocks}):
+    for block in chain_ends(blocks_by_output(expanded, {b.output_tensor for b in report.blocks})):
         w2, _ = read_weights(old_index, old_by_output[block.second.output])
         updates.append(NewWeights(block.second, copy_outputs(w2, report.alpha), None))
     meta = {**fpe_metadata(report), "structured": True, "tied": [u.linear.name for u in updates]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -182,6 +183,22 @@ def find_blocks(model: onnx.ModelProto) -> BlockSearch:
             )
         )
     return search
+
+
+def blocks_by_output(model: onnx.ModelProto, output_tensors: Collection[str]) -> list[MLPBlock]:
+    """The MLP blocks of ``model`` whose second linear writes one of ``output_tensors``, in graph order.
+
+    Passes after ``expand`` find the blocks it rewrote this way: its record names them by output tensor,
+    which stays the same while node indices may shift.
+    """
+    return [b for b in find_blocks(model).blocks if b.second.output in output_tensors]
+
+
+def chain_ends(blocks: Sequence[MLPBlock]) -> list[MLPBlock]:
+    """The blocks whose second linear ends a chain (``L1 -> act -> L2 -> act -> L3``), i.e. is not also
+    the first linear of another of ``blocks``; in the order given."""
+    firsts = {b.first.node for b in blocks}
+    return [b for b in blocks if b.second.node not in firsts]
 
 
 def select_blocks(search: BlockSearch, patterns: list[str] | None) -> tuple[list[MLPBlock], list[Skipped]]:
