@@ -23,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"neurorewrite.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"neurorewrite.commands.{name}":
-                continue  # command not built in this checkout
-            raise
-        module.register(sub)
+        importlib.import_module(f"neurorewrite.commands.{name}").register(sub)
     return parser
 
 
