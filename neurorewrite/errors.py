@@ -39,3 +39,9 @@ class VerificationError(NeurorewriteError):
 
 class UnsupportedModelError(NeurorewriteError):
     """A valid model uses something a command cannot handle (e.g. an op finetune cannot lift into torch)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of ``error``'s message (its type name if it has none), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

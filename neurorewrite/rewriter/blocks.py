@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from neurorewrite.errors import InvalidOptionError
 from neurorewrite.rewriter.graph import GraphIndex, get_attr, node_label
 from neurorewrite.rewriter.linear import Linear, find_linears
 
@@ -211,8 +212,6 @@ def select_blocks(search: BlockSearch, patterns: list[str] | None) -> tuple[list
         try:
             compiled.append(re.compile(p))
         except re.error as e:
-            from neurorewrite.errors import InvalidOptionError
-
             raise InvalidOptionError(f"--layers pattern {p!r} is not a valid regex: {e}") from e
     chosen, skipped = [], list(search.skipped)
     for block in search.blocks:

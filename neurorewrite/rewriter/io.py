@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from neurorewrite.errors import ModelLoadError, OutputError
+from neurorewrite.errors import ModelLoadError, OutputError, VerificationError, first_line
 
 # Protobuf cannot serialise a message over 2 GiB, and serialising one near that size costs several
 # copies of it in memory; above this many weight bytes the weights go to a data file beside the model.
@@ -58,8 +58,7 @@ def load_model(source: ModelLike, check: bool = True) -> onnx.ModelProto:
         if uses_external_data(model):
             onnx.load_external_data_for_model(model, str(path.parent))
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({first}); is the file complete?") from e
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(e)}); is the file complete?") from e
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph found); is the file complete?")
     if check:
@@ -71,8 +70,7 @@ def _check(model: onnx.ModelProto, label: str, path: Path | None = None) -> None
     try:
         onnx.checker.check_model(str(path) if path is not None else model)
     except (onnx.checker.ValidationError, ValueError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise ModelLoadError(f"{label}: the ONNX checker rejects this model: {first}") from e
+        raise ModelLoadError(f"{label}: the ONNX checker rejects this model: {first_line(e)}") from e
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
@@ -110,10 +108,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         try:
             onnx.checker.check_model(str(tmp_model), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            from neurorewrite.errors import VerificationError
-
-            first = str(e).strip().splitlines()[0]
-            raise VerificationError(f"{path}: the written model fails the ONNX checker, nothing written: {first}") from e
+            raise VerificationError(f"{path}: the written model fails the ONNX checker, nothing written: {first_line(e)}") from e
         if external_data:
             os.replace(Path(tmp) / data_name, folder / data_name)
         os.replace(tmp_model, path)

@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 import onnx
 
-from neurorewrite.errors import NeurorewriteError
+from neurorewrite.errors import NeurorewriteError, first_line
 from neurorewrite.rewriter.io import EXTERNAL_DATA_THRESHOLD, weight_bytes
 
 R = TypeVar("R")
@@ -44,7 +44,6 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[Pass[R]]) -> tuple[onnx.
             raise
         except Exception as e:
             history = ", ".join(done) if done else "no earlier pass"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PassError(f"pass '{p.name}' failed (after {history}): {first}; please report this") from e
+            raise PassError(f"pass '{p.name}' failed (after {history}): {first_line(e)}; please report this") from e
         done.append(p.name)
     return model, report

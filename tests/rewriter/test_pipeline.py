@@ -42,3 +42,11 @@ def test_passes_run_in_order_and_the_input_is_kept():
     new, report = run_passes(model, [Pass("expand", expand_pass), Pass("expand again", expand_pass)])
     assert model.SerializeToString() == before
     assert report is not None and report.blocks[0].width_before == 16  # the second pass saw the first's output
+
+
+def test_an_internal_error_without_a_message_is_named_by_its_type():
+    def crash(model, report):
+        raise KeyError()
+
+    with pytest.raises(PassError, match=r"pass 'crash' failed \(after expand\): KeyError; please report this"):
+        run_passes(mlp_model(), [Pass("expand", expand_pass), Pass("crash", crash)])
