@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from neurorewrite.rewriter.edit import model_shell, unique_name
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import Linear
 
@@ -38,12 +39,8 @@ class GraphRewrite:
         return cls(GraphIndex.build(graph), taken)
 
     def name(self, base: str) -> str:
-        candidate, n = base, 0
-        while candidate in self.taken:
-            n += 1
-            candidate = f"{base}_{n}"
-        self.taken.add(candidate)
-        return candidate
+        """A tensor or node name not used in the graph yet."""
+        return unique_name(base, self.taken)
 
     def const(self, base: str, value: np.ndarray) -> str:
         """A new initializer holding ``value``; returns its (unique) name."""
@@ -76,21 +73,16 @@ class GraphRewrite:
         return nodes
 
     def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        new = onnx.ModelProto()
-        new.CopyFrom(model)
+        """The edited copy of ``model`` (the dropped weights are not copied)."""
+        new = model_shell(model)
         graph = new.graph
-        del graph.node[:]
         for i, node in enumerate(model.graph.node):
             graph.node.extend(self.emit.get(i, []))
             if i not in self.remove:
                 graph.node.append(node)
-        kept = [t for t in graph.initializer if t.name not in self.drop_inits]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        graph.initializer.extend(t for t in model.graph.initializer if t.name not in self.drop_inits)
         graph.initializer.extend(self.new_inits)
-        value_info = [v for v in graph.value_info if v.name not in self.stale]
-        del graph.value_info[:]
-        graph.value_info.extend(value_info)
+        graph.value_info.extend(v for v in model.graph.value_info if v.name not in self.stale)
         have = {o.domain for o in new.opset_import}
         for domain, version in self.opsets.items():
             if domain not in have:

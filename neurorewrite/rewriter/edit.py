@@ -56,13 +56,25 @@ def _copy_fields(src: Message, dst: Message, skip: tuple[str, ...]) -> None:
             setattr(dst, desc.name, value)
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 0
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... whichever is not in ``taken``; added to ``taken``."""
+    candidate, n = base, 0
     while candidate in taken:
         n += 1
-        candidate = f"{name}_{n}"
+        candidate = f"{base}_{n}"
     taken.add(candidate)
     return candidate
+
+
+def model_shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose main graph has no nodes, initializers or value_info yet.
+
+    The caller adds the ones it keeps, so weights about to be replaced are never copied.
+    """
+    new = onnx.ModelProto()
+    _copy_fields(model, new, skip=("graph",))
+    _copy_fields(model.graph, new.graph, skip=("initializer", "value_info", "node"))
+    return new
 
 
 def replace_weights(
@@ -99,7 +111,7 @@ def replace_weights(
                 value = up.w if lin.weight_out_in else up.w.T
             else:
                 value = up.b.reshape(_bias_shape(index, old, up.b.size))
-            name = _unique(old + ".fpe", taken)
+            name = unique_name(old + ".fpe", taken)
             # from_array writes C-order bytes itself: no contiguous copy first
             new_inits.append(numpy_helper.from_array(value.astype(dtype, copy=False), name))
             renames[(node_i, slot)] = name
@@ -107,10 +119,8 @@ def replace_weights(
                 drop.add(old)
             elif index.constant_source(old) == "constant":
                 dead_constants.add(index.constant_nodes[old])
-    new = onnx.ModelProto()
-    _copy_fields(model, new, skip=("graph",))
+    new = model_shell(model)
     graph = new.graph
-    _copy_fields(model.graph, graph, skip=("initializer", "value_info", "node"))
     graph.initializer.extend(t for t in model.graph.initializer if t.name not in drop)
     for i, node in enumerate(model.graph.node):
         if i in dead_constants:
