@@ -14,10 +14,19 @@ import onnx
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.fpe import FPEConfig, block_nnz, check_alpha
 from neurorewrite.passes.expand import ExpandReport, Progress, expand_model
+from neurorewrite.passes.lower import GROUPED_SPLITS, check_format, lower_model
+from neurorewrite.passes.lower_structured import tie_outputs
 from neurorewrite.rewriter.blocks import Skipped, find_blocks
 from neurorewrite.rewriter.edit import read_metadata
 from neurorewrite.rewriter.graph import GraphIndex
-from neurorewrite.rewriter.io import ModelLike, load_model, save_model, stored_with_external_data
+from neurorewrite.rewriter.io import (
+    EXTERNAL_DATA_THRESHOLD,
+    ModelLike,
+    load_model,
+    save_model,
+    stored_with_external_data,
+    weight_bytes,
+)
 from neurorewrite.rewriter.linear import read_weights
 from neurorewrite.rewriter.pipeline import Pass, run_passes
 
@@ -59,8 +68,6 @@ def expand(
     ``structured`` is the preset that runs at dense speed: the ``shared`` split (or ``feature``), tied
     outgoing weights, ``prune="layer"``, ``grouped`` format (:mod:`neurorewrite.passes.lower_structured`).
     """
-    from neurorewrite.passes.lower import check_format
-
     where = str(model) if not isinstance(model, onnx.ModelProto) else "model"
     alpha = check_alpha(alpha)
     if structured:
@@ -99,7 +106,6 @@ def _pipeline(
     format: str,
 ) -> list[Pass[ExpandReport]]:
     """expand -> (tie, for --structured) -> (calibrate) -> lower."""
-    from neurorewrite.passes.lower import lower_model
 
     def expand_pass(m: onnx.ModelProto, _: ExpandReport | None) -> tuple[onnx.ModelProto, ExpandReport]:
         return expand_model(m, cfg, list(layers) if layers else None, progress, where)
@@ -111,11 +117,9 @@ def _pipeline(
 
     passes: list[Pass[ExpandReport]] = [Pass("expand", expand_pass)]
     if structured:
-        from neurorewrite.passes.lower_structured import tie_outputs
-
         passes.append(Pass("tie outputs", lambda m, r: tie_outputs(original, m, r)))
     if sample is not None:
-        from neurorewrite.passes.calibrate import calibrate_model
+        from neurorewrite.passes.calibrate import calibrate_model  # imports onnxruntime: only when asked
 
         passes.append(Pass("calibrate", lambda m, r: calibrate_model(original, m, r, sample, tied=structured)))
     passes.append(Pass(f"lower to {format}", lower_pass))
@@ -124,7 +128,7 @@ def _pipeline(
 
 def _structured_options(split: str, format: str | None) -> tuple[str, str, str]:
     """``--structured`` fixes split (shared unless feature), prune (layer) and format (grouped)."""
-    if split not in ("random", "shared", "feature"):
+    if split not in ("random", *GROUPED_SPLITS):
         raise InvalidOptionError(f"--structured needs --split shared or feature (one partition for all neurons), got {split!r}")
     if format not in (None, "grouped"):
         raise InvalidOptionError(f"--structured writes the grouped format; drop --format {format} or use --format grouped")
@@ -132,8 +136,6 @@ def _structured_options(split: str, format: str | None) -> tuple[str, str, str]:
 
 
 def _check_in_memory(model: onnx.ModelProto) -> None:
-    from neurorewrite.rewriter.io import EXTERNAL_DATA_THRESHOLD, weight_bytes
-
     if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
         onnx.checker.check_model(model, full_check=True)
 

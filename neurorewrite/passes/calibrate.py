@@ -23,7 +23,7 @@ import onnx
 from neurorewrite.errors import DataError
 from neurorewrite.fpe import copy_outputs
 from neurorewrite.passes.expand import ExpandReport
-from neurorewrite.rewriter.blocks import blocks_by_output, chain_ends, find_blocks
+from neurorewrite.rewriter.blocks import blocks_by_output, chain_ends
 from neurorewrite.rewriter.edit import NewWeights, read_metadata, replace_weights, write_metadata
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import read_weights
@@ -101,16 +101,15 @@ def calibrate_model(
     targets = run_with_outputs(original, feeds, [b.second.output for b in ends])
     model, notes = expanded, []
     for block in ends:
-        index = GraphIndex.build(model.graph)
         # indices shift between models only if nodes were removed; look the block up by tensor name
-        lin = next(b for b in find_blocks(model).blocks if b.second.output == block.second.output).second
+        lin = blocks_by_output(model, {block.second.output})[0].second
         hidden = run_with_outputs(model, feeds, [lin.data_input, lin.output])
         h = hidden[lin.data_input].reshape(-1, lin.in_features // alpha, alpha).sum(axis=-1)
         y_exp = hidden[lin.output].reshape(-1, lin.out_features)
         y = targets[lin.output].reshape(-1, lin.out_features)
         if h.shape[0] < 2:
             raise DataError("--calibrate: the sample needs at least 2 rows")
-        w, b = read_weights(index, lin)
+        w, b = read_weights(GraphIndex.build(model.graph), lin)
         new_w, new_b = refit_rows(h, y, w[:, ::alpha], b)
         model = replace_weights(model, [NewWeights(lin, copy_outputs(new_w, alpha), new_b)], stale_tensors=())
         y_new = (h.astype(np.float64) @ new_w.T.astype(np.float64)) + (0 if new_b is None else new_b)
