@@ -35,6 +35,8 @@ Progress = Callable[[int, int, str], None]
 
 @dataclass(frozen=True)
 class BlockReport:
+    """One rewritten block: its layers, widths and nonzero counts, and the tensors later passes find it by."""
+
     name: str
     first: str
     second: str
@@ -72,6 +74,7 @@ class ExpandReport:
 
 
 def no_blocks_error(where: str, skipped: list[Skipped]) -> NoBlocksError:
+    """The error for a model with nothing to rewrite, naming the first near misses and why they missed."""
     detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5])
     hint = f" (near misses: {detail})" if detail else " (looked for Gemm/MatMul -> activation -> Gemm/MatMul)"
     return NoBlocksError(f"{where}: no MLP block to rewrite{hint}")
@@ -136,6 +139,7 @@ def _widened_tensors(model: onnx.ModelProto, block: MLPBlock) -> set[str]:
 
 
 def fpe_metadata(report: ExpandReport) -> dict[str, object]:
+    """The FPE record ``expand`` writes to ``metadata_props``; later passes add their keys to it."""
     return {
         "alpha": report.alpha, "split": report.split, "seed": report.seed, "bias": report.bias,
         "prune": report.prune, "format": report.format,

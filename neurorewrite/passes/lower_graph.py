@@ -91,4 +91,5 @@ class GraphRewrite:
 
 
 def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset version (which ReduceSum signature the graph may use)."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
