@@ -173,3 +173,11 @@ def test_console_script_help_for_every_command():
     for command in COMMANDS:
         sub = subprocess.run(cmd + [command, "--help"], capture_output=True, text=True, env=env)
         assert sub.returncode == 0 and "usage" in sub.stdout, sub.stderr
+
+
+def test_inspect_lists_how_each_layer_is_stored(capsys, model_path, tmp_path):
+    out_path = tmp_path / "sparse.onnx"
+    assert run_cli(capsys, "expand", model_path, "--alpha", "2", "--format", "sparse", "-o", out_path)[0] == 0
+    code, out, _ = run_cli(capsys, "inspect", out_path)
+    assert code == 0
+    assert "format sparse" in out and "stored as" in out and "csr" in out and "fc1" in out

@@ -38,9 +38,21 @@ def run(args: argparse.Namespace) -> int:
     if info.skipped:
         print(format_table(("block", "reason"), [(s.name, s.reason) for s in info.skipped], title="\nskipped"))
     if info.fpe:
-        meta = {k: v for k, v in info.fpe.items() if k != "blocks"}
-        print("\nFPE: " + " ".join(f"{k}={v}" for k, v in sorted(meta.items())))
-        fpe_rows = [(b["name"], f"{b['width_before']} -> {b['width_after']}", f"{b['nnz_before']} -> {b['nnz_after']}")
-                    for b in info.fpe.get("blocks", [])]  # type: ignore[union-attr]
-        print(format_table(("block", "width", "nonzeros"), fpe_rows))
+        print(render_fpe_record(info.fpe))
     return 0
+
+
+def render_fpe_record(record: dict[str, object]) -> str:
+    """The FPE record as text: options on one line, then a table per block and per lowered layer."""
+    tables = ("blocks", "lowered")
+    options = " ".join(f"{k}={v}" for k, v in sorted(record.items()) if k not in tables)
+    blocks = [(b["name"], f"{b['width_before']} -> {b['width_after']}", f"{b['nnz_before']} -> {b['nnz_after']}")
+              for b in record.get("blocks", [])]  # type: ignore[union-attr]
+    parts = ["\nFPE: " + options, format_table(("block", "width", "nonzeros"), blocks)]
+    lowered = record.get("lowered") or []
+    if lowered:
+        rows = [(l.get("layer", ""), l.get("kind", ""), "x".join(str(d) for d in l.get("shape", [])),
+                 l.get("nonzeros", "-"), l.get("bytes", "-")) for l in lowered]  # type: ignore[union-attr]
+        parts.append(format_table(("layer", "stored as", "shape", "nonzeros", "bytes"), rows,
+                                  title=f"\nformat {record.get('format')}"))
+    return "\n".join(parts)
