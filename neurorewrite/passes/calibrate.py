@@ -119,6 +119,7 @@ def calibrate_model(
             "rmse_after": float(np.sqrt(np.mean((y_new - y) ** 2))),
         })
     record = read_metadata(model)
-    if record is not None:  # add the calibrated layers, keeping what earlier passes wrote there
+    # add the calibrated layers to the record; with nothing refit ``model`` is still the input: leave it
+    if notes and record is not None:
         write_metadata(model, {**record, "calibrated": [n["layer"] for n in notes]})
     return model, replace(report, calibration=notes)
