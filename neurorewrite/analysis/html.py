@@ -9,13 +9,13 @@ from __future__ import annotations
 import base64
 import html
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from neurorewrite.analysis import plots
 from neurorewrite.analysis.result import Analysis, BlockAnalysis
 from neurorewrite.analysis.summary import fmt, model_rows, pair_rows, summarize
+from neurorewrite.atomic import write_bytes_atomically
 from neurorewrite.errors import OutputError
 
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
@@ -47,20 +47,10 @@ def check_output(path: str | os.PathLike) -> Path:
 def write_report(text: str, path: str | os.PathLike) -> Path:
     """Write ``text`` to ``path`` atomically (temporary file beside it, then rename)."""
     path = check_output(path)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a report is as readable as any new file
-        os.replace(tmp, path)
+        write_bytes_atomically(path, text.encode("utf-8"))
     except (OSError, UnicodeError) as e:
         raise OutputError(f"--html {path}: could not write the report ({e})") from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
