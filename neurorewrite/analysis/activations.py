@@ -18,7 +18,6 @@ Definitions, per hidden neuron, over all activation vectors of the sample:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -106,18 +105,6 @@ def monosemantic_scale(z: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.n
 def phi_max_from_range(lo: np.ndarray, hi: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     """Max over the sample of phi: (z - mu)^2 is largest at the sample's min or max of z."""
     return _over_denominator(np.maximum((hi - mean) ** 2, (lo - mean) ** 2), var)
-
-
-def load_data(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Sample inputs from an ``.npz`` file, keyed by graph input name."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            sample = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"--data {path}: not a readable .npz file ({e})") from e
-    if not sample:
-        raise DataError(f"--data {path}: the .npz file holds no arrays")
-    return sample
 
 
 @dataclass(frozen=True)

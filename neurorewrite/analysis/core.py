@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx
 
-from neurorewrite.analysis.activations import Feeds, check_data, hidden_statistics, load_data
+from neurorewrite.analysis.activations import Feeds, check_data, hidden_statistics
 from neurorewrite.analysis.matching import Matching, match_blocks
 from neurorewrite.analysis.metrics import cosine_gram, feature_capacity, layer_stats, pooled_density, row_cosines
 from neurorewrite.analysis.result import Analysis, BlockAnalysis, GramPreview, ModelAnalysis, SparsityPreview
@@ -22,6 +22,7 @@ from neurorewrite.rewriter.edit import read_metadata
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.io import ModelLike, load_model
 from neurorewrite.rewriter.linear import read_weights
+from neurorewrite.sample import load_sample
 
 GRAM_ROWS = 256  # most neuron rows a Gram preview shows
 SPARSITY_SIDE = 256  # most cells a side of a pooled sparsity picture
@@ -55,7 +56,7 @@ def analyze(
     second = _Loaded(other, "other") if other is not None else None
     loaded = [m for m in (first, second) if m is not None]
     if data is not None:
-        sample = load_data(data) if isinstance(data, (str, os.PathLike)) else {k: np.asarray(v) for k, v in data.items()}
+        sample = load_sample(data, "--data")
         for m in loaded:
             m.feeds = check_data(m.proto, sample, f"--data for {m.label}")
     matching = None

@@ -102,6 +102,9 @@ def test_data_that_does_not_match_the_model_is_a_one_line_error(models, capsys, 
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file")
     _fails_cleanly(capsys, tmp_path, models["mlp"].path, "--data", garbage, match="not a readable .npz")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(bad.read_bytes()[:60])  # a zip header, then nothing: zipfile.BadZipFile
+    _fails_cleanly(capsys, tmp_path, models["mlp"].path, "--data", truncated, match="not a readable .npz")
 
 
 def test_unwritable_report_path_is_a_one_line_error(models, capsys, tmp_path):
