@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from neurorewrite.errors import DataError
-from neurorewrite.runtime.ort import match_inputs, ort_session, run_with_outputs
+from neurorewrite.runtime.ort import OutputProbe, match_inputs, ort_session
 
 ACTIVE_EPS = 1e-6
 PHI_EPS = 0.01  # METHODS.md 2: s^2 + 0.01 * mean(s^2)
@@ -144,10 +144,11 @@ def hidden_statistics(
     total = feeds.rows
     step = (rows_per_run or FIRST_ROWS) if feeds.chunkable else total
     acc: dict[str, _Accumulator] = {}
+    probe = OutputProbe(model, hidden)
     start = 0
     while start < total:
         chunk = {k: v[start:start + step] for k, v in feeds.arrays.items()}
-        values = run_with_outputs(model, chunk, list(hidden))
+        values = probe.run(chunk)
         rows = next(iter(chunk.values())).shape[0]
         for name in hidden:
             z = values[name]

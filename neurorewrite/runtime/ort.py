@@ -83,22 +83,36 @@ def match_inputs(session: ort.InferenceSession, sample: Mapping[str, np.ndarray]
     return feeds
 
 
+class OutputProbe:
+    """A session over ``model`` that returns the named intermediate tensors (added as graph outputs).
+
+    Build it once and :meth:`run` it on each chunk of a sample: the model copy and the session cost
+    far more than a small run.
+    """
+
+    def __init__(self, model: onnx.ModelProto, tensors: Sequence[str], threads: int | None = None) -> None:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        existing = {o.name for o in probe.graph.output}
+        for name in tensors:
+            if name not in existing:
+                probe.graph.output.append(onnx.ValueInfoProto(name=name))
+        self.tensors = list(tensors)
+        self.session = ort_session(probe, providers=["CPUExecutionProvider"], threads=threads)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            values = self.session.run(self.tensors, dict(feeds))
+        except Exception as e:  # onnxruntime raises its own exception types for bad feeds
+            raise DataError(f"onnxruntime could not run the model on the sample: {str(e).splitlines()[0]}") from e
+        return dict(zip(self.tensors, values))
+
+
 def run_with_outputs(
     model: onnx.ModelProto,
     feeds: Mapping[str, np.ndarray],
     tensors: Sequence[str],
     threads: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run ``model`` and return the named intermediate tensors (they are added as graph outputs)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = ort_session(probe, providers=["CPUExecutionProvider"], threads=threads)
-    try:
-        values = session.run(list(tensors), dict(feeds))
-    except Exception as e:  # onnxruntime raises its own exception types for bad feeds
-        raise DataError(f"onnxruntime could not run the model on the sample: {str(e).splitlines()[0]}") from e
-    return dict(zip(tensors, values))
+    """Run ``model`` once and return the named intermediate tensors (see :class:`OutputProbe`)."""
+    return OutputProbe(model, tensors, threads).run(feeds)
