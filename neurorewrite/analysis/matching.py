@@ -111,5 +111,6 @@ def match_blocks(
     for key, b in right.items():
         reason = why.get(key) or f"no block of the first model matches it (unpaired there: {names})"
         out.mismatches.append(Mismatch("second", b.name, reason))
-    out.pairs.sort(key=lambda p: [x.name for x in first].index(p.before))
+    order = {b.name: i for i, b in enumerate(first)}
+    out.pairs.sort(key=lambda p: order[p.before])
     return out
