@@ -9,7 +9,6 @@ nonzero count, writes the FPE record of ``fpe_expand`` into ``metadata_props`` i
 from __future__ import annotations
 
 import io
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from neurorewrite.errors import VerificationError
 from neurorewrite.models.fpe import FPERecord, masked_layers
 from neurorewrite.models.fpe_structured import untied
 from neurorewrite.rewriter.blocks import find_blocks
-from neurorewrite.rewriter.edit import METADATA_KEY
+from neurorewrite.rewriter.edit import write_metadata
 from neurorewrite.rewriter.io import save_model
 
 
@@ -92,8 +91,7 @@ def export_onnx(
     finally:
         model.train(was_training)
     if isinstance(record, FPERecord):
-        meta = fpe_metadata(proto, record)
-        proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True))
+        write_metadata(proto, fpe_metadata(proto, record))
     if structured:
         from neurorewrite.passes.lower import lower_model
 
