@@ -22,6 +22,7 @@ from torch import nn
 from neurorewrite.errors import VerificationError
 from neurorewrite.models.fpe import FPERecord, masked_layers
 from neurorewrite.models.fpe_structured import untied
+from neurorewrite.passes.expand import BlockReport
 from neurorewrite.rewriter.blocks import find_blocks
 from neurorewrite.rewriter.edit import write_metadata
 from neurorewrite.rewriter.io import save_model
@@ -42,23 +43,24 @@ def _to_proto(model: nn.Module, args: tuple[torch.Tensor, ...], input_names: Seq
 
 def fpe_metadata(proto: onnx.ModelProto, record: FPERecord) -> dict[str, object]:
     """The ``neurorewrite.fpe`` record for an exported model: the torch blocks matched to the ONNX
-    blocks (same order), with ONNX node names, as ``neurorewrite expand`` writes it."""
+    blocks (same order). Each row is the :class:`BlockReport` ``neurorewrite expand`` writes (ONNX
+    names, the torch side's counts) plus the torch module paths."""
     found = find_blocks(proto).blocks
     if len(found) < len(record.blocks):
         raise VerificationError(
             f"the exported graph has {len(found)} MLP blocks but fpe_expand expanded {len(record.blocks)}; "
             "is the forward pass using every expanded Sequential?"
         )
-    out = record.to_dict()
     rows = []
     for block, onnx_block in zip(record.blocks, found):
-        row = asdict(block)
-        row.update(name=onnx_block.name, first=onnx_block.first.name, second=onnx_block.second.name,
-                   activation=onnx_block.activation, torch_first=block.first, torch_second=block.second,
-                   hidden_tensor=onnx_block.hidden, output_tensor=onnx_block.second.output)
-        rows.append(row)
-    out.update(format="dense", blocks=rows, source="torch")
-    return out
+        row = BlockReport(
+            name=onnx_block.name, first=onnx_block.first.name, second=onnx_block.second.name,
+            activation=onnx_block.activation, in_features=block.in_features, width_before=block.width_before,
+            width_after=block.width_after, out_features=block.out_features, nnz_before=block.nnz_before,
+            nnz_after=block.nnz_after, hidden_tensor=onnx_block.hidden, output_tensor=onnx_block.second.output,
+        )
+        rows.append({**asdict(row), "torch_first": block.first, "torch_second": block.second})
+    return {**record.to_dict(), "format": "dense", "blocks": rows, "source": "torch"}
 
 
 def export_onnx(
