@@ -182,7 +182,8 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def _arrays(layer: nn.Linear) -> tuple[np.ndarray, np.ndarray | None]:
+def linear_arrays(layer: nn.Linear) -> tuple[np.ndarray, np.ndarray | None]:
+    """Copies of ``layer``'s weight (out, in) and bias as numpy arrays (bias None when it has none)."""
     w = layer.weight.detach().cpu().numpy().copy()
     b = None if layer.bias is None else layer.bias.detach().cpu().numpy().copy()
     return w, b
@@ -230,8 +231,8 @@ def fpe_expand(
     current: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     record = FPERecord(config)
     for position, (first, second, activation) in enumerate(pairs):
-        w1, b1 = current.get(first) or _arrays(new.get_submodule(first))
-        w2, b2 = current.get(second) or _arrays(new.get_submodule(second))
+        w1, b1 = current.get(first) or linear_arrays(new.get_submodule(first))
+        w2, b2 = current.get(second) or linear_arrays(new.get_submodule(second))
         exp = expand_block(w1, b1, w2, b2, replace(config, seed=block_seed(config.seed, position)))
         current[first] = (exp.w1, exp.b1)
         current[second] = (exp.w2, exp.b2)
@@ -243,7 +244,7 @@ def fpe_expand(
     for path, (w, b) in current.items():
         old = new.get_submodule(path)
         if path in tied:  # the original W2, shared by each parent's children
-            w, b = _arrays(old)
+            w, b = linear_arrays(old)
         layer: nn.Module = MaskedLinear.from_arrays(w, b).to(old.weight.device)
         if path in tied:
             layer = TiedLinear(layer, config.alpha)

@@ -19,7 +19,7 @@ from onnx import helper
 from torch import nn
 
 from neurorewrite.errors import NoBlocksError, UnsupportedModelError
-from neurorewrite.models.fpe import MaskedLinear
+from neurorewrite.models.fpe import MaskedLinear, linear_arrays
 from neurorewrite.models.onnx_ops import OPS
 from neurorewrite.rewriter.graph import GraphIndex, node_label
 from neurorewrite.rewriter.linear import Linear, find_linears, read_weights
@@ -142,6 +142,5 @@ class OnnxMLP(nn.Module):
             layer = self.layers[key]
             layer.apply_mask()
             layer.restore_support()
-            b = None if layer.bias is None else layer.bias.detach().cpu().numpy().copy()
-            out.append((lin, layer.weight.detach().cpu().numpy().copy(), b))
+            out.append((lin, *linear_arrays(layer)))
         return out
