@@ -29,6 +29,7 @@ from neurorewrite.rewriter.io import (
 )
 from neurorewrite.rewriter.linear import read_weights
 from neurorewrite.rewriter.pipeline import Pass, run_passes
+from neurorewrite.sample import load_sample
 
 
 def load_groups(path: str | os.PathLike) -> tuple[tuple[int, ...], ...]:
@@ -81,9 +82,7 @@ def expand(
     )
     sample = None
     if calibrate is not None:
-        from neurorewrite.passes.calibrate import load_sample
-
-        sample = load_sample(calibrate)
+        sample = load_sample(calibrate, "--calibrate")
     original = load_model(model)
     new, report = run_passes(original, _pipeline(original, cfg, layers, progress, where, structured, sample, format))
     assert report is not None  # the pipeline always starts with expand

@@ -12,8 +12,6 @@ graph order, each seeing the already calibrated earlier blocks.
 
 from __future__ import annotations
 
-import os
-import zipfile
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -30,20 +28,6 @@ from neurorewrite.rewriter.linear import read_weights
 from neurorewrite.runtime.ort import match_inputs, ort_session, run_with_outputs
 
 RIDGE = 1e-4  # relative to the mean diagonal of the Gram matrix: keeps collinear children solvable
-
-
-def load_sample(source: str | os.PathLike | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Sample inputs from an ``.npz`` file (or a mapping), keyed by graph input name."""
-    if isinstance(source, Mapping):
-        return {k: np.asarray(v) for k, v in source.items()}
-    try:
-        with np.load(source, allow_pickle=False) as data:
-            sample = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"--calibrate {source}: not a readable .npz file ({e})") from e
-    if not sample:
-        raise DataError(f"--calibrate {source}: the .npz file holds no arrays")
-    return sample
 
 
 def refit_rows(hidden: np.ndarray, target: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
