@@ -39,6 +39,7 @@ def workdir(tmp_path_factory) -> Path:
     np.savez(root / "train.npz", x=x, y=y)
     np.savez(root / "no_y.npz", x=x, labels=y)
     np.savez(root / "wide.npz", x=np.zeros((400, 7), np.float32), y=y)
+    (root / "truncated.npz").write_bytes((root / "train.npz").read_bytes()[:300])
     return root
 
 
@@ -73,10 +74,11 @@ def test_finetune_writes_a_trained_model(workdir, capsys):
         ("wide.npz", [], "x has shape [400, 7] but the model input x expects"),
         ("dense.onnx", [], "not a readable .npz file"),
         ("missing.npz", [], "not a readable .npz file"),
+        ("truncated.npz", [], "not a readable .npz file"),
         ("train.npz", ["--epochs", "-1"], "--epochs must be >= 0"),
         ("train.npz", ["--batch-size", "0"], "--batch-size must be >= 1"),
     ],
-    ids=["missing-array", "shape-mismatch", "not-npz", "no-file", "epochs", "batch"],
+    ids=["missing-array", "shape-mismatch", "not-npz", "no-file", "truncated", "epochs", "batch"],
 )
 def test_errors_are_one_line_and_write_nothing(workdir, capsys, data, extra, message):
     out = workdir / "never.onnx"

@@ -11,6 +11,7 @@ import numpy as np
 
 from neurorewrite.errors import DataError, InvalidOptionError
 from neurorewrite.progress import ProgressBar
+from neurorewrite.sample import load_sample
 from neurorewrite.table import format_table
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -41,15 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def load_training_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """The ``x`` and ``y`` arrays of an ``.npz`` file, or a DataError saying what is there instead."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"--data {path}: not a readable .npz file ({e})") from e
+    arrays = load_sample(path, "--data")
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
-        found = ", ".join(sorted(arrays)) or "no arrays"
-        raise DataError(f"--data {path}: needs arrays x (inputs) and y (labels or targets); missing {', '.join(missing)} (found {found})")
+        raise DataError(
+            f"--data {path}: needs arrays x (inputs) and y (labels or targets); missing {', '.join(missing)} "
+            f"(found {', '.join(sorted(arrays))})"
+        )
     return arrays["x"], arrays["y"]
 
 
