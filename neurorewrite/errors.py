@@ -45,3 +45,10 @@ def first_line(error: BaseException) -> str:
     """The first non-blank line of ``error``'s message (its type name if it has none), for one-line reports."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def last_line(error: BaseException) -> str:
+    """The last line of ``error``'s message (its type name if it has none): TVM puts its traceback first
+    and the actual complaint last."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from neurorewrite.errors import DataError
+from neurorewrite.errors import DataError, first_line
 from neurorewrite.runtime.ort import match_inputs, ort_session
 
 SEQUENCE = 16  # length used for every symbolic dimension after the batch dimension
@@ -81,7 +81,7 @@ def bench_sessions(
                 try:
                     session.run(None, feeds[label])
                 except Exception as e:  # onnxruntime's own exception types for shape errors
-                    raise DataError(f"model {label} cannot run on the inputs of {labels[0]} at batch {batch}: {str(e).splitlines()[0]}") from e
+                    raise DataError(f"model {label} cannot run on the inputs of {labels[0]} at batch {batch}: {first_line(e)}") from e
                 if r >= warmup:
                     samples[label].append(time.perf_counter() - start)
             step += 1

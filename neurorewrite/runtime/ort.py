@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from neurorewrite.errors import DataError
+from neurorewrite.errors import DataError, first_line
 
 _DTYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -104,7 +104,7 @@ class OutputProbe:
         try:
             values = self.session.run(self.tensors, dict(feeds))
         except Exception as e:  # onnxruntime raises its own exception types for bad feeds
-            raise DataError(f"onnxruntime could not run the model on the sample: {str(e).splitlines()[0]}") from e
+            raise DataError(f"onnxruntime could not run the model on the sample: {first_line(e)}") from e
         return dict(zip(self.tensors, values))
 
 

@@ -19,7 +19,7 @@ import tvm.relax.frontend.onnx
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
-from neurorewrite.errors import InvalidOptionError, ModelLoadError
+from neurorewrite.errors import InvalidOptionError, ModelLoadError, last_line
 from neurorewrite.kernels.blocked_rows import ROW_TILE, batch_tile, blocked_ell_from_csr, blocked_rows_func
 from neurorewrite.kernels.ell import ell_from_csr, sliced_ell_from_csr
 from neurorewrite.kernels.gather_gemv import gather_gemv_func, gather_lanes
@@ -182,5 +182,5 @@ def import_model(
         except (InvalidOptionError, ModelLoadError):
             raise
         except Exception as e:  # the frontend raises assorted TVM and Python errors on graphs it cannot take
-            raise ModelLoadError(f"TVM could not import the model: {str(e).strip().splitlines()[-1]}") from e
+            raise ModelLoadError(f"TVM could not import the model: {last_line(e)}") from e
     return mod, importer.kernels

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neurorewrite.errors import DataError, ModelLoadError
+from neurorewrite.errors import DataError, ModelLoadError, last_line
 from neurorewrite.runtime.tvm_compile import FORMAT_VERSION, file_digest, metadata_path
 
 _LIBRARY_MAGIC = b"\x7fELF"
@@ -33,7 +33,7 @@ class CompiledModel:
             library = tvm.runtime.load_module(str(self.path))
             self.vm = relax.VirtualMachine(library, self.device)
         except Exception as e:  # TVM raises TVMError / OSError variants for unloadable libraries
-            raise ModelLoadError(f"{self.path}: cannot load the compiled library ({str(e).strip().splitlines()[-1]})") from e
+            raise ModelLoadError(f"{self.path}: cannot load the compiled library ({last_line(e)})") from e
 
     def __call__(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
         import tvm
