@@ -86,6 +86,7 @@ class MaskedLinear(nn.Linear):
                 value[mask & (value == 0)] = torch.finfo(value.dtype).tiny
 
     def nonzeros(self) -> int:
+        """Nonzero weights plus nonzero bias entries: the count FPE keeps exact."""
         count = int(torch.count_nonzero(self.weight))
         return count + (0 if self.bias is None else int(torch.count_nonzero(self.bias)))
 
@@ -95,6 +96,7 @@ class MaskedLinear(nn.Linear):
 
 
 def masked_layers(module: nn.Module) -> Iterator[MaskedLinear]:
+    """Every :class:`MaskedLinear` inside ``module`` (itself included), in module order."""
     return (m for m in module.modules() if isinstance(m, MaskedLinear))
 
 
