@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from neurorewrite.errors import DataError, InvalidOptionError
 from neurorewrite.progress import ProgressBar
 from neurorewrite.sample import load_sample
 from neurorewrite.table import format_table
+
+if TYPE_CHECKING:  # the pass imports torch and onnxruntime; the command loads it only when it runs
+    from neurorewrite.passes.finetune import FinetuneReport
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_report(report, output: Path) -> str:  # noqa: ANN001 - FinetuneReport, imported lazily
+def render_report(report: FinetuneReport, output: Path) -> str:
     def acc(v: float | None) -> str:
         return "-" if v is None else f"{100 * v:.2f}%"
 
