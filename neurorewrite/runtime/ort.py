@@ -46,7 +46,7 @@ def ort_session(
 
 def _standard_ops(model: onnx.ModelProto | str | os.PathLike, method: str) -> bytes | None:
     """The serialized standard-op form of a model that uses the sparse operator, else None."""
-    from neurorewrite.runtime.sparse_ort import DOMAIN, to_standard_ops
+    from neurorewrite.runtime.sparse_ort import DOMAIN, has_sparse_ops, to_standard_ops
 
     if isinstance(model, onnx.ModelProto):
         proto = model
@@ -57,7 +57,7 @@ def _standard_ops(model: onnx.ModelProto | str | os.PathLike, method: str) -> by
         if not any(o.domain == DOMAIN for o in head.opset_import):
             return None
         proto = load_model(model)
-    if not any(n.domain == DOMAIN for n in proto.graph.node):
+    if not has_sparse_ops(proto):
         return None
     return to_standard_ops(proto, method).SerializeToString()
 

@@ -19,12 +19,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from neurorewrite.errors import DataError, ModelLoadError
+from neurorewrite.errors import DataError, InvalidOptionError, ModelLoadError
 from neurorewrite.passes.lower_graph import default_opset
 from neurorewrite.passes.lower_sparse import DOMAIN, OP
+from neurorewrite.rewriter.graph import GraphIndex, get_attr, node_label
 
 __all__ = ["DOMAIN", "METHODS", "has_sparse_ops", "sparse_linear_reference", "to_standard_ops"]
-from neurorewrite.rewriter.graph import GraphIndex, get_attr, node_label
 
 METHODS = ("densify", "gather")
 
@@ -37,9 +37,7 @@ def sparse_linear_reference(
     in_features = in_features if in_features is not None else int(indices.max(initial=-1)) + 1
     if x.shape[-1] != in_features:
         raise DataError(f"SparseLinear: the input has {x.shape[-1]} features, the layer expects {in_features}")
-    rows = np.repeat(np.arange(indptr.size - 1), np.diff(indptr.astype(np.int64)))
-    w = np.zeros((indptr.size - 1, in_features), dtype=values.dtype)
-    w[rows, indices.astype(np.int64)] = values
+    w = _densify(values, indices.astype(np.int64), indptr.astype(np.int64), in_features, indptr.size - 1)
     y = x @ w.T
     return y if bias is None else y + bias
 
@@ -90,8 +88,6 @@ def _ell(values, indices, indptr, n_out) -> tuple[np.ndarray, np.ndarray]:  # ty
 def to_standard_ops(model: onnx.ModelProto, method: str = "densify") -> onnx.ModelProto:
     """A copy of ``model`` with every SparseLinear node rewritten to standard ONNX ops by ``method``."""
     if method not in METHODS:
-        from neurorewrite.errors import InvalidOptionError
-
         raise InvalidOptionError(f"sparse method must be one of {', '.join(METHODS)}, got {method!r}")
     index = GraphIndex.build(model.graph)
     new = onnx.ModelProto()

@@ -17,8 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import onnx
-
 from neurorewrite.errors import InvalidOptionError, OutputError
 from neurorewrite.rewriter.io import ModelLike, load_model
 
@@ -146,7 +144,3 @@ def _temp_path(out: Path, suffix: str) -> Path:
     os.close(fd)
     return Path(name)
 
-
-def model_inputs(model: onnx.ModelProto) -> list[str]:
-    initializers = {t.name for t in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in initializers]

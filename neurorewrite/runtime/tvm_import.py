@@ -24,14 +24,9 @@ from neurorewrite.kernels.blocked_rows import ROW_TILE, batch_tile, blocked_ell_
 from neurorewrite.kernels.ell import ell_from_csr, sliced_ell_from_csr
 from neurorewrite.kernels.gather_gemv import gather_gemv_func, gather_lanes
 from neurorewrite.kernels.sparse_linear import EllShape, ell_linear_func, schedule_default
+from neurorewrite.passes.lower_sparse import OP
 
-SPARSE_DOMAIN = "ai.neurorewrite"
-SPARSE_OPS = ("SparseLinear",)
-
-
-def custom_ops(model: onnx.ModelProto) -> list[str]:
-    """The project's operators the graph uses (empty for a plain ONNX model)."""
-    return sorted({n.op_type for n in model.graph.node if n.domain == SPARSE_DOMAIN})
+SPARSE_OPS = (OP,)
 
 
 class _Importer(onnx_frontend.ONNXGraphImporter):
@@ -51,7 +46,7 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             raise ModelLoadError(f"TVM's ONNX importer does not support operator(s) {', '.join(unsupported)}")
 
     def _convert_operator(self, op_name: str, inputs: list, attrs: dict, opset: int) -> relax.Expr:
-        if op_name == "SparseLinear":
+        if op_name == OP:
             return self._sparse_linear(inputs, attrs)
         return super()._convert_operator(op_name, inputs, attrs, opset)
 
