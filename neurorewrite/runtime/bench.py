@@ -36,17 +36,16 @@ class BenchResult:
 def feeds_for(session: ort.InferenceSession, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random float inputs: the first symbolic dimension is ``batch``, later ones :data:`SEQUENCE`."""
     rng = np.random.default_rng(seed)
-    feeds = {}
-    for i in session.get_inputs():
-        dims, first = [], True
-        for d in i.shape:
-            if isinstance(d, int):
-                dims.append(d)
-            else:
-                dims.append(batch if first else SEQUENCE)
-                first = False
-        feeds[i.name] = rng.standard_normal(dims).astype(np.float32)
-    return feeds
+    return {i.name: rng.standard_normal(concrete_shape(i.shape, batch)).astype(np.float32) for i in session.get_inputs()}
+
+
+def concrete_shape(shape: Sequence[int | str | None], batch: int) -> list[int]:
+    """``shape`` with its first symbolic dimension = ``batch`` and later ones = :data:`SEQUENCE`."""
+    dims, first = [], True
+    for d in shape:
+        dims.append(d if isinstance(d, int) else batch if first else SEQUENCE)
+        first = first and isinstance(d, int)
+    return dims
 
 
 def file_bytes(path: str | os.PathLike) -> int:

@@ -17,9 +17,8 @@ import numpy as np
 import onnx
 
 from neurorewrite.errors import DataError
+from neurorewrite.runtime.bench import concrete_shape
 from neurorewrite.runtime.tvm_run import CompiledModel
-
-SEQUENCE = 16  # symbolic dimensions after the batch, as in neurorewrite.runtime.bench
 
 
 @dataclass(frozen=True)
@@ -67,12 +66,8 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def static_shape(spec: InputSpec, batch: int) -> list[int]:
-    """The spec's shape with the first symbolic dimension = ``batch`` and later ones = :data:`SEQUENCE`."""
-    dims, first = [], True
-    for d in spec.shape:
-        dims.append(d if isinstance(d, int) else batch if first else SEQUENCE)
-        first = first and isinstance(d, int)
-    return dims
+    """The spec's shape as the benchmark harness feeds it (:func:`neurorewrite.runtime.bench.concrete_shape`)."""
+    return concrete_shape(spec.shape, batch)
 
 
 def tvm_session(
