@@ -180,7 +180,7 @@ def inspect(model: ModelLike) -> Inspection:
     return out
 
 
-def default_output(path: str | os.PathLike) -> Path:
-    """``model.onnx`` -> ``model.fpe.onnx`` beside it."""
+def default_output(path: str | os.PathLike, tag: str = "fpe") -> Path:
+    """``model.onnx`` -> ``model.<tag>.onnx`` beside it (``model.fpe.onnx`` by default)."""
     p = Path(path)
-    return p.with_name(p.stem + ".fpe" + (p.suffix or ".onnx"))
+    return p.with_name(f"{p.stem}.{tag}{p.suffix or '.onnx'}")

@@ -56,10 +56,6 @@ def load_training_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]
     return arrays["x"], arrays["y"]
 
 
-def default_output(path: Path) -> Path:
-    return path.with_name(path.name.removesuffix(".onnx") + ".tuned.onnx")
-
-
 def _check_options(args: argparse.Namespace) -> None:
     if args.epochs < 0:
         raise InvalidOptionError(f"--epochs must be >= 0, got {args.epochs}")
@@ -70,11 +66,12 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from neurorewrite.api import default_output
     from neurorewrite.passes.finetune import FinetuneOptions, finetune_model
     from neurorewrite.rewriter.io import load_model, save_model
 
     _check_options(args)
-    output = args.output or default_output(args.model)
+    output = args.output or default_output(args.model, "tuned")
     if output.exists() and output.resolve() == args.model.resolve():
         raise InvalidOptionError(f"-o {output} is the input model; write the tuned model elsewhere")
     model = load_model(args.model)
