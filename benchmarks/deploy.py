@@ -33,10 +33,11 @@ ALPHA = 4
 Variant = Callable[[Path, Path, int], ort.InferenceSession | None]  # (original, folder, threads)
 
 
-def export_ffn(folder: Path) -> Path:
+def export_ffn(folder: Path, activation: type[torch.nn.Module] = torch.nn.GELU) -> Path:
+    """``ffn.onnx``: Linear 768 -> 3072, ``activation``, Linear 3072 -> 768 (torch's init, seed 0), batch symbolic."""
     torch.manual_seed(0)
-    ffn = torch.nn.Sequential(torch.nn.Linear(768, 3072), torch.nn.GELU(), torch.nn.Linear(3072, 768)).eval()
-    return _export(ffn, torch.randn(2, 768), folder / "ffn.onnx", dynamic={"x": {0: "batch"}})
+    ffn = torch.nn.Sequential(torch.nn.Linear(768, 3072), activation(), torch.nn.Linear(3072, 768)).eval()
+    return _export(ffn, torch.randn(2, 768), folder / "ffn.onnx")
 
 
 def export_encoder(folder: Path) -> Path:
@@ -46,10 +47,11 @@ def export_encoder(folder: Path) -> Path:
     with torch.no_grad():  # the layers start as clones; identical weights would be exported as shared
         for p in enc.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    return _export(enc, torch.randn(2, 16, 256), folder / "encoder.onnx", dynamic={"x": {0: "batch"}})
+    return _export(enc, torch.randn(2, 16, 256), folder / "encoder.onnx")
 
 
-def _export(module: torch.nn.Module, x: torch.Tensor, path: Path, dynamic: dict) -> Path:
+def _export(module: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
+    """Export with input ``x`` whose dimension 0 is the symbolic ``batch``."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         batch = torch.export.Dim("batch", min=1, max=1024)
