@@ -63,8 +63,13 @@ def _session(path: Path, threads: int, method: str = "densify") -> ort.Inference
     return ort_session(path, providers=["CPUExecutionProvider"], threads=threads, sparse_method=method)
 
 
+def _written_path(original: Path, folder: Path, name: str) -> Path:
+    return folder / f"{original.stem}.{name}.onnx"
+
+
 def _written(original: Path, folder: Path, name: str, **options: object) -> Path:
-    out = folder / f"{original.stem}.{name}.onnx"
+    """The widened file ``name`` of ``original``, expanded with ``options`` on first use."""
+    out = _written_path(original, folder, name)
     if not out.exists():
         expand(original, alpha=ALPHA, output=out, **options)
     return out
@@ -123,7 +128,7 @@ def bench_model(original: Path, folder: Path, threads: int, repeats: int, chosen
     base_bytes = file_bytes(original)
     rows = []
     for label, (_, written) in variants.items():
-        path = original if label == "original" else folder / f"{original.stem}.{written}.onnx" if written else None
+        path = original if label == "original" else _written_path(original, folder, written) if written else None
         size = f"{file_bytes(path) / base_bytes:.2f}x" if path is not None and path.exists() else "-"
         if label not in result.labels:
             rows.append((original.stem, label, size, "-", "-", "-", "-"))
@@ -138,9 +143,9 @@ def bench_model(original: Path, folder: Path, threads: int, repeats: int, chosen
 
 def check_outputs(original: Path, folder: Path, threads: int) -> str:
     """Max relative difference of every lowered format against the ``dense`` file on one input."""
-    dense = _session(folder / f"{original.stem}.dense.onnx", threads)
+    dense = _session(_written_path(original, folder, "dense"), threads)
     x = np.random.default_rng(0).standard_normal([2] + [d for d in dense.get_inputs()[0].shape[1:]]).astype(np.float32)
-    ref = _session(folder / f"{original.stem}.sparse.onnx", threads).run(None, {"x": x})[0]
+    ref = _session(_written_path(original, folder, "sparse"), threads).run(None, {"x": x})[0]
     want = dense.run(None, {"x": x})[0]
     return f"{original.stem}: sparse vs dense (same expansion) max rel diff {np.abs(ref - want).max() / np.abs(want).max():.1e}"
 
