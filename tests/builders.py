@@ -7,6 +7,19 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
+# the ways a linear layer can be written that exporters rarely produce, for mlp_model(**variant)
+LINEAR_VARIANTS = [
+    {"gemm_attrs": {"transB": 0}},
+    {"gemm_attrs": {"transB": 1, "alpha": 0.5, "beta": 2.0}},
+    {"gemm_attrs": {"transB": 1, "transA": 1}},
+    {"matmul": True},
+    {"matmul": True, "bias": False},
+    {"matmul": True, "rank3": True},
+    {"weights_as_constants": True},
+    {"weights_as_constants": True, "matmul": True},
+]
+
+
 def mlp_model(
     d: int = 6,
     h: int = 8,

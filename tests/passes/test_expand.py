@@ -16,7 +16,7 @@ from neurorewrite.rewriter.edit import NewWeights, read_metadata, replace_weight
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.io import load_model
 from neurorewrite.rewriter.linear import find_linears, read_weights
-from tests.builders import mlp_model
+from tests.builders import LINEAR_VARIANTS, mlp_model
 from tests.conftest import run_model, sample_for
 
 EXPORTS = [
@@ -78,17 +78,7 @@ def test_alpha_one_reproduces_outputs(exports, name):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"gemm_attrs": {"transB": 0}},
-        {"gemm_attrs": {"transB": 1, "alpha": 0.5, "beta": 2.0}},
-        {"gemm_attrs": {"transB": 1, "transA": 1}},
-        {"matmul": True},
-        {"matmul": True, "bias": False},
-        {"matmul": True, "rank3": True},
-        {"weights_as_constants": True},
-        {"weights_as_constants": True, "matmul": True},
-    ],
+    "kwargs", LINEAR_VARIANTS,
 )
 def test_linear_variants_expand_exactly(kwargs):
     model = mlp_model(**kwargs)

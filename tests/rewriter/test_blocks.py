@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from neurorewrite.rewriter.blocks import find_blocks, select_blocks
 from neurorewrite.rewriter.io import load_model
-from tests.builders import mlp_model
+from tests.builders import LINEAR_VARIANTS, mlp_model
 
 EXPECTED_ACTIVATIONS = {
     "torchscript_gemm": ["Relu"],
@@ -42,19 +42,7 @@ def test_transformer_ffn_is_a_matmul_add_block(exports):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [
-        {},
-        {"gemm_attrs": {"transB": 0}},
-        {"gemm_attrs": {"transB": 1, "alpha": 0.5, "beta": 2.0}},
-        {"gemm_attrs": {"transB": 1, "transA": 1}},
-        {"matmul": True},
-        {"matmul": True, "bias": False},
-        {"matmul": True, "rank3": True},
-        {"weights_as_constants": True},
-        {"weights_as_constants": True, "matmul": True},
-        {"act": None},
-    ],
+    "kwargs", [{}, *LINEAR_VARIANTS, {"act": None}],
 )
 def test_linear_variants_are_found(kwargs):
     model = mlp_model(**kwargs)
