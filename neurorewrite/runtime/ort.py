@@ -30,7 +30,8 @@ def ort_session(
     """An InferenceSession on ``providers`` (default: CUDA first when present, then CPU).
 
     A model with ``ai.neurorewrite.SparseLinear`` nodes (``--format sparse``) is rewritten to standard
-    ops first, by ``sparse_method`` (see :mod:`neurorewrite.runtime.sparse_ort`).
+    ops first, by ``sparse_method`` (see :mod:`neurorewrite.runtime.sparse_ort`), after folding the
+    children's tied outgoing copies (:mod:`neurorewrite.passes.fold_tied`).
     """
     options = ort.SessionOptions()
     if threads is not None:
@@ -46,6 +47,7 @@ def ort_session(
 
 def _standard_ops(model: onnx.ModelProto | str | os.PathLike, method: str) -> bytes | None:
     """The serialized standard-op form of a model that uses the sparse operator, else None."""
+    from neurorewrite.passes.fold_tied import fold_tied_children
     from neurorewrite.runtime.sparse_ort import DOMAIN, has_sparse_ops, to_standard_ops
 
     if isinstance(model, onnx.ModelProto):
@@ -59,7 +61,8 @@ def _standard_ops(model: onnx.ModelProto | str | os.PathLike, method: str) -> by
         proto = load_model(model)
     if not has_sparse_ops(proto):
         return None
-    return to_standard_ops(proto, method).SerializeToString()
+    folded, _ = fold_tied_children(proto)
+    return to_standard_ops(folded, method).SerializeToString()
 
 
 def match_inputs(session: ort.InferenceSession, sample: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:

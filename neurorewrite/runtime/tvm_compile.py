@@ -1,6 +1,7 @@
 """Compile an ONNX model (with or without neurorewrite operators) into a deployable TVM library.
 
-``compile`` imports the model with the Relax ONNX frontend (SparseLinear -> the project's kernels),
+``compile`` folds tied child copies (``passes/fold_tied.py``), imports the model with the Relax ONNX
+frontend (SparseLinear -> the project's kernels),
 optionally tunes with MetaSchedule into a reusable database, builds, and writes ``OUTPUT`` (a shared
 library) plus ``OUTPUT.json`` (input names/shapes, outputs, target) atomically: on any failure nothing
 is written and an existing output is left as it was.
@@ -33,6 +34,7 @@ class CompileReport:
     inputs: dict[str, list[int]]
     outputs: list[str]
     sparse_kernels: list[dict[str, object]] = field(default_factory=list)
+    folded: list[dict[str, object]] = field(default_factory=list)  # SparseLinear nodes that sum tied children
     tuned_tasks: int = 0
     trials: int = 0
     database: str | None = None
@@ -60,13 +62,14 @@ def compile(  # noqa: A001 (the public name the issue asks for)
     with the same shapes and target reuses them without measuring again.
     """
     from neurorewrite.kernels import tuning
+    from neurorewrite.passes.fold_tied import fold_tied_children
     from neurorewrite.runtime.tvm_import import import_model, input_shapes
     from neurorewrite.runtime.tvm_target import parse_target
 
     if trials < 0:
         raise InvalidOptionError(f"--trials must be >= 0, got {trials}")
     tvm_target = parse_target(target)
-    proto = load_model(model)
+    proto, fold = fold_tied_children(load_model(model))
     static = input_shapes(proto, shapes)
     if tune and database is None:
         if output is None:
@@ -76,7 +79,7 @@ def compile(  # noqa: A001 (the public name the issue asks for)
     mod, kernels = import_model(proto, static, tvm_target, scheduled=db is None)
     report = CompileReport(
         target=str(tvm_target), inputs=static, outputs=[o.name for o in proto.graph.output],
-        sparse_kernels=[asdict(k) | {"layout": k.layout} for k in kernels],
+        sparse_kernels=[asdict(k) | {"layout": k.layout} for k in kernels], folded=fold.folded,
         trials=trials if tune else 0, database=None if database is None else str(database),
     )
     start = time.monotonic()

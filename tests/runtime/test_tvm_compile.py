@@ -58,3 +58,17 @@ def test_cli_compiles_a_sparse_model_and_writes_library_and_description(tmp_path
     x = np.random.default_rng(2).standard_normal((3, 2, 12)).astype(np.float32)
     np.testing.assert_allclose(load(tmp_path / "m.so")(x)[0], reference(x, w1, b1, w2, b2), rtol=1e-4, atol=1e-4)
     assert (tmp_path / "m.so.json").exists()
+
+
+@pytest.mark.parametrize("n", [1, 3, 16])
+def test_expanded_model_folds_tied_children_and_matches_onnxruntime(exports, tmp_path: Path, n: int) -> None:
+    from neurorewrite.api import expand
+
+    model, _ = expand(exports["torchscript_gemm"], alpha=4, split="random", seed=2, format="sparse")
+    _, report = compile(model, "llvm", output=tmp_path / "f.so", shapes={"x": [n, 16]})
+    assert [row["parent_nonzeros"] for row in report.folded] and len(report.sparse_kernels) >= 2
+    dense, _ = expand(exports["torchscript_gemm"], alpha=4, split="random", seed=2, format="dense")  # unfolded
+    x = np.random.default_rng(n).standard_normal((n, 16)).astype(np.float32)
+    expected = ort_session(dense, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = load(tmp_path / "f.so")({"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
