@@ -59,9 +59,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    rows = [(k["in_features"], k["out_features"], k["n"], k["width"], k["layout"]) for k in report.sparse_kernels]
-    parts = [format_table(("in", "out", "rows", "ELL width", "layout"), rows,
+    rows = [(k["node"], k["in_features"], k["out_features"], k["rows"], k["nonzeros"], k["kernel"])
+            for k in report.sparse_kernels]
+    parts = [format_table(("node", "in", "out", "rows", "nonzeros", "kernel"), rows,
                           title=f"sparse kernels ({len(rows)}; none means a plain Relax import)")]
+    if report.folded:
+        folded = [(f["node"], f["nonzeros"], f["parent_nonzeros"], f["untied_nonzeros"]) for f in report.folded]
+        parts.append(format_table(("node", "nonzeros", "as parents", "untied"), folded,
+                                  title="\ntied children summed first (the parents' weights are read once)"))
     summary = [("target", report.target), ("inputs", json.dumps(report.inputs)),
                ("tuned tasks", f"{report.tuned_tasks} ({report.trials} trials)" if args.tune else "not tuned"),
                ("database", report.database or "-"), ("tune time", f"{report.seconds_tune:.1f}s"),

@@ -67,6 +67,11 @@ def blocked_ell_from_csr(values: np.ndarray, indices: np.ndarray, indptr: np.nda
     return BlockedEll(out_values, out_indices, tile_ptr, in_features, out_features)
 
 
+def padded_rows(n: int) -> int:
+    """The batch the kernel runs for ``n`` rows: the next multiple of :data:`LANES` (zero rows appended)."""
+    return -(-n // LANES) * LANES
+
+
 def batch_tile(n: int) -> int:
     """Batch columns held in registers per tile (ROW_TILE x batch_tile/16 vector accumulators); 0 = unsupported."""
     return 32 if n % 32 == 0 else LANES if n % LANES == 0 else 0

@@ -79,7 +79,7 @@ def compile(  # noqa: A001 (the public name the issue asks for)
     mod, kernels = import_model(proto, static, tvm_target, scheduled=db is None)
     report = CompileReport(
         target=str(tvm_target), inputs=static, outputs=[o.name for o in proto.graph.output],
-        sparse_kernels=[asdict(k) | {"layout": k.layout} for k in kernels], folded=fold.folded,
+        sparse_kernels=kernels, folded=fold.folded,
         trials=trials if tune else 0, database=None if database is None else str(database),
     )
     start = time.monotonic()

@@ -20,21 +20,28 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from neurorewrite.errors import InvalidOptionError, ModelLoadError, last_line
-from neurorewrite.kernels.blocked_rows import ROW_TILE, batch_tile, blocked_ell_from_csr, blocked_rows_func
+from neurorewrite.kernels.blocked_rows import ROW_TILE, blocked_ell_from_csr, blocked_rows_func, padded_rows
 from neurorewrite.kernels.ell import ell_from_csr, sliced_ell_from_csr
 from neurorewrite.kernels.gather_gemv import gather_gemv_func, gather_lanes
+from neurorewrite.kernels.labeled_tiles import LabeledTiles, labeled_gemv_func, labeled_tiles_from_csr, prefer_labeled
 from neurorewrite.kernels.sparse_linear import EllShape, ell_linear_func, schedule_default
 from neurorewrite.passes.lower_sparse import OP
+from neurorewrite.rewriter.edit import read_metadata
 
 SPARSE_OPS = (OP,)
 
 
 class _Importer(onnx_frontend.ONNXGraphImporter):
-    def __init__(self, shape_dict: dict, target: tvm.target.Target, scheduled: bool) -> None:
+    def __init__(self, shape_dict: dict, target: tvm.target.Target, scheduled: bool, alpha: int) -> None:
         super().__init__(shape_dict, "float32")
         self._target = target
         self._scheduled = scheduled
-        self.kernels: list[EllShape] = []
+        self._alpha = alpha
+        self.kernels: list[dict[str, object]] = []  # one row per SparseLinear: which kernel runs it
+
+    def _used(self, kernel: str, shape: EllShape, nonzeros: int) -> None:
+        self.kernels.append({"node": self._node, "kernel": kernel, "rows": shape.n, "in_features": shape.in_features,
+                             "out_features": shape.out_features, "nonzeros": nonzeros})
 
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
         convert_map = onnx_frontend._get_convert_map()
@@ -52,6 +59,7 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
 
     def _sparse_linear(self, inputs: list, attrs: dict) -> relax.Expr:
         name = attrs["tvm_custom"]["name"] or "SparseLinear"
+        self._node = name
         fmt = attrs.get("format", b"csr")
         fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
         if fmt != "csr":
@@ -67,16 +75,21 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         n = math.prod(dims[:-1])
         shape = EllShape(n, d, o, ell.width, str(ell.indices.dtype))
         lanes = gather_lanes(self._target)
+        cpu = self._target.kind.name == "llvm"
+        if cpu and shape.layout == "rows":  # fewer rows go to the small-batch kernels
+            return self._blocked_linear(x, dims, consts, bias, shape)
+        if cpu:
+            tiles = self._labeled_tiles(consts, bias, shape)
+            if tiles is not None:
+                return self._labeled_linear(x, dims, tiles, shape, lanes or 4, consts[0].size)
         if shape.layout == "cols" and lanes:
             return self._gather_linear(x, dims, consts, bias, shape, lanes, name)
-        if shape.layout == "rows" and self._target.kind.name == "llvm" and batch_tile(n):
-            return self._blocked_linear(x, dims, consts, bias, shape)
         if shape.layout == "cols":
             ell = ell.transposed()
         func = ell_linear_func(shape)
         if self._scheduled:
             func = schedule_default(func, self._target)
-        self.kernels.append(shape)
+        self._used(f"TensorIR ELL ({shape.layout})", shape, int(consts[0].size))
         gv = self.bb.add_func(func, "ell_linear")
         bb = self.bb
         xt = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(x, (n, d)))))
@@ -88,6 +101,32 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             y = relax.op.add(bb.emit(y), relax.const(bias.astype(np.float32)))
         return relax.op.reshape(bb.emit(y), (*dims[:-1], o))
 
+    def _labeled_tiles(self, csr: list[np.ndarray], bias: np.ndarray | None, shape: EllShape) -> LabeledTiles | None:
+        """Dense parent tiles for this layer when they beat gathering its nonzeros (rows read as the
+        model's FPE children when siblings have disjoint inputs, else as plain rows)."""
+        for alpha in dict.fromkeys((self._alpha, 1)):
+            parents = shape.out_features // alpha
+            if shape.out_features % alpha or not prefer_labeled(csr[0].size, parents, shape.in_features, alpha):
+                continue
+            tiles = labeled_tiles_from_csr(*csr, in_features=shape.in_features, alpha=alpha, bias=bias)
+            if tiles is not None:
+                return tiles
+        return None
+
+    def _labeled_linear(self, x: relax.Expr, dims: list[int], tiles: LabeledTiles, shape: EllShape,
+                        vector: int, nonzeros: int) -> relax.Expr:
+        """Small batch on a CPU, dense enough: labeled parent tiles, no gathers, bias inside."""
+        self._used(f"labeled tiles x{tiles.alpha}" if tiles.alpha > 1 else "dense tiles", shape, nonzeros)
+        gv = self.bb.add_func(labeled_gemv_func(shape.n, tiles, vector), "labeled_tiles_linear")
+        bb = self.bb
+        arrays = [tiles.values] + ([] if tiles.labels is None else [tiles.labels]) + [tiles.bias]
+        y = bb.emit(relax.call_tir(gv, [bb.emit(relax.op.reshape(x, (shape.n, shape.in_features))),
+                                        *(relax.const(a) for a in arrays)],
+                                   relax.TensorType((shape.n, tiles.rows), "float32")))
+        if tiles.rows != shape.out_features:
+            y = bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[shape.out_features]))
+        return relax.op.reshape(y, (*dims[:-1], shape.out_features))
+
     def _gather_linear(self, x: relax.Expr, dims: list[int], csr: list[np.ndarray], bias: np.ndarray | None,
                        shape: EllShape, lanes: int, name: str) -> relax.Expr:
         """Small batch on a CPU with gathers: sliced-ELL kernel on the untransposed input, bias inside."""
@@ -97,7 +136,7 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             padded[: shape.out_features] = bias.astype(np.float32)
         func = gather_gemv_func(shape.n, shape.in_features, sell.slices, sell.values.shape[0], lanes,
                                 str(sell.indices.dtype))
-        self.kernels.append(shape)
+        self._used("sliced-ELL gather", shape, int(csr[0].size))
         gv = self.bb.add_func(func, "sell_gather_linear")
         bb = self.bb
         consts = [relax.const(a) for a in (sell.values, sell.indices, sell.slice_ptr, padded)]
@@ -109,20 +148,26 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
 
     def _blocked_linear(self, x: relax.Expr, dims: list[int], csr: list[np.ndarray], bias: np.ndarray | None,
                         shape: EllShape) -> relax.Expr:
-        """Batches that are a multiple of 16 on a CPU: column-blocked ELL with the bias inside the kernel."""
+        """8 rows or more on a CPU: column-blocked ELL with the bias inside the kernel; the rows are
+        padded with zeros to the kernel's batch tile (a multiple of 16) and the padding sliced off."""
         ell = blocked_ell_from_csr(*csr, in_features=shape.in_features, index_type=shape.index_dtype)
+        rows = padded_rows(shape.n)
         out = ell.row_tiles * ROW_TILE
         padded = np.zeros(out, dtype=np.float32)
         if bias is not None:
             padded[: shape.out_features] = bias.astype(np.float32)
-        self.kernels.append(shape)
-        gv = self.bb.add_func(blocked_rows_func(shape.n, ell), "blocked_ell_linear")
+        self._used("column-blocked ELL", shape, int(csr[0].size))
+        gv = self.bb.add_func(blocked_rows_func(rows, ell), "blocked_ell_linear")
         bb = self.bb
-        xt = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(x, (shape.n, shape.in_features)))))
+        x2 = bb.emit(relax.op.reshape(x, (shape.n, shape.in_features)))
+        if rows != shape.n:
+            zeros = relax.const(np.zeros((rows - shape.n, shape.in_features), dtype=np.float32))
+            x2 = bb.emit(relax.op.concat([x2, zeros], axis=0))
+        xt = bb.emit(relax.op.permute_dims(x2))
         consts = [relax.const(a) for a in (ell.values, ell.indices, ell.tile_ptr, padded)]
-        yt = bb.emit(relax.call_tir(gv, [xt, *consts], relax.TensorType((out, shape.n), "float32")))
-        if out != shape.out_features:
-            yt = bb.emit(relax.op.strided_slice(yt, axes=[0], begin=[0], end=[shape.out_features]))
+        yt = bb.emit(relax.call_tir(gv, [xt, *consts], relax.TensorType((out, rows), "float32")))
+        if out != shape.out_features or rows != shape.n:
+            yt = bb.emit(relax.op.strided_slice(yt, axes=[0, 1], begin=[0, 0], end=[shape.out_features, shape.n]))
         return relax.op.reshape(bb.emit(relax.op.permute_dims(yt)), (*dims[:-1], shape.out_features))
 
 
@@ -166,10 +211,11 @@ def input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | N
 
 def import_model(
     model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], target: tvm.target.Target, scheduled: bool
-) -> tuple[tvm.IRModule, list[EllShape]]:
+) -> tuple[tvm.IRModule, list[dict[str, object]]]:
     """The Relax module of ``model``; ``scheduled`` applies the untuned kernel schedule (else left to tuning)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    importer = _Importer(dict(shapes), target, scheduled)
+    alpha = (read_metadata(model) or {}).get("alpha")
+    importer = _Importer(dict(shapes), target, scheduled, alpha if isinstance(alpha, int) and alpha > 1 else 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the frontend warns on every custom-domain node
         try:

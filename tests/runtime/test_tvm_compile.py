@@ -16,18 +16,28 @@ from neurorewrite.runtime import compile, load, ort_session  # noqa: E402
 from tests.runtime.tvm_models import masked, mlp, reference  # noqa: E402
 
 
-def _weights(seed: int = 0) -> tuple[np.ndarray, ...]:
+def _weights(seed: int = 0, density: float = 0.4) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
-    return (masked(rng, 32, 12, 0.4), rng.standard_normal(32).astype(np.float32),
-            masked(rng, 6, 32, 0.4), rng.standard_normal(6).astype(np.float32))
+    return (masked(rng, 32, 12, density), rng.standard_normal(32).astype(np.float32),
+            masked(rng, 6, 32, density), rng.standard_normal(6).astype(np.float32))
 
 
-@pytest.mark.parametrize("n", [1, 10])
-def test_sparse_model_matches_onnxruntime_dense(tmp_path: Path, n: int) -> None:
-    w1, b1, w2, b2 = _weights(n)
+# rows -> kernel on an AVX2/AVX-512 CPU: dense enough at small batch -> tiles, sparse -> gathers,
+# 8 rows or more -> column-blocked (10 rows run padded to 16)
+@pytest.mark.parametrize(("n", "density", "kernel"), [
+    (1, 0.4, "dense tiles"), (1, 0.05, "sliced-ELL gather"), (10, 0.4, "column-blocked ELL"),
+])
+def test_sparse_model_matches_onnxruntime_dense(tmp_path: Path, n: int, density: float, kernel: str) -> None:
+    from neurorewrite.kernels.gather_gemv import gather_lanes
+    from neurorewrite.runtime.tvm_target import parse_target
+
+    if kernel == "sliced-ELL gather" and not gather_lanes(parse_target("llvm")):
+        pytest.skip("this CPU has no AVX2/AVX-512 gather: the TensorIR ELL kernel runs instead")
+    w1, b1, w2, b2 = _weights(n, density)
     lib = tmp_path / "m.so"
     _, report = compile(mlp(w1, b1, w2, b2, sparse=True), "llvm", output=lib, shapes={"x": [n, 12]})
     assert [k["out_features"] for k in report.sparse_kernels] == [32, 6]
+    assert report.sparse_kernels[0]["kernel"] == kernel
     x = np.random.default_rng(7).standard_normal((n, 12)).astype(np.float32)
     dense = ort_session(mlp(w1, b1, w2, b2, sparse=False), providers=["CPUExecutionProvider"])
     expected = dense.run(None, {"x": x})[0]
@@ -60,13 +70,14 @@ def test_cli_compiles_a_sparse_model_and_writes_library_and_description(tmp_path
     assert (tmp_path / "m.so.json").exists()
 
 
-@pytest.mark.parametrize("n", [1, 3, 16])
-def test_expanded_model_folds_tied_children_and_matches_onnxruntime(exports, tmp_path: Path, n: int) -> None:
+@pytest.mark.parametrize(("n", "first_kernel"), [(1, "labeled tiles x4"), (3, "labeled tiles x4"), (16, "column-blocked ELL")])
+def test_expanded_model_folds_tied_children_and_matches_onnxruntime(exports, tmp_path: Path, n: int, first_kernel: str) -> None:
     from neurorewrite.api import expand
 
     model, _ = expand(exports["torchscript_gemm"], alpha=4, split="random", seed=2, format="sparse")
     _, report = compile(model, "llvm", output=tmp_path / "f.so", shapes={"x": [n, 16]})
     assert [row["parent_nonzeros"] for row in report.folded] and len(report.sparse_kernels) >= 2
+    assert report.sparse_kernels[0]["kernel"] == first_kernel
     dense, _ = expand(exports["torchscript_gemm"], alpha=4, split="random", seed=2, format="dense")  # unfolded
     x = np.random.default_rng(n).standard_normal((n, 16)).astype(np.float32)
     expected = ort_session(dense, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
