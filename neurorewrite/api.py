@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 
 from neurorewrite.errors import InvalidOptionError
-from neurorewrite.fpe import FPEConfig, block_nnz, check_alpha
+from neurorewrite.fpe import FPEConfig, block_nnz, check_alpha, structured_split
 from neurorewrite.passes.expand import ExpandReport, Progress, expand_model
-from neurorewrite.passes.lower import GROUPED_SPLITS, check_format, lower_model
+from neurorewrite.passes.lower import check_format, lower_model
 from neurorewrite.passes.lower_structured import tie_outputs
 from neurorewrite.rewriter.blocks import Skipped, find_blocks
 from neurorewrite.rewriter.edit import read_metadata
@@ -126,12 +126,10 @@ def _pipeline(
 
 
 def _structured_options(split: str, format: str | None) -> tuple[str, str, str]:
-    """``--structured`` fixes split (shared unless feature), prune (layer) and format (grouped)."""
-    if split not in ("random", *GROUPED_SPLITS):
-        raise InvalidOptionError(f"--structured needs --split shared or feature (one partition for all neurons), got {split!r}")
+    """``--structured`` fixes split (:func:`neurorewrite.fpe.structured_split`), prune (layer) and format (grouped)."""
     if format not in (None, "grouped"):
         raise InvalidOptionError(f"--structured writes the grouped format; drop --format {format} or use --format grouped")
-    return ("feature" if split == "feature" else "shared"), "layer", "grouped"
+    return structured_split(split), "layer", "grouped"
 
 
 def _check_in_memory(model: onnx.ModelProto) -> None:

@@ -34,11 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--format", choices=("dense", "grouped", "sparse"), default=None,
         help="how expanded weights are stored: dense (zeros kept, default), grouped (batched MatMul; needs "
-        "--split shared/feature), sparse (CSR SparseLinear op, docs/sparse-op.md)",
+        "--split blocks/shared/feature), sparse (CSR SparseLinear op, docs/sparse-op.md)",
     )
     p.add_argument(
         "--structured", action="store_true",
-        help="preset that runs at dense speed in plain onnxruntime: shared split, tied outgoing weights, grouped format",
+        help="preset that runs near dense speed in plain onnxruntime: blocks split (or --split shared/feature), tied outgoing weights, layer pruning, grouped format",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     p.set_defaults(handler=run)

@@ -17,12 +17,14 @@ count before, ties included.
 
 from neurorewrite.fpe.config import (
     BIAS_MODES,
+    ONE_PARTITION_SPLITS,
     PRUNE_MODES,
     SPLITS,
     FPEConfig,
     block_nnz,
     block_seed,
     check_alpha,
+    structured_split,
 )
 from neurorewrite.fpe.expand import BlockExpansion, copy_outputs, expand_bias, expand_block, scatter_children
 from neurorewrite.fpe.prune import choose_pruned, kth_weighted_value, smallest_by_count
@@ -30,6 +32,7 @@ from neurorewrite.fpe.split import (
     balanced_labels,
     check_groups,
     cluster_features,
+    split_blocks,
     split_feature,
     split_groups,
     split_neurons,
@@ -38,8 +41,8 @@ from neurorewrite.fpe.split import (
 )
 
 __all__ = [
-    "BIAS_MODES", "PRUNE_MODES", "SPLITS", "BlockExpansion", "FPEConfig", "balanced_labels", "block_nnz",
+    "BIAS_MODES", "ONE_PARTITION_SPLITS", "PRUNE_MODES", "SPLITS", "BlockExpansion", "FPEConfig", "balanced_labels", "block_nnz",
     "block_seed", "check_alpha", "check_groups", "choose_pruned", "cluster_features", "copy_outputs",
     "expand_bias", "expand_block", "kth_weighted_value", "scatter_children", "smallest_by_count",
-    "split_feature", "split_groups", "split_neurons", "split_random", "split_shared",
+    "split_blocks", "split_feature", "split_groups", "split_neurons", "split_random", "split_shared", "structured_split",
 ]

@@ -8,7 +8,8 @@ import numpy as np
 
 from neurorewrite.errors import InvalidOptionError
 
-SPLITS = ("random", "feature", "groups", "shared")
+SPLITS = ("random", "feature", "groups", "shared", "blocks")
+ONE_PARTITION_SPLITS = ("blocks", "shared", "feature")  # every neuron uses the same input partition
 BIAS_MODES = ("copy", "split")
 PRUNE_MODES = ("global", "layer")
 
@@ -47,6 +48,18 @@ class FPEConfig:
                 raise InvalidOptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.split == "groups" and self.groups is None:
             raise InvalidOptionError("--split groups needs a partition: pass --groups FILE.json")
+
+
+def structured_split(split: str, where: str = "--structured") -> str:
+    """The split of the ``--structured`` preset: ``split`` when it gives one partition for all neurons,
+    ``blocks`` for the default ``random`` (contiguous input blocks need no gather at run time)."""
+    if split == "random":
+        return "blocks"
+    if split not in ONE_PARTITION_SPLITS:
+        raise InvalidOptionError(
+            f"{where} needs one input partition for all neurons (split {', '.join(ONE_PARTITION_SPLITS)}), got {split!r}"
+        )
+    return split
 
 
 def block_seed(seed: int, position: int) -> int:

@@ -32,6 +32,13 @@ def split_shared(h: int, d: int, alpha: int, rng: np.random.Generator) -> np.nda
     return np.broadcast_to(row, (h, d))
 
 
+def split_blocks(h: int, d: int, alpha: int) -> np.ndarray:
+    """One contiguous partition used by every neuron: child ``k`` reads the ``k``-th block of inputs
+    (blocks differ in size by at most one). Like ``shared``, but the children's inputs are slices."""
+    row = np.repeat(np.arange(alpha), np.bincount(balanced_labels(d, alpha), minlength=alpha)).astype(_child_dtype(alpha))
+    return np.broadcast_to(row, (h, d))
+
+
 def cluster_features(w1: np.ndarray, alpha: int, rng: np.random.Generator, iters: int = 20) -> np.ndarray:
     """Balanced clustering of the input features (columns of W1) by the Gram matrix ``W1^T W1``.
 
@@ -127,6 +134,8 @@ def split_neurons(w1: np.ndarray, cfg: FPEConfig) -> np.ndarray:
         return split_random(h, d, cfg.alpha, rng)
     if cfg.split == "shared":
         return split_shared(h, d, cfg.alpha, rng)
+    if cfg.split == "blocks":
+        return split_blocks(h, d, cfg.alpha)
     if cfg.split == "feature":
         return split_feature(w1, cfg.alpha, rng)
     assert cfg.groups is not None  # FPEConfig guarantees it

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import tvm
-from tvm import relax
+from tvm import relax, s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
@@ -65,31 +65,68 @@ def _check_records(database: ms.database.JSONDatabase, folder: Path, target: tvm
 
 
 def untuned_tasks(mod: tvm.IRModule, target: tvm.target.Target, database: ms.database.Database) -> list:
-    """The sparse-kernel tuning tasks of ``mod`` with no record in ``database`` yet.
+    """The tuning tasks of ``mod`` worth measuring that have no record in ``database`` yet.
 
-    Only the ELL kernels are tuned: the reshapes and element-wise ops around them compile fine
-    unscheduled on a CPU, and trials spent on them would be taken from the kernels.
+    Tasks are extracted after the same fusion :func:`apply_database` compiles with, so their records
+    match. Kept: every fused function with a reduction (matmuls, softmax, layer norm, the TensorIR ELL
+    kernel). Left out: the hand-scheduled kernels (``tirx.is_scheduled``) and pure data movement or
+    element-wise functions, which compile fine unscheduled and would take trials from the rest.
     """
+    tasks = ms.relax_integration.extract_tasks(fuse_for_tuning(mod, target), target)
+    return [t for t in tasks if _worth_tuning(t.dispatched[0]) and not database.has_workload(t.dispatched[0])]
+
+
+def fuse_for_tuning(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse as MetaSchedule's ``compile_relax`` does before it applies a database."""
+    from tvm.relax import pipeline
+
+    try:
+        dispatch = list(pipeline.library_dispatch_passes(target))
+    except (ValueError, AttributeError):  # targets without a registered dispatcher
+        dispatch = []
+    passes = [*dispatch, relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def _worth_tuning(task_mod: tvm.IRModule) -> bool:
+    func = task_mod["main"]
+    if func.attrs is not None and func.attrs.get("tirx.is_scheduled"):
+        return False
+    anchor = s_tir.analysis.find_anchor_sblock(task_mod)
+    return anchor is not None and any(iv.iter_type == tvm.tirx.IterVar.CommReduce for iv in anchor.iter_vars)
+
+
+def _is_ell_kernel(task: ms.ExtractedTask) -> bool:
     from neurorewrite.kernels.sparse_linear import RULE
 
-    tasks = ms.relax_integration.extract_tasks(mod, target)
-    return [t for t in tasks if RULE in t.dispatched[0].script() and not database.has_workload(t.dispatched[0])]
+    return RULE in task.dispatched[0].script()
 
 
 def _contexts(tasks: list, work_dir: str, target: tvm.target.Target) -> tuple[list, list]:
-    """Tune contexts whose design space is the kernel's own rule only.
+    """Tune contexts: MetaSchedule's default design space for the dense tasks; for the ELL kernel, a
+    space of its own rule only.
 
-    MetaSchedule's default CPU space adds its parallel/vectorize/unroll annotations to the root block
-    and its postprocessor then rejects every candidate of a kernel that is already parallel and
-    vectorised: the search sampled nothing, recorded nothing, and tuning silently did nothing.
+    The default CPU space adds its parallel/vectorize/unroll annotations to the root block and its
+    postprocessor then rejects every candidate of a kernel that is already parallel and vectorised:
+    the search sampled nothing, recorded nothing, and tuning silently did nothing.
     """
-    space = ms.space_generator.PostOrderApply(
+    ell = [t for t in tasks if _is_ell_kernel(t)]
+    dense = [t for t in tasks if not _is_ell_kernel(t)]
+    own_rule = ms.space_generator.PostOrderApply(
         sch_rules=[ms.schedule_rule.ApplyCustomRule()], postprocs=[],
         mutator_probs={ms.mutator.MutateTileSize(): 1.0},
     )
-    return ms.relax_integration.extracted_tasks_to_tune_contexts(
-        tasks, work_dir, space=space, num_threads=_cores(target), seed=0
-    )
+    contexts, weights = [], []
+    for group, space in ((ell, own_rule), (dense, "post-order-apply")):
+        if group:
+            c, w = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                group, work_dir, space=space, num_threads=_cores(target), seed=0
+            )
+            contexts += list(c)
+            weights += list(w)
+    return contexts, weights
 
 
 @derived_object

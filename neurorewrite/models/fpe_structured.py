@@ -19,10 +19,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from neurorewrite.errors import InvalidOptionError
-from neurorewrite.fpe import FPEConfig
-
-STRUCTURED_SPLITS = ("shared", "feature")
+from neurorewrite.fpe import FPEConfig, structured_split
 
 
 class TiedLinear(nn.Module):
@@ -75,14 +72,9 @@ def untied(model: nn.Module) -> nn.Module:
 
 
 def structured_config(config: FPEConfig) -> FPEConfig:
-    """The preset's options: the ``shared`` split (``feature`` is kept, ``random`` is read as the default
-    and becomes ``shared``) and ``prune="layer"``, as ``neurorewrite expand --structured`` does."""
-    if config.split not in ("random", *STRUCTURED_SPLITS):
-        raise InvalidOptionError(
-            f"fpe_expand(structured=True) needs one input partition for all neurons: split='shared' or "
-            f"'feature', got split={config.split!r}"
-        )
-    split = "feature" if config.split == "feature" else "shared"
+    """The preset's options, as ``neurorewrite expand --structured`` sets them: one input partition for
+    all neurons (:func:`neurorewrite.fpe.structured_split`) and ``prune="layer"``."""
+    split = structured_split(config.split, "fpe_expand(structured=True)")
     return replace(config, split=split, prune="layer", groups=None)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from neurorewrite.passes.lower_graph import GraphRewrite, default_opset
+from neurorewrite.passes.lower_graph import GraphRewrite, default_opset, leading_shape
 from neurorewrite.passes.lower_sparse import DOMAIN, OP, narrowest_int
 from neurorewrite.rewriter.edit import read_metadata
 from neurorewrite.rewriter.graph import get_attr, node_label
@@ -123,11 +123,7 @@ def _folded_nodes(rw: GraphRewrite, node: onnx.NodeProto, label: str, parents: C
     """``SparseLinear(parents, bias)(ReduceSum(Reshape(x, [..., n_parents, alpha])))`` plus, when some
     copies are untied, ``SparseLinear(rest)(x)``."""
     x = node.input[0]
-    (shape,) = rw.node("Shape", [x], label)
-    (lead,) = rw.node("Slice", [shape, rw.const(label + ".zero", np.array([0], np.int64)),
-                                rw.const(label + ".last", np.array([-1], np.int64))], label)
-    (grouped,) = rw.node("Concat", [lead, rw.const(label + ".runs", np.array([n_parents, alpha], np.int64))], label, axis=0)
-    (runs,) = rw.node("Reshape", [x, grouped], label)
+    (runs,) = rw.node("Reshape", [x, leading_shape(rw, x, label, [n_parents, alpha])], label)
     if opset >= 13:
         (summed,) = rw.node("ReduceSum", [runs, rw.const(label + ".axis", np.array([-1], np.int64))], label, keepdims=0)
     else:

@@ -3,7 +3,7 @@
 Replaces the linear layers of every FPE-expanded block with one representation:
 
 - ``dense``: unchanged (zeros stored); runs everywhere.
-- ``grouped``: for a shared input partition (``--split shared`` / ``feature``), W1' as ``alpha`` dense
+- ``grouped``: for one input partition (``--split blocks`` / ``shared`` / ``feature``), W1' as ``alpha`` dense
   blocks run as one batched MatMul; the second linear as a permuted MatMul, or, when its children
   share their outgoing column (``--structured``), as a sum over children and W2 at its original size
   (see ``lower_grouped.py``). Plain ONNX ops.
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from neurorewrite.errors import InvalidOptionError
+from neurorewrite.fpe import ONE_PARTITION_SPLITS
 from neurorewrite.passes.lower_graph import GraphRewrite, default_opset
 from neurorewrite.passes.lower_grouped import is_tied, lower_grouped_first, lower_second
 from neurorewrite.passes.lower_sparse import lower_sparse
@@ -31,7 +32,6 @@ from neurorewrite.rewriter.edit import read_metadata, write_metadata
 from neurorewrite.rewriter.linear import read_weights
 
 FORMATS = ("dense", "grouped", "sparse")
-GROUPED_SPLITS = ("shared", "feature")  # the splits that give one partition for all neurons
 
 
 @dataclass
@@ -50,10 +50,10 @@ def check_format(fmt: object, split: str | None = None) -> str:
     """Validate ``--format`` (and that ``grouped`` meets a shared split); returns it."""
     if fmt not in FORMATS:
         raise InvalidOptionError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "grouped" and split is not None and split not in GROUPED_SPLITS:
+    if fmt == "grouped" and split is not None and split not in ONE_PARTITION_SPLITS:
         raise InvalidOptionError(
-            f"--format grouped needs one input partition for all neurons (--split shared or feature), "
-            f"but the split is {split!r}; use --split shared, or --format dense/sparse"
+            f"--format grouped needs one input partition for all neurons (--split {', '.join(ONE_PARTITION_SPLITS)}), "
+            f"but the split is {split!r}; use --split blocks, or --format dense/sparse"
         )
     return str(fmt)
 

@@ -93,3 +93,12 @@ class GraphRewrite:
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's default-domain opset version (which ReduceSum signature the graph may use)."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def leading_shape(rw: GraphRewrite, x: str, base: str, tail: list[int]) -> str:
+    """``shape(x)[:-1] + tail`` as a tensor (queued nodes), for reshapes that keep the input's rank."""
+    shape = rw.node("Shape", [x], base)[0]
+    lead = rw.node(
+        "Slice", [shape, rw.const(base + ".zero", np.array([0], np.int64)), rw.const(base + ".last", np.array([-1], np.int64))], base
+    )[0]
+    return rw.node("Concat", [lead, rw.const(base + ".tail", np.array(tail, np.int64))], base, axis=0)[0]

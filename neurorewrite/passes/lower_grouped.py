@@ -1,6 +1,6 @@
 """The ``grouped`` representation: W1' of a shared-partition block as one batched MatMul.
 
-With ``--split shared`` (or ``feature``) every hidden neuron uses the same partition of the inputs,
+With ``--split blocks`` (or ``shared``, ``feature``) every hidden neuron uses the same partition of the inputs,
 so child ``k`` of every parent reads the same columns ``S_k``: W1' is ``alpha`` dense ``(H, |S_k|)``
 blocks. The first linear becomes ``Gather(S_0..S_alpha-1) -> Reshape -> Transpose -> MatMul(alpha
 blocks) -> Add -> Transpose -> Reshape``, plain ONNX ops with the original FLOPs and bytes.
@@ -20,7 +20,7 @@ import numpy as np
 from onnx import helper
 
 from neurorewrite.errors import InvalidOptionError
-from neurorewrite.passes.lower_graph import GraphRewrite
+from neurorewrite.passes.lower_graph import GraphRewrite, leading_shape
 from neurorewrite.rewriter.linear import Linear
 
 
@@ -42,7 +42,7 @@ def child_columns(w: np.ndarray, alpha: int, layer: str) -> list[np.ndarray]:
         j = int(np.argmax(readers > 1))
         raise InvalidOptionError(
             f"--format grouped: layer {layer} does not use one input partition for all neurons (input {j} "
-            "goes to several children); expand with --split shared or --split feature, or use --format sparse"
+            "goes to several children); expand with --split blocks, shared or feature, or use --format sparse"
         )
     owner = np.where(readers == 1, nz.argmax(axis=0), -1)
     load = np.bincount(owner[owner >= 0], minlength=alpha)
@@ -50,15 +50,6 @@ def child_columns(w: np.ndarray, alpha: int, layer: str) -> list[np.ndarray]:
         owner[j] = int(np.argmin(load))
         load[owner[j]] += 1
     return [np.flatnonzero(owner == k) for k in range(alpha)]
-
-
-def _leading_shape(rw: GraphRewrite, x: str, base: str, tail: list[int]) -> str:
-    """``shape(x)[:-1] + tail`` as a tensor, for reshaping back to the input's rank."""
-    shape = rw.node("Shape", [x], base)[0]
-    lead = rw.node(
-        "Slice", [shape, rw.const(base + ".zero", np.array([0], np.int64)), rw.const(base + ".last", np.array([-1], np.int64))], base
-    )[0]
-    return rw.node("Concat", [lead, rw.const(base + ".tail", np.array(tail, np.int64))], base, axis=0)[0]
 
 
 def lower_grouped_first(
@@ -92,7 +83,7 @@ def lower_grouped_first(
         rw.replace_linear(lin, nodes)
         return children_major(h, alpha)
     y = rw.node("Transpose", [y], base, perm=[1, 0, 2])[0]
-    shape = _leading_shape(rw, lin.data_input, base, [alpha * h])
+    shape = leading_shape(rw, lin.data_input, base, [alpha * h])
     nodes = rw.take()
     nodes.append(helper.make_node("Reshape", [y, shape], [lin.output], name=rw.name(base + "/out")))
     rw.replace_linear(lin, nodes)
@@ -123,14 +114,14 @@ def lower_second(
         y = rw.node("MatMul", [x, rw.const(lin.weight + ".tied", w[:, ::alpha].T.copy())], base)[0]
         if b is not None:
             y = rw.node("Add", [y, rw.const(base + ".bias", b)], base)[0]
-        shape = _leading_shape(rw, block_input, base, [w.shape[0]])
+        shape = leading_shape(rw, block_input, base, [w.shape[0]])
         nodes = rw.take()
         nodes.append(helper.make_node("Reshape", [y, shape], [lin.output], name=rw.name(base + "/out")))
         rw.replace_linear(lin, nodes)
         return "tied"
     if tied:
         h = w.shape[1] // alpha
-        shape = _leading_shape(rw, x, base, [alpha, h])
+        shape = leading_shape(rw, x, base, [alpha, h])
         x = rw.node("Reshape", [x, shape], base)[0]
         if opset >= 13:
             x = rw.node("ReduceSum", [x, rw.const(base + ".children", np.array([-2], np.int64))], base, keepdims=0)[0]

@@ -10,7 +10,7 @@ Counting (unique stored parameters, the same rule as ``fpe.py`` with tied column
 expansion runs with ``prune="layer"``, which removes exactly the hidden-bias excess from W1' (and the
 W2' excess, which this pass then replaces), so ``nnz(W1') + nnz(b1') + nnz(W2) + nnz(b2)`` equals the
 original block's count exactly. Chain middles (a linear that is also the next block's first) keep
-their FPE weights. Place in the pipeline: expand (split shared, prune layer) -> **tie** -> calibrate
+their FPE weights. Place in the pipeline: expand (split blocks, prune layer) -> **tie** -> calibrate
 (``calibrate_model(..., tied=True)``, which keeps the ties) -> lower (grouped).
 """
 

@@ -51,7 +51,7 @@ def children_support_disjoint(w1e: np.ndarray, w1: np.ndarray, alpha: int) -> No
 @example(h=1, d=1, o=1, alpha=2, seed=0, split="random", prune="global", bias="copy", ties=True)  # all weights 0
 @given(
     h=st.integers(1, 12), d=st.integers(1, 20), o=st.integers(1, 8), alpha=st.integers(1, 5),
-    seed=st.integers(0, 2**31 - 1), split=st.sampled_from(["random", "shared", "feature", "groups"]),
+    seed=st.integers(0, 2**31 - 1), split=st.sampled_from(["random", "shared", "blocks", "feature", "groups"]),
     prune=st.sampled_from(PRUNE_MODES), bias=st.sampled_from(BIAS_MODES), ties=st.booleans(),
 )
 def test_count_and_partition_invariants(h, d, o, alpha, seed, split, prune, bias, ties):
@@ -162,6 +162,12 @@ def test_shared_split_is_one_partition_for_all_neurons():
     a = split_neurons(np.ones((10, 24), np.float32), FPEConfig(alpha=4, split="shared", seed=0))
     assert (a == a[0]).all()
     assert np.bincount(a[0], minlength=4).tolist() == [6, 6, 6, 6]
+
+
+def test_blocks_split_gives_each_child_one_contiguous_slice():
+    a = split_neurons(np.ones((5, 10), np.float32), FPEConfig(alpha=4, split="blocks", seed=3))
+    assert (a == a[0]).all()
+    assert a[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]  # sizes differ by at most one, in order
 
 
 def test_feature_split_separates_feature_clusters():

@@ -79,11 +79,11 @@ def test_structured_layout_and_exact_count(widths):
     assert torch.equal(last.linear.weight, model[len(model) - 1].weight), "the tie keeps the original W2"
     first = new[0]
     assert isinstance(first, MaskedLinear) and first.out_features == 4 * widths[1]
-    # shared split: every parent's child k reads the same inputs
+    # blocks split: every parent's child k reads the same inputs
     children = first.weight_mask.reshape(widths[1], 4, widths[0]).any(dim=0)
     assert int(children.sum(dim=0).max()) == 1
     assert nonzeros(new) == nonzeros(model)  # nnz(W1') + nnz(b1') + nnz(W2) + nnz(b2), chains included
-    assert new.fpe_record.config.split == "shared" and new.fpe_record.structured
+    assert new.fpe_record.config.split == "blocks" and new.fpe_record.structured
 
 
 def test_finetune_keeps_masks_ties_and_count():
@@ -111,6 +111,6 @@ def test_options_of_the_preset(options):
     if options["split"] == "groups":
         with pytest.raises(InvalidOptionError, match="structured=True.*split"):
             fpe_expand(model, alpha=2, structured=True, **options)
-    else:  # like `neurorewrite expand --structured`: random is the default and becomes shared, prune layer
+    else:  # like `neurorewrite expand --structured`: random is the default and becomes blocks, prune layer
         config = fpe_expand(model, alpha=2, structured=True, **options).fpe_record.config
-        assert (config.split, config.prune) == ("shared", "layer")
+        assert (config.split, config.prune) == ("blocks", "layer")

@@ -86,7 +86,7 @@ def test_grouped_structure(exports) -> None:
 
 def test_grouped_refuses_random_split_and_writes_nothing(exports, tmp_path) -> None:
     out = tmp_path / "m.onnx"
-    with pytest.raises(InvalidOptionError, match="--split shared"):
+    with pytest.raises(InvalidOptionError, match="--split blocks"):
         expand(exports["torchscript_gemm"], alpha=2, split="random", format="grouped", output=out)
     assert not out.exists()
     dense, _ = expand(exports["torchscript_gemm"], alpha=2, split="random")

@@ -28,7 +28,7 @@ def test_structured_keeps_count_and_size(exports, name: str) -> None:
     model, report = expand(exports[name], alpha=4, structured=True)
     onnx.checker.check_model(model, full_check=True)
     record = read_metadata(model)
-    assert record["structured"] and record["format"] == "grouped" and record["split"] == "shared"
+    assert record["structured"] and record["format"] == "grouped" and record["split"] == "blocks"
     assert all(row["kind"] in ("tied",) or row["kind"].startswith("grouped") for row in record["lowered"])
     # stored weights: exactly the original nonzero count, and no tensor bigger than the original's
     assert _stored_nonzeros(model) == _stored_nonzeros(original)
@@ -46,7 +46,7 @@ def test_structured_is_the_tied_function(exports) -> None:
 
     path = exports["transformer"]
     model, _ = expand(path, alpha=2, structured=True)
-    dense, report = expand(path, alpha=2, split="shared", prune="layer")
+    dense, report = expand(path, alpha=2, split="blocks", prune="layer")
     tied, _ = tie_outputs(onnx.load(str(path)), dense, report)
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["ReduceSum"] >= 1
@@ -68,5 +68,5 @@ def test_structured_calibration_keeps_ties_and_helps(exports) -> None:
 def test_structured_option_errors(exports) -> None:
     with pytest.raises(InvalidOptionError, match="--structured writes the grouped format"):
         expand(exports["torchscript_gemm"], alpha=2, structured=True, format="sparse")
-    with pytest.raises(InvalidOptionError, match="--structured needs --split shared"):
+    with pytest.raises(InvalidOptionError, match="--structured needs one input partition"):
         expand(exports["torchscript_gemm"], alpha=2, structured=True, split="groups", groups=[[0], [1]])
