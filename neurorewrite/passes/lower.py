@@ -5,8 +5,9 @@ Replaces the linear layers of every FPE-expanded block with one representation:
 - ``dense``: unchanged (zeros stored); runs everywhere.
 - ``grouped``: for one input partition (``--split blocks`` / ``shared`` / ``feature``), W1' as ``alpha`` dense
   blocks run as one batched MatMul; the second linear as a permuted MatMul, or, when its children
-  share their outgoing column (``--structured``), as a sum over children and W2 at its original size
-  (see ``lower_grouped.py``). Plain ONNX ops.
+  share their outgoing column, as a sum over children and W2 at its original size (``lower_grouped.py``).
+  A lone block with tied outgoing columns (``--structured``) runs one 2-D MatMul per child instead
+  (``lower_children.py``). Plain ONNX ops.
 - ``sparse``: each expanded linear as one ``ai.neurorewrite.SparseLinear`` node holding CSR arrays
   with the narrowest index types (``docs/sparse-op.md``; ``lower_sparse.py``).
 
@@ -24,6 +25,7 @@ import onnx
 
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.fpe import ONE_PARTITION_SPLITS
+from neurorewrite.passes.lower_children import can_lower_children, lower_children
 from neurorewrite.passes.lower_graph import GraphRewrite, default_opset
 from neurorewrite.passes.lower_grouped import is_tied, lower_grouped_first, lower_second
 from neurorewrite.passes.lower_sparse import lower_sparse
@@ -93,21 +95,25 @@ def _lower_grouped(model: onnx.ModelProto, rw: GraphRewrite, blocks: list[MLPBlo
     perms = {}  # tensor -> new_to_old for hidden tensors now stored children-major
     ends = chain_ends(blocks)
     seconds = {b.second.node for b in blocks}
-    # a lone block with tied outgoing weights keeps the hidden as (alpha, rows, H): no transpose back
-    axis_kept = {
-        b.first.node for b in ends
-        if b.first.node not in seconds and is_tied(read_weights(rw.index, b.second)[0], alpha)
-    }
+    opset = default_opset(model)
+    per_child = set()  # lone blocks with tied outgoing weights: one MatMul per child (lower_children.py)
+    for block in ends:
+        if block.first.node in seconds:
+            continue
+        w1, b1 = read_weights(rw.index, block.first)
+        w2, b2 = read_weights(rw.index, block.second)
+        if is_tied(w2, alpha) and can_lower_children(rw, block, w1, alpha):
+            report.layers += lower_children(rw, model, block, w1, b1, w2, b2, alpha, opset)
+            per_child.add(block.first.node)
     for block in blocks:
+        if block.first.node in per_child:
+            continue
         w, b = read_weights(rw.index, block.first)
-        keep = block.first.node in axis_kept
-        perm = lower_grouped_first(rw, block.first, w, b, alpha, perms.get(block.first.data_input), keep)
-        perms[block.hidden] = perm
-        if keep:
-            rw.stale |= set(block.region_tensors) | {block.first.output}
+        perms[block.hidden] = lower_grouped_first(rw, block.first, w, b, alpha, perms.get(block.first.data_input))
         report.layers.append({"layer": block.first.name, "kind": f"grouped x{alpha}", "shape": list(w.shape)})
     for block in ends:  # a chain middle was lowered above as the next block's first linear
+        if block.first.node in per_child:
+            continue
         w, b = read_weights(rw.index, block.second)
-        lead = block.first.data_input if block.first.node in axis_kept else None
-        kind = lower_second(rw, block.second, w, b, alpha, perms[block.hidden], default_opset(model), lead)
+        kind = lower_second(rw, block.second, w, b, alpha, perms[block.hidden], opset)
         report.layers.append({"layer": block.second.name, "kind": kind, "shape": list(w.shape)})

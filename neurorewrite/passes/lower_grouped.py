@@ -54,13 +54,8 @@ def child_columns(w: np.ndarray, alpha: int, layer: str) -> list[np.ndarray]:
 
 def lower_grouped_first(
     rw: GraphRewrite, lin: Linear, w: np.ndarray, b: np.ndarray | None, alpha: int, new_to_old: np.ndarray | None,
-    children_axis: bool = False,
 ) -> np.ndarray:
-    """Replace the first linear of a block by the batched form; returns its output's ``new_to_old``.
-
-    With ``children_axis`` the output stays ``(alpha, rows, H)`` (for a tied second linear, which sums
-    over axis 0), saving the transpose back.
-    """
+    """Replace the first linear of a block by the batched form; returns its output's ``new_to_old``."""
     h = w.shape[0] // alpha
     cols = child_columns(w, alpha, lin.name)
     m = max(c.size for c in cols)
@@ -77,11 +72,6 @@ def lower_grouped_first(
     y = rw.node("MatMul", [x, rw.const(lin.weight + ".blocks", blocks)], base)[0]
     if b is not None:
         y = rw.node("Add", [y, rw.const(base + ".bias", b.reshape(h, alpha).T[:, None, :].copy())], base)[0]
-    if children_axis:
-        nodes = rw.take()
-        nodes[-1].output[0] = lin.output
-        rw.replace_linear(lin, nodes)
-        return children_major(h, alpha)
     y = rw.node("Transpose", [y], base, perm=[1, 0, 2])[0]
     shape = leading_shape(rw, lin.data_input, base, [alpha * h])
     nodes = rw.take()
@@ -98,27 +88,11 @@ def is_tied(w: np.ndarray, alpha: int) -> bool:
 
 def lower_second(
     rw: GraphRewrite, lin: Linear, w: np.ndarray, b: np.ndarray | None, alpha: int, new_to_old: np.ndarray, opset: int,
-    block_input: str | None = None,
 ) -> str:
-    """Replace a block's last linear: ReduceSum + W2 when tied, else a MatMul with permuted columns.
-
-    ``block_input`` (the block's input tensor) means the hidden tensor is ``(alpha, rows, H)``: sum
-    over axis 0, and reshape the result back to the block input's leading shape.
-    """
+    """Replace a block's last linear: ReduceSum over children + W2 when tied, else a MatMul with permuted columns."""
     base = lin.name + "/grouped"
     tied = is_tied(w, alpha) and np.array_equal(new_to_old, children_major(w.shape[1] // alpha, alpha))
     x = lin.data_input
-    if tied and block_input is not None:
-        axes = rw.const(base + ".children", np.array([0], np.int64))
-        x = rw.node("ReduceSum", [x, axes] if opset >= 13 else [x], base, keepdims=0, **({} if opset >= 13 else {"axes": [0]}))[0]
-        y = rw.node("MatMul", [x, rw.const(lin.weight + ".tied", w[:, ::alpha].T.copy())], base)[0]
-        if b is not None:
-            y = rw.node("Add", [y, rw.const(base + ".bias", b)], base)[0]
-        shape = leading_shape(rw, block_input, base, [w.shape[0]])
-        nodes = rw.take()
-        nodes.append(helper.make_node("Reshape", [y, shape], [lin.output], name=rw.name(base + "/out")))
-        rw.replace_linear(lin, nodes)
-        return "tied"
     if tied:
         h = w.shape[1] // alpha
         shape = leading_shape(rw, x, base, [alpha, h])

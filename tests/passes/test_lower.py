@@ -74,14 +74,24 @@ def test_csr_arrays_narrowest_types() -> None:
     np.testing.assert_array_equal(rebuilt, w)
 
 
-def test_grouped_structure(exports) -> None:
-    dense, _ = expand(exports["dynamo_gemm"], alpha=4, split="shared")
+@pytest.mark.parametrize(("split", "slicing"), [("shared", {"Gather": 4, "Split": 0}), ("blocks", {"Gather": 0, "Split": 1})])
+def test_grouped_lone_tied_block_runs_one_matmul_per_child(exports, split: str, slicing: dict[str, int]) -> None:
+    dense, _ = expand(exports["dynamo_gemm"], alpha=4, split=split)  # the global prune keeps W2' copies tied here
     lowered, report = lower_model(dense, "grouped")
     ops = Counter(n.op_type for n in lowered.graph.node)
-    assert ops["Gather"] == 1 and ops["MatMul"] == 2 and ops["Gemm"] == 0
+    assert {op: ops[op] for op in slicing} == slicing
+    assert ops["MatMul"] == 4 + 1 and ops["Sum"] == 1 and ops["Relu"] == 4 and ops["Transpose"] == 0
+    children = [t for t in lowered.graph.initializer if ".child" in t.name]
+    assert [list(t.dims) for t in children] == [[4, 24]] * 4  # 16 inputs / 4 children x 24 hidden: W1's size
+    assert [row["kind"] for row in report.layers][1] == "tied"
+
+
+def test_grouped_chain_runs_a_batched_matmul(exports) -> None:
+    dense, _ = expand(exports["gelu_silu_chain"], alpha=4, split="shared")
+    lowered, _ = lower_model(dense, "grouped")
     blocks = [t for t in lowered.graph.initializer if t.name.endswith(".blocks")]
-    assert len(blocks) == 1 and blocks[0].dims[0] == 4  # alpha dense blocks, one batched MatMul
-    assert np.prod(blocks[0].dims) == 4 * 4 * 24  # 16 inputs / 4 children x 24 hidden: W1's size
+    assert len(blocks) == 2 and all(t.dims[0] == 4 for t in blocks)  # alpha dense blocks per first linear
+    assert np.prod(blocks[0].dims) == 4 * 4 * 20  # 16 inputs / 4 children x 20 hidden: W1's size
 
 
 def test_grouped_refuses_random_split_and_writes_nothing(exports, tmp_path) -> None:
