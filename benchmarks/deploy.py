@@ -60,7 +60,7 @@ def _export(module: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
 
 
 def _session(path: Path, threads: int, method: str = "densify") -> ort.InferenceSession:
-    return ort_session(path, providers=["CPUExecutionProvider"], threads=threads, sparse_method=method)
+    return ort_session(path, providers=["CPUExecutionProvider"], threads=threads, sparse_method=method, spinning=False)
 
 
 def _written_path(original: Path, folder: Path, name: str) -> Path:

@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    set_threads(args.threads)
+    set_threads(args.threads, spinning=False)
     torch.set_num_threads(1)
     print(describe())
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +81,7 @@ def main() -> None:
         sparse, report = expand(original, alpha=ALPHA, split="random", prune="global", format="sparse")
         print(f"FPE alpha={ALPHA}: " + "; ".join(
             f"{b.name} width {b.width_before} -> {b.width_after}, nnz {b.nnz_before} -> {b.nnz_after}" for b in report.blocks))
-        dense = ort_session(original, providers=["CPUExecutionProvider"], threads=args.threads)
+        dense = ort_session(original, providers=["CPUExecutionProvider"], threads=args.threads, spinning=False)
         rows = [bench_batch(n, sparse, dense, args, Path(tmp)) for n in args.batches]
     print(format_table(
         ("batch", "dense ORT ms", "TVM default ms", "ratio", "TVM tuned ms", "ratio", "tune",

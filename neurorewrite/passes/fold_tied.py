@@ -121,7 +121,7 @@ def fold_tied_children(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldRep
 def _folded_nodes(rw: GraphRewrite, node: onnx.NodeProto, label: str, parents: Csr, rest: Csr,
                   n_parents: int, alpha: int, opset: int) -> list[onnx.NodeProto]:
     """``SparseLinear(parents, bias)(ReduceSum(Reshape(x, [..., n_parents, alpha])))`` plus, when some
-    copies are untied, ``SparseLinear(rest)(x)``."""
+    copies are untied, ``SparseLinear(rest)`` on the columns of ``x`` they read."""
     x = node.input[0]
     (runs,) = rw.node("Reshape", [x, leading_shape(rw, x, label, [n_parents, alpha])], label)
     if opset >= 13:
@@ -134,8 +134,12 @@ def _folded_nodes(rw: GraphRewrite, node: onnx.NodeProto, label: str, parents: C
     main = out if rest[0].size == 0 else rw.name(label + ".parents")
     nodes = [*rw.take(), _sparse_node(rw, [summed], parents, bias, main, label + "/parents", {**attrs, "in_features": n_parents})]
     if rest[0].size:
+        # the few untied copies read a handful of children: gather those, not the whole hidden layer
+        used, local = np.unique(rest[1].astype(np.int64), return_inverse=True)
+        (picked,) = rw.node("Gather", [x, rw.const(label + ".untied_columns", used)], label, axis=-1)
         untied = rw.name(label + ".untied")
-        nodes.append(_sparse_node(rw, [x], rest, [], untied, label + "/untied", attrs))
+        csr = (rest[0], local.astype(narrowest_int(max(used.size - 1, 0))), rest[2])
+        nodes += [*rw.take(), _sparse_node(rw, [picked], csr, [], untied, label + "/untied", {**attrs, "in_features": int(used.size)})]
         nodes.append(helper.make_node("Add", [main, untied], [out], name=rw.name(label + "/Add")))
     return nodes
 

@@ -26,18 +26,23 @@ def ort_session(
     providers: Sequence[str] | None = None,
     threads: int | None = None,
     sparse_method: str = "densify",
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """An InferenceSession on ``providers`` (default: CUDA first when present, then CPU).
 
     A model with ``ai.neurorewrite.SparseLinear`` nodes (``--format sparse``) is rewritten to standard
     ops first, by ``sparse_method`` (see :mod:`neurorewrite.runtime.sparse_ort`), after folding the
-    children's tied outgoing copies (:mod:`neurorewrite.passes.fold_tied`).
+    children's tied outgoing copies (:mod:`neurorewrite.passes.fold_tied`). ``spinning=False`` stops
+    the thread pool busy-waiting between runs (see :mod:`neurorewrite.runtime.bench`).
     """
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if not spinning:  # idle workers sleep at once instead of busy-waiting for the next run
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available_providers()]
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)

@@ -25,6 +25,7 @@ from neurorewrite.kernels.ell import ell_from_csr, sliced_ell_from_csr
 from neurorewrite.kernels.gather_gemv import gather_gemv_func, gather_lanes
 from neurorewrite.kernels.labeled_tiles import LabeledTiles, labeled_gemv_func, labeled_tiles_from_csr, prefer_labeled
 from neurorewrite.kernels.sparse_linear import EllShape, ell_linear_func, schedule_default
+from neurorewrite.kernels.transpose import transpose_func
 from neurorewrite.passes.lower_sparse import OP
 from neurorewrite.rewriter.edit import read_metadata
 
@@ -163,12 +164,17 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         if rows != shape.n:
             zeros = relax.const(np.zeros((rows - shape.n, shape.in_features), dtype=np.float32))
             x2 = bb.emit(relax.op.concat([x2, zeros], axis=0))
-        xt = bb.emit(relax.op.permute_dims(x2))
+        xt = self._transpose(x2, rows, shape.in_features)
         consts = [relax.const(a) for a in (ell.values, ell.indices, ell.tile_ptr, padded)]
         yt = bb.emit(relax.call_tir(gv, [xt, *consts], relax.TensorType((out, rows), "float32")))
+        y = self._transpose(yt, out, rows)
         if out != shape.out_features or rows != shape.n:
-            yt = bb.emit(relax.op.strided_slice(yt, axes=[0, 1], begin=[0, 0], end=[shape.out_features, shape.n]))
-        return relax.op.reshape(bb.emit(relax.op.permute_dims(yt)), (*dims[:-1], shape.out_features))
+            y = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[shape.n, shape.out_features]))
+        return relax.op.reshape(y, (*dims[:-1], shape.out_features))
+
+    def _transpose(self, x: relax.Expr, rows: int, cols: int) -> relax.Expr:
+        gv = self.bb.add_func(transpose_func(rows, cols), "tiled_transpose")
+        return self.bb.emit(relax.call_tir(gv, [x], relax.TensorType((cols, rows), "float32")))
 
 
 def _constant(expr: relax.Expr, node: str, role: str) -> np.ndarray:

@@ -47,11 +47,14 @@ class TvmSession:
         return self._libraries[batch](dict(feeds))
 
 
-def set_threads(threads: int) -> None:
-    """TVM's thread pool size (the kernels' ``parallel`` loops), to compare with onnxruntime like for like."""
+def set_threads(threads: int, spinning: bool = True) -> None:
+    """TVM's thread pool size (the kernels' ``parallel`` loops), to compare with onnxruntime like for like;
+    ``spinning=False`` makes idle workers sleep at once (as ``ort_session(spinning=False)``)."""
     import tvm
 
     os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the pool starts
+    if not spinning:
+        os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
     config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
     if config is not None:
         config(1, threads)  # 1: all (big) cores, up to ``threads`` workers
@@ -74,10 +77,11 @@ def tvm_session(
     model_path: str | os.PathLike, batches: Sequence[int], threads: int, folder: str | os.PathLike,
     tune: bool = False, trials: int = 0,
 ) -> TvmSession:
-    """Compile ``model_path`` for llvm once per batch size into ``folder`` and wrap the libraries."""
+    """Compile ``model_path`` for llvm once per batch size into ``folder`` and wrap the libraries for the
+    benchmark harness (idle workers do not spin, as in its onnxruntime sessions)."""
     from neurorewrite.runtime.tvm_compile import compile
 
-    set_threads(threads)
+    set_threads(threads, spinning=False)
     model = onnx.load(str(model_path))
     specs = input_specs(model)
     libraries = {}
