@@ -1,14 +1,16 @@
-"""Deploy benchmark: original vs widened (alpha 4) models in onnxruntime, side by side, interleaved.
+"""Deploy benchmark: original vs widened (alpha 4) models, side by side, interleaved.
 
 Models: an FFN block 768 -> 3072 -> 768 (GELU) and a 2-layer torch TransformerEncoder (d_model 256,
 FFN 1024, sequence 16; exported with dynamo=True). Variants, one function each: the original; the FPE
-expansion as ``dense`` (zeros stored), ``grouped`` (shared split, W1' batched; W2' still unstructured),
-``structured`` (shared split + tied outgoing weights, grouped), ``sparse`` (CSR SparseLinear) through
-both standard-op conversions; and a slot for the TVM-compiled widened model (``tvm_variant``).
+expansion as ``dense`` (zeros stored), ``grouped`` (shared split), ``structured`` (``--structured``:
+blocks split, tied outgoing weights, one MatMul per child), ``sparse`` (CSR SparseLinear) through
+both standard-op conversions, all in onnxruntime; and ``tvm``: the ``sparse`` file compiled by
+``neurorewrite compile`` with ``--tvm-trials`` MetaSchedule trials per batch.
 Prints the machine, then median latency and ratios against the original at batch 1 and 32, and each
-written model's bytes.
+written model's bytes. Thread pools do not spin (see :mod:`neurorewrite.runtime.bench`).
 
-Run: ``.venv/bin/python -m benchmarks.deploy [--repeats N] [--threads T]`` from the repository root.
+Run: ``.venv/bin/python -m benchmarks.deploy [--repeats N] [--threads T] [--tvm-trials N] [--variants ...]``
+from the repository root.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from benchmarks.machine import describe
 from neurorewrite.api import expand
 from neurorewrite.runtime.bench import bench_sessions, file_bytes
 from neurorewrite.runtime.ort import ort_session
+from neurorewrite.runtime.tvm_compile import DEFAULT_TRIALS
 from neurorewrite.table import format_table
 
 ALPHA = 4
-Variant = Callable[[Path, Path, int], ort.InferenceSession | None]  # (original, folder, threads)
+Variant = Callable[[Path, Path, argparse.Namespace], ort.InferenceSession | None]  # (original, folder, options)
 
 
 def export_ffn(folder: Path, activation: type[torch.nn.Module] = torch.nn.GELU) -> Path:
@@ -75,35 +78,37 @@ def _written(original: Path, folder: Path, name: str, **options: object) -> Path
     return out
 
 
-def original_variant(original: Path, folder: Path, threads: int) -> ort.InferenceSession:
-    return _session(original, threads)
+def original_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
+    return _session(original, args.threads)
 
 
-def dense_variant(original: Path, folder: Path, threads: int) -> ort.InferenceSession:
-    return _session(_written(original, folder, "dense", split="random"), threads)
+def dense_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
+    return _session(_written(original, folder, "dense", split="random"), args.threads)
 
 
-def grouped_variant(original: Path, folder: Path, threads: int) -> ort.InferenceSession:
-    return _session(_written(original, folder, "grouped", split="shared", format="grouped"), threads)
+def grouped_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
+    return _session(_written(original, folder, "grouped", split="shared", format="grouped"), args.threads)
 
 
-def structured_variant(original: Path, folder: Path, threads: int) -> ort.InferenceSession:
-    return _session(_written(original, folder, "structured", structured=True), threads)
+def structured_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
+    return _session(_written(original, folder, "structured", structured=True), args.threads)
 
 
-def sparse_densify_variant(original: Path, folder: Path, threads: int) -> ort.InferenceSession:
-    return _session(_written(original, folder, "sparse", split="random", format="sparse"), threads, "densify")
+def sparse_densify_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
+    return _session(_written(original, folder, "sparse", split="random", format="sparse"), args.threads, "densify")
 
 
-def sparse_gather_variant(original: Path, folder: Path, threads: int) -> ort.InferenceSession:
-    return _session(_written(original, folder, "sparse", split="random", format="sparse"), threads, "gather")
+def sparse_gather_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
+    return _session(_written(original, folder, "sparse", split="random", format="sparse"), args.threads, "gather")
 
 
-def tvm_variant(original: Path, folder: Path, threads: int):  # noqa: ANN201 (a TvmSession, duck-typed)
-    """The ``sparse`` file compiled by neurorewrite's TVM path (default schedules), one library per batch."""
+def tvm_variant(original: Path, folder: Path, args: argparse.Namespace):  # noqa: ANN201 (a TvmSession, duck-typed)
+    """The ``sparse`` file compiled by neurorewrite's TVM path, one library per batch, tuned with
+    ``--tvm-trials`` MetaSchedule trials per batch (0: default schedules)."""
     from neurorewrite.runtime.tvm_session import tvm_session
 
-    return tvm_session(_written(original, folder, "sparse", split="random", format="sparse"), (1, 32), threads, folder)
+    sparse = _written(original, folder, "sparse", split="random", format="sparse")
+    return tvm_session(sparse, (1, 32), args.threads, folder, tune=args.tvm_trials > 0, trials=args.tvm_trials)
 
 
 VARIANTS: dict[str, tuple[Variant, str | None]] = {  # label -> (builder, written file's name)
@@ -117,14 +122,14 @@ VARIANTS: dict[str, tuple[Variant, str | None]] = {  # label -> (builder, writte
 }
 
 
-def bench_model(original: Path, folder: Path, threads: int, repeats: int, chosen: list[str]) -> list[tuple[str, ...]]:
-    variants = {label: v for label, v in VARIANTS.items() if label == "original" or label in chosen}
+def bench_model(original: Path, folder: Path, args: argparse.Namespace) -> list[tuple[str, ...]]:
+    variants = {label: v for label, v in VARIANTS.items() if label == "original" or label in args.variants}
     sessions = {}
     for label, (build, _) in variants.items():
-        session = build(original, folder, threads)
+        session = build(original, folder, args)
         if session is not None:
             sessions[label] = session
-    result = bench_sessions(sessions, (1, 32), repeats=repeats)
+    result = bench_sessions(sessions, (1, 32), repeats=args.repeats)
     base_bytes = file_bytes(original)
     rows = []
     for label, (_, written) in variants.items():
@@ -154,19 +159,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tvm-trials", type=int, default=DEFAULT_TRIALS, help="MetaSchedule trials per batch for the tvm variant")
     parser.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "original"],
                         default=[v for v in VARIANTS if v != "original"],
                         help="widened variants to time against the original (fewer: warmer caches)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(describe())
-    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads, alpha {ALPHA}, median of {args.repeats} interleaved runs")
+    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads (no spinning), alpha {ALPHA}, "
+          f"median of {args.repeats} interleaved runs; tvm: {args.tvm_trials} MetaSchedule trials per batch")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for export in (export_ffn, export_encoder):
             original = export(folder)
-            rows += bench_model(original, folder, args.threads, args.repeats, args.variants)
+            rows += bench_model(original, folder, args)
             if {"dense", "sparse (densify)"} <= set(args.variants):
                 print(check_outputs(original, folder, args.threads))
     print(format_table(
