@@ -1,6 +1,7 @@
 """Accuracy of the --structured FPE variant against the paper's unstructured FPE, on sklearn digits.
 
-Structured = shared input split + children with tied outgoing weights (runs at dense speed in plain
+Structured = one input partition for all neurons (``blocks``, the preset's default: contiguous slices;
+or ``shared``: a random partition) + children with tied outgoing weights (runs near dense speed in plain
 onnxruntime, see ``benchmarks/deploy.py``); unstructured = random split + global prune (the paper's
 rule). Both at the original block's exact nonzero count, alpha 4, on a small MLP (64 -> H -> 10, ReLU)
 trained by sklearn and exported with skl2onnx. "bare" is the pass alone; "calibrated" adds the
@@ -42,7 +43,8 @@ ALPHA = 4
 SEEDS = range(5)
 VARIANTS = {  # label -> expand options
     "unstructured FPE (random, global)": {"split": "random"},
-    "structured (shared, tied)": {"structured": True},
+    "structured (blocks, tied)": {"structured": True},
+    "structured (shared, tied)": {"structured": True, "split": "shared"},
 }
 
 
@@ -69,7 +71,8 @@ def summary(values: list[float]) -> str:
 FINETUNED = {  # label -> fpe_expand options
     "unstructured FPE (random, global)": {"split": "random"},
     "shared split, untied": {"split": "shared", "prune": "layer"},
-    "structured (shared, tied)": {"structured": True},
+    "structured (blocks, tied)": {"structured": True},
+    "structured (shared, tied)": {"structured": True, "split": "shared"},
     "structured (feature, tied)": {"structured": True, "split": "feature"},
 }
 EPOCHS = 25  # before and after the expansion; dense gets both

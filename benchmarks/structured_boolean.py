@@ -1,11 +1,12 @@
-"""Structured FPE (``--structured``: shared split, tied outgoing weights) against the paper's unstructured
+"""Structured FPE (``--structured``: blocks split by default, tied outgoing weights) against the paper's unstructured
 FPE on the Boolean DNF task, with masked fine-tuning as the paper uses FPE.
 
 Same setup, data and seeds as ``benchmarks/boolean.py`` (its generator, helpers and defaults): dense
 trains E1 + E2 epochs; every FPE variant expands the dense net after E1 epochs (same nonzero count)
 and fine-tunes with fixed masks for E2 epochs. The first three rows therefore repeat boolean.py's.
-Structured rows use ``fpe_expand(..., structured=True)`` (split ``shared``, or ``feature``, which
-clusters the inputs by the Gram matrix into one partition for all neurons); "shared split, untied" is
+Structured rows use ``fpe_expand(..., structured=True)`` (split ``blocks``, the preset's default,
+``shared``, or ``feature``, which clusters the inputs by the Gram matrix into one partition for all
+neurons; the clauses' variables are placed at random, so contiguous blocks favour no clause); "shared split, untied" is
 the same split with the paper's free outgoing copies (the ``grouped`` format without the tie), which
 separates the cost of the shared split from the cost of the tie. The "no fine-tune" rows
 measure the expansion right after E1 epochs, bare and calibrated (label-free least-squares refit of
@@ -36,12 +37,14 @@ FINETUNED = {  # label -> fpe_expand options (alpha and seed added per run)
     "FPE random split (paper)": {"split": "random"},
     "FPE clause split (paper)": {"split": "groups"},
     "shared split, untied": {"split": "shared", "prune": "layer"},
+    "structured, blocks split": {"structured": True},
     "structured, shared split": {"structured": True, "split": "shared"},
     "structured, feature split": {"structured": True, "split": "feature"},
 }
 BARE = {  # label -> neurorewrite.expand options, applied to the dense net after E1 epochs
     "FPE random split": {"split": "random"},
-    "structured, shared split": {"structured": True},
+    "structured, blocks split": {"structured": True},
+    "structured, shared split": {"structured": True, "split": "shared"},
 }
 
 
