@@ -27,6 +27,9 @@ LANES = 32  # two AVX-512 vectors (four AVX2) of parents per tile: independent F
 _GATHER_COST = 10.0
 _LABEL_COST = 0.65
 _MAX_ACCUMULATORS = 16  # vector registers kept for accumulators (of 32 with AVX-512)
+# The costs above hold while the tiles stay in the last-level cache (32 MiB here); a layer whose
+# zero-filled tiles are larger streams them from memory, where a gathered nonzero is cheaper.
+_MAX_TILE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,11 @@ class LabeledTiles:
 
 def prefer_labeled(nnz: int, parents: int, in_features: int, alpha: int) -> bool:
     """Whether streaming the ``parents x in_features`` tiles costs less than gathering ``nnz`` entries."""
+    entries = parents * in_features
+    if entries * (4 if alpha == 1 else 5) > _MAX_TILE_BYTES:
+        return False
     per_entry = 1.0 if alpha == 1 else _LABEL_COST * alpha
-    return parents * in_features * per_entry < nnz * _GATHER_COST
+    return entries * per_entry < nnz * _GATHER_COST
 
 
 def labeled_tiles_from_csr(

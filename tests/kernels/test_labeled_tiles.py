@@ -52,3 +52,5 @@ def test_choice_follows_density() -> None:
     assert prefer_labeled(nnz=800_000, parents=768, in_features=3072, alpha=1)
     assert not prefer_labeled(nnz=100_000, parents=768, in_features=3072, alpha=1)
     assert not prefer_labeled(nnz=300_000, parents=3072, in_features=768, alpha=4)
+    # an untied FPE second layer, 768 x 12288 zero-filled (38 MB), would stream from memory: gathers
+    assert not prefer_labeled(nnz=3_150_000, parents=768, in_features=12288, alpha=1)
