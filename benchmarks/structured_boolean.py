@@ -72,7 +72,7 @@ def run_seed(args, seed: int, folder: Path) -> dict[str, float]:
     formula, x_tr, x_te, y_te, data, warm, dense = run.formula, run.x_tr, run.x_te, run.y_te, run.data, run.warm, run.dense
     out = {f"dense, {args.e1 + args.e2} epochs": accuracy(dense, x_te, y_te)}
     for label, options in FINETUNED.items():
-        extra = {"groups": formula.clause_groups()} if options["split"] == "groups" else {}
+        extra = {"groups": formula.clause_groups()} if options.get("split") == "groups" else {}
         fpe = fpe_expand(warm, alpha=args.alpha, seed=seed, bias=args.bias, **options, **extra)
         train(fpe, data, args.e2, args.lr)
         out[f"{label} + {args.e2} ft"] = accuracy(fpe, x_te, y_te)

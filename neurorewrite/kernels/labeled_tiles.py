@@ -6,7 +6,7 @@ an ``int8`` label per entry naming the child it belongs to (a pruned entry is a 
 The kernel streams that matrix in tiles of ``lanes`` parents, stored input-major so one vector load
 reads input ``i`` of ``lanes`` parents; it multiplies by the broadcast ``x[i]`` and adds the product into
 the accumulator of each child under the label's mask. That trades the sliced-ELL kernel's hardware
-gather per nonzero (the bottleneck on AMD Zen: about 0.45 ns each, ``benchmarks/deploy_tvm.py``) for
+gather per nonzero (the bottleneck on AMD Zen: about 0.45 ns each, ``benchmarks/kernels.py``) for
 ``alpha`` masked adds per stored entry, and reads 5 bytes per entry instead of 6 per nonzero plus padding.
 With ``alpha == 1`` (any sparse layer, no labels) it is a plain dense GEMV over the zero-filled matrix.
 
@@ -22,8 +22,9 @@ import tvm
 from tvm.script import tirx as T
 
 LANES = 32  # two AVX-512 vectors (four AVX2) of parents per tile: independent FMA chains
-# Per-entry costs on the 2-core AMD EPYC (Zen 4) CI machine, relative to one streamed entry of the
-# alpha=1 kernel (0.045 ns at batch 1, L3-resident): a gathered nonzero 10, a labeled entry 0.65*alpha.
+# Per-entry costs on the 2-core AMD EPYC (Zen 4) CI machine (``benchmarks/kernels.py``), relative to one
+# streamed entry of the alpha=1 kernel (0.045 ns at batch 1, L3-resident): a gathered nonzero about 10
+# (0.42-0.46 ns), a labeled entry about 0.65*alpha (0.114 ns at alpha 4).
 _GATHER_COST = 10.0
 _LABEL_COST = 0.65
 _MAX_ACCUMULATORS = 16  # vector registers kept for accumulators (of 32 with AVX-512)
