@@ -21,13 +21,18 @@ def _encoder(exports) -> onnx.ModelProto:
     return model
 
 
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    return {model.graph.input[0].name: [2, 5, 16]}
+
+
 def test_tasks_are_the_reductions_and_not_the_hand_scheduled_kernels(exports, tmp_path: Path) -> None:
     from neurorewrite.kernels import tuning
     from neurorewrite.runtime.tvm_import import import_model
     from neurorewrite.runtime.tvm_target import parse_target
 
     target = parse_target("llvm")
-    mod, kernels = import_model(_encoder(exports), {"x": [2, 5, 16]}, target, scheduled=False)
+    model = _encoder(exports)
+    mod, kernels = import_model(model, _shapes(model), target, scheduled=False)
     assert kernels  # the FFN runs on neurorewrite's kernels ...
     tasks = tuning.untuned_tasks(mod, target, tuning.open_database(tmp_path / "db", target))
     names = [t.task_name for t in tasks]
@@ -42,14 +47,14 @@ def test_tasks_are_the_reductions_and_not_the_hand_scheduled_kernels(exports, tm
 def test_tuned_compile_matches_and_warm_compile_reuses_the_database(exports, tmp_path: Path) -> None:
     model = _encoder(exports)
     calls: list[tuple[int, int]] = []
-    _, first = compile(model, "llvm", output=tmp_path / "m.so", tune=True, trials=24, shapes={"x": [2, 5, 16]},
+    _, first = compile(model, "llvm", output=tmp_path / "m.so", tune=True, trials=24, shapes=_shapes(model),
                        progress=lambda done, total, label: calls.append((done, total)))
     assert first.tuned_tasks >= 2 and calls and calls[-1] == (24, 24)
     records = [json.loads(line) for line in (tmp_path / "m.so.tuning" / "database_tuning_record.json").read_text().splitlines()]
     measured = {task for task, (_, run_secs, *_rest) in records if max(run_secs) < 1.0}  # failures record 1e10 s
     assert len(measured) >= 2  # candidates built and ran
-    _, warm = compile(model, "llvm", output=tmp_path / "m.so", tune=True, trials=24, shapes={"x": [2, 5, 16]})
+    _, warm = compile(model, "llvm", output=tmp_path / "m.so", tune=True, trials=24, shapes=_shapes(model))
     assert warm.tuned_tasks == 0
     x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
-    want = ort_session(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = ort_session(model, providers=["CPUExecutionProvider"]).run(None, {model.graph.input[0].name: x})[0]
     np.testing.assert_allclose(load(tmp_path / "m.so")(x)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
