@@ -1,9 +1,15 @@
 """Import an ONNX model into Relax, mapping ``ai.neurorewrite.SparseLinear`` to the project's kernels.
 
 The stock Relax ONNX frontend knows only standard operators. :class:`_Importer` extends it with one
-converter: each SparseLinear node becomes ``reshape -> transpose -> call_tir(ell_linear) -> transpose
-(+ bias) -> reshape``, with the ELL weights as constants. The sparsity pattern is fixed here, so the
-kernel is specialised on its shape (rows, width); MetaSchedule tuning records are keyed by that.
+converter: each SparseLinear node becomes a ``call_tir`` of one of the project's kernels, its weights
+repacked as constants (the sparsity pattern is fixed, so every kernel is specialised on it). On a CPU:
+
+- 8 rows or more: column-blocked ELL (``kernels/blocked_rows.py``) between two tiled transposes;
+- fewer rows: labeled parent tiles for FPE children, or dense tiles, when they cost less than
+  gathering the nonzeros (``kernels/labeled_tiles.py``), else sliced ELL with hardware gathers
+  (``kernels/gather_gemv.py``);
+- no gather instruction, and on CUDA: the TensorIR ELL kernel (``kernels/sparse_linear.py``), which
+  MetaSchedule tunes.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         super().__init__(shape_dict, "float32")
         self._target = target
         self._scheduled = scheduled
-        self._alpha = alpha
+        self._alpha = alpha  # the model's FPE alpha: rows in runs of alpha may be one parent's children
+        self._node = ""  # the SparseLinear being converted, for the report
         self.kernels: list[dict[str, object]] = []  # one row per SparseLinear: which kernel runs it
 
     def _used(self, kernel: str, shape: EllShape, nonzeros: int) -> None:
