@@ -62,8 +62,8 @@ def _export(module: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def _session(path: Path, threads: int, method: str = "densify") -> ort.InferenceSession:
-    return ort_session(path, providers=["CPUExecutionProvider"], threads=threads, sparse_method=method, spinning=False)
+def _session(path: Path, threads: int, method: str = "densify", spinning: bool = False) -> ort.InferenceSession:
+    return ort_session(path, providers=["CPUExecutionProvider"], threads=threads, sparse_method=method, spinning=spinning)
 
 
 def _written_path(original: Path, folder: Path, name: str) -> Path:
@@ -79,27 +79,27 @@ def _written(original: Path, folder: Path, name: str, **options: object) -> Path
 
 
 def original_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
-    return _session(original, args.threads)
+    return _session(original, args.threads, spinning=args.spinning)
 
 
 def dense_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
-    return _session(_written(original, folder, "dense", split="random"), args.threads)
+    return _session(_written(original, folder, "dense", split="random"), args.threads, spinning=args.spinning)
 
 
 def grouped_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
-    return _session(_written(original, folder, "grouped", split="shared", format="grouped"), args.threads)
+    return _session(_written(original, folder, "grouped", split="shared", format="grouped"), args.threads, spinning=args.spinning)
 
 
 def structured_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
-    return _session(_written(original, folder, "structured", structured=True), args.threads)
+    return _session(_written(original, folder, "structured", structured=True), args.threads, spinning=args.spinning)
 
 
 def sparse_densify_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
-    return _session(_written(original, folder, "sparse", split="random", format="sparse"), args.threads, "densify")
+    return _session(_written(original, folder, "sparse", split="random", format="sparse"), args.threads, "densify", args.spinning)
 
 
 def sparse_gather_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
-    return _session(_written(original, folder, "sparse", split="random", format="sparse"), args.threads, "gather")
+    return _session(_written(original, folder, "sparse", split="random", format="sparse"), args.threads, "gather", args.spinning)
 
 
 def tvm_variant(original: Path, folder: Path, args: argparse.Namespace):  # noqa: ANN201 (a TvmSession, duck-typed)
@@ -108,7 +108,8 @@ def tvm_variant(original: Path, folder: Path, args: argparse.Namespace):  # noqa
     from neurorewrite.runtime.tvm_session import tvm_session
 
     sparse = _written(original, folder, "sparse", split="random", format="sparse")
-    return tvm_session(sparse, (1, 32), args.threads, folder, tune=args.tvm_trials > 0, trials=args.tvm_trials)
+    return tvm_session(sparse, (1, 32), args.threads, folder, tune=args.tvm_trials > 0, trials=args.tvm_trials,
+                       spinning=args.spinning)
 
 
 VARIANTS: dict[str, tuple[Variant, str | None]] = {  # label -> (builder, written file's name)
@@ -129,7 +130,8 @@ def bench_model(original: Path, folder: Path, args: argparse.Namespace) -> list[
         session = build(original, folder, args)
         if session is not None:
             sessions[label] = session
-    result = bench_sessions(sessions, (1, 32), repeats=args.repeats)
+    # spinning pools need a few runs of their own before the timed ones count: bursts of 5
+    result = bench_sessions(sessions, (1, 32), repeats=args.repeats, burst=5 if args.spinning else 1)
     base_bytes = file_bytes(original)
     rows = []
     for label, (_, written) in variants.items():
@@ -159,6 +161,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--spinning", action="store_true",
+                        help="let idle thread pools busy-wait (the runtimes' default), each model timed in bursts of 5 runs")
     parser.add_argument("--tvm-trials", type=int, default=DEFAULT_TRIALS, help="MetaSchedule trials per batch for the tvm variant")
     parser.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "original"],
                         default=[v for v in VARIANTS if v != "original"],
@@ -166,7 +170,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(describe())
-    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads (no spinning), alpha {ALPHA}, "
+    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads ({'spinning' if args.spinning else 'no spinning'}), alpha {ALPHA}, "
           f"median of {args.repeats} interleaved runs; tvm: {args.tvm_trials} MetaSchedule trials per batch")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,6 +32,34 @@ def test_bench_result_ratios(exports, tmp_path) -> None:
     assert all(v > 0 for v in result.median.values()) and set(result.nbytes) == set(result.labels)
 
 
+class _Recorded:
+    """A real onnxruntime session that also records, in a shared list, each time it runs."""
+
+    def __init__(self, session, label: str, calls: list[str]) -> None:
+        self._session, self._label, self._calls = session, label, calls
+
+    def get_inputs(self):  # noqa: ANN201
+        return self._session.get_inputs()
+
+    def run(self, names, feeds):  # noqa: ANN001, ANN201
+        self._calls.append(self._label)
+        return self._session.run(names, feeds)
+
+
+def test_bursts_run_each_model_several_times_in_a_row(exports) -> None:
+    from neurorewrite.runtime.bench import bench_sessions
+    from neurorewrite.runtime.ort import ort_session
+
+    calls: list[str] = []
+    sessions = {label: _Recorded(ort_session(exports["torchscript_gemm"], providers=["CPUExecutionProvider"]), label, calls)
+                for label in ("a", "b")}
+    bench_sessions(sessions, [1], repeats=2, warmup=1, burst=3)
+    assert calls == ["a", "a", "a", "b", "b", "b"] * 3
+    calls.clear()
+    bench_sessions(sessions, [1], repeats=2, warmup=1)
+    assert calls == ["a", "b"] * 3
+
+
 def test_mismatched_inputs_are_a_data_error(exports, tmp_path) -> None:
     other = tmp_path / "wide.onnx"
     onnx.save(mlp_model(d=7, h=5, o=2), str(other))  # 7 input features, the reference has 16

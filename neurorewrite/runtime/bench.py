@@ -66,10 +66,13 @@ def bench_sessions(
     repeats: int = 20,
     warmup: int = 3,
     progress: Callable[[int, int, str], None] | None = None,
+    burst: int = 1,
 ) -> BenchResult:
     """Time every session on the same inputs, interleaved; the first session is the reference.
 
-    Raises DataError naming the model when a session does not accept the reference's inputs.
+    Each round runs every session ``burst`` times in a row (each run is one sample): more than 1 lets a
+    spinning thread pool settle before its session is timed. Raises DataError naming the model when a
+    session does not accept the reference's inputs.
     """
     labels = list(sessions)
     result = BenchResult(labels, list(batches))
@@ -81,13 +84,14 @@ def bench_sessions(
         samples: dict[str, list[float]] = {label: [] for label in labels}
         for r in range(repeats + warmup):
             for label, session in sessions.items():
-                start = time.perf_counter()
-                try:
-                    session.run(None, feeds[label])
-                except Exception as e:  # onnxruntime's own exception types for shape errors
-                    raise DataError(f"model {label} cannot run on the inputs of {labels[0]} at batch {batch}: {first_line(e)}") from e
-                if r >= warmup:
-                    samples[label].append(time.perf_counter() - start)
+                for _ in range(burst):
+                    start = time.perf_counter()
+                    try:
+                        session.run(None, feeds[label])
+                    except Exception as e:  # onnxruntime's own exception types for shape errors
+                        raise DataError(f"model {label} cannot run on the inputs of {labels[0]} at batch {batch}: {first_line(e)}") from e
+                    if r >= warmup:
+                        samples[label].append(time.perf_counter() - start)
             step += 1
             if progress is not None:
                 progress(step, total, f"batch {batch}")

@@ -75,13 +75,13 @@ def static_shape(spec: InputSpec, batch: int) -> list[int]:
 
 def tvm_session(
     model_path: str | os.PathLike, batches: Sequence[int], threads: int, folder: str | os.PathLike,
-    tune: bool = False, trials: int = 0,
+    tune: bool = False, trials: int = 0, spinning: bool = False,
 ) -> TvmSession:
     """Compile ``model_path`` for llvm once per batch size into ``folder`` and wrap the libraries for the
-    benchmark harness (idle workers do not spin, as in its onnxruntime sessions)."""
+    benchmark harness (by default idle workers do not spin, as in its onnxruntime sessions)."""
     from neurorewrite.runtime.tvm_compile import compile
 
-    set_threads(threads, spinning=False)
+    set_threads(threads, spinning=spinning)
     model = onnx.load(str(model_path))
     specs = input_specs(model)
     libraries = {}

@@ -58,3 +58,21 @@ def test_tuned_compile_matches_and_warm_compile_reuses_the_database(exports, tmp
     x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
     want = ort_session(model, providers=["CPUExecutionProvider"]).run(None, {model.graph.input[0].name: x})[0]
     np.testing.assert_allclose(load(tmp_path / "m.so")(x)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.slow
+def test_ell_kernel_is_tuned_where_it_runs(tmp_path: Path) -> None:
+    """A CPU without AVX2 gathers runs the TensorIR ELL kernel at small batch: MetaSchedule tunes it."""
+    from tests.runtime.tvm_models import masked, mlp, reference
+
+    rng = np.random.default_rng(0)
+    w1, b1, w2, b2 = masked(rng, 64, 48, 0.05), np.zeros(64, np.float32), masked(rng, 8, 64, 0.05), np.zeros(8, np.float32)
+    target = {"kind": "llvm", "mcpu": "x86-64", "num-cores": 2}  # SSE2 only: no gather instruction
+    model = mlp(w1, b1, w2, b2, sparse=True, input_shape=[2, 48])
+    _, report = compile(model, target, output=tmp_path / "m.so", tune=True, trials=16)
+    assert {k["kernel"] for k in report.sparse_kernels} == {"TensorIR ELL (cols)"}
+    assert report.tuned_tasks >= 2
+    records = (tmp_path / "m.so.tuning" / "database_tuning_record.json").read_text().splitlines()
+    assert any(max(json.loads(line)[1][1]) < 1.0 for line in records)  # a candidate built and ran
+    x = rng.standard_normal((2, 48)).astype(np.float32)
+    np.testing.assert_allclose(load(tmp_path / "m.so")(x)[0], reference(x, w1, b1, w2, b2), rtol=1e-4, atol=1e-4)
