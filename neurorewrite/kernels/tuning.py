@@ -112,20 +112,28 @@ def _contexts(tasks: list, work_dir: str, target: tvm.target.Target) -> tuple[li
     postprocessor then rejects every candidate of a kernel that is already parallel and vectorised:
     the search sampled nothing, recorded nothing, and tuning silently did nothing.
     """
-    ell = [t for t in tasks if _is_ell_kernel(t)]
-    dense = [t for t in tasks if not _is_ell_kernel(t)]
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
     own_rule = ms.space_generator.PostOrderApply(
         sch_rules=[ms.schedule_rule.ApplyCustomRule()], postprocs=[],
         mutator_probs={ms.mutator.MutateTileSize(): 1.0},
     )
-    contexts, weights = [], []
-    for group, space in ((ell, own_rule), (dense, "post-order-apply")):
-        if group:
-            c, w = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                group, work_dir, space=space, num_threads=_cores(target), seed=0
-            )
-            contexts += list(c)
-            weights += list(w)
+    # MetaSchedule rebuilds its logging config from its logger's handlers by name; one without a name
+    # (left by a test harness or a second tuning run in the process) made that config fail
+    meta_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in [h for h in meta_logger.handlers if h.get_name() is None]:
+        meta_logger.removeHandler(handler)
+    loggers = get_loggers_from_work_dir(work_dir, [t.task_name for t in tasks])
+    contexts = [
+        ms.TuneContext(
+            mod=task.dispatched[0], target=task.target, space_generator=own_rule if _is_ell_kernel(task) else "post-order-apply",
+            search_strategy="evolutionary", task_name=task.task_name, logger=logger, rand_state=seed,
+            num_threads=_cores(target),
+        ).clone()
+        for task, logger, seed in zip(tasks, loggers, fork_seed(0, n=len(tasks)))
+    ]
+    weights = [task.weight for task in tasks]
     return contexts, weights
 
 
