@@ -26,7 +26,7 @@ import onnx
 from onnx import helper
 
 from neurorewrite.passes.lower_graph import GraphRewrite, default_opset, leading_shape
-from neurorewrite.passes.lower_sparse import DOMAIN, OP, narrowest_int
+from neurorewrite.passes.lower_sparse import DOMAIN, OP, csr_from_entries, narrowest_int
 from neurorewrite.rewriter.edit import read_metadata
 from neurorewrite.rewriter.graph import get_attr, node_label
 
@@ -62,20 +62,10 @@ def split_tied(values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_in
     tied = (size == alpha) & (unequal == 0)
     first = start[tied]
     rest = ~tied[run_of]
+    n_rows = indptr.size - 1
     return (
-        _csr(values[first], parents[first], rows[first], indptr.size - 1, n_in // alpha),
-        _csr(values[rest], indices[rest].astype(np.int64), rows[rest], indptr.size - 1, n_in),
-    )
-
-
-def _csr(values: np.ndarray, cols: np.ndarray, rows: np.ndarray, n_rows: int, n_cols: int) -> Csr:
-    """CSR arrays with the index types ``lower_sparse.csr_arrays`` picks for the same layer."""
-    ptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_rows), out=ptr[1:])
-    return (
-        np.ascontiguousarray(values),
-        cols.astype(narrowest_int(max(n_cols - 1, 0))),
-        ptr.astype(narrowest_int(int(ptr[-1]))),
+        csr_from_entries(values[first], rows[first], parents[first], (n_rows, n_in // alpha)),
+        csr_from_entries(values[rest], rows[rest], indices[rest].astype(np.int64), (n_rows, n_in)),
     )
 
 

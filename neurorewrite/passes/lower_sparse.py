@@ -30,15 +30,21 @@ def csr_arrays(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     ``indices`` fits ``in - 1`` and ``indptr`` fits ``nnz``, each in the narrowest signed type.
     """
-    out, inp = w.shape
     rows, cols = np.nonzero(w)  # row-major order: rows ascending, columns ascending within a row
-    values = w[rows, cols]
+    return csr_from_entries(w[rows, cols], rows, cols, w.shape)
+
+
+def csr_from_entries(
+    values: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR arrays of entries already in row-major order, with :func:`csr_arrays`' index types."""
+    out, inp = shape
     indptr = np.zeros(out + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=out), out=indptr[1:])
     return (
-        values,
-        cols.astype(narrowest_int(max(inp - 1, 0))),
-        indptr.astype(narrowest_int(int(values.size))),
+        np.ascontiguousarray(values),
+        np.asarray(cols).astype(narrowest_int(max(inp - 1, 0))),
+        indptr.astype(narrowest_int(int(indptr[-1]))),
     )
 
 
