@@ -13,11 +13,10 @@ import onnx
 
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.fpe import FPEConfig, block_nnz, check_alpha, structured_split
-from neurorewrite.passes.expand import ExpandReport, Progress, expand_model
+from neurorewrite.passes.expand_blocks import ExpandReport, Progress, expand_model
 from neurorewrite.passes.lower import check_format, lower_model
-from neurorewrite.passes.lower_structured import tie_outputs
+from neurorewrite.passes.tie_outputs import tie_outputs
 from neurorewrite.rewriter.blocks import Skipped, find_blocks
-from neurorewrite.rewriter.edit import read_metadata
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.io import (
     EXTERNAL_DATA_THRESHOLD,
@@ -29,6 +28,7 @@ from neurorewrite.rewriter.io import (
 )
 from neurorewrite.rewriter.linear import read_weights
 from neurorewrite.rewriter.pipeline import Pass, run_passes
+from neurorewrite.rewriter.record import FPERecord, read_record
 from neurorewrite.sample import load_sample
 
 
@@ -67,7 +67,7 @@ def expand(
     ``output`` the model is written atomically (nothing is written if any step fails). ``format``
     (``dense`` by default, ``grouped``, ``sparse``) picks the representation (:mod:`neurorewrite.passes.lower`).
     ``structured`` is the preset that runs at dense speed: the ``shared`` split (or ``feature``), tied
-    outgoing weights, ``prune="layer"``, ``grouped`` format (:mod:`neurorewrite.passes.lower_structured`).
+    outgoing weights, ``prune="layer"``, ``grouped`` format (:mod:`neurorewrite.passes.tie_outputs`).
     """
     where = str(model) if not isinstance(model, onnx.ModelProto) else "model"
     alpha = check_alpha(alpha)
@@ -156,7 +156,7 @@ class Inspection:
 
     blocks: list[BlockInfo] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
-    fpe: dict[str, object] | None = None
+    fpe: FPERecord | None = None
 
 
 def inspect(model: ModelLike) -> Inspection:
@@ -164,7 +164,7 @@ def inspect(model: ModelLike) -> Inspection:
     proto = load_model(model)
     search = find_blocks(proto)
     index = GraphIndex.build(proto.graph)
-    out = Inspection(skipped=search.skipped, fpe=read_metadata(proto))
+    out = Inspection(skipped=search.skipped, fpe=read_record(proto, str(model)))
     for block in search.blocks:
         w1, b1 = read_weights(index, block.first)
         w2, b2 = read_weights(index, block.second)

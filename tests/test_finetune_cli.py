@@ -15,7 +15,7 @@ from torch import nn
 
 from neurorewrite.api import expand
 from neurorewrite.cli import main
-from neurorewrite.rewriter.edit import read_metadata
+from neurorewrite.rewriter.record import read_record
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import find_linears, read_weights
 from neurorewrite.runtime.ort import ort_session
@@ -59,7 +59,7 @@ def test_finetune_writes_a_trained_model(workdir, capsys):
     onnx.checker.check_model(str(out), full_check=True)
     for a, b in zip(nonzero_patterns(workdir / "model.fpe.onnx"), nonzero_patterns(out), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert read_metadata(onnx.load(str(out))) == read_metadata(onnx.load(str(workdir / "model.fpe.onnx")))
+    assert read_record(onnx.load(str(out))) == read_record(onnx.load(str(workdir / "model.fpe.onnx")))
     with np.load(workdir / "train.npz") as data:
         x, y = data["x"], data["y"]
     before = (ort_session(workdir / "model.fpe.onnx").run(None, {"x": x})[0].argmax(1) == y).mean()

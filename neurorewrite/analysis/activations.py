@@ -25,7 +25,9 @@ import numpy as np
 import onnx
 
 from neurorewrite.errors import DataError
-from neurorewrite.runtime.ort import OutputProbe, match_inputs, ort_session
+from neurorewrite.executor import OutputProbe, match_inputs
+from neurorewrite.passes.prepare import prepare_for_runtime
+from neurorewrite.runtime.ort import ort_session
 
 ACTIVE_EPS = 1e-6
 PHI_EPS = 0.01  # METHODS.md 2: s^2 + 0.01 * mean(s^2)
@@ -144,7 +146,7 @@ def hidden_statistics(
     total = feeds.rows
     step = (rows_per_run or FIRST_ROWS) if feeds.chunkable else total
     acc: dict[str, _Accumulator] = {}
-    probe = OutputProbe(model, hidden)
+    probe = OutputProbe(prepare_for_runtime(model, "onnxruntime")[0], hidden)
     start = 0
     while start < total:
         chunk = {k: v[start:start + step] for k, v in feeds.arrays.items()}

@@ -16,9 +16,9 @@ from neurorewrite.analysis.activations import Feeds, check_data, hidden_statisti
 from neurorewrite.analysis.matching import Matching, match_blocks
 from neurorewrite.analysis.metrics import cosine_gram, feature_capacity, layer_stats, pooled_density, row_cosines
 from neurorewrite.analysis.result import Analysis, BlockAnalysis, GramPreview, ModelAnalysis, SparsityPreview
-from neurorewrite.passes.expand import no_blocks_error
+from neurorewrite.passes.expand_blocks import no_blocks_error
 from neurorewrite.rewriter.blocks import BlockSearch, MLPBlock, find_blocks
-from neurorewrite.rewriter.edit import read_metadata
+from neurorewrite.rewriter.record import read_record
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.io import ModelLike, load_model
 from neurorewrite.rewriter.linear import read_weights
@@ -40,7 +40,7 @@ class _Loaded:
         self.search: BlockSearch = find_blocks(self.proto)
         if not self.search.blocks:
             raise no_blocks_error(self.label, self.search.skipped)
-        self.fpe = read_metadata(self.proto)
+        self.fpe = read_record(self.proto, self.label)
         self.feeds: Feeds | None = None
 
 
@@ -99,8 +99,8 @@ def _preview_plan(
     for which, m in enumerate((first, second)):
         if m is None:
             continue
-        records = {str(r.get("name")): r for r in (m.fpe or {}).get("blocks", [])}  # type: ignore[union-attr]
-        alpha = int((m.fpe or {}).get("alpha", 1) or 1)  # type: ignore[arg-type]
+        records = set() if m.fpe is None else {r.name for r in m.fpe.blocks}
+        alpha = 1 if m.fpe is None else m.fpe.alpha
         for b in m.search.blocks:
             rows[which][b.name] = min(b.width, GRAM_ROWS)
             groups[which][b.name] = alpha if b.name in records else 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from neurorewrite.rewriter.blocks import MLPBlock
+from neurorewrite.rewriter.record import FPERecord
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ def _pair(a: MLPBlock, b: MLPBlock, how: str) -> BlockPair:
     return BlockPair(a.name, b.name, how, b.width // a.width if b.width % a.width == 0 else None)
 
 
-def _by_metadata(first: dict[str, MLPBlock], second: dict[str, MLPBlock], meta: dict, out: Matching) -> None:
-    for record in meta.get("blocks", []):
-        key = str(record.get("first", ""))
+def _by_metadata(first: dict[str, MLPBlock], second: dict[str, MLPBlock], meta: FPERecord, out: Matching) -> None:
+    for record in meta.blocks:
+        key = record.first
         a, b = first.get(key), second.get(key)
         if b is None:
             continue  # the record names a block this model no longer has: rules 2 and 3 will tell
@@ -66,7 +67,7 @@ def _by_metadata(first: dict[str, MLPBlock], second: dict[str, MLPBlock], meta: 
                                            "model does not have: is the first model the one that was expanded?"))
             del second[key]
             continue
-        widths = (record.get("width_before"), record.get("width_after"))
+        widths = (record.width_before, record.width_after)
         problem = _shape_problem(a, b)
         if problem is None and widths != (a.width, b.width):
             problem = (f"the FPE record says {key} went {widths[0]} -> {widths[1]} hidden units, but the models "
@@ -79,7 +80,7 @@ def _by_metadata(first: dict[str, MLPBlock], second: dict[str, MLPBlock], meta: 
 
 
 def match_blocks(
-    first: list[MLPBlock], second: list[MLPBlock], meta_first: dict | None, meta_second: dict | None
+    first: list[MLPBlock], second: list[MLPBlock], meta_first: FPERecord | None, meta_second: FPERecord | None
 ) -> Matching:
     """Pair ``first``'s blocks with ``second``'s (see the module docstring)."""
     out = Matching()

@@ -10,6 +10,7 @@ from neurorewrite.analysis.activations import ActivationStats
 from neurorewrite.analysis.matching import Matching
 from neurorewrite.analysis.metrics import CosineStats, LayerStats
 from neurorewrite.rewriter.blocks import Skipped
+from neurorewrite.rewriter.record import FPERecord
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class ModelAnalysis:
     label: str  # the path given, or "model" / "other" for in-memory models
     blocks: list[BlockAnalysis]
     skipped: list[Skipped]
-    fpe: dict[str, object] | None
+    fpe: FPERecord | None
     data_vectors: int | None = None  # activation vectors per block's sample (None without data)
 
     def block(self, name: str) -> BlockAnalysis:

@@ -45,7 +45,7 @@ def block_summary(b: BlockAnalysis) -> dict[str, object]:
 
 def model_summary(m: ModelAnalysis) -> dict[str, object]:
     return {
-        "model": m.label, "data_vectors": m.data_vectors, "fpe": m.fpe,
+        "model": m.label, "data_vectors": m.data_vectors, "fpe": None if m.fpe is None else m.fpe.to_json(),
         "blocks": [block_summary(b) for b in m.blocks],
         "skipped": [{"block": s.name, "reason": s.reason} for s in m.skipped],
     }

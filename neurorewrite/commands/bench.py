@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from neurorewrite.errors import InvalidOptionError, ModelLoadError
+from neurorewrite.passes.sparse_to_standard import METHODS
 from neurorewrite.progress import ProgressBar
 from neurorewrite.runtime.bench import BenchResult
 from neurorewrite.table import format_table
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", default="1,32", help="comma-separated batch sizes (default 1,32)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per model and batch (default 20)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)")
-    p.add_argument("--sparse-method", default="densify", choices=("densify", "gather"), help="how SparseLinear runs in onnxruntime")
+    p.add_argument("--sparse-method", default="densify", choices=METHODS, help="how SparseLinear runs in onnxruntime")
     p.set_defaults(handler=run)
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.fpe import BIAS_MODES, PRUNE_MODES, SPLITS
-from neurorewrite.passes.expand import ExpandReport
+from neurorewrite.passes.expand_blocks import ExpandReport
 from neurorewrite.progress import ProgressBar
+from neurorewrite.rewriter.lowering import LOWERINGS
 from neurorewrite.table import format_table
 
 
@@ -32,9 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", nargs="+", metavar="NAME_OR_REGEX", help="only blocks whose linear node names match")
     p.add_argument("--calibrate", type=Path, metavar="SAMPLE.npz", help="refit outgoing weights on sample inputs")
     p.add_argument(
-        "--format", choices=("dense", "grouped", "sparse"), default=None,
-        help="how expanded weights are stored: dense (zeros kept, default), grouped (batched MatMul; needs "
-        "--split blocks/shared/feature), sparse (CSR SparseLinear op, docs/sparse-op.md)",
+        "--format", choices=tuple(LOWERINGS), default=None,
+        help="how expanded weights are stored: " + "; ".join(f"{k}: {v.summary}" for k, v in LOWERINGS.items()),
     )
     p.add_argument(
         "--structured", action="store_true",

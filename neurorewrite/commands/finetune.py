@@ -16,7 +16,7 @@ from neurorewrite.sample import load_sample
 from neurorewrite.table import format_table
 
 if TYPE_CHECKING:  # the pass imports torch and onnxruntime; the command loads it only when it runs
-    from neurorewrite.passes.finetune import FinetuneReport
+    from neurorewrite.passes.finetune_onnx import FinetuneReport
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -67,7 +67,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from neurorewrite.api import default_output
-    from neurorewrite.passes.finetune import FinetuneOptions, finetune_model
+    from neurorewrite.passes.finetune_onnx import FinetuneOptions, finetune_model
     from neurorewrite.rewriter.io import load_model, save_model
 
     _check_options(args)

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from neurorewrite.rewriter.record import FPERecord
 from neurorewrite.table import format_table
 
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     info = inspect(args.model)
     if args.json:
-        print(json.dumps(asdict(info), indent=2))
+        print(json.dumps({**asdict(info), "fpe": None if info.fpe is None else info.fpe.to_json()}, indent=2))
         return 0
     rows = [
         (b.name, b.activation, b.in_features, b.width, b.out_features, b.nonzeros, b.parameters)
@@ -42,17 +43,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_fpe_record(record: dict[str, object]) -> str:
+def render_fpe_record(record: FPERecord) -> str:
     """The FPE record as text: options on one line, then a table per block and per lowered layer."""
+    data = record.to_json()
     tables = ("blocks", "lowered")
-    options = " ".join(f"{k}={v}" for k, v in sorted(record.items()) if k not in tables)
-    blocks = [(b["name"], f"{b['width_before']} -> {b['width_after']}", f"{b['nnz_before']} -> {b['nnz_after']}")
-              for b in record.get("blocks", [])]  # type: ignore[union-attr]
+    options = " ".join(f"{k}={v}" for k, v in sorted(data.items()) if k not in tables)
+    blocks = [(b.name, f"{b.width_before} -> {b.width_after}", f"{b.nnz_before} -> {b.nnz_after}") for b in record.blocks]
     parts = ["\nFPE: " + options, format_table(("block", "width", "nonzeros"), blocks)]
-    lowered = record.get("lowered") or []
-    if lowered:
-        rows = [(l.get("layer", ""), l.get("kind", ""), "x".join(str(d) for d in l.get("shape", [])),
-                 l.get("nonzeros", "-"), l.get("bytes", "-")) for l in lowered]  # type: ignore[union-attr]
+    if record.lowered:
+        rows = [(row.layer, row.kind, "x".join(str(d) for d in row.shape), "-" if row.nonzeros is None else row.nonzeros,
+                 "-" if row.bytes is None else row.bytes) for row in record.lowered]
         parts.append(format_table(("layer", "stored as", "shape", "nonzeros", "bytes"), rows,
-                                  title=f"\nformat {record.get('format')}"))
+                                  title=f"\nformat {record.format}"))
     return "\n".join(parts)

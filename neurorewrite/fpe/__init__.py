@@ -1,10 +1,10 @@
 """The FPE math on numpy arrays: split neurons, copy outgoing columns, prune to the exact count.
 
 This module is the one implementation of Fixed Parameter Expansion. The ONNX pass
-(:mod:`neurorewrite.passes.expand`) and the torch side (:mod:`neurorewrite.models.fpe`) both call
+(:mod:`neurorewrite.passes.expand_blocks`) and the torch side (:mod:`neurorewrite.models.fpe`) both call
 :func:`expand_block`, so the same seed and options give the same expansion in both.
 
-Notation follows ``shared/METHODS.md``: a block is ``h = act(W1 x + b1)``, ``y = W2 h + b2`` with
+Notation follows ``docs/methods.md``: a block is ``h = act(W1 x + b1)``, ``y = W2 h + b2`` with
 ``W1`` of shape ``(H, D)`` and ``W2`` of shape ``(O, H)``. Expanding with ``alpha`` gives ``alpha * H``
 children; child ``k`` of parent ``i`` is hidden unit ``i * alpha + k`` (children of one parent are
 contiguous).
@@ -26,7 +26,7 @@ from neurorewrite.fpe.config import (
     check_alpha,
     structured_split,
 )
-from neurorewrite.fpe.expand import BlockExpansion, copy_outputs, expand_bias, expand_block, scatter_children
+from neurorewrite.fpe.block import BlockExpansion, copy_outputs, expand_bias, expand_block, scatter_children
 from neurorewrite.fpe.prune import choose_pruned, kth_weighted_value, smallest_by_count
 from neurorewrite.fpe.split import (
     balanced_labels,

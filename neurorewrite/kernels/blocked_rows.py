@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+from tvm import relax
 from tvm.script import tirx as T
+
+from neurorewrite.kernels.choice import KernelPlan, SparseLinearTask, emit_narrow, register_kernel
+from neurorewrite.kernels.ell import index_dtype as narrowest_index_dtype
+from neurorewrite.kernels.sparse_linear import ROWS_LAYOUT_MIN
+from neurorewrite.kernels.transpose import emit_transpose
 
 COLUMN_BLOCK = 256  # 32 KB of XT at batch 32; 128 pads more (21% vs 14% on the FFN) for no speed-up
 ROW_TILE = 4
@@ -119,3 +125,26 @@ def blocked_rows_func(n: int, ell: BlockedEll) -> tvm.tirx.PrimFunc:
                             YT[t * ROW_TILE + r, T.ramp(b0 * bt + v * LANES, 1, LANES)] = acc.vload([r, v * LANES], vec)
 
     return func
+
+
+@register_kernel("column-blocked ELL", priority=10)
+def plan_blocked_rows(task: SparseLinearTask) -> KernelPlan | None:
+    """8 rows or more on a CPU: the rows are padded with zeros to the kernel's batch tile (a multiple
+    of 16), the input transposed in and the output transposed back, the padding sliced off."""
+    if not task.cpu or task.rows < ROWS_LAYOUT_MIN:
+        return None
+    ell = blocked_ell_from_csr(task.values, task.indices, task.indptr, task.in_features, narrowest_index_dtype(task.in_features))
+
+    def emit(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+        rows, out = padded_rows(task.rows), ell.row_tiles * ROW_TILE
+        gv = bb.add_func(blocked_rows_func(rows, ell), "blocked_ell_linear")
+        if rows != task.rows:
+            zeros = relax.const(np.zeros((rows - task.rows, task.in_features), dtype=np.float32))
+            x = bb.emit(relax.op.concat([x, zeros], axis=0))
+        xt = emit_transpose(bb, x, rows, task.in_features)
+        consts = [relax.const(a) for a in (ell.values, ell.indices, ell.tile_ptr, task.padded_bias(out))]
+        yt = bb.emit(relax.call_tir(gv, [xt, *consts], relax.TensorType((out, rows), "float32")))
+        y = emit_transpose(bb, yt, out, rows)
+        return emit_narrow(bb, y, task.rows, task.out_features, (rows, out))
+
+    return KernelPlan("column-blocked ELL", emit)

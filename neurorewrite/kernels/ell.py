@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neurorewrite.errors import InvalidOptionError
+from neurorewrite.ops import check_csr
 
 
 @dataclass(frozen=True)
@@ -55,17 +55,12 @@ def index_dtype(in_features: int) -> str:
 def ell_from_csr(
     values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, in_features: int, where: str = "SparseLinear"
 ) -> EllMatrix:
-    """Pack a CSR matrix (``indptr`` of length ``out_features + 1``) into ELL, rows padded to the widest."""
-    values = np.asarray(values, dtype=np.float32).reshape(-1)
-    indices = np.asarray(indices).reshape(-1).astype(np.int64)
-    indptr = np.asarray(indptr).reshape(-1).astype(np.int64)
-    if indptr.size < 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0) or indptr[-1] != values.size:
-        raise InvalidOptionError(f"{where}: indptr must start at 0, never decrease and end at nnz={values.size}")
-    if indices.size != values.size:
-        raise InvalidOptionError(f"{where}: {indices.size} indices for {values.size} values")
-    if indices.size and (indices.min() < 0 or indices.max() >= in_features):
-        raise InvalidOptionError(f"{where}: a column index is outside 0..{in_features - 1}")
-    out_features = indptr.size - 1
+    """Pack a CSR matrix (``indptr`` of length ``out_features + 1``) into ELL, rows padded to the widest.
+
+    The arrays are checked by :func:`neurorewrite.ops.check_csr` (a ModelLoadError naming ``where``)."""
+    csr = check_csr(np.asarray(values, dtype=np.float32), indices, indptr, in_features, where=where)
+    values, indices, indptr = csr.values, csr.indices, csr.indptr
+    out_features = csr.out_features
     counts = np.diff(indptr)
     width = max(int(counts.max(initial=0)), 1)
     rows = np.repeat(np.arange(out_features), counts)

@@ -13,7 +13,12 @@ The kernel is written fully scheduled (``tirx.is_scheduled``): tuning leaves it 
 from __future__ import annotations
 
 import tvm
+from tvm import relax
 from tvm.script import tirx as T
+
+from neurorewrite.kernels.choice import KernelPlan, SparseLinearTask, emit_narrow, register_kernel
+from neurorewrite.kernels.ell import sliced_ell_from_csr
+from neurorewrite.kernels.sparse_linear import ROWS_LAYOUT_MIN
 
 _FEATURE = tvm.get_global_func("target.llvm_cpu_has_feature", allow_missing=True)
 
@@ -71,3 +76,22 @@ def gather_gemv_func(
                 Y[b, T.ramp(s * lanes, 1, lanes)] = acc.vload([0], vec)
 
     return func
+
+
+@register_kernel("sliced-ELL gather", priority=30)
+def plan_gather_gemv(task: SparseLinearTask) -> KernelPlan | None:
+    """Below 8 rows on a CPU with a gather instruction: sliced ELL on the untransposed input, bias inside."""
+    lanes = gather_lanes(task.target)
+    if not lanes or task.rows >= ROWS_LAYOUT_MIN:
+        return None
+    sell = sliced_ell_from_csr(task.values, task.indices, task.indptr, task.in_features, lanes, where=f"SparseLinear {task.name}")
+
+    def emit(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+        width = sell.slices * lanes
+        func = gather_gemv_func(task.rows, task.in_features, sell.slices, sell.values.shape[0], lanes, str(sell.indices.dtype))
+        gv = bb.add_func(func, "sell_gather_linear")
+        consts = [relax.const(a) for a in (sell.values, sell.indices, sell.slice_ptr, task.padded_bias(width))]
+        y = bb.emit(relax.call_tir(gv, [x, *consts], relax.TensorType((task.rows, width), "float32")))
+        return emit_narrow(bb, y, task.rows, task.out_features, (task.rows, width))
+
+    return KernelPlan("sliced-ELL gather", emit)

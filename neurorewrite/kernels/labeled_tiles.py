@@ -15,11 +15,17 @@ Which kernel a layer gets is decided by :func:`prefer_labeled` from the measured
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
+from tvm import relax
 from tvm.script import tirx as T
+
+from neurorewrite.kernels.choice import KernelPlan, SparseLinearTask, emit_narrow, register_kernel
+from neurorewrite.kernels.gather_gemv import gather_lanes
+from neurorewrite.kernels.sparse_linear import ROWS_LAYOUT_MIN
 
 LANES = 32  # two AVX-512 vectors (four AVX2) of parents per tile: independent FMA chains
 # Per-entry costs on the 2-core AMD EPYC (Zen 4) CI machine (``benchmarks/kernels.py``), relative to one
@@ -160,3 +166,32 @@ def labeled_gemv_func(n: int, tiles: LabeledTiles, vector: int) -> tvm.tirx.Prim
                                 Y[bo * block + bi, (t * LANES + lane) * alpha + k] = acc[bi, k, lane]
 
     return labeled
+
+
+@register_kernel("labeled tiles", priority=20)
+def plan_labeled_tiles(task: SparseLinearTask) -> KernelPlan | None:
+    """Below 8 rows on a CPU: dense parent tiles when they beat gathering the nonzeros (rows read as
+    the model's FPE children when siblings have disjoint inputs, else as plain rows), bias inside."""
+    if not task.cpu or task.rows >= ROWS_LAYOUT_MIN:
+        return None
+    for alpha in dict.fromkeys((task.alpha, 1)):
+        parents = task.out_features // alpha
+        if task.out_features % alpha or not prefer_labeled(task.nonzeros, parents, task.in_features, alpha):
+            continue
+        tiles = labeled_tiles_from_csr(task.values, task.indices, task.indptr, task.in_features, alpha, task.bias)
+        if tiles is not None:
+            return KernelPlan(f"labeled tiles x{alpha}" if alpha > 1 else "dense tiles", _emitter(task, tiles))
+    return None
+
+
+def _emitter(task: SparseLinearTask, tiles: LabeledTiles) -> Callable[[relax.BlockBuilder, relax.Expr], relax.Expr]:
+    vector = gather_lanes(task.target) or 4  # the SIMD width in floats
+
+    def emit(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+        gv = bb.add_func(labeled_gemv_func(task.rows, tiles, vector), "labeled_tiles_linear")
+        arrays = [tiles.values] + ([] if tiles.labels is None else [tiles.labels]) + [tiles.bias]
+        y = bb.emit(relax.call_tir(gv, [x, *(relax.const(a) for a in arrays)],
+                                   relax.TensorType((task.rows, tiles.rows), "float32")))
+        return emit_narrow(bb, y, task.rows, task.out_features, (task.rows, tiles.rows))
+
+    return emit

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
-from tvm import s_tir, te
+from tvm import relax, s_tir, te
+
+from neurorewrite.kernels.choice import KernelPlan, SparseLinearTask, register_kernel
+from neurorewrite.kernels.ell import ell_from_csr
 
 RULE = "neurorewrite_ell_linear"
 ROWS_LAYOUT_MIN = 8
@@ -151,3 +155,28 @@ def _register() -> None:
 
 
 _register()
+
+
+@register_kernel("TensorIR ELL", priority=100)
+def plan_ell_linear(task: SparseLinearTask) -> KernelPlan:
+    """Any layer, any target (CUDA, CPUs without gathers): the TensorIR ELL kernel, tuned by MetaSchedule
+    (or given the default schedule without a database), between two transposes, bias added after."""
+    ell = ell_from_csr(task.values, task.indices, task.indptr, task.in_features, where=f"SparseLinear {task.name}")
+    shape = EllShape(task.rows, task.in_features, task.out_features, ell.width, str(ell.indices.dtype))
+    if shape.layout == "cols":
+        ell = ell.transposed()
+
+    def emit(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+        func = ell_linear_func(shape)
+        if task.scheduled:
+            func = schedule_default(func, task.target)
+        gv = bb.add_func(func, "ell_linear")
+        xt = bb.emit(relax.op.permute_dims(x))
+        yt = bb.emit(relax.call_tir(gv, [xt, relax.const(ell.values), relax.const(ell.indices)],
+                                    relax.TensorType((task.out_features, task.rows), "float32")))
+        y = bb.emit(relax.op.permute_dims(yt))
+        if task.bias is not None:
+            y = bb.emit(relax.op.add(y, relax.const(np.asarray(task.bias, dtype=np.float32))))
+        return y
+
+    return KernelPlan(f"TensorIR ELL ({shape.layout})", emit)

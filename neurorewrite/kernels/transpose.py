@@ -9,7 +9,7 @@ thread (``benchmarks/kernels.py``).
 from __future__ import annotations
 
 import tvm
-from tvm import s_tir, te
+from tvm import relax, s_tir, te
 
 TILE = 16  # 16 floats = one 64-byte cache line per tile row
 
@@ -32,3 +32,9 @@ def transpose_func(rows: int, cols: int) -> tvm.tirx.PrimFunc:
     sch.parallel(jo)
     # opaque: Relax must not fuse the scheduled loop nest into its neighbours (it would drop the schedule)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+
+
+def emit_transpose(bb: relax.BlockBuilder, x: relax.Expr, rows: int, cols: int) -> relax.Expr:
+    """``x.T`` of a ``(rows, cols)`` float32 tensor through :func:`transpose_func`."""
+    gv = bb.add_func(transpose_func(rows, cols), "tiled_transpose")
+    return bb.emit(relax.call_tir(gv, [x], relax.TensorType((cols, rows), "float32")))

@@ -1,18 +1,22 @@
 """The torch training side: FPE masks and fine-tuning, export, MEmeL, SENN.
 
-Nothing here imports onnxruntime or TVM. ``finetune`` the function shadows the module of the same name
-once this package is imported; ``import neurorewrite.models.finetune`` still reaches the module.
+Nothing here imports onnxruntime, TVM or ``neurorewrite.passes``.
+
+Rooms: ``fpe`` (masked layers, ``fpe_expand``), ``fpe_structured`` (the tied variant), ``masked_training``
+(``finetune`` with fixed masks), ``export`` (to ONNX with the FPE record), ``onnx_module``/``onnx_ops``
+(an ONNX graph lifted into torch), ``memel``/``memel_stats`` (MEmeL), ``senn*`` (SENN).
 """
 
 from __future__ import annotations
 
 from neurorewrite.models.export import export_onnx
-from neurorewrite.models.finetune import FinetuneResult, finetune
-from neurorewrite.models.fpe import FPERecord, MaskedLinear, apply_masks, enforce_masks, fpe_expand
+from neurorewrite.models.masked_training import FinetuneResult, finetune
+from neurorewrite.models.fpe import MaskedLinear, apply_masks, enforce_masks, fpe_expand
 from neurorewrite.models.memel import MEmeL, find_memel, insert_memel, remove_memel
 from neurorewrite.models.senn import SelfExpandingMLP
 from neurorewrite.models.senn_config import SENNConfig
 from neurorewrite.models.senn_train import fit
+from neurorewrite.rewriter.record import FPERecord
 
 __all__ = [
     "FPERecord", "FinetuneResult", "MEmeL", "MaskedLinear", "SENNConfig", "SelfExpandingMLP", "apply_masks",

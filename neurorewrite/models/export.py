@@ -2,8 +2,10 @@
 
 ``export_onnx`` runs the TorchScript exporter (``dynamo=False``: fast, and an ``nn.Linear`` becomes
 one Gemm whose initializer is the weight as stored), makes every masked layer hold exactly its mask's
-nonzero count, writes the FPE record of ``fpe_expand`` into ``metadata_props`` in the form
-``neurorewrite expand`` uses, and saves atomically.
+nonzero count, writes the FPE record of ``fpe_expand`` (:mod:`neurorewrite.rewriter.record`, the one
+``neurorewrite expand`` writes) into ``metadata_props``, and saves atomically. A structured model is
+written in the ``grouped`` format (:mod:`neurorewrite.rewriter.lowering`), as ``expand --structured``
+writes it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import io
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -20,12 +22,12 @@ import torch
 from torch import nn
 
 from neurorewrite.errors import VerificationError
-from neurorewrite.models.fpe import FPERecord, masked_layers
+from neurorewrite.models.fpe import masked_layers
 from neurorewrite.models.fpe_structured import untied
-from neurorewrite.passes.expand import BlockReport
 from neurorewrite.rewriter.blocks import find_blocks
-from neurorewrite.rewriter.edit import write_metadata
 from neurorewrite.rewriter.io import save_model
+from neurorewrite.rewriter.lowering import lower_blocks
+from neurorewrite.rewriter.record import FPERecord, write_record
 
 
 def _to_proto(model: nn.Module, args: tuple[torch.Tensor, ...], input_names: Sequence[str],
@@ -41,26 +43,25 @@ def _to_proto(model: nn.Module, args: tuple[torch.Tensor, ...], input_names: Seq
     return onnx.load_from_string(buffer.getvalue())
 
 
-def fpe_metadata(proto: onnx.ModelProto, record: FPERecord) -> dict[str, object]:
-    """The ``neurorewrite.fpe`` record for an exported model: the torch blocks matched to the ONNX
-    blocks (same order). Each row is the :class:`BlockReport` ``neurorewrite expand`` writes (ONNX
-    names, the torch side's counts) plus the torch module paths."""
+def onnx_record(proto: onnx.ModelProto, record: FPERecord) -> FPERecord:
+    """The record of a torch expansion for its exported graph: the torch blocks matched to the ONNX
+    blocks (same order), named as ``neurorewrite expand`` names them, with the module paths kept in
+    ``torch_first``/``torch_second``."""
     found = find_blocks(proto).blocks
     if len(found) < len(record.blocks):
         raise VerificationError(
             f"the exported graph has {len(found)} MLP blocks but fpe_expand expanded {len(record.blocks)}; "
-            "is the forward pass using every expanded Sequential?"
+            "is the forward pass using every expanded module?"
         )
-    rows = []
-    for block, onnx_block in zip(record.blocks, found):
-        row = BlockReport(
-            name=onnx_block.name, first=onnx_block.first.name, second=onnx_block.second.name,
-            activation=onnx_block.activation, in_features=block.in_features, width_before=block.width_before,
-            width_after=block.width_after, out_features=block.out_features, nnz_before=block.nnz_before,
-            nnz_after=block.nnz_after, hidden_tensor=onnx_block.hidden, output_tensor=onnx_block.second.output,
+    rows = tuple(
+        replace(
+            block, name=onnx_block.name, first=onnx_block.first.name, second=onnx_block.second.name,
+            activation=onnx_block.activation, hidden_tensor=onnx_block.hidden, output_tensor=onnx_block.second.output,
+            torch_first=block.first, torch_second=block.second,
         )
-        rows.append({**asdict(row), "torch_first": block.first, "torch_second": block.second})
-    return {**record.to_dict(), "format": "dense", "blocks": rows, "source": "torch"}
+        for block, onnx_block in zip(record.blocks, found)
+    )
+    return record.evolve(blocks=rows, format="dense", source="torch")
 
 
 def export_onnx(
@@ -93,10 +94,9 @@ def export_onnx(
     finally:
         model.train(was_training)
     if isinstance(record, FPERecord):
-        write_metadata(proto, fpe_metadata(proto, record))
-    if structured:
-        from neurorewrite.passes.lower import lower_model
-
-        proto = lower_model(proto, "grouped")[0]
+        exported = onnx_record(proto, record)
+        write_record(proto, exported)
+        if structured:
+            proto = lower_blocks(proto, "grouped", exported)[0]
     save_model(proto, Path(path))
     return proto

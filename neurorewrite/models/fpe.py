@@ -3,7 +3,7 @@
 ``fpe_expand`` finds the ``Linear -> activation -> Linear`` pairs of a module (inside every
 ``nn.Sequential``, in module order), expands each with the numpy core :func:`neurorewrite.fpe.expand_block`
 and returns a NEW module whose expanded layers are :class:`MaskedLinear`. It mirrors
-:mod:`neurorewrite.passes.expand` exactly: block ``k`` uses ``block_seed(seed, k)``, and in a chain
+:mod:`neurorewrite.passes.expand_blocks` exactly: block ``k`` uses ``block_seed(seed, k)``, and in a chain
 ``L1 -> act -> L2 -> act -> L3`` the second block splits the already widened ``L2``. So exporting
 ``fpe_expand(model)`` gives the same weights and masks as ``neurorewrite expand`` on the exported
 dense model.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from neurorewrite.errors import NoBlocksError
 from neurorewrite.fpe import FPEConfig, block_seed, check_alpha, expand_block
 from neurorewrite.models.fpe_structured import TiedLinear, chain_ends, structured_config
+from neurorewrite.rewriter.record import BlockRecord, FPERecord
 
 # Modules that act per element, so widening the hidden layer is safe (as ``rewriter.blocks`` allows
 # for ONNX). Dropout is the identity in the exported (eval) graph. PReLU is left out: its slopes are
@@ -122,40 +123,6 @@ def enforce_masks(optimizer: torch.optim.Optimizer, module: nn.Module) -> tuple[
     return optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)
 
 
-@dataclass(frozen=True)
-class TorchBlock:
-    """One expanded pair: the module paths of its two linears and the counts of the expansion."""
-
-    first: str
-    second: str
-    activation: str
-    in_features: int
-    width_before: int
-    width_after: int
-    out_features: int
-    nnz_before: int
-    nnz_after: int
-
-
-@dataclass
-class FPERecord:
-    """What ``fpe_expand`` did; ``export_onnx`` writes it into the model's metadata."""
-
-    config: FPEConfig
-    blocks: list[TorchBlock] = field(default_factory=list)
-    structured: bool = False
-
-    def to_dict(self) -> dict[str, object]:
-        cfg = self.config
-        out: dict[str, object] = {
-            "alpha": cfg.alpha, "split": cfg.split, "seed": cfg.seed, "bias": cfg.bias, "prune": cfg.prune,
-            "blocks": [asdict(b) for b in self.blocks],
-        }
-        if self.structured:
-            out["structured"] = True
-        return out
-
-
 def find_pairs(module: nn.Module) -> list[tuple[str, str, str]]:
     """``(first, second, activation)`` module paths of every Linear -> elementwise* -> Linear pair
     inside an ``nn.Sequential``, in module order. Chains give overlapping pairs."""
@@ -206,7 +173,8 @@ def fpe_expand(
 
     Options are those of :class:`neurorewrite.fpe.FPEConfig` (pass ``config`` instead to give them
     all at once); ``alpha`` must be at least 2. The expanded linears become :class:`MaskedLinear`;
-    ``result.fpe_record`` (an :class:`FPERecord`) lists the blocks.
+    ``result.fpe_record`` (the :class:`~neurorewrite.rewriter.record.FPERecord` ``neurorewrite expand``
+    writes, with module paths for layer names and ``source="torch"``) lists the blocks.
 
     ``structured=True`` is the preset of ``neurorewrite expand --structured``
     (:mod:`neurorewrite.models.fpe_structured`): ``shared`` split (or ``feature``), ``prune="layer"``,
@@ -231,17 +199,18 @@ def fpe_expand(
         )
     new = copy.deepcopy(model)
     current: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    record = FPERecord(config)
+    blocks: list[BlockRecord] = []
     for position, (first, second, activation) in enumerate(pairs):
         w1, b1 = current.get(first) or linear_arrays(new.get_submodule(first))
         w2, b2 = current.get(second) or linear_arrays(new.get_submodule(second))
         exp = expand_block(w1, b1, w2, b2, replace(config, seed=block_seed(config.seed, position)))
         current[first] = (exp.w1, exp.b1)
         current[second] = (exp.w2, exp.b2)
-        record.blocks.append(
-            TorchBlock(first, second, activation, w1.shape[1], w1.shape[0], exp.w1.shape[0], w2.shape[0],
-                       exp.nnz_before, exp.nnz_after)
-        )
+        blocks.append(BlockRecord(
+            name=first, first=first, second=second, activation=activation, in_features=w1.shape[1],
+            width_before=w1.shape[0], width_after=exp.w1.shape[0], out_features=w2.shape[0],
+            nnz_before=exp.nnz_before, nnz_after=exp.nnz_after,
+        ))
     tied = chain_ends(pairs) if structured else set()
     for path, (w, b) in current.items():
         old = new.get_submodule(path)
@@ -252,6 +221,5 @@ def fpe_expand(
             layer = TiedLinear(layer, config.alpha)
         layer.train(old.training)
         _set_module(new, path, layer)
-    record.structured = structured
-    new.fpe_record = record
+    new.fpe_record = FPERecord(config, tuple(blocks), structured=structured, source="torch")
     return new

@@ -4,7 +4,7 @@ The structured block is ``y = W2 @ sum_k act(W1'_k x + b1/alpha) + b2``: W1' com
 with the ``shared`` split (one input partition for all neurons, so W1' is ``alpha`` dense blocks) and
 ``prune="layer"``; the ``alpha`` children of a parent share the parent's ORIGINAL outgoing column
 (tied). :class:`TiedLinear` is that last layer: a sum over each parent's children, then the original
-linear. It is what :mod:`neurorewrite.passes.lower_structured` writes on the ONNX side, and, like
+linear. It is what :mod:`neurorewrite.passes.tie_outputs` writes on the ONNX side, and, like
 that pass, only the last linear of a chain is tied (chain middles keep their FPE weights).
 
 Counting: ``nnz(W1') + nnz(b1') + nnz(W2) + nnz(b2)`` equals the original block's count, because

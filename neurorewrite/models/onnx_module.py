@@ -5,7 +5,7 @@
 by that layer alone becomes a :class:`MaskedLinear` holding the effective ``W (out, in)`` and ``b``
 (Gemm alpha/beta folded in), masked to its current nonzero pattern, so training keeps the exact
 nonzero count. Everything else (shared or scalar constants) is a frozen buffer. ``weights()`` gives
-the trained weights back in the form ``rewriter.edit.replace_weights`` takes.
+the trained weights back in the form ``rewriter.editor.replace_weights`` takes.
 """
 
 from __future__ import annotations

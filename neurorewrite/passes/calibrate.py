@@ -19,13 +19,14 @@ import numpy as np
 import onnx
 
 from neurorewrite.errors import DataError
+from neurorewrite.executor import match_inputs, plain_session, run_with_outputs
 from neurorewrite.fpe import copy_outputs
-from neurorewrite.passes.expand import ExpandReport
+from neurorewrite.passes.expand_blocks import ExpandReport
 from neurorewrite.rewriter.blocks import blocks_by_output, chain_ends
-from neurorewrite.rewriter.edit import NewWeights, read_metadata, replace_weights, write_metadata
+from neurorewrite.rewriter.editor import NewWeights, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import read_weights
-from neurorewrite.runtime.ort import match_inputs, ort_session, run_with_outputs
+from neurorewrite.rewriter.record import read_record, write_record
 
 RIDGE = 1e-4  # relative to the mean diagonal of the Gram matrix: keeps collinear children solvable
 
@@ -79,7 +80,7 @@ def calibrate_model(
     outgoing column) the fit is on the children's summed activations, one weight per parent, so the
     ties survive.
     """
-    feeds = match_inputs(ort_session(original, providers=["CPUExecutionProvider"]), sample, "--calibrate")
+    feeds = match_inputs(plain_session(original), sample, "--calibrate")
     ends = chain_ends(blocks_by_output(expanded, {b.output_tensor for b in report.blocks}))
     alpha = report.alpha if tied else 1
     targets = run_with_outputs(original, feeds, [b.second.output for b in ends])
@@ -95,15 +96,15 @@ def calibrate_model(
             raise DataError("--calibrate: the sample needs at least 2 rows")
         w, b = read_weights(GraphIndex.build(model.graph), lin)
         new_w, new_b = refit_rows(h, y, w[:, ::alpha], b)
-        model = replace_weights(model, [NewWeights(lin, copy_outputs(new_w, alpha), new_b)], stale_tensors=())
+        model = replace_weights(model, [NewWeights(lin, copy_outputs(new_w, alpha), new_b)])
         y_new = (h.astype(np.float64) @ new_w.T.astype(np.float64)) + (0 if new_b is None else new_b)
         notes.append({
             "block": block.name, "layer": lin.name, "rows": int(h.shape[0]),
             "rmse_before": float(np.sqrt(np.mean((y_exp - y) ** 2))),
             "rmse_after": float(np.sqrt(np.mean((y_new - y) ** 2))),
         })
-    record = read_metadata(model)
+    record = read_record(model)
     # add the calibrated layers to the record; with nothing refit ``model`` is still the input: leave it
     if notes and record is not None:
-        write_metadata(model, {**record, "calibrated": [n["layer"] for n in notes]})
+        write_record(model, record.evolve(calibrated=tuple(str(n["layer"]) for n in notes)))
     return model, replace(report, calibration=notes)

@@ -1,7 +1,7 @@
 """Folding tied children: a SparseLinear whose input columns repeat in runs of ``alpha`` reads the
 children's sum instead.
 
-FPE copies each parent's outgoing column to its ``alpha`` children (``fpe/expand.copy_outputs``), and
+FPE copies each parent's outgoing column to its ``alpha`` children (``fpe/block.copy_outputs``), and
 the global prune keeps or drops the copies of one weight together (they have one magnitude). So, until
 fine-tuning or calibration moves them apart, ``W2'[:, j*alpha + k]`` is the same column for every
 child ``k`` and
@@ -11,7 +11,7 @@ child ``k`` and
 with ``W2`` the pruned parent matrix: ``1/alpha`` of the stored nonzeros. The pass rewrites each such
 node into ``Reshape -> ReduceSum -> SparseLinear(W2)`` with standard ops for the sum; a runtime then
 reads ``alpha`` times fewer second-layer weights. The file on disk keeps the full expanded operator: the
-fold is applied where the model is loaded (``runtime.ort_session``, ``runtime.compile``).
+fold is the first step of the runtime preparation (:mod:`neurorewrite.passes.prepare`).
 
 Invariant: the outputs are those of the input model up to float summation order (tests: onnxruntime,
 1e-5 relative); a node whose columns are not tied exactly is left as it is. The input is not modified.
@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from neurorewrite.passes.lower_graph import GraphRewrite, default_opset, leading_shape
-from neurorewrite.passes.lower_sparse import DOMAIN, OP, csr_from_entries, narrowest_int
-from neurorewrite.rewriter.edit import read_metadata
+from neurorewrite.ops import csr_from_entries, is_sparse_linear, narrowest_int, sparse_linear_node
+from neurorewrite.rewriter.editor import GraphEditor
 from neurorewrite.rewriter.graph import get_attr, node_label
+from neurorewrite.rewriter.record import read_record
+from neurorewrite.rewriter.sparse_nodes import read_sparse_linear
 
 
 @dataclass
@@ -72,69 +72,62 @@ def split_tied(values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_in
 def fold_tied_children(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
     """Rewrite every SparseLinear whose entries are mostly tied child copies to sum the children first;
     see the module docstring. Returns the input object itself when nothing folds."""
-    record = read_metadata(model) or {}
-    alpha = record.get("alpha")
-    report = FoldReport(int(alpha) if isinstance(alpha, int) else None)
-    if report.alpha is None or report.alpha < 2 or not any(n.domain == DOMAIN and n.op_type == OP for n in model.graph.node):
+    record = read_record(model)
+    report = FoldReport(None if record is None else record.alpha)
+    if report.alpha is None or report.alpha < 2 or not any(is_sparse_linear(n) for n in model.graph.node):
         return model, report
     alpha = report.alpha
-    rw = GraphRewrite.start(model)
-    opset = default_opset(model)
+    editor = GraphEditor.start(model)
     for i, node in enumerate(model.graph.node):
-        if node.domain != DOMAIN or node.op_type != OP or get_attr(node, "format", b"csr") not in (b"csr", "csr"):
+        if not is_sparse_linear(node):
             continue
         label = node_label(node, i)
-        arrays = [rw.index.constant_value(name) for name in node.input[1:4]]
-        n_in = int(get_attr(node, "in_features", -1))
-        if any(a is None for a in arrays) or n_in % alpha:
-            report.kept.append({"node": label, "reason": f"constant CSR arrays over a multiple of {alpha} inputs needed"})
+        csr, _ = read_sparse_linear(editor.index, i)
+        if csr.in_features % alpha:
+            report.kept.append({"node": label, "reason": f"in_features is not a multiple of {alpha}"})
             continue
-        parents, rest = split_tied(*arrays, n_in, alpha)  # type: ignore[misc]
-        nnz = int(arrays[0].size)  # type: ignore[union-attr]
-        if parents[0].size * alpha < nnz / 2:  # too few tied runs for the sum to pay off
+        parents, rest = split_tied(csr.values, csr.indices, csr.indptr, csr.in_features, alpha)
+        if parents[0].size * alpha < csr.nonzeros / 2:  # too few tied runs for the sum to pay off
             report.kept.append({"node": label, "reason": f"columns are not tied in runs of {alpha}"})
             continue
-        rw.emit[i] = _folded_nodes(rw, node, label, parents, rest, n_in // alpha, alpha, opset)
-        rw.remove.add(i)
-        rw.drop_inits |= {
+        editor.replace_node(i, _folded_nodes(editor, node, label, parents, rest, csr.in_features // alpha, alpha))
+        editor.drop_inits |= {
             name for name in node.input[1:4]
-            if rw.index.constant_source(name) == "initializer" and rw.index.consumer_count(name) == 1
+            if editor.index.constant_source(name) == "initializer" and editor.index.consumer_count(name) == 1
         }
         report.folded.append({
-            "node": label, "nonzeros": nnz, "parent_nonzeros": int(parents[0].size), "untied_nonzeros": int(rest[0].size),
+            "node": label, "nonzeros": csr.nonzeros, "parent_nonzeros": int(parents[0].size),
+            "untied_nonzeros": int(rest[0].size),
         })
     if not report.folded:
         return model, report
-    return rw.apply(model), report
+    return editor.apply(model), report
 
 
-def _folded_nodes(rw: GraphRewrite, node: onnx.NodeProto, label: str, parents: Csr, rest: Csr,
-                  n_parents: int, alpha: int, opset: int) -> list[onnx.NodeProto]:
+def _folded_nodes(editor: GraphEditor, node: onnx.NodeProto, label: str, parents: Csr, rest: Csr,
+                  n_parents: int, alpha: int) -> list[onnx.NodeProto]:
     """``SparseLinear(parents, bias)(ReduceSum(Reshape(x, [..., n_parents, alpha])))`` plus, when some
     copies are untied, ``SparseLinear(rest)`` on the columns of ``x`` they read."""
     x = node.input[0]
-    (runs,) = rw.node("Reshape", [x, leading_shape(rw, x, label, [n_parents, alpha])], label)
-    if opset >= 13:
-        (summed,) = rw.node("ReduceSum", [runs, rw.const(label + ".axis", np.array([-1], np.int64))], label, keepdims=0)
-    else:
-        (summed,) = rw.node("ReduceSum", [runs], label, axes=[-1], keepdims=0)
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    (runs,) = editor.node("Reshape", [x, editor.leading_shape(x, label, [n_parents, alpha])], label)
+    summed = editor.reduce_sum(runs, [-1], label)
+    n_out = int(get_attr(node, "out_features", -1))
     bias = [node.input[4]] if len(node.input) > 4 and node.input[4] else []
     out = node.output[0]
-    main = out if rest[0].size == 0 else rw.name(label + ".parents")
-    nodes = [*rw.take(), _sparse_node(rw, [summed], parents, bias, main, label + "/parents", {**attrs, "in_features": n_parents})]
+    main = out if rest[0].size == 0 else editor.name(label + ".parents")
+    _sparse_node(editor, [summed], parents, bias, main, label + "/parents", n_parents, n_out)
     if rest[0].size:
         # the few untied copies read a handful of children: gather those, not the whole hidden layer
         used, local = np.unique(rest[1].astype(np.int64), return_inverse=True)
-        (picked,) = rw.node("Gather", [x, rw.const(label + ".untied_columns", used)], label, axis=-1)
-        untied = rw.name(label + ".untied")
+        (picked,) = editor.node("Gather", [x, editor.const(label + ".untied_columns", used)], label, axis=-1)
+        untied = editor.name(label + ".untied")
         csr = (rest[0], local.astype(narrowest_int(max(used.size - 1, 0))), rest[2])
-        nodes += [*rw.take(), _sparse_node(rw, [picked], csr, [], untied, label + "/untied", {**attrs, "in_features": int(used.size)})]
-        nodes.append(helper.make_node("Add", [main, untied], [out], name=rw.name(label + "/Add")))
-    return nodes
+        _sparse_node(editor, [picked], csr, [], untied, label + "/untied", int(used.size), n_out)
+        editor.node("Add", [main, untied], label, outputs=[out])
+    return editor.take()
 
 
-def _sparse_node(rw: GraphRewrite, data: list[str], csr: Csr, bias: list[str], out: str, base: str,
-                 attrs: dict[str, object]) -> onnx.NodeProto:
-    arrays = [rw.const(f"{base}.{role}", a) for role, a in zip(("values", "indices", "indptr"), csr)]
-    return helper.make_node(OP, [*data, *arrays, *bias], [out], name=rw.name(base), domain=DOMAIN, **attrs)
+def _sparse_node(editor: GraphEditor, data: list[str], csr: Csr, bias: list[str], out: str, base: str,
+                 n_in: int, n_out: int) -> None:
+    arrays = [editor.const(f"{base}.{role}", a) for role, a in zip(("values", "indices", "indptr"), csr)]
+    editor.pending.append(sparse_linear_node([*data, *arrays, *bias], out, editor.name(base), n_in, n_out))

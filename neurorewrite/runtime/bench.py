@@ -20,7 +20,8 @@ import numpy as np
 import onnxruntime as ort
 
 from neurorewrite.errors import DataError, first_line
-from neurorewrite.runtime.ort import match_inputs, ort_session
+from neurorewrite.executor import match_inputs
+from neurorewrite.runtime.ort import ort_session
 
 SEQUENCE = 16  # length used for every symbolic dimension after the batch dimension
 

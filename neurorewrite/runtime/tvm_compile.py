@@ -1,10 +1,10 @@
 """Compile an ONNX model (with or without neurorewrite operators) into a deployable TVM library.
 
-``compile`` folds tied child copies (``passes/fold_tied.py``), imports the model with the Relax ONNX
-frontend (SparseLinear -> the project's kernels),
-optionally tunes with MetaSchedule into a reusable database, builds, and writes ``OUTPUT`` (a shared
-library) plus ``OUTPUT.json`` (input names/shapes, outputs, target) atomically: on any failure nothing
-is written and an existing output is left as it was.
+``compile`` prepares the model for TVM once (:mod:`neurorewrite.passes.prepare`: fold tied child
+copies), imports it with the Relax ONNX frontend (SparseLinear -> the project's kernels), optionally
+tunes with MetaSchedule into a reusable database, builds, and writes ``OUTPUT`` (a shared library)
+plus ``OUTPUT.json`` (input names/shapes, outputs, target) atomically: on any failure nothing is
+written and an existing output is left as it was.
 """
 
 from __future__ import annotations
@@ -62,14 +62,14 @@ def compile(  # noqa: A001 (the public name the issue asks for)
     with the same shapes and target reuses them without measuring again.
     """
     from neurorewrite.kernels import tuning
-    from neurorewrite.passes.fold_tied import fold_tied_children
+    from neurorewrite.passes.prepare import prepare_for_runtime
     from neurorewrite.runtime.tvm_import import import_model, input_shapes
     from neurorewrite.runtime.tvm_target import parse_target
 
     if trials < 0:
         raise InvalidOptionError(f"--trials must be >= 0, got {trials}")
     tvm_target = parse_target(target)
-    proto, fold = fold_tied_children(load_model(model))
+    proto, prepared = prepare_for_runtime(load_model(model), "tvm")
     static = input_shapes(proto, shapes)
     if tune and database is None:
         if output is None:
@@ -79,7 +79,7 @@ def compile(  # noqa: A001 (the public name the issue asks for)
     mod, kernels = import_model(proto, static, tvm_target, scheduled=db is None)
     report = CompileReport(
         target=str(tvm_target), inputs=static, outputs=[o.name for o in proto.graph.output],
-        sparse_kernels=kernels, folded=fold.folded,
+        sparse_kernels=kernels, folded=prepared.folded,
         trials=trials if tune else 0, database=None if database is None else str(database),
     )
     start = time.monotonic()

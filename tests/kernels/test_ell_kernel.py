@@ -9,7 +9,7 @@ pytest.importorskip("tvm")
 
 import tvm
 
-from neurorewrite.errors import InvalidOptionError
+from neurorewrite.errors import ModelLoadError
 from neurorewrite.kernels.ell import ell_from_csr, ell_from_dense, index_dtype
 from neurorewrite.kernels.sparse_linear import EllShape, ell_linear_func, schedule_default
 from neurorewrite.runtime.tvm_target import parse_target
@@ -32,9 +32,9 @@ def test_ell_round_trips_a_dense_pattern_including_empty_rows() -> None:
 
 
 def test_ell_rejects_a_broken_row_pointer() -> None:
-    with pytest.raises(InvalidOptionError, match="indptr"):
+    with pytest.raises(ModelLoadError, match="inconsistent CSR arrays.*indptr"):
         ell_from_csr(np.ones(3), np.array([0, 1, 2]), np.array([0, 2, 1, 3]), 4)
-    with pytest.raises(InvalidOptionError, match="outside"):
+    with pytest.raises(ModelLoadError, match="inconsistent CSR arrays.*outside"):
         ell_from_csr(np.ones(2), np.array([0, 9]), np.array([0, 1, 2]), 4)
     assert index_dtype(40000) == "int32"
 

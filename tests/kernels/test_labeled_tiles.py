@@ -9,9 +9,9 @@ pytest.importorskip("tvm")
 
 import tvm
 
-from neurorewrite.fpe.expand import scatter_children
+from neurorewrite.fpe.block import scatter_children
 from neurorewrite.kernels.labeled_tiles import LANES, labeled_gemv_func, labeled_tiles_from_csr, prefer_labeled
-from neurorewrite.passes.lower_sparse import csr_arrays
+from neurorewrite.ops import csr_arrays
 from neurorewrite.runtime.tvm_target import parse_target
 
 

@@ -15,7 +15,7 @@ from neurorewrite.api import expand
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.models import MaskedLinear, export_onnx, finetune, fpe_expand
 from neurorewrite.models.fpe_structured import TiedLinear
-from neurorewrite.rewriter.edit import read_metadata
+from neurorewrite.rewriter.record import read_record
 from neurorewrite.runtime.ort import ort_session
 
 torch.set_num_threads(1)
@@ -65,8 +65,8 @@ def test_torch_structured_equals_onnx_preset(tmp_path, widths, act, options):
     # the torch export is the preset's graph: grouped format, same outputs
     exported = export_onnx(structured, tmp_path / "torch.onnx", x[:2])
     onnx.checker.check_model(str(tmp_path / "torch.onnx"), full_check=True)
-    meta = read_metadata(exported)
-    assert meta["structured"] and meta["format"] == "grouped" and meta["prune"] == "layer"
+    meta = read_record(exported)
+    assert meta.structured and meta.format == "grouped" and meta.config.prune == "layer"
     np.testing.assert_allclose(run(exported, x), want, rtol=1e-5, atol=1e-5)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from neurorewrite.api import expand
 from neurorewrite.errors import InvalidOptionError, NoBlocksError
 from neurorewrite.models import MaskedLinear, export_onnx, fpe_expand
-from neurorewrite.rewriter.edit import read_metadata
+from neurorewrite.rewriter.record import read_record
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import find_linears, read_weights
 from neurorewrite.runtime.ort import ort_session
@@ -85,9 +85,9 @@ def test_export_runs_in_onnxruntime_with_metadata(tmp_path):
     out = ort_session(tmp_path / "m.onnx").run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(out, new(x).numpy(), rtol=1e-5, atol=1e-5)
-    meta = read_metadata(proto)
-    assert meta["alpha"] == 2 and meta["seed"] == 4 and meta["split"] == "random"
-    assert meta["blocks"][0]["first"] == "/0/Gemm" and meta["blocks"][0]["width_after"] == 16
+    meta = read_record(proto)
+    assert meta.alpha == 2 and meta.config.seed == 4 and meta.config.split == "random"
+    assert meta.blocks[0].first == "/0/Gemm" and meta.blocks[0].width_after == 16
     assert new.training, "export_onnx must restore the module's training flag"
 
 

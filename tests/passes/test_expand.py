@@ -12,7 +12,8 @@ import pytest
 import neurorewrite
 from neurorewrite.fpe import FPEConfig, block_nnz, copy_outputs, expand_bias, scatter_children, split_neurons
 from neurorewrite.rewriter.blocks import find_blocks
-from neurorewrite.rewriter.edit import NewWeights, read_metadata, replace_weights
+from neurorewrite.rewriter.editor import NewWeights, replace_weights
+from neurorewrite.rewriter.record import read_record
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.io import load_model
 from neurorewrite.rewriter.linear import find_linears, read_weights
@@ -59,9 +60,9 @@ def test_expand_keeps_counts_structure_and_runs(exports, name):
     assert [(o.domain, o.version) for o in new.opset_import] == [(o.domain, o.version) for o in original.opset_import]
     assert [i.SerializeToString() for i in new.graph.input] == [i.SerializeToString() for i in original.graph.input]
     assert [o.SerializeToString() for o in new.graph.output] == [o.SerializeToString() for o in original.graph.output]
-    meta = read_metadata(new)
-    assert meta is not None and meta["alpha"] == 4 and meta["seed"] == 3
-    assert [b["nnz_after"] for b in meta["blocks"]] == [b.nnz_after for b in report.blocks]
+    meta = read_record(new)
+    assert meta is not None and meta.alpha == 4 and meta.config.seed == 3
+    assert [b.nnz_after for b in meta.blocks] == [b.nnz_after for b in report.blocks]
     feeds = sample_for(exports[name])
     outs_before = run_model(original, feeds)
     outs_after = run_model(new, feeds)

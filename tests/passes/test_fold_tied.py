@@ -11,9 +11,9 @@ import pytest
 
 from neurorewrite.api import expand
 from neurorewrite.passes.fold_tied import fold_tied_children, split_tied
-from neurorewrite.passes.lower_sparse import DOMAIN, OP, csr_arrays
+from neurorewrite.ops import DOMAIN, OP, csr_arrays
 from neurorewrite.rewriter.graph import GraphIndex
-from neurorewrite.runtime.sparse_ort import to_standard_ops
+from neurorewrite.passes.sparse_to_standard import to_standard_ops
 from tests.conftest import sample_for
 
 

@@ -12,8 +12,8 @@ import pytest
 from neurorewrite.api import expand
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.passes.lower import lower_model
-from neurorewrite.passes.lower_sparse import DOMAIN, csr_arrays, narrowest_int
-from neurorewrite.rewriter.edit import read_metadata
+from neurorewrite.ops import DOMAIN, csr_arrays, narrowest_int
+from neurorewrite.rewriter.record import read_record
 from neurorewrite.runtime.ort import ort_session
 from tests.conftest import sample_for
 
@@ -37,7 +37,7 @@ def test_format_matches_dense(exports, name: str, fmt: str) -> None:
     lowered, report = lower_model(dense, fmt)
     assert _digest(dense) == before  # the pass is functional
     onnx.checker.check_model(lowered, full_check=True)
-    assert report.layers and read_metadata(lowered)["format"] == fmt
+    assert report.layers and read_record(lowered).format == fmt
     feeds = sample_for(exports[name], batch=5)
     want = _run(dense, feeds)
     for method in ("densify", "gather") if fmt == "sparse" else ("densify",):
@@ -53,7 +53,7 @@ def test_sparse_structure_and_bytes(exports) -> None:
     assert ops[(DOMAIN, "SparseLinear")] == 3  # L1, L2 (shared by both blocks), L3
     assert ("", "Gemm") not in ops
     assert any(o.domain == DOMAIN and o.version == 1 for o in lowered.opset_import)
-    stored = sum(int(row["nonzeros"]) for row in report.layers)
+    stored = sum(int(row.nonzeros) for row in report.layers)
     weights_nnz = sum(b.nnz_before for b in xrep.blocks)  # block counts share L2: compare loosely below
     assert stored <= weights_nnz
     node = next(n for n in lowered.graph.node if n.domain == DOMAIN)
@@ -83,7 +83,7 @@ def test_grouped_lone_tied_block_runs_one_matmul_per_child(exports, split: str, 
     assert ops["MatMul"] == 4 + 1 and ops["Sum"] == 1 and ops["Relu"] == 4 and ops["Transpose"] == 0
     children = [t for t in lowered.graph.initializer if ".child" in t.name]
     assert [list(t.dims) for t in children] == [[4, 24]] * 4  # 16 inputs / 4 children x 24 hidden: W1's size
-    assert [row["kind"] for row in report.layers][1] == "tied"
+    assert [row.kind for row in report.layers][1] == "tied"
 
 
 def test_grouped_chain_runs_a_batched_matmul(exports) -> None:
@@ -114,5 +114,5 @@ def test_unknown_format_and_missing_record(exports) -> None:
 def test_dense_format_keeps_graph(exports) -> None:
     dense, _ = expand(exports["torchscript_gemm"], alpha=2)
     lowered, report = lower_model(dense, "dense")
-    assert not report.modified and read_metadata(lowered)["format"] == "dense"
+    assert not report.modified and read_record(lowered).format == "dense"
     assert [n.op_type for n in lowered.graph.node] == [n.op_type for n in dense.graph.node]

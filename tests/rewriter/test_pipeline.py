@@ -7,7 +7,7 @@ import pytest
 
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.fpe import FPEConfig
-from neurorewrite.passes.expand import expand_model
+from neurorewrite.passes.expand_blocks import expand_model
 from neurorewrite.rewriter.pipeline import Pass, PassError, run_passes
 from tests.builders import mlp_model
 

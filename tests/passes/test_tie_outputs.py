@@ -10,7 +10,7 @@ import pytest
 
 from neurorewrite.api import expand
 from neurorewrite.errors import InvalidOptionError
-from neurorewrite.rewriter.edit import read_metadata
+from neurorewrite.rewriter.record import read_record
 from tests.conftest import run_model, sample_for
 
 
@@ -27,9 +27,9 @@ def test_structured_keeps_count_and_size(exports, name: str) -> None:
     original = onnx.load(str(exports[name]))
     model, report = expand(exports[name], alpha=4, structured=True)
     onnx.checker.check_model(model, full_check=True)
-    record = read_metadata(model)
-    assert record["structured"] and record["format"] == "grouped" and record["split"] == "blocks"
-    assert all(row["kind"] in ("tied",) or row["kind"].startswith("grouped") for row in record["lowered"])
+    record = read_record(model)
+    assert record.structured and record.format == "grouped" and record.config.split == "blocks"
+    assert all(row.kind in ("tied",) or row.kind.startswith("grouped") for row in record.lowered)
     # stored weights: exactly the original nonzero count, and no tensor bigger than the original's
     assert _stored_nonzeros(model) == _stored_nonzeros(original)
     # stored floats: the original's plus the (alpha - 1) * H hidden-bias copies (the dense format: 4x)
@@ -42,7 +42,7 @@ def test_structured_keeps_count_and_size(exports, name: str) -> None:
 
 def test_structured_is_the_tied_function(exports) -> None:
     """Grouped+tied computes the dense expansion whose children all carry the parent's W2 column."""
-    from neurorewrite.passes.lower_structured import tie_outputs
+    from neurorewrite.passes.tie_outputs import tie_outputs
 
     path = exports["transformer"]
     model, _ = expand(path, alpha=2, structured=True)
@@ -62,7 +62,7 @@ def test_structured_calibration_keeps_ties_and_helps(exports) -> None:
     cal, report = expand(exports["sklearn_mlp"], alpha=4, structured=True, calibrate=feeds)
     assert report.calibration and report.calibration[0]["rmse_after"] <= report.calibration[0]["rmse_before"]
     assert _stored_nonzeros(cal) == _stored_nonzeros(bare)
-    assert any(row["kind"] == "tied" for row in read_metadata(cal)["lowered"])
+    assert any(row.kind == "tied" for row in read_record(cal).lowered)
 
 
 def test_structured_option_errors(exports) -> None:

@@ -18,10 +18,11 @@ import onnx
 import torch
 
 from neurorewrite.errors import DataError, VerificationError
-from neurorewrite.models.finetune import Progress, default_loss, finetune, make_optimizer
+from neurorewrite.executor import plain_session
+from neurorewrite.models.masked_training import Progress, default_loss, finetune, make_optimizer
 from neurorewrite.models.onnx_module import OnnxMLP
-from neurorewrite.rewriter.edit import NewWeights, replace_weights, write_metadata
-from neurorewrite.runtime.ort import ort_session
+from neurorewrite.rewriter.editor import NewWeights, replace_weights
+from neurorewrite.rewriter.record import write_json_metadata
 
 FINETUNE_KEY = "neurorewrite.finetune"
 LIFT_TOLERANCE = 1e-4  # relative to the output scale; float32 reordering stays far below it
@@ -95,7 +96,7 @@ def check_data(lifted: OnnxMLP, x: np.ndarray, y: np.ndarray, where: str) -> tup
 def check_lift(model: onnx.ModelProto, lifted: OnnxMLP, x: torch.Tensor, where: str) -> None:
     """The lifted module must compute what onnxruntime computes, or nothing is trained."""
     sample = x[:64]
-    session = ort_session(model, providers=["CPUExecutionProvider"], threads=1)
+    session = plain_session(model, threads=1)
     feed = sample.numpy().astype(np.float32 if session.get_inputs()[0].type == "tensor(float)" else np.float64)
     ref = session.run([lifted.output_name], {lifted.input_name: feed})[0]
     with torch.no_grad():
@@ -145,7 +146,7 @@ def finetune_model(
         report.layers.append(LayerReport(lin.name, (w.shape[0], w.shape[1]), before[key], after))
         updates.append(NewWeights(lin, w, b))
     report.loss_after, report.accuracy_after = _evaluate(lifted, xt, yt)
-    new = replace_weights(model, updates, stale_tensors=())
+    new = replace_weights(model, updates)
     record = {"epochs": options.epochs, "loss": report.loss, "samples": report.samples, **asdict(options)}
-    write_metadata(new, record, FINETUNE_KEY)
+    write_json_metadata(new, FINETUNE_KEY, record)
     return new, report

@@ -15,8 +15,8 @@ from torch import nn
 from neurorewrite.api import expand
 from neurorewrite.errors import DataError, NoBlocksError, UnsupportedModelError
 from neurorewrite.models.onnx_module import OnnxMLP
-from neurorewrite.passes.finetune import FINETUNE_KEY, FinetuneOptions, finetune_model
-from neurorewrite.rewriter.edit import read_metadata
+from neurorewrite.passes.finetune_onnx import FINETUNE_KEY, FinetuneOptions, finetune_model
+from neurorewrite.rewriter.record import read_record
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import find_linears, read_weights
 from neurorewrite.runtime.ort import ort_session
@@ -102,7 +102,7 @@ def test_finetune_keeps_masks_counts_and_metadata(expanded, tmp_path):
         assert not np.array_equal(before, after)
     assert all(layer.nnz_before == layer.nnz_after for layer in report.layers) and len(report.layers) == 3
     assert report.loss == "cross_entropy" and report.loss_after < report.loss_before
-    assert read_metadata(new) == read_metadata(expanded)
+    assert read_record(new) == read_record(expanded)
     record = json.loads(next(p.value for p in new.metadata_props if p.key == FINETUNE_KEY))
     assert record["epochs"] == 15 and record["optimizer"] == "sgd"
     path = tmp_path / "tuned.onnx"

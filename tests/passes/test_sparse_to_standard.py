@@ -8,9 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from neurorewrite.errors import DataError, InvalidOptionError, ModelLoadError
-from neurorewrite.passes.lower_sparse import DOMAIN, csr_arrays
+from neurorewrite.ops import DOMAIN, csr_arrays, sparse_linear_reference
 from neurorewrite.runtime.ort import ort_session
-from neurorewrite.runtime.sparse_ort import has_sparse_ops, sparse_linear_reference, to_standard_ops
+from neurorewrite.passes.sparse_to_standard import has_sparse_ops, to_standard_ops
 
 
 def sparse_model(w: np.ndarray, b: np.ndarray | None, rank3: bool = False, indptr_override=None) -> onnx.ModelProto:

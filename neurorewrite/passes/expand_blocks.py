@@ -2,14 +2,15 @@
 
 Replaces each selected MLP block ``second(act(first(x)))`` with its FPE expansion: ``first`` gets
 ``alpha * H`` outputs whose rows hold disjoint shares of each parent row, ``second`` gets ``alpha * H``
-inputs whose columns copy the parent columns, and both are pruned back to the block's original count.
+inputs whose columns copy the parent columns, and both are pruned back to the block's original count
+(the numpy core, :func:`neurorewrite.fpe.expand_block`; the method: ``docs/methods.md``).
 
 Before: ``find_blocks`` matched the block (constant, unshared weights; the hidden tensor feeds only the
 activation and the second linear). After: every node outside the blocks, the graph inputs and outputs,
 the opset imports and other domains are as they were; ``nonzeros(block) == nonzeros(original block)``
-exactly for every rewritten block (weights and biases counted); the record goes to ``metadata_props``.
-The input model is never modified. Place in the pipeline: load -> find blocks -> **expand** ->
-calibrate -> lower -> verify.
+exactly for every rewritten block (weights and biases counted); the FPE record
+(:mod:`neurorewrite.rewriter.record`) goes to ``metadata_props``. The input model is never modified.
+Place in the pipeline: **expand** -> (tie) -> (calibrate) -> lower.
 
 Blocks in a chain (``L1 -> act -> L2 -> act -> L3``) share a linear: they are expanded in graph order,
 and the later block splits the already widened weights, so both counts stay exact.
@@ -26,29 +27,12 @@ import onnx
 from neurorewrite.errors import NoBlocksError
 from neurorewrite.fpe import FPEConfig, block_seed, expand_block
 from neurorewrite.rewriter.blocks import MLPBlock, Skipped, find_blocks, select_blocks
-from neurorewrite.rewriter.edit import NewWeights, replace_weights
+from neurorewrite.rewriter.editor import NewWeights, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import Linear, read_weights
+from neurorewrite.rewriter.record import BlockRecord, FPERecord
 
 Progress = Callable[[int, int, str], None]
-
-
-@dataclass(frozen=True)
-class BlockReport:
-    """One rewritten block: its layers, widths and nonzero counts, and the tensors later passes find it by."""
-
-    name: str
-    first: str
-    second: str
-    activation: str
-    in_features: int
-    width_before: int
-    width_after: int
-    out_features: int
-    nnz_before: int
-    nnz_after: int
-    hidden_tensor: str = ""
-    output_tensor: str = ""
 
 
 @dataclass
@@ -60,7 +44,7 @@ class ExpandReport:
     seed: int
     bias: str
     prune: str
-    blocks: list[BlockReport] = field(default_factory=list)
+    blocks: list[BlockRecord] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     calibration: list[dict[str, object]] = field(default_factory=list)
     format: str = "dense"
@@ -106,7 +90,7 @@ def expand_model(
         current[block.second.node] = (block.second, exp.w2, exp.b2)
         stale |= _widened_tensors(model, block)
         report.blocks.append(
-            BlockReport(
+            BlockRecord(
                 name=block.name, first=block.first.name, second=block.second.name, activation=block.activation,
                 in_features=block.in_features, width_before=w1.shape[0], width_after=exp.w1.shape[0],
                 out_features=block.out_features, nnz_before=exp.nnz_before, nnz_after=exp.nnz_after,
@@ -117,8 +101,8 @@ def expand_model(
         progress(len(blocks), len(blocks), "writing")
     # hand the expanded arrays over one at a time so each is freed once it is in the new model
     updates = (NewWeights(*current.pop(node)) for node in list(current))
-    new = replace_weights(model, updates, stale, metadata=fpe_metadata(report))
-    return new, report
+    record = FPERecord(cfg, tuple(report.blocks))
+    return replace_weights(model, updates, stale, record=record), report
 
 
 def _current(
@@ -136,12 +120,3 @@ def _widened_tensors(model: onnx.ModelProto, block: MLPBlock) -> set[str]:
     for i in block.first.nodes:
         names |= set(model.graph.node[i].output)
     return names
-
-
-def fpe_metadata(report: ExpandReport) -> dict[str, object]:
-    """The FPE record ``expand`` writes to ``metadata_props``; later passes add their keys to it."""
-    return {
-        "alpha": report.alpha, "split": report.split, "seed": report.seed, "bias": report.bias,
-        "prune": report.prune, "format": report.format,
-        "blocks": [asdict(b) for b in report.blocks],
-    }

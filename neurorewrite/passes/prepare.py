@@ -1,0 +1,84 @@
+"""Preparing a model for a runtime: the named pass sequence ``ort_session`` and ``compile`` call once.
+
+Replaces what a runtime cannot run, or runs slowly, with what it runs best; the file on disk is
+never changed. The sequences, by runtime:
+
+- ``onnxruntime``: ``fold tied children`` (:mod:`.fold_tied`), then ``sparse to standard ops``
+  (:mod:`.sparse_to_standard`, method ``densify`` or ``gather``);
+- ``tvm``: ``fold tied children`` (the TVM importer maps ``SparseLinear`` to the project's kernels).
+
+Each step preserves the model's outputs (float summation order aside); a model without the project's
+operators passes through unchanged (the same object, and an empty report). The report says what
+each step changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx
+
+from neurorewrite.errors import InvalidOptionError
+from neurorewrite.passes.fold_tied import fold_tied_children
+from neurorewrite.passes.sparse_to_standard import METHODS, has_sparse_ops, to_standard_ops
+
+RUNTIMES = ("onnxruntime", "tvm")
+
+
+@dataclass
+class PrepareReport:
+    """The steps that ran, in order, and what the fold did (one row per SparseLinear it folded)."""
+
+    runtime: str
+    steps: list[str] = field(default_factory=list)
+    folded: list[dict[str, object]] = field(default_factory=list)
+    kept: list[dict[str, object]] = field(default_factory=list)
+    sparse_method: str | None = None
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.steps)
+
+
+Step = tuple[str, Callable[[onnx.ModelProto, PrepareReport], onnx.ModelProto]]
+
+
+def _fold(model: onnx.ModelProto, report: PrepareReport) -> onnx.ModelProto:
+    new, fold = fold_tied_children(model)
+    report.folded, report.kept = fold.folded, fold.kept
+    return new
+
+
+def _standard(method: str) -> Callable[[onnx.ModelProto, PrepareReport], onnx.ModelProto]:
+    def run(model: onnx.ModelProto, report: PrepareReport) -> onnx.ModelProto:
+        report.sparse_method = method
+        return to_standard_ops(model, method)
+
+    return run
+
+
+def preparation_steps(runtime: str, sparse_method: str = "densify") -> list[Step]:
+    """The named steps that prepare a model for ``runtime``."""
+    if runtime not in RUNTIMES:
+        raise InvalidOptionError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if sparse_method not in METHODS:
+        raise InvalidOptionError(f"sparse method must be one of {', '.join(METHODS)}, got {sparse_method!r}")
+    steps: list[Step] = [("fold tied children", _fold)]
+    if runtime == "onnxruntime":
+        steps.append((f"sparse to standard ops ({sparse_method})", _standard(sparse_method)))
+    return steps
+
+
+def prepare_for_runtime(
+    model: onnx.ModelProto, runtime: str, sparse_method: str = "densify"
+) -> tuple[onnx.ModelProto, PrepareReport]:
+    """``model`` ready for ``runtime``; see the module docstring. The input is not modified."""
+    steps = preparation_steps(runtime, sparse_method)
+    report = PrepareReport(runtime)
+    if not has_sparse_ops(model):
+        return model, report
+    for name, step in steps:
+        model = step(model, report)
+        report.steps.append(name)
+    return model, report

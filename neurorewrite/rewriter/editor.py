@@ -1,0 +1,260 @@
+"""The one graph editor: every pass that changes a graph says what to change here, then applies it once.
+
+:class:`GraphEditor` collects edits against an input model (nodes emitted in place of a node index,
+nodes removed, new weights for linear layers, initializers added or dropped, tensors whose shape
+changed, opset imports added or removed) and :meth:`GraphEditor.apply` builds a NEW model from them.
+The input model is never modified, and weights about to be replaced are never copied.
+
+Node order is kept: nodes that replace a node are emitted where it was, so a topologically sorted
+graph stays sorted. Every created node and tensor gets a name no other node or tensor has.
+Operators whose signature changed between opsets (``ReduceSum``'s and ``Split``'s axes moved from an
+attribute to an input in opset 13) are built by :meth:`GraphEditor.reduce_sum` and
+:meth:`GraphEditor.split`, the one place that knows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from google.protobuf.message import Message
+from onnx import helper, numpy_helper
+
+from neurorewrite.rewriter.graph import GraphIndex
+from neurorewrite.rewriter.linear import Linear
+from neurorewrite.rewriter.record import FPERecord, write_record
+
+
+@dataclass(frozen=True)
+class NewWeights:
+    """Effective weights for one linear layer: ``w`` (out, in), ``b`` (out,) or None to keep the bias."""
+
+    linear: Linear
+    w: np.ndarray
+    b: np.ndarray | None
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... whichever is not in ``taken``; added to ``taken``."""
+    candidate, n = base, 0
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset version (which operator signatures the graph may use)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _copy_fields(src: Message, dst: Message, skip: tuple[str, ...]) -> None:
+    for desc, value in src.ListFields():
+        if desc.name in skip:
+            continue
+        if desc.is_repeated:
+            getattr(dst, desc.name).extend(value)
+        elif desc.message_type is not None:
+            getattr(dst, desc.name).CopyFrom(value)
+        else:
+            setattr(dst, desc.name, value)
+
+
+def model_shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose main graph has no nodes, initializers or value_info yet."""
+    new = onnx.ModelProto()
+    _copy_fields(model, new, skip=("graph",))
+    _copy_fields(model.graph, new.graph, skip=("initializer", "value_info", "node"))
+    return new
+
+
+@dataclass
+class GraphEditor:
+    """Edits to apply to one model; see the module docstring."""
+
+    index: GraphIndex
+    taken: set[str]
+    opset: int
+    emit: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)
+    remove: set[int] = field(default_factory=set)
+    new_inits: list[onnx.TensorProto] = field(default_factory=list)
+    drop_inits: set[str] = field(default_factory=set)
+    stale: set[str] = field(default_factory=set)
+    opsets: dict[str, int] = field(default_factory=dict)
+    drop_opsets: set[str] = field(default_factory=set)
+    pending: list[onnx.NodeProto] = field(default_factory=list)
+    renames: dict[tuple[int, int], str] = field(default_factory=dict)  # (node index, input slot) -> tensor
+    unscaled: set[int] = field(default_factory=set)  # Gemm nodes whose alpha/beta become 1
+
+    @classmethod
+    def start(cls, model: onnx.ModelProto) -> GraphEditor:
+        graph = model.graph
+        taken = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+        taken |= {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
+        return cls(GraphIndex.build(graph), taken, default_opset(model))
+
+    # --- building nodes -------------------------------------------------------------------------
+
+    def name(self, base: str) -> str:
+        """A tensor or node name not used in the graph yet."""
+        return unique_name(base, self.taken)
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        """A new initializer holding ``value``; returns its (unique) name."""
+        name = self.name(base)
+        self.new_inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: Sequence[str], base: str, domain: str = "", n_out: int = 1,
+             outputs: Sequence[str] | None = None, **attrs: object) -> list[str]:
+        """Queue a node (collected by :meth:`take`); returns its output names (made up unless given)."""
+        outs = list(outputs) if outputs is not None else [
+            self.name(f"{base}.{op.lower()}" if n_out == 1 else f"{base}.{op.lower()}{i}") for i in range(n_out)
+        ]
+        self.pending.append(helper.make_node(op, list(inputs), outs, name=self.name(f"{base}/{op}"), domain=domain, **attrs))
+        return outs
+
+    def reduce_sum(self, x: str, axes: Sequence[int], base: str, keepdims: int = 0,
+                   output: str | None = None) -> str:
+        """``ReduceSum(x, axes)`` in the form the model's opset takes (axes an input from opset 13)."""
+        outs = None if output is None else [output]
+        if self.opset >= 13:
+            axis = self.const(base + ".axes", np.array(list(axes), np.int64))
+            return self.node("ReduceSum", [x, axis], base, outputs=outs, keepdims=keepdims)[0]
+        return self.node("ReduceSum", [x], base, outputs=outs, axes=list(axes), keepdims=keepdims)[0]
+
+    def split(self, x: str, sizes: Sequence[int], base: str, axis: int = -1) -> list[str]:
+        """``Split(x, sizes)`` along ``axis`` in the form the model's opset takes (sizes an input from 13)."""
+        sizes = [int(s) for s in sizes]
+        if self.opset >= 13:
+            return self.node("Split", [x, self.const(base + ".sizes", np.array(sizes, np.int64))], base,
+                             n_out=len(sizes), axis=axis)
+        return self.node("Split", [x], base, n_out=len(sizes), axis=axis, split=sizes)
+
+    def leading_shape(self, x: str, base: str, tail: Sequence[int]) -> str:
+        """``shape(x)[:-1] + tail`` as a tensor (queued nodes), for reshapes that keep the input's rank."""
+        shape = self.node("Shape", [x], base)[0]
+        zero = self.const(base + ".zero", np.array([0], np.int64))
+        last = self.const(base + ".last", np.array([-1], np.int64))
+        lead = self.node("Slice", [shape, zero, last], base)[0]
+        return self.node("Concat", [lead, self.const(base + ".tail", np.array(list(tail), np.int64))], base, axis=0)[0]
+
+    def take(self) -> list[onnx.NodeProto]:
+        """The nodes queued since the last call, in creation order."""
+        nodes, self.pending = self.pending, []
+        return nodes
+
+    # --- changing what is there ------------------------------------------------------------------
+
+    def replace_node(self, i: int, build: list[onnx.NodeProto]) -> None:
+        """Emit ``build`` where node ``i`` was, and drop node ``i``."""
+        self.emit[i] = build
+        self.remove.add(i)
+
+    def drop_constant(self, name: str) -> None:
+        """Forget the weight tensor ``name`` (an initializer, or a Constant node's output)."""
+        source = self.index.constant_source(name)
+        if source == "initializer":
+            self.drop_inits.add(name)
+        elif source == "constant":
+            self.remove.add(self.index.constant_nodes[name])
+
+    def replace_linear(self, lin: Linear, build: list[onnx.NodeProto]) -> None:
+        """Emit ``build`` where ``lin`` was and drop its nodes and weight constants."""
+        self.emit[lin.node] = build
+        self.remove |= set(lin.nodes)
+        for name in (lin.weight, lin.bias):
+            if name is not None:
+                self.drop_constant(name)
+
+    def set_weights(self, lin: Linear, w: np.ndarray, b: np.ndarray | None) -> None:
+        """Make ``lin`` read new effective weights ``w`` (out, in) and ``b`` (None: keep the bias).
+
+        The new initializers take the stored dtype and layout of the old ones; the old ones are dropped.
+        A Gemm's alpha/beta become 1 because the new weights are effective weights.
+        """
+        if lin.op == "Gemm":
+            self.unscaled.add(lin.node)
+        parts = [(lin.weight, lin.node, 1, w if lin.weight_out_in else w.T)]
+        if b is not None and lin.bias is not None:
+            holder = lin.node if lin.add_node is None else lin.add_node
+            node = self.index.graph.node[holder]
+            slot = 2 if node.op_type == "Gemm" else list(node.input).index(lin.bias)
+            parts.append((lin.bias, holder, slot, b.reshape(self._bias_shape(lin.bias, b.size))))
+        for old, node_i, slot, value in parts:
+            name = self.name(old + ".fpe")
+            # from_array writes C-order bytes itself: no contiguous copy first
+            self.new_inits.append(numpy_helper.from_array(value.astype(self._stored_dtype(old), copy=False), name))
+            self.renames[(node_i, slot)] = name
+            self.drop_constant(old)
+
+    def _stored_dtype(self, name: str) -> np.dtype:
+        if name in self.index.initializers:
+            return onnx.helper.tensor_dtype_to_np_dtype(self.index.initializers[name].data_type)
+        value = self.index.constant_value(name)
+        if value is None:
+            raise ValueError(f"{name} is not a constant")
+        return value.dtype
+
+    def _bias_shape(self, name: str, out: int) -> tuple[int, ...]:
+        shape = self.index.constant_shape(name) or (out,)
+        return (out,) if all(d == 1 for d in shape) else tuple(shape[:-1]) + (out,)
+
+    # --- the new model -----------------------------------------------------------------------------
+
+    def apply(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """The edited copy of ``model`` (the dropped weights are not copied)."""
+        new = model_shell(model)
+        graph = new.graph
+        renamed_nodes = {i for i, _ in self.renames}
+        for i, node in enumerate(model.graph.node):
+            graph.node.extend(self.emit.get(i, []))
+            if i in self.remove:
+                continue
+            copy = graph.node.add()
+            copy.CopyFrom(node)
+            if i in renamed_nodes:
+                for (node_i, slot), name in self.renames.items():
+                    if node_i == i:
+                        copy.input[slot] = name
+            if i in self.unscaled:
+                for attr in copy.attribute:
+                    if attr.name in ("alpha", "beta"):
+                        attr.f = 1.0
+        graph.initializer.extend(t for t in model.graph.initializer if t.name not in self.drop_inits)
+        graph.initializer.extend(self.new_inits)
+        graph.value_info.extend(v for v in model.graph.value_info if v.name not in self.stale)
+        if self.drop_opsets:
+            kept = [o for o in new.opset_import if o.domain not in self.drop_opsets]
+            del new.opset_import[:]
+            new.opset_import.extend(kept)
+        have = {o.domain for o in new.opset_import}
+        for domain, version in self.opsets.items():
+            if domain not in have:
+                new.opset_import.add(domain=domain, version=version)
+        return new
+
+
+def replace_weights(
+    model: onnx.ModelProto,
+    updates: Iterable[NewWeights],
+    stale_tensors: Iterable[str] = (),
+    record: FPERecord | None = None,
+) -> onnx.ModelProto:
+    """A new model in which each updated linear reads new initializers (the old ones are dropped).
+
+    ``updates`` may be a generator that hands over one layer at a time: each array is converted and
+    can be freed before the next is made. ``stale_tensors`` lose their value_info (their width
+    changed); shape inference recomputes them. ``record`` replaces the model's FPE record.
+    """
+    editor = GraphEditor.start(model)
+    for up in updates:
+        editor.set_weights(up.linear, up.w, up.b)
+    editor.stale |= set(stale_tensors)
+    new = editor.apply(model)
+    if record is not None:
+        write_record(new, record)
+    return new

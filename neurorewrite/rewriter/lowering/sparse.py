@@ -1,0 +1,44 @@
+"""The ``sparse`` format: one ``ai.neurorewrite.SparseLinear`` node (CSR) per expanded linear.
+
+The operator (schema, CSR builders) is :mod:`neurorewrite.ops.sparse_linear`; this module writes the
+node in place of each linear layer of the blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from neurorewrite.ops import DOMAIN, VERSION, csr_arrays, sparse_linear_node
+from neurorewrite.rewriter.blocks import MLPBlock
+from neurorewrite.rewriter.editor import GraphEditor
+from neurorewrite.rewriter.linear import Linear, read_weights
+from neurorewrite.rewriter.lowering.registry import register_lowering
+from neurorewrite.rewriter.record import LoweredLayer
+
+
+@register_lowering("sparse", "CSR SparseLinear op (docs/sparse-op.md)")
+def lower_sparse_blocks(editor: GraphEditor, model: onnx.ModelProto, blocks: list[MLPBlock], alpha: int) -> list[LoweredLayer]:
+    rows, done = [], set()  # a chain middle is the second linear of one block and the first of the next
+    for block in blocks:
+        for lin in (block.first, block.second):
+            if lin.node not in done:
+                done.add(lin.node)
+                rows.append(lower_sparse(editor, lin, *read_weights(editor.index, lin)))
+    return rows
+
+
+def lower_sparse(editor: GraphEditor, lin: Linear, w: np.ndarray, b: np.ndarray | None) -> LoweredLayer:
+    """Replace ``lin`` by one SparseLinear node; returns its row for the record."""
+    values, indices, indptr = csr_arrays(w)
+    inputs = [
+        lin.data_input, editor.const(lin.weight + ".values", values), editor.const(lin.weight + ".indices", indices),
+        editor.const(lin.weight + ".indptr", indptr),
+    ]
+    if b is not None:
+        inputs.append(editor.const((lin.bias or lin.weight) + ".bias", b))
+    node = sparse_linear_node(inputs, lin.output, editor.name(lin.name + "/sparse"), w.shape[1], w.shape[0])
+    editor.replace_linear(lin, [node])
+    editor.opsets[DOMAIN] = VERSION
+    stored = values.nbytes + indices.nbytes + indptr.nbytes + (0 if b is None else b.nbytes)
+    return LoweredLayer(lin.name, f"csr {indices.dtype.name}/{indptr.dtype.name}", tuple(w.shape), int(values.size), int(stored))
