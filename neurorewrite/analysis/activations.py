@@ -8,7 +8,7 @@ Definitions, per hidden neuron, over all activation vectors of the sample:
 - dead: ``|z| <= ACTIVE_EPS`` for every vector (it never outputs anything).
 - always-on: ``z > ACTIVE_EPS`` for every vector (for ReLU-like activations: it never switches off, so
   it acts as a linear unit). Both are meaningful for ReLU-like activations; the activation is reported.
-- monosemantic scale (METHODS.md 2): ``phi(z) = (z - mu)^2 / (s^2 + 0.01 * mean(s^2))`` with ``mu``,
+- monosemantic scale (docs/methods.md 2): ``phi(z) = (z - mu)^2 / (s^2 + 0.01 * mean(s^2))`` with ``mu``,
   ``s^2`` the neuron's mean and unbiased variance over the sample and ``mean(s^2)`` over the layer's
   neurons. Each neuron is summarised by its **maximum** phi over the sample (``phi_max``): a neuron
   that fires strongly on a few inputs only (monosemantic) has a large one. The maximum is exact from
@@ -30,7 +30,7 @@ from neurorewrite.passes.prepare import prepare_for_runtime
 from neurorewrite.runtime.ort import ort_session
 
 ACTIVE_EPS = 1e-6
-PHI_EPS = 0.01  # METHODS.md 2: s^2 + 0.01 * mean(s^2)
+PHI_EPS = 0.01  # docs/methods.md 2: s^2 + 0.01 * mean(s^2)
 FIRST_ROWS = 16  # sample rows of the first onnxruntime run, which measures what a row costs
 RUN_BYTES = 1 << 30  # later runs take as many rows as keep the hidden tensors under this
 

@@ -3,7 +3,7 @@
 Definitions (``W`` is a layer's effective weight, rows = neurons, columns = input features):
 
 - density: ``nnz(W) / W.size``.
-- feature capacity (METHODS.md 1.7) of input feature ``j``: with the feature Gram ``G = W^T W`` (D x D),
+- feature capacity (docs/methods.md 1.8) of input feature ``j``: with the feature Gram ``G = W^T W`` (D x D),
   ``C_j = G_jj^2 / sum_k G_jk^2``. It is 1 when column ``j`` is orthogonal to every other column (the
   feature owns its directions) and falls towards ``1/D`` as columns overlap. An unused feature (an
   all-zero column, ``G_jj = 0``) has capacity 0: it takes no room. The sum over features is at most

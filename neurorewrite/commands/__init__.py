@@ -1,1 +1,2 @@
-"""One module per CLI subcommand, each with ``register(subparsers)``."""
+"""One module per CLI subcommand (``expand``, ``inspect``, ``finetune``, ``analyze``, ``compile``, ``bench``),
+each with ``register(subparsers)`` and a handler that calls the Python API and prints its report."""

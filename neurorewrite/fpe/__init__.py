@@ -9,6 +9,9 @@ Notation follows ``docs/methods.md``: a block is ``h = act(W1 x + b1)``, ``y = W
 children; child ``k`` of parent ``i`` is hidden unit ``i * alpha + k`` (children of one parent are
 contiguous).
 
+Rooms: ``config`` (options, the counting rule, per-block seeds), ``split`` (which child keeps each input
+weight), ``prune`` (exact-count magnitude pruning), ``block`` (one block's expansion).
+
 Counting rule: the nonzero count of a block is ``nnz(W1) + nnz(b1) + nnz(W2) + nnz(b2)``. Splitting
 keeps ``nnz(W1)``; copying adds ``(alpha - 1) * (nnz(W2) + nnz(b1))`` (output columns and, for both
 bias modes, hidden biases); pruning removes exactly that many weights, so the count after equals the
