@@ -29,7 +29,15 @@ from neurorewrite.fpe.config import (
     check_alpha,
     structured_split,
 )
-from neurorewrite.fpe.block import BlockExpansion, copy_outputs, expand_bias, expand_block, scatter_children
+from neurorewrite.fpe.block import (
+    BlockExpansion,
+    GatedExpansion,
+    copy_outputs,
+    expand_bias,
+    expand_block,
+    expand_gated_block,
+    scatter_children,
+)
 from neurorewrite.fpe.prune import choose_pruned, kth_weighted_value, smallest_by_count
 from neurorewrite.fpe.split import (
     balanced_labels,
@@ -44,8 +52,8 @@ from neurorewrite.fpe.split import (
 )
 
 __all__ = [
-    "BIAS_MODES", "ONE_PARTITION_SPLITS", "PRUNE_MODES", "SPLITS", "BlockExpansion", "FPEConfig", "balanced_labels", "block_nnz",
+    "BIAS_MODES", "ONE_PARTITION_SPLITS", "PRUNE_MODES", "SPLITS", "BlockExpansion", "FPEConfig", "GatedExpansion", "balanced_labels", "block_nnz",
     "block_seed", "check_alpha", "check_groups", "choose_pruned", "cluster_features", "copy_outputs",
-    "expand_bias", "expand_block", "kth_weighted_value", "scatter_children", "smallest_by_count",
+    "expand_bias", "expand_block", "expand_gated_block", "kth_weighted_value", "scatter_children", "smallest_by_count",
     "split_blocks", "split_feature", "split_groups", "split_neurons", "split_random", "split_shared", "structured_split",
 ]

@@ -1,4 +1,10 @@
-"""Expanding one block: scatter children, copy outgoing columns, prune back to the count."""
+"""Expanding one block: scatter children, copy outgoing columns, prune back to the count.
+
+:func:`expand_block` expands ``h = act(W1 x + b1), y = W2 h + b2``; :func:`expand_gated_block` a gated
+block ``h = act(Wg x + bg) * (Wu x + bu), y = Wd h + bd`` (``docs/methods.md`` 1b): one input partition
+per parent used for both its gate row and its up row, the down column copied, and the prune over
+Wg', Wu' and Wd' together. Both share :func:`_expand`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from neurorewrite.errors import InvalidOptionError
-from neurorewrite.fpe.config import FPEConfig, block_nnz
+from neurorewrite.fpe.config import FPEConfig
 from neurorewrite.fpe.prune import choose_pruned
 from neurorewrite.fpe.split import split_neurons
+
+
+@dataclass(frozen=True)
+class GatedExpansion:
+    """The expanded weights of one gated block. Pruned entries are exact zeros."""
+
+    wg: np.ndarray  # (alpha*H, D)
+    bg: np.ndarray | None
+    wu: np.ndarray  # (alpha*H, D), the same partition as wg
+    bu: np.ndarray | None
+    wd: np.ndarray  # (O, alpha*H)
+    bd: np.ndarray | None  # unchanged
+    assignment: np.ndarray  # (H, D) child index of every input of every parent (gate and up alike)
+    nnz_before: int
+    nnz_after: int
 
 
 @dataclass(frozen=True)
@@ -59,9 +80,6 @@ def expand_bias(b1: np.ndarray | None, alpha: int, mode: str) -> np.ndarray | No
     return out / np.asarray(alpha, dtype=b1.dtype) if mode == "split" else out
 
 
-# --- pruning -------------------------------------------------------------------------------------
-
-
 def expand_block(
     w1: np.ndarray,
     b1: np.ndarray | None,
@@ -74,30 +92,60 @@ def expand_block(
     Invariants: each row of ``assignment`` partitions ``range(D)``; ``nnz_after == nnz_before``.
     The inputs are not modified.
     """
-    h, d = w1.shape
-    if w2.shape[1] != h:
-        raise InvalidOptionError(f"W2 has {w2.shape[1]} inputs but W1 has {h} outputs")
+    ((w1e, b1e),), w2e, assignment, before, after = _expand([(w1, b1)], w2, b2, cfg, None)
+    return BlockExpansion(w1e, b1e, w2e, None if b2 is None else b2.copy(), assignment, before, after)
+
+
+def expand_gated_block(
+    wg: np.ndarray, bg: np.ndarray | None, wu: np.ndarray, bu: np.ndarray | None,
+    wd: np.ndarray, bd: np.ndarray | None, cfg: FPEConfig,
+) -> GatedExpansion:
+    """Expand a gated block: child ``k`` of parent ``i`` computes
+    ``act(Wg[i, S_k] x + bg_ik) * (Wu[i, S_k] x + bu_ik)`` with one partition ``S`` per parent for
+    both rows; ``Wd``'s column is copied to every child; Wg', Wu' and Wd' are pruned together
+    (``prune="global"``) or each by its own excess (``"layer"``) to exactly the original count.
+    The ``feature`` split clusters the inputs by the gate and up rows together.
+    """
+    if wu.shape != wg.shape:
+        raise InvalidOptionError(f"the up weight has shape {list(wu.shape)} but the gate weight {list(wg.shape)}")
+    (ge, ue), wde, assignment, before, after = _expand([(wg, bg), (wu, bu)], wd, bd, cfg, np.vstack([wg, wu]))
+    return GatedExpansion(*ge, *ue, wde, None if bd is None else bd.copy(), assignment, before, after)
+
+
+def _expand(
+    inputs: list[tuple[np.ndarray, np.ndarray | None]], w_out: np.ndarray, b_out: np.ndarray | None,
+    cfg: FPEConfig, features: np.ndarray | None,
+) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], np.ndarray, np.ndarray, int, int]:
+    """Split, copy and prune a block with input-side layers ``inputs`` (one partition for all of them)
+    and the output layer ``w_out``; returns the expanded inputs, ``W_out'``, the assignment and the
+    counts before and after (equal, or this raises)."""
+    h, d = inputs[0][0].shape
+    if w_out.shape[1] != h:
+        raise InvalidOptionError(f"the output layer has {w_out.shape[1]} inputs but the input layer has {h} outputs")
     alpha = cfg.alpha
-    assignment = split_neurons(w1, cfg)
-    b1e = expand_bias(b1, alpha, cfg.bias)
-    nb1 = 0 if b1 is None else int(np.count_nonzero(b1))
-    excess_w2 = (alpha - 1) * int(np.count_nonzero(w2))
-    excess_w1 = (alpha - 1) * nb1
-    if cfg.bias == "split" and b1 is not None:
-        # b/alpha can underflow to zero for subnormal biases; count what is really there
-        excess_w1 = int(np.count_nonzero(b1e)) - nb1
-    cut1, (whole2, last2, copies2) = choose_pruned(w1, w2, alpha, excess_w1, excess_w2, cfg.prune)
-    kept1 = w1.copy()
-    kept1.ravel()[cut1] = 0
-    w1e = scatter_children(kept1, assignment, alpha)
-    kept2 = w2.copy()
-    kept2.ravel()[whole2] = 0
-    w2e = copy_outputs(kept2, alpha)
-    if last2 >= 0:  # the lowest-numbered children of the last entry lose their copies
-        o, i = divmod(last2, h)
-        w2e[o, i * alpha : i * alpha + copies2] = 0
-    before = block_nnz(w1, b1, w2, b2)
-    after = block_nnz(w1e, b1e, w2e, b2)
+    assignment = split_neurons(inputs[0][0], cfg, features)
+    biases = [expand_bias(b, alpha, cfg.bias) for _, b in inputs]
+    # b/alpha can underflow to zero for subnormal biases: count what is really there
+    excess_in = [_nnz(be) - _nnz(b) for (_, b), be in zip(inputs, biases)]
+    excess_out = (alpha - 1) * int(np.count_nonzero(w_out))
+    cut_in, (whole, last, copies) = choose_pruned([w for w, _ in inputs], w_out, alpha, excess_in, excess_out, cfg.prune)
+    expanded = []
+    for (w, _), be, cut in zip(inputs, biases, cut_in):
+        kept = w.copy()
+        kept.ravel()[cut] = 0
+        expanded.append((scatter_children(kept, assignment, alpha), be))
+    kept_out = w_out.copy()
+    kept_out.ravel()[whole] = 0
+    w_out_e = copy_outputs(kept_out, alpha)
+    if last >= 0:  # the lowest-numbered children of the last entry lose their copies
+        o, i = divmod(last, h)
+        w_out_e[o, i * alpha : i * alpha + copies] = 0
+    before = sum(_nnz(w) + _nnz(b) for w, b in inputs) + _nnz(w_out) + _nnz(b_out)
+    after = sum(_nnz(w) + _nnz(b) for w, b in expanded) + _nnz(w_out_e) + _nnz(b_out)
     if after != before:
         raise AssertionError(f"FPE count invariant broken: {before} -> {after}")
-    return BlockExpansion(w1e, b1e, w2e, None if b2 is None else b2.copy(), assignment, before, after)
+    return expanded, w_out_e, assignment, before, after
+
+
+def _nnz(a: np.ndarray | None) -> int:
+    return 0 if a is None else int(np.count_nonzero(a))

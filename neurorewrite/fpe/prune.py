@@ -78,27 +78,29 @@ def smallest_by_count(parts: Sequence[tuple[np.ndarray, int]], k: int) -> list[C
 
 
 def choose_pruned(
-    w1: np.ndarray, w2: np.ndarray, alpha: int, excess_w1: int, excess_w2: int, mode: str
-) -> tuple[np.ndarray, Cut]:
+    inputs: Sequence[np.ndarray], w_out: np.ndarray, alpha: int, excess_in: Sequence[int], excess_out: int, mode: str
+) -> tuple[list[np.ndarray], Cut]:
     """Which weights FPE prunes, chosen on the original matrices.
 
-    Returns the flat indices into W1 whose (single) child copy goes, and a :data:`Cut` of flat W2
-    indices whose ``alpha`` copies go (whole, or the first ``copies`` children of one entry). A W2 entry
-    stands for its ``alpha`` equal copies, so nothing of the expanded size is sorted. ``global``
-    removes the smallest magnitudes over both layers at once (the paper's rule; at equal magnitude W1'
-    goes first); ``layer`` removes ``excess_w1`` from W1' and ``excess_w2`` from W2' separately, so each
-    layer keeps its own count.
+    ``inputs`` are the block's input-side matrices (W1; or Wg and Wu of a gated block), each of whose
+    entries has exactly one child copy; ``w_out`` is the output matrix, each of whose entries stands for
+    its ``alpha`` equal copies, so nothing of the expanded size is sorted. Returns, per input matrix, the
+    flat indices whose copy goes, and a :data:`Cut` of flat ``w_out`` indices whose copies go (whole, or
+    the first ``copies`` children of one entry). ``global`` removes the smallest magnitudes over all the
+    matrices at once (the paper's rule; at equal magnitude the earlier matrix goes first); ``layer``
+    removes ``excess_in[i]`` from input matrix ``i`` and ``excess_out`` from the output copies
+    separately, so each layer keeps its own count.
     """
-    i1 = np.flatnonzero(w1)
-    i2 = np.flatnonzero(w2)
-    m1 = np.abs(w1.ravel()[i1])
-    m2 = np.abs(w2.ravel()[i2]).astype(m1.dtype, copy=False)
+    nonzero = [np.flatnonzero(w) for w in (*inputs, w_out)]
+    mags = [np.abs(w.ravel()[i]) for w, i in zip((*inputs, w_out), nonzero)]
+    mags[-1] = mags[-1].astype(mags[0].dtype, copy=False)
     if mode == "global":
-        cut1, cut2 = smallest_by_count([(m1, 1), (m2, alpha)], excess_w1 + excess_w2)
+        cuts = smallest_by_count([(m, 1) for m in mags[:-1]] + [(mags[-1], alpha)], sum(excess_in) + excess_out)
     else:
-        (cut1,) = smallest_by_count([(m1, 1)], excess_w1)
-        (cut2,) = smallest_by_count([(m2, alpha)], excess_w2)
-    whole1, last1, _ = cut1  # multiplicity 1: a partly cut entry is cut whole
-    whole2, last2, copies2 = cut2
-    flat1 = i1[whole1 if last1 < 0 else np.append(whole1, last1)]
-    return flat1, (i2[whole2], int(i2[last2]) if last2 >= 0 else -1, copies2)
+        cuts = [smallest_by_count([(m, 1)], k)[0] for m, k in zip(mags[:-1], excess_in)]
+        cuts += smallest_by_count([(mags[-1], alpha)], excess_out)
+    flat_in = []
+    for (whole, last, _), idx in zip(cuts[:-1], nonzero[:-1]):  # multiplicity 1: a partly cut entry is cut whole
+        flat_in.append(idx[whole if last < 0 else np.append(whole, last)])
+    whole, last, copies = cuts[-1]
+    return flat_in, (nonzero[-1][whole], int(nonzero[-1][last]) if last >= 0 else -1, copies)

@@ -123,9 +123,13 @@ def split_groups(h: int, d: int, alpha: int, groups: Sequence[Sequence[int]], rn
     return group_child[:, feature_group].astype(_child_dtype(alpha))
 
 
-def split_neurons(w1: np.ndarray, cfg: FPEConfig) -> np.ndarray:
+def split_neurons(w1: np.ndarray, cfg: FPEConfig, features: np.ndarray | None = None) -> np.ndarray:
     """The ``(H, D)`` child index of every input weight: row ``i`` partitions ``range(D)`` into
-    ``alpha`` disjoint, covering subsets."""
+    ``alpha`` disjoint, covering subsets.
+
+    ``features`` (any number of rows over the same ``D`` inputs, default ``w1``) are the weights the
+    ``feature`` split clusters the inputs by: a gated block passes its gate and up rows together.
+    """
     h, d = w1.shape
     rng = np.random.default_rng(cfg.seed)
     if cfg.alpha == 1:
@@ -137,6 +141,7 @@ def split_neurons(w1: np.ndarray, cfg: FPEConfig) -> np.ndarray:
     if cfg.split == "blocks":
         return split_blocks(h, d, cfg.alpha)
     if cfg.split == "feature":
-        return split_feature(w1, cfg.alpha, rng)
+        labels = split_feature(w1 if features is None else features, cfg.alpha, rng)[0]
+        return np.broadcast_to(labels, (h, d))
     assert cfg.groups is not None  # FPEConfig guarantees it
     return split_groups(h, d, cfg.alpha, cfg.groups, rng)
