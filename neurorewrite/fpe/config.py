@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from neurorewrite.checks import integer_at_least
 from neurorewrite.errors import InvalidOptionError
 
 SPLITS = ("random", "feature", "groups", "shared", "blocks")
@@ -15,15 +16,8 @@ PRUNE_MODES = ("global", "layer")
 
 
 def check_alpha(alpha: object, minimum: int = 1) -> int:
-    """Return ``alpha`` as an int, or raise if it is not an integer >= ``minimum``."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, np.integer)):
-        if isinstance(alpha, (float, np.floating)) and float(alpha).is_integer():
-            alpha = int(alpha)
-        else:
-            raise InvalidOptionError(f"--alpha must be an integer >= {minimum}, got {alpha!r}")
-    if int(alpha) < minimum:
-        raise InvalidOptionError(f"--alpha must be an integer >= {minimum}, got {alpha}")
-    return int(alpha)
+    """Return ``alpha`` as an int, or raise if it is not an integer >= ``minimum`` (2.0 counts as 2)."""
+    return integer_at_least("--alpha", alpha, minimum, accept_whole_floats=True)
 
 
 @dataclass(frozen=True)

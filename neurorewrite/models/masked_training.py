@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from neurorewrite.checks import integer_at_least
 from neurorewrite.errors import DataError, InvalidOptionError
 from neurorewrite.models.fpe import enforce_masks
 
@@ -67,8 +68,7 @@ def finetune(
     steps. ``loss`` defaults to :func:`default_loss` of the first batch's targets. The model is left in
     eval mode.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise InvalidOptionError(f"--epochs must be an integer >= 0, got {epochs!r}")
+    epochs = integer_at_least("--epochs", epochs, 0)
     if optimizer is None:
         optimizer = make_optimizer(model, "adam", lr)
     handles = enforce_masks(optimizer, model)
