@@ -8,12 +8,16 @@ that the core brackets its threshold with a strided sample instead of looking at
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
-from neurorewrite.fpe import FPEConfig, expand_block, kth_weighted_value, smallest_by_count
+from neurorewrite.fpe import FPEConfig, expand_block, expand_gated_block, kth_weighted_value, smallest_by_count
+from neurorewrite.fpe import prune as prune_module
 
-SAMPLE_SIZE = kth_weighted_value.__defaults__[0]  # candidates above this are bracketed by a strided sample
+# candidates above this many are bracketed by a strided sample
+SAMPLE_SIZE = inspect.signature(kth_weighted_value).parameters["sample_size"].default
 
 
 def block(rng: np.random.Generator, h: int, d: int, o: int, levels: int | None):
@@ -140,3 +144,90 @@ def test_smallest_by_count_cuts_part_of_a_copied_entry() -> None:
     assert w1.tolist() == [1] and (l1, c1) == (0, 2)
     (_, (w1, l1, c1)) = smallest_by_count(parts, 9)
     assert sorted(w1.tolist()) == [0, 1] and l1 == -1, "all three copies go: the entry is cut whole"
+
+
+def test_gated_prune_matches_a_stable_sort_in_the_order_gate_up_down() -> None:
+    """docs/methods.md 1.4b: ``global`` is one threshold over Wg', Wu' and Wd' with ties by layer in the
+    order gate, up, down; ``layer`` cuts each by its own excess."""
+    rng = np.random.default_rng(8)
+    for prune in ("global", "layer"):
+        for trial in range(4):
+            h, d, o, a = 5, 8, 4, 3
+            wg, wu = (np.round(rng.standard_normal((h, d)) * 2).astype(np.float32) / 2 for _ in range(2))
+            wd = (np.round(rng.standard_normal((o, h)) * 2) / 2).astype(np.float32)
+            bg, bu = (rng.standard_normal(h).astype(np.float32) for _ in range(2))
+            exp = expand_gated_block(wg, bg, wu, bu, wd, None, FPEConfig(alpha=a, seed=trial, bias="copy", prune=prune))
+            ex_in = [(a - 1) * int(np.count_nonzero(b)) for b in (bg, bu)]
+            ex_out = (a - 1) * int(np.count_nonzero(wd))
+            # every candidate: (magnitude, layer, flat index, copy), stably sorted by magnitude
+            cands = [(abs(float(w.ravel()[f])), layer, int(f), 0)
+                     for layer, w in enumerate((wg, wu)) for f in np.flatnonzero(w)]
+            cands += [(abs(float(wd.ravel()[f])), 2, int(f), c) for f in np.flatnonzero(wd) for c in range(a)]
+            if prune == "global":
+                cut = sorted(cands, key=lambda t: t[0])[: sum(ex_in) + ex_out]
+            else:
+                cut = []
+                for layer, k in enumerate((*ex_in, ex_out)):
+                    cut += sorted((t for t in cands if t[1] == layer), key=lambda t: t[0])[:k]
+            want = [np.zeros((h, a, d), np.float32) for _ in range(2)]
+            kept = [wg.copy(), wu.copy()]
+            wd_e = np.repeat(wd, a, axis=1)
+            for _, layer, flat, copy in cut:
+                if layer < 2:
+                    kept[layer].ravel()[flat] = 0
+                else:
+                    oo, i = divmod(flat, h)
+                    wd_e[oo, i * a + copy] = 0
+            for layer in range(2):
+                want[layer][np.arange(h)[:, None], exp.assignment, np.arange(d)[None, :]] = kept[layer]
+            np.testing.assert_array_equal(exp.wg, want[0].reshape(h * a, d), err_msg=f"gate, {prune}")
+            np.testing.assert_array_equal(exp.wu, want[1].reshape(h * a, d), err_msg=f"up, {prune}")
+            np.testing.assert_array_equal(exp.wd, wd_e, err_msg=f"down, {prune}")
+
+
+def test_a_copied_part_before_another_part() -> None:
+    """smallest_by_count on any order of parts: a part with copies may come first; the cut stops exactly at k."""
+    parts = [(np.array([0.5], np.float32), 3), (np.array([0.5, 0.7], np.float32), 1)]
+    assert [(c[0].tolist(), c[1], c[2]) for c in smallest_by_count(parts, 2)] == [([], 0, 2), ([], -1, 0)]
+    assert [(c[0].tolist(), c[1], c[2]) for c in smallest_by_count(parts, 4)] == [([0], -1, 0), ([0], -1, 0)]
+    assert [(c[0].tolist(), c[1], c[2]) for c in smallest_by_count(parts, 5)] == [([0], -1, 0), ([0, 1], -1, 0)]
+
+
+@pytest.mark.parametrize("prune", ["global", "layer"])
+def test_a_block_that_exactly_absorbs_the_copies_is_expanded(prune) -> None:
+    """The boundary of "too small": excess equal to the candidates prunes every candidate, no error."""
+    w1 = np.array([[1.0, 2.0]], np.float32)  # one parent, two inputs
+    b1 = np.array([3.0], np.float32)
+    w2 = np.array([[4.0]], np.float32)
+    if prune == "layer":  # alpha 3: W1' must lose the 2 bias copies, exactly its 2 weights
+        exp = expand_block(w1, b1, w2, None, FPEConfig(alpha=3, prune="layer", bias="copy"))
+        assert np.count_nonzero(exp.w1) == 0 and np.count_nonzero(exp.w2) == 1
+    else:  # no bias, alpha 2: copies add 1; global candidates 2 + 2 = 4 > 1; make it exact with a zero W1
+        exp = expand_block(np.zeros_like(w1), None, w2, None, FPEConfig(alpha=2))
+        assert np.count_nonzero(exp.w2) == 1
+    assert exp.nnz_after == exp.nnz_before
+
+
+def test_large_blocks_sort_only_a_sample_and_the_bracket(monkeypatch) -> None:
+    """docs/methods.md 1.3: the threshold of a large block is found without sorting it: only a strided
+    sample and the few entries inside the bracket are sorted (a spy on the module's argsort records sizes)."""
+    sorted_sizes: list[int] = []
+
+    class Spy:
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(np, name)
+
+        @staticmethod
+        def argsort(a, *args, **kwargs):  # noqa: ANN001, ANN205
+            sorted_sizes.append(int(np.size(a)))
+            return np.argsort(a, *args, **kwargs)
+
+    rng = np.random.default_rng(1)
+    parts = [(rng.random(2_000_000).astype(np.float32), 1), (rng.random(200_000).astype(np.float32), 4)]
+    total = 2_000_000 + 4 * 200_000
+    monkeypatch.setattr(prune_module, "np", Spy())
+    for k in (1, total // 3, total - 5):
+        sorted_sizes.clear()
+        t = kth_weighted_value(parts, k)
+        assert t == _reference_kth(parts, k)
+        assert max(sorted_sizes) <= 0.1 * 2_200_000, f"sorted {sorted_sizes} of 2.2 M entries"

@@ -29,7 +29,8 @@ def test_feature_split_keeps_a_feature_with_its_negated_twin() -> None:
     goes to one child (a signed cosine would put a negated column as far away as possible)."""
     rng = np.random.default_rng(0)
     w1 = np.zeros((8, 12), np.float32)
-    clusters = [range(0, 3), range(3, 6), range(6, 9), range(9, 12)]
+    perm = rng.permutation(12)  # clusters scattered over the inputs, so no order-based labelling finds them
+    clusters = [perm[3 * c : 3 * c + 3] for c in range(4)]
     base = rng.uniform(0.5, 1.5, (2, 1)).astype(np.float32)
     for c, cols in enumerate(clusters):
         for j, sign in zip(cols, (1.0, -1.0, 1.0) if c % 2 else (-1.0, 1.0, -1.0)):
