@@ -154,3 +154,16 @@ def test_gated_feature_split_clusters_by_gate_and_up_rows() -> None:
         exp = expand_gated_block(wg, None, wu, None, wd, None, FPEConfig(alpha=alpha, split="feature", seed=seed))
         labels = np.asarray(exp.assignment[0])
         assert all(len({int(labels[j]) for j in cols}) == 1 for cols in clusters), (seed, labels, clusters)
+
+
+def test_structured_split_keeps_one_partition_splits_and_refuses_the_rest() -> None:
+    from neurorewrite.fpe import structured_split
+
+    assert structured_split("random") == "blocks", "the default random split becomes contiguous blocks"
+    assert [structured_split(s) for s in ("blocks", "shared", "feature")] == ["blocks", "shared", "feature"]
+    with pytest.raises(InvalidOptionError) as caught:
+        structured_split("groups")
+    assert str(caught.value) == ("--structured needs one input partition for all neurons (split blocks, shared, feature), "
+                                 "got 'groups'")
+    with pytest.raises(InvalidOptionError, match="^fpe_expand.structured needs one input partition"):
+        structured_split("groups", where="fpe_expand.structured")
