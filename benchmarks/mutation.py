@@ -199,11 +199,13 @@ def explanation(name: str, diff: str, explained: dict[str, dict[str, str]]) -> s
     return entry["reason"]
 
 
-def render(results: list[ModuleResult], machine: str, command: str) -> str:
+def render(results: list[ModuleResult], machine: str, command: str, note: str = "") -> str:
     explained = load_explanations()
     lines = [
         "# Mutation testing (mutmut)", "",
-        f"Produced by `{command}` on {machine}.", "",
+        f"Produced by `{command}` on {machine}.", *([note] if note else []), "",
+        "detected % = (killed + timeout) / mutants: a timeout is a mutant whose tests ran past mutmut's limit (an",
+        "endless loop is caught too). No tests: no selected test calls the mutated function.", "",
         "| module | mutants | killed | survived | no tests | timeout | other | detected % | explained survivors | minutes |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -213,7 +215,8 @@ def render(results: list[ModuleResult], machine: str, command: str) -> str:
         n_expl = sum(explanation(n, d, explained) is not None for n, d in r.survivors)
         lines.append(
             f"| {r.name} | {sum(c.values())} | {c.get('killed', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} "
-            f"| {c.get('timeout', 0)} | {other} | {100 * r.score:.1f} | {n_expl}/{len(r.survivors)} | {r.seconds / 60:.1f} |"
+            f"| {c.get('timeout', 0)} | {other} | {100 * r.score:.1f} | {n_expl}/{len(r.survivors)} "
+            f"| {'-' if r.seconds != r.seconds else f'{r.seconds / 60:.1f}'} |"
         )
     for r in results:
         lines += ["", f"## {r.name}", ""]
@@ -237,6 +240,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "neurorewrite-mutation")
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "MUTATION.md")
     parser.add_argument("--list", action="store_true", help="print the modules and their test selections")
+    parser.add_argument("--note", default="", help="a line for the report (how the results were made)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="do not run mutmut: write the report from the results already under --work "
+                        "(after re-running single mutants there, or after adding explanations)")
     args = parser.parse_args()
     if args.list:
         for name, m in MODULES.items():
@@ -249,12 +256,18 @@ def main() -> None:
     print(machine)
     results = []
     for name in args.modules or list(MODULES):
+        if args.report_only:
+            r = ModuleResult(name, float("nan"))
+            collect(args.work / name, r)
+            results.append(r)
+            continue
         print(f"mutating {name} ...", flush=True)
         r = run_module(name, MODULES[name], args.work, args.max_children, args.limit)
         print(f"  {r.counts} in {r.seconds / 60:.1f} min{'; ' + r.error if r.error else ''}", flush=True)
         results.append(r)
-    command = "python -m benchmarks.mutation " + " ".join(sys.argv[1:])
-    args.report.write_text(render(results, machine, command.strip()))
+    shown = [a for a, prev in zip(sys.argv[1:], [""] + sys.argv[1:]) if a != "--note" and prev != "--note"]
+    command = "python -m benchmarks.mutation " + " ".join(shown)
+    args.report.write_text(render(results, machine, command.strip(), args.note))
     print(f"wrote {args.report}")
 
 

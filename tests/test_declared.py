@@ -25,9 +25,10 @@ def pytest_run(folder: Path, ci: bool, **env: str) -> subprocess.CompletedProces
     full_env = {k: v for k, v in os.environ.items() if k not in ("CI", "NEUROREWRITE_GPU", "NEUROREWRITE_DECLARED")}
     full_env.update(env, PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     full_env.setdefault("NEUROREWRITE_DECLARED", "json")  # something importable: keeps the session start cheap
+    full_env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # hypothesis's and xdist's plugins cost seconds per run
     if ci:
         full_env["CI"] = "true"
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:xdist", str(folder)],
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(folder)],
                           cwd=folder, env=full_env, capture_output=True, text=True, timeout=300)
 
 

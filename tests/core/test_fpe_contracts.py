@@ -92,8 +92,11 @@ def test_counts_without_biases() -> None:
     assert exp.b1 is None and exp.b2 is None
 
 
-@pytest.mark.parametrize("split", ["random", "shared", "blocks", "feature", "groups"])
-@pytest.mark.parametrize("alpha, dtype", [(2, np.uint8), (256, np.uint8), (257, np.uint16)])
+@pytest.mark.parametrize("split, alpha, dtype", [
+    *[(split, alpha, dtype) for split in ("random", "shared", "blocks", "groups")
+      for alpha, dtype in ((2, np.uint8), (256, np.uint8), (257, np.uint16))],
+    ("feature", 2, np.uint8), ("feature", 3, np.uint8),  # the clustering is quadratic in alpha: small ones only
+])
 def test_child_indices_are_stored_narrow_and_stay_exact(split, alpha, dtype) -> None:
     """The (H, D) child-index array is the largest thing a split builds: uint8 up to 256 children, then uint16;
     at the boundaries every child index still fits (each child of a 2*alpha-input neuron gets exactly two)."""
@@ -167,3 +170,38 @@ def test_structured_split_keeps_one_partition_splits_and_refuses_the_rest() -> N
                                  "got 'groups'")
     with pytest.raises(InvalidOptionError, match="^fpe_expand.structured needs one input partition"):
         structured_split("groups", where="fpe_expand.structured")
+
+
+def test_65536_children_still_fit_uint16() -> None:
+    a = np.asarray(split_neurons(np.ones((1, 65_536), np.float32), FPEConfig(alpha=65_536, split="random")))
+    assert a.dtype == np.uint16 and sorted(a[0].tolist()) == list(range(65_536))
+
+
+def test_feature_split_of_a_single_neuron() -> None:
+    a = np.asarray(split_neurons(np.random.default_rng(0).standard_normal((1, 6)).astype(np.float32),
+                                 FPEConfig(alpha=2, split="feature")))
+    assert a.shape == (1, 6) and np.bincount(a[0].astype(np.int64)).tolist() == [3, 3]
+
+
+def test_dead_input_features_do_not_disturb_the_clustering() -> None:
+    """An all-zero column (an input no neuron reads) has no direction: it must not poison the clusters."""
+    rng = np.random.default_rng(6)
+    perm = rng.permutation(12)
+    clusters = [perm[3 * c : 3 * c + 3] for c in range(4)]
+    w1 = np.zeros((8, 13), np.float32)  # column 12 stays zero
+    for c, cols in enumerate(clusters):
+        w1[2 * c : 2 * c + 2, cols] = rng.uniform(0.5, 1.5, (2, 3))
+    for seed in range(4):
+        labels = np.asarray(split_neurons(w1, FPEConfig(alpha=4, split="feature", seed=seed))[0])
+        assert all(len({int(labels[j]) for j in cols}) == 1 for cols in clusters), (seed, labels)
+        assert sorted(np.bincount(labels.astype(np.int64), minlength=4).tolist()) == [3, 3, 3, 4]
+
+
+def test_block_seeds_are_pinned_and_independent() -> None:
+    """docs/methods.md 1.1: block p of a model is seeded with block_seed(seed, p). The values are pinned:
+    changing them would change every expansion ever made with a given seed (and the torch side's match)."""
+    from neurorewrite.fpe import block_seed
+
+    assert [block_seed(0, 0), block_seed(0, 1), block_seed(7, 2)] == [2968811710, 3964924996, 1009178997]
+    seeds = {block_seed(s, p) for s in range(4) for p in range(4)}
+    assert len(seeds) == 16 and all(type(x) is int for x in seeds)
