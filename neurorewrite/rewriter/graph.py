@@ -26,6 +26,7 @@ class GraphIndex:
     constant_nodes: dict[str, int] = field(default_factory=dict)
     graph_inputs: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
+    ranks: dict[str, int] = field(default_factory=dict)  # tensors whose rank the graph declares (inputs, value_info, outputs)
 
     @classmethod
     def build(cls, graph: onnx.GraphProto) -> GraphIndex:
@@ -33,6 +34,9 @@ class GraphIndex:
         index.initializers = {t.name: t for t in graph.initializer}
         index.graph_inputs = {i.name for i in graph.input}
         index.graph_outputs = {o.name for o in graph.output}
+        for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                index.ranks[value.name] = len(value.type.tensor_type.shape.dim)
         for i, node in enumerate(graph.node):
             for name in node.output:
                 if name:
