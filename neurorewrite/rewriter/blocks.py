@@ -30,6 +30,7 @@ from neurorewrite.rewriter.linear import Linear, scan_linears
 from neurorewrite.rewriter.patterns import Reason
 from neurorewrite.rewriter.region import Region, check_shapes, walk_region
 from neurorewrite.rewriter.shapes import Widened
+from neurorewrite.rewriter.stored import per_child_blocks
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,18 @@ def _try_first(ctx: _Context, lin: Linear) -> tuple[MLPBlock | Reason | None, bo
     return _block_from(ctx, lin, region, up, None), looks
 
 
+def _per_child(index: GraphIndex, linears: dict[int, Linear]) -> list[MLPBlock]:
+    """The ``--structured`` lone tied blocks written one MatMul per child, read back (:mod:`.stored`)."""
+    blocks = []
+    for first, up, second, (start, end, core), nodes in per_child_blocks(index, linears):
+        label = activation_label(index, start, end, core)
+        blocks.append(MLPBlock(
+            name=first.name, first=first, second=second, activation=f"{label} (gated)" if up is not None else label,
+            activation_nodes=tuple(nodes), hidden="", region_tensors=(), up=up,
+        ))
+    return blocks
+
+
 def _cut_feeds_activation(ctx: _Context, lin: Linear) -> bool:
     """Whether a piece of ``lin``'s output that a Split or Slice cuts off goes through an activation."""
     index = ctx.index
@@ -223,7 +236,9 @@ def find_blocks(model: onnx.ModelProto) -> BlockSearch:
             search.blocks.append(result)
         elif isinstance(result, Reason) and looks:
             misses.append((lin, result))
-    in_blocks = {lin.node for b in search.blocks for lin in b.linears}
+    search.blocks += _per_child(index, scan.linears)
+    search.blocks.sort(key=lambda b: b.first.node)
+    in_blocks = {part.node for b in search.blocks for lin in b.linears for part in (lin, *lin.parts)}
     search.skipped += [Skipped(lin.name, r.message, r.code) for lin, r in misses if lin.node not in in_blocks]
     search.skipped += [Skipped(name, r.message, r.code) for name, r in refused_near_misses(index, scan.refused)]
     return search

@@ -46,7 +46,15 @@ class Linear:
     bias_node: int | None = None  # an activation node (BiasGelu, FastGelu) that adds the bias to ``output``
     feature_axis: int = -1  # the axis the layer mixes: 1 for a Conv (NCHW), the last for the rest
     kernel: tuple[int, ...] = ()  # a 1x1 Conv's trailing weight dimensions (all 1)
-    read_only: bool = False  # a stored format (SparseLinear): read, never given new weights
+    read_only: bool = False  # a stored format (SparseLinear, grouped): read, never given new weights
+    entry: int | None = None  # the node that reads ``data_input``, when it is not ``node`` (stored forms)
+    parts: tuple[Linear, ...] = ()  # a composite stored form's pieces (rewriter/stored.py)
+    columns: tuple[str, ...] = ()  # a stored form's column-index tensors (rewriter/stored.py)
+
+    @property
+    def entry_node(self) -> int:
+        """The node that reads the layer's input."""
+        return self.node if self.entry is None else self.entry
 
     @property
     def nodes(self) -> tuple[int, ...]:
@@ -92,6 +100,8 @@ CONV_1X1 = Op(
 )
 SPARSE_LINEAR = Op(SPARSE_OP, Var("x"), Var("values"), Var("indices"), Var("indptr"), Maybe(Var("b")),
                    name="linear", domain=SPARSE_DOMAIN)
+SPARSE_CONV = Op("Transpose", Op(SPARSE_OP, Op("Transpose", Var("x"), name="entry"), Var("values"), Var("indices"),
+                                 Var("indptr"), Maybe(Var("b")), name="linear", domain=SPARSE_DOMAIN), name="back")
 
 # ops whose weights are quantized integers: (domain, op)
 QUANTIZED_OPS = {
@@ -197,15 +207,36 @@ def _matmul_linear(index: GraphIndex, i: int, node: onnx.NodeProto) -> Linear | 
     return _from_match(index, m, "MatMul") if m else None
 
 
+def _channels_last_sparse(index: GraphIndex, i: int, node: onnx.NodeProto) -> Match | None:
+    """``Transpose(channels last) -> SparseLinear -> Transpose(back)``: a 1x1 Conv in the sparse format."""
+    users = index.consumers.get(node.output[0], [])
+    if len(users) != 1:
+        return None
+    m = match(index, SPARSE_CONV, index.graph.node[users[0]].output[0])
+    if not m or m.named["linear"] != i:
+        return None
+    to_last = list(get_attr(index.graph.node[m.named["entry"]], "perm", []))
+    rank = len(to_last)
+    if rank < 3 or to_last != [0, *range(2, rank), 1]:
+        return None
+    if list(get_attr(index.graph.node[m.named["back"]], "perm", [])) != [0, rank - 1, *range(1, rank - 1)]:
+        return None
+    return m
+
+
 def _sparse_linear(index: GraphIndex, i: int, node: onnx.NodeProto) -> Linear | None:
-    m = match(index, SPARSE_LINEAR, node.output[0])
+    conv = _channels_last_sparse(index, i, node)
+    m = conv or match(index, SPARSE_LINEAR, node.output[0])
     if not m:
         return None
+    back = m.named.get("back")
+    rank = len(get_attr(index.graph.node[m.named["entry"]], "perm", [])) if conv else 0
     return Linear(
         node=i, name=node_label(node, i), op="SparseLinear", data_input=m["x"], weight=m["values"], weight_out_in=True,
-        bias=m.get("b") or None, add_node=None, output=node.output[0],
+        bias=m.get("b") or None, add_node=None, output=node.output[0] if back is None else index.graph.node[back].output[0],
         in_features=int(get_attr(node, "in_features", -1)), out_features=int(get_attr(node, "out_features", -1)),
-        read_only=True,
+        read_only=True, feature_axis=1 if conv else -1, kernel=(1,) * (rank - 2) if conv else (),
+        entry=m.named.get("entry"),
     )
 
 
@@ -215,6 +246,8 @@ FORMS = {"Gemm": (GEMM, "Gemm"), "FusedMatMul": (FUSED_MATMUL, "FusedMatMul"), "
 def scan_linears(index: GraphIndex) -> LinearScan:
     """Every linear layer of the main graph (keyed by the index of its Gemm/MatMul/Conv/... node), and
     the linear-looking nodes refused with a reason."""
+    from neurorewrite.rewriter import stored  # reads back the grouped format; it builds on this module
+
     scan = LinearScan()
     for i, node in enumerate(index.graph.node):
         domain, op = _domain(node), node.op_type
@@ -233,7 +266,7 @@ def scan_linears(index: GraphIndex) -> LinearScan:
                 scan.refused[i] = Refused(i, node_label(node, i), node.output[0], problem)
                 continue
         if op == "MatMul":
-            lin = _matmul_linear(index, i, node)
+            lin = stored.tied_sum_linear(index, i) or _matmul_linear(index, i, node)
         elif op == SPARSE_OP:
             lin = _sparse_linear(index, i, node)
         else:
@@ -244,7 +277,26 @@ def scan_linears(index: GraphIndex) -> LinearScan:
                 lin = None
         if lin is not None:
             scan.linears[i] = lin
+    _stored_forms(index, scan, stored)
     return scan
+
+
+def _stored_forms(index: GraphIndex, scan: LinearScan, stored: object) -> None:
+    """Add the grouped format's batched linears (read back by :mod:`.stored`), keyed by their MatMul."""
+    grouped: dict[str, Linear] = {}
+    for i, node in enumerate(index.graph.node):
+        if node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
+            lin = stored.grouped_linear(index, i)  # type: ignore[attr-defined]
+            if lin is not None:
+                grouped[lin.output] = lin
+                scan.linears[lin.node] = lin
+    for i, node in enumerate(index.graph.node):
+        if grouped and node.op_type == "Concat" and node.domain in ("", "ai.onnx"):
+            fused = stored.grouped_fused_linear(index, i, grouped)  # type: ignore[attr-defined]
+            if fused is not None:
+                for part in fused.parts:
+                    scan.linears.pop(part.node, None)
+                scan.linears[i] = fused
 
 
 def _constant_bias_name(index: GraphIndex, name: str) -> bool:
@@ -265,6 +317,10 @@ def features_last(array: np.ndarray, lin: Linear, features: int) -> np.ndarray:
 
 def read_weights(index: GraphIndex, lin: Linear) -> tuple[np.ndarray, np.ndarray | None]:
     """The effective ``W`` of shape (out, in) and ``b`` of shape (out,), Gemm alpha/beta folded in."""
+    if lin.read_only and lin.op != "SparseLinear":
+        from neurorewrite.rewriter.stored import read_stored
+
+        return read_stored(index, lin)
     if lin.op == "SparseLinear":
         csr, bias = read_sparse_linear(index, lin.node)
         return csr.to_dense(), None if bias is None else np.asarray(bias).reshape(-1).copy()

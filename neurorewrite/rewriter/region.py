@@ -106,7 +106,7 @@ def walk_region(index: GraphIndex, start: str, start_rank: int | None, linears_b
         for user in index.consumers.get(name, []):
             node = graph.node[user]
             label = node_label(node, user)
-            second = next((lin for lin in linears_by_input.get(name, []) if lin.node == user), None)
+            second = next((lin for lin in linears_by_input.get(name, []) if lin.entry_node == user), None)
             if second is not None:
                 region.exits.append((name, second))
                 continue
