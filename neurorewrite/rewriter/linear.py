@@ -93,6 +93,7 @@ FUSED_MATMUL = Op(
     "FusedMatMul", Var("x"), Var("w"), name="linear", domain=MS_DOMAIN,
     attrs={"transA": 0, "transBatchA": 0, "transBatchB": 0}, defaults={"transA": 0, "transBatchA": 0, "transBatchB": 0},
 )
+FUSED_MATMUL_ADD = Op("Add", FUSED_MATMUL, Var("b"), name="add", commutative=True)
 CONV_1X1 = Op(
     "Conv", Var("x"), Var("w"), Maybe(Var("b")), name="linear",
     attrs={"group": 1, "strides": lambda s: all(v == 1 for v in s), "pads": lambda p: all(v == 0 for v in p)},
@@ -192,19 +193,22 @@ def _constant_bias(index: GraphIndex, m: Match) -> bool:
 
 
 def _matmul_linear(index: GraphIndex, i: int, node: onnx.NodeProto) -> Linear | None:
-    """``MatMul`` plus the bias its one consumer adds (an ``Add``, or a BiasGelu/FastGelu), if any."""
+    """``MatMul`` (or ``FusedMatMul``) plus the bias its one consumer adds (an ``Add``, or a
+    BiasGelu/FastGelu), if any."""
     out = node.output[0]
+    fused = node.op_type == "FusedMatMul"
+    forms = [(FUSED_MATMUL_ADD, "FusedMatMul")] if fused else [(MATMUL_ADD, "MatMul+Add"), (MATMUL_BIAS_ACTIVATION, "MatMul")]
     users = index.consumers.get(out, [])
     if len(users) == 1 and out not in index.graph_outputs:
         user = index.graph.node[users[0]]
-        for form, op in ((MATMUL_ADD, "MatMul+Add"), (MATMUL_BIAS_ACTIVATION, "MatMul")):
+        for form, op in forms:
             m = match(index, form, user.output[0]) if user.output else None
             if m and m.named["linear"] == i and _constant_bias(index, m):
                 lin = _from_match(index, m, op)
                 if lin is not None:
                     return lin
-    m = match(index, MATMUL, out)
-    return _from_match(index, m, "MatMul") if m else None
+    m = match(index, FUSED_MATMUL if fused else MATMUL, out)
+    return _from_match(index, m, "FusedMatMul" if fused else "MatMul") if m else None
 
 
 def _channels_last_sparse(index: GraphIndex, i: int, node: onnx.NodeProto) -> Match | None:
@@ -240,7 +244,7 @@ def _sparse_linear(index: GraphIndex, i: int, node: onnx.NodeProto) -> Linear | 
     )
 
 
-FORMS = {"Gemm": (GEMM, "Gemm"), "FusedMatMul": (FUSED_MATMUL, "FusedMatMul"), "Conv": (CONV_1X1, "Conv")}
+FORMS = {"Gemm": (GEMM, "Gemm"), "Conv": (CONV_1X1, "Conv")}
 
 
 def scan_linears(index: GraphIndex) -> LinearScan:
@@ -267,6 +271,8 @@ def scan_linears(index: GraphIndex) -> LinearScan:
                 continue
         if op == "MatMul":
             lin = stored.tied_sum_linear(index, i) or _matmul_linear(index, i, node)
+        elif op == "FusedMatMul":
+            lin = _matmul_linear(index, i, node)
         elif op == SPARSE_OP:
             lin = _sparse_linear(index, i, node)
         else:

@@ -149,12 +149,13 @@ class AnyOf(Pattern):
     alternatives: tuple[Pattern, ...]
 
     def step(self, index: GraphIndex, tensor: str, m: Match, inner: bool) -> Match:
-        last = m.copy().fail("pattern", "no alternative")
+        failures = []
         for alt in self.alternatives:
-            last = alt.step(index, tensor, m, inner)
-            if last:
-                return last
-        return last
+            result = alt.step(index, tensor, m, inner)
+            if result:
+                return result
+            failures.append(result)
+        return _furthest(failures) if failures else m.copy().fail("pattern", "no alternative")
 
 
 def any_of(*alternatives: Pattern) -> AnyOf:
@@ -227,12 +228,18 @@ class Op(Pattern):
         orders = [list(self.inputs)]
         if self.commutative and len(self.inputs) == 2:
             orders.append(list(reversed(self.inputs)))
-        last = m
+        failures = []
         for order in orders:
-            last = _match_inputs(index, actual, order, m, label)
-            if last:
-                return last
-        return last
+            result = _match_inputs(index, actual, order, m, label)
+            if result:
+                return result
+            failures.append(result)
+        return _furthest(failures)
+
+
+def _furthest(failures: list[Match]) -> Match:
+    """Of several failed attempts, the one that matched the most nodes: its reason is the most telling."""
+    return max(failures, key=lambda f: len(f.nodes))
 
 
 def _match_inputs(index: GraphIndex, actual: list[str], patterns: list[Pattern | None], m: Match, label: str) -> Match:
