@@ -21,7 +21,8 @@ from neurorewrite.rewriter.blocks import BlockSearch, MLPBlock, find_blocks
 from neurorewrite.rewriter.record import read_record
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.io import ModelLike, load_model
-from neurorewrite.rewriter.linear import read_weights
+from neurorewrite.rewriter.linear import Linear, read_weights
+from neurorewrite.rewriter.stored import fpe_rows
 from neurorewrite.sample import load_sample
 
 GRAM_ROWS = 256  # most neuron rows a Gram preview shows
@@ -135,15 +136,22 @@ def _analyze_model(
 
 
 def _gate_and_up(index: GraphIndex, block: MLPBlock) -> tuple[np.ndarray, np.ndarray | None]:
-    """A gated block's gate and up weights (``None`` for up when the block is not gated)."""
-    w, _ = read_weights(index, block.first)
+    """The first layer's weights in the FPE layout (children of a parent contiguous), split into gate
+    and up for a gated block (``None`` for up when the block is not gated)."""
+    w = _fpe_layout(index, block.first)
     if block.split is not None:
         h = w.shape[0] // 2
         halves = (w[:h], w[h:]) if block.split.gate_half == 0 else (w[h:], w[:h])
         return halves[0], halves[1]
     if block.up is not None:
-        return w, read_weights(index, block.up)[0]
+        return w, _fpe_layout(index, block.up)
     return w, None
+
+
+def _fpe_layout(index: GraphIndex, lin: Linear) -> np.ndarray:
+    w, _ = read_weights(index, lin)
+    order = fpe_rows(index, lin)
+    return w if order is None else w[order]
 
 
 def _analyze_block(index: GraphIndex, block: MLPBlock, rows: int, group: int, sparsity: bool) -> BlockAnalysis:

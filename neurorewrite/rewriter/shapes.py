@@ -186,23 +186,27 @@ def _apply(op: str, x: Elem, y: Elem) -> Elem:
     return min(x, y)
 
 
-def profile(index: GraphIndex, tensor: str, widened: dict[str, Widened], width: int) -> tuple[Vec, Vec] | None:
-    """``tensor``'s value at hidden width ``width`` and at ``PROBE * width`` (None: it cannot be evaluated).
-
-    A widened tensor of unknown rank is tried as rank 2, 3 and 4; the values must agree.
-    """
+def profiles(index: GraphIndex, tensor: str, widened: dict[str, Widened], width: int) -> list[tuple[Vec, Vec]] | None:
+    """``tensor``'s value at hidden width ``width`` and at ``PROBE * width``, once per guess of the rank of
+    widened tensors whose rank is unknown (2, 3 and 4); None when it cannot be evaluated."""
     guesses = (2, 3, 4) if any(w.rank is None for w in widened.values()) else (3,)
-    seen: tuple[Vec, Vec] | None = None
+    out = []
     for guess in guesses:
         try:
-            pair = (ShapeValues(index, widened, width, guess).value(tensor),
-                    ShapeValues(index, widened, PROBE * width, guess).value(tensor))
+            out.append((ShapeValues(index, widened, width, guess).value(tensor),
+                        ShapeValues(index, widened, PROBE * width, guess).value(tensor)))
         except (_Unknown, IndexError, ValueError, OverflowError):
             return None
-        if seen is not None and pair != seen:
-            return None
-        seen = pair
-    return seen
+    return out
+
+
+def profile(index: GraphIndex, tensor: str, widened: dict[str, Widened], width: int) -> tuple[Vec, Vec] | None:
+    """``tensor``'s value at hidden width ``width`` and at ``PROBE * width`` (None: it cannot be evaluated,
+    or it depends on the unknown rank of a widened tensor)."""
+    pairs = profiles(index, tensor, widened, width)
+    if not pairs or any(p != pairs[0] for p in pairs):
+        return None
+    return pairs[0]
 
 
 def follows(pair: tuple[Vec, Vec], k: int, width: int) -> bool:
@@ -296,8 +300,8 @@ def shape_reader_problem(
     for consumer, slot, tensor in exits:
         if (consumer, slot) in allowed:
             continue
-        pair = profile(index, tensor, widened, width)
-        if pair is not None and width_free(pair):
+        pairs = profiles(index, tensor, widened, width)
+        if pairs is not None and all(width_free(p) for p in pairs):
             continue
         where = "a graph output" if consumer < 0 else (
             f"{index.graph.node[consumer].op_type} node {node_label(index.graph.node[consumer], consumer)}")

@@ -2,8 +2,10 @@
 
 Each form is a declared pattern over the nodes :mod:`neurorewrite.rewriter.lowering.grouped` and
 :mod:`neurorewrite.rewriter.lowering.per_child` emit; a match is a read-only :class:`Linear`
-whose effective weights :func:`read_stored` rebuilds in the FPE layout (child ``k`` of parent ``i`` is
-row ``i * alpha + k``; the sparse format's ``SparseLinear`` is read in :mod:`.linear`):
+whose effective weights :func:`read_stored` rebuilds in the order the graph holds the hidden units
+(children-major for the batched forms, ``k * H + i``, so a permuted second linear lines up; the FPE
+layout ``i * alpha + k`` for the per-child form, which has no hidden tensor; :func:`fpe_rows` gives the
+way back to the FPE layout). The sparse format's ``SparseLinear`` is read in :mod:`.linear`.
 
 - ``grouped``: ``Gather(x, cols) -> Reshape -> Transpose -> MatMul(blocks) [-> Add] -> Transpose -> Reshape``
   (the first linear of a batched block); ``grouped-fused``: a Concat of two of them (a fused gate/up);
@@ -104,11 +106,10 @@ def read_stored(index: GraphIndex, lin: Linear) -> tuple[np.ndarray, np.ndarray 
         w = np.zeros((h * alpha, lin.in_features), dtype=blocks.dtype)
         cols = cols.reshape(alpha, m).astype(np.int64)
         for k in range(alpha):
-            rows = np.arange(h) * alpha + k
+            rows = k * h + np.arange(h)
             np.add.at(w, (rows[:, None], cols[k][None, :]), blocks[k].T)  # padding reads column 0 with weight 0
         raw = None if lin.bias is None else index.constant_value(lin.bias)
-        b = None if raw is None else raw.reshape(alpha, h).T.reshape(-1).copy()
-        return w, b
+        return w, None if raw is None else raw.reshape(-1).copy()
     if lin.op == "grouped-fused":
         parts = [read_stored(index, p) for p in lin.parts]
         bias = None if any(b is None for _, b in parts) else np.concatenate([b for _, b in parts])  # type: ignore[misc]
@@ -119,7 +120,7 @@ def read_stored(index: GraphIndex, lin: Linear) -> tuple[np.ndarray, np.ndarray 
             raise ValueError(f"{lin.name}: the tied weight is not a constant")
         alpha = lin.in_features // w2.shape[0]
         b = None if lin.bias is None else index.constant_value(lin.bias)
-        return np.repeat(w2.T, alpha, axis=1), None if b is None else b.reshape(-1).copy()
+        return np.tile(w2.T, (1, alpha)), None if b is None else b.reshape(-1).copy()
     if lin.op == "per-child":
         return _read_children(index, lin)
     if lin.op == "tied-children":
@@ -127,6 +128,21 @@ def read_stored(index: GraphIndex, lin: Linear) -> tuple[np.ndarray, np.ndarray 
         w2, b2 = read_weights(index, second)
         return np.repeat(w2, lin.in_features // w2.shape[1], axis=1), b2
     raise ValueError(f"{lin.name}: {lin.op} is not a stored form")
+
+
+def fpe_rows(index: GraphIndex, lin: Linear) -> np.ndarray | None:
+    """For a batched stored form, the row order that gives the FPE layout (``w[order]``); None when the
+    rows already are in it."""
+    if lin.op == "grouped-fused":
+        orders = [fpe_rows(index, p) for p in lin.parts]
+        offset = lin.parts[0].out_features
+        return np.concatenate([orders[0], orders[1] + offset])  # type: ignore[operator]
+    if lin.op not in ("grouped", "tied-sum"):
+        return None
+    shape = index.constant_shape(lin.weight)
+    alpha = shape[0] if lin.op == "grouped" and shape else lin.in_features // (shape[0] if shape else 1)
+    h = (lin.out_features if lin.op == "grouped" else lin.in_features) // alpha
+    return (np.arange(alpha)[None, :] * h + np.arange(h)[:, None]).ravel()  # FPE unit i*alpha+k sits at k*h+i
 
 
 def _read_children(index: GraphIndex, lin: Linear) -> tuple[np.ndarray, np.ndarray | None]:

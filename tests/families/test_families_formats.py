@@ -1,0 +1,94 @@
+"""Gated, fused, GPT-2 and 1x1-Conv blocks through every step after expand: formats, --structured,
+calibration, the runtime's fold of tied children, analyze and inspect on every format written."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import neurorewrite
+from neurorewrite.passes.prepare import prepare_for_runtime
+from neurorewrite.rewriter.blocks import find_blocks
+from neurorewrite.rewriter.record import read_record
+from neurorewrite.runtime.ort import ort_session
+from tests.families.hf import H, feeds
+from tests.families.reference import block_io, block_reference
+
+CASES = [("llama", "ts"), ("phi3", "ts"), ("gpt2", "ts"), pytest.param("phi3", "dynamo", marks=pytest.mark.slow),
+         pytest.param("gemma", "ts", marks=pytest.mark.slow)]
+
+
+def run(model: onnx.ModelProto, family: str) -> np.ndarray:
+    return ort_session(model, providers=["CPUExecutionProvider"]).run(None, feeds(family))[0]
+
+
+def check_stored_function(model: onnx.ModelProto, family: str) -> None:
+    """Every block read back from its stored form (FPE layout) computes what onnxruntime computes."""
+    standard = prepare_for_runtime(model, "onnxruntime")[0]
+    blocks = find_blocks(model).blocks
+    assert blocks
+    for block in blocks:
+        x, y = block_io(standard, block, feeds(family))
+        want = block_reference(model, block, x)
+        np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("family,exporter", CASES)
+def test_formats_structured_and_analyze(families, family: str, exporter: str) -> None:
+    path = families.path(family, exporter)
+    dense, report = neurorewrite.expand(path, alpha=3, split="blocks", seed=1)
+    want = run(dense, family)
+    form = report.blocks[0].form
+    for fmt in ("sparse", "grouped"):
+        lowered, _ = neurorewrite.expand(path, alpha=3, split="blocks", seed=1, format=fmt)
+        np.testing.assert_allclose(run(lowered, family), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+        check_stored_function(lowered, family)
+    structured, srep = neurorewrite.expand(path, alpha=3, structured=True, seed=1)
+    record = read_record(structured)
+    assert record.structured and record.tied == (report.blocks[0].second,)
+    assert srep.blocks[0].nnz_after == srep.blocks[0].nnz_before
+    check_stored_function(structured, family)
+    analyses = {name: neurorewrite.analyze(path, m) for name, m in
+                (("dense", dense), ("sparse", lowered), ("structured", structured))}
+    for name, result in analyses.items():
+        (after,) = result.other.blocks
+        assert (after.form, after.width) == (form, 3 * (128 if family == "gpt2" else H)), name
+        assert result.matching.pairs and not result.matching.mismatches, name
+        if form != "mlp":
+            assert after.capacity.shape == (32,) and after.cosine.rows_used > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_calibration_refits_the_down_projection(families, family: str) -> None:
+    path = families.path(family, "ts")
+    sample = {"input_ids": np.random.default_rng(3).integers(0, 101, (48, 9)).astype(np.int64)}
+    for structured in (False, True):
+        model, report = neurorewrite.expand(path, alpha=4, calibrate=sample, structured=structured)
+        (note,) = report.calibration
+        assert "down_proj" in note["layer"] and note["rmse_after"] < note["rmse_before"]
+        assert report.blocks[0].nnz_after == report.blocks[0].nnz_before
+        assert read_record(model).calibrated == (note["layer"],)
+
+
+def test_gated_sparse_down_is_folded_at_load(families) -> None:
+    path = families.path("llama", "ts")
+    sparse, _ = neurorewrite.expand(path, alpha=4, format="sparse")
+    dense, _ = neurorewrite.expand(path, alpha=4)
+    prepared, report = prepare_for_runtime(sparse, "onnxruntime")
+    assert [row["node"] for row in report.folded] and all("down_proj" in row["node"] for row in report.folded)
+    np.testing.assert_allclose(run(prepared, "llama"), run(dense, "llama"), rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_conv_dense_sparse_and_analyze(families) -> None:
+    path = families.path("conv_mlp", "ts")
+    dense, _ = neurorewrite.expand(path, alpha=4, split="blocks")
+    sparse, _ = neurorewrite.expand(path, alpha=4, split="blocks", format="sparse")
+    np.testing.assert_allclose(run(sparse, "conv_mlp"), run(dense, "conv_mlp"), rtol=1e-5, atol=1e-5)
+    check_stored_function(sparse, "conv_mlp")
+    data = {"x": feeds("conv_mlp", batch=6)["x"]}
+    result = neurorewrite.analyze(path, sparse, data=data)
+    (before,), (after,) = result.model.blocks, result.other.blocks
+    assert before.activations.mean.shape == (96,) and after.activations.mean.shape == (4 * 96,)
+    with pytest.raises(neurorewrite.errors.InvalidOptionError, match="1x1 Conv block"):
+        neurorewrite.expand(path, alpha=4, structured=True)
