@@ -15,4 +15,7 @@ def families(tmp_path_factory):
     pytest.importorskip("torch")
     from tests.families.hf import Families
 
-    return Families(tmp_path_factory.mktemp("families"))
+    # under pytest-xdist the parent of a worker's base directory is this run's, shared by its workers
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return Families(root / "neurorewrite-families")

@@ -240,21 +240,28 @@ def make_variant(src: Path, kind: str, dst: Path, family: str) -> Path:
 
 
 class Families:
-    """Builds each requested file once per session, under ``root``."""
+    """Builds each requested file once per test run under ``root``, which pytest-xdist's workers share:
+    a lock per file makes the first worker that asks build it and the others wait for it."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.cache: dict[tuple[str, ...], Path] = {}
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _once(self, name: str, build: Callable[[Path], Path]) -> Path:
+        from filelock import FileLock
+
+        path = self.root / name
+        with FileLock(str(path) + ".lock"):
+            if not path.exists():
+                partial = path.with_suffix(".partial.onnx")
+                build(partial)
+                partial.replace(path)
+        return path
 
     def path(self, family: str, exporter: str, perturb: bool = True) -> Path:
-        key = (family, exporter, "p" if perturb else "init")
-        if key not in self.cache:
-            self.cache[key] = export(family, exporter, self.root / f"{family}.{exporter}.{key[2]}.onnx", perturb)
-        return self.cache[key]
+        tag = "p" if perturb else "init"
+        return self._once(f"{family}.{exporter}.{tag}.onnx", lambda p: export(family, exporter, p, perturb))
 
     def variant(self, family: str, exporter: str, kind: str, perturb: bool = True) -> Path:
-        key = (family, exporter, "p" if perturb else "init", kind)
-        if key not in self.cache:
-            src = self.path(family, exporter, perturb)
-            self.cache[key] = make_variant(src, kind, src.with_suffix(f".{kind}.onnx"), family)
-        return self.cache[key]
+        src = self.path(family, exporter, perturb)
+        return self._once(f"{src.stem}.{kind}.onnx", lambda p: make_variant(src, kind, p, family))
