@@ -169,3 +169,33 @@ def test_only_pointwise_convolutions_are_linears(attrs: dict, found: bool) -> No
             new, report = neurorewrite.expand(m, alpha=3, format=fmt)
             assert report.blocks[0].nnz_after == report.blocks[0].nnz_before
             assert ort_session(new).run(None, x)[0].shape == (2, O, 4, 4)
+
+
+def test_a_bias_merged_across_blocks_is_copied_per_block() -> None:
+    """The dynamo exporter merges equal tensors (an untrained model's zero biases) into one initializer
+    that several blocks, and other nodes, read."""
+    inits = weights(("w1", (D, H)), ("w2", (H, D)), ("w3", (D, H)), ("w4", (H, O)))
+    inits["b"] = RNG.standard_normal(H).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"), helper.make_node("Add", ["m1", "b"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["r1"]), helper.make_node("MatMul", ["r1", "w2"], ["h"], name="fc2"),
+        helper.make_node("MatMul", ["h", "w3"], ["m3"], name="fc3"), helper.make_node("Add", ["b", "m3"], ["a3"]),
+        helper.make_node("Relu", ["a3"], ["r3"]), helper.make_node("MatMul", ["r3", "w4"], ["z"], name="fc4"),
+        helper.make_node("ReduceSum", ["b"], ["s"], keepdims=1, name="other_user"), helper.make_node("Add", ["z", "s"], ["y"]),
+    ]
+    m = model(nodes, inits, ["N", D])
+    search = find_blocks(m)
+    assert [b.name for b in search.blocks] == ["fc1", "fc2", "fc3"]  # fc2 -> fc3: an identity block of the chain
+    for block in (search.blocks[0], search.blocks[2]):
+        assert any("bias b of" in n and "shared with 2 other" in n and "private copy" in n for n in block.notes)
+    x = {"x": RNG.standard_normal((4, D)).astype(np.float32)}
+    new, report = neurorewrite.expand(m, alpha=3)
+    assert all(b.nnz_after == b.nnz_before for b in report.blocks)
+    readers = {n.name: list(n.input) for n in new.graph.node}
+    assert readers["other_user"] == ["b"]
+    kept = next(t for t in new.graph.initializer if t.name == "b")
+    np.testing.assert_array_equal(numpy_helper.to_array(kept), inits["b"])
+    copies = {i for n in new.graph.node if n.op_type == "Add" for i in n.input if i.startswith("b.fpe")}
+    assert len(copies) == 2
+    same, _ = neurorewrite.expand(m, alpha=1)
+    np.testing.assert_allclose(run_model(same, x)[0], run_model(m, x)[0], rtol=1e-6)
