@@ -123,3 +123,26 @@ def test_pointwise_conv_calibration_fits_the_channels(families) -> None:
     got = ort_session(model).run(None, sample)[0]
     assert note["rmse_after"] < note["rmse_before"]
     assert float(np.sqrt(np.mean((got - want) ** 2))) == pytest.approx(note["rmse_after"], rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_every_split_and_prune_on_gated_blocks(families, family: str, tmp_path) -> None:
+    import json
+
+    from neurorewrite.fpe import PRUNE_MODES, SPLITS
+
+    path = families.path(family, "ts")
+    info = neurorewrite.inspect(path)
+    (block,) = info.blocks
+    assert block.parameters == 3 * 32 * H and block.form.startswith("gated")
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps([list(range(0, 32, 2)), list(range(1, 32, 2))]))
+    for split in SPLITS:
+        for prune in PRUNE_MODES:
+            model, report = neurorewrite.expand(path, alpha=2, split=split, prune=prune,
+                                                groups=groups if split == "groups" else None)
+            (row,) = report.blocks
+            assert row.nnz_after == row.nnz_before == block.nonzeros, (split, prune)
+            assert np.isfinite(run(model, family)).all()
+            record = read_record(model).blocks[0]
+            assert record.form == block.form and record.up == block.up
