@@ -95,63 +95,74 @@ def walk_region(index: GraphIndex, start: str, start_rank: int | None, linears_b
     ``feature_axis`` 1 (a 1x1 Conv) admits no shape-only nodes. ``width_hint`` is the hidden width
     (reshape targets are evaluated at it to learn their rank).
     """
-    graph = index.graph
     region = Region(start, tensors=[start], ranks={start: start_rank})
     frontier, seen = [start], set()
-    while frontier:
+    while frontier and region.reason is None:
         name = frontier.pop()
         if name in index.graph_outputs:
             region.reason = Reason("graph-output", f"hidden tensor {name} is also a graph output")
-            return region
+            break
         for user in index.consumers.get(name, []):
-            node = graph.node[user]
-            label = node_label(node, user)
             second = next((lin for lin in linears_by_input.get(name, []) if lin.entry_node == user), None)
             if second is not None:
                 region.exits.append((name, second))
-                continue
-            if user in seen:
-                continue
-            rank = region.ranks.get(name)
-            out_rank: int | None = rank
-            if is_elementwise(node):
-                region.looks_like_activation |= is_activation(node)
-                if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1] and index.consumer_count(node.output[1]):
-                    region.reason = Reason("region", f"Dropout node {label} has its mask used")
-                    return region
-            elif node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+            elif user not in seen:
                 seen.add(user)
-                region.shape_readers.append(user)
-                continue
-            elif node.op_type in SHAPE_ONLY and node.domain in ("", "ai.onnx") and node.input[0] == name:
-                if feature_axis != -1:
-                    region.reason = Reason("shape", f"{node.op_type} node {label} reshapes the channels of a 1x1-Conv block")
-                    return region
-                if node.op_type == "Reshape":
-                    region.reshapes.append(user)
-                    widened = {t: Widened(region.ranks.get(t)) for t in region.tensors}
-                    pair = profile(index, node.input[1], widened, width_hint) if len(node.input) > 1 else None
-                    out_rank = len(pair[0].items) if pair is not None and pair[0].items is not None else None
-                else:
-                    out_rank, why = _shape_only_rank(index, node, rank, label)
-                    if why is not None:
-                        region.reason = why
-                        return region
-                    region.shape_only.append(user)
-            else:
-                region.reason = Reason("consumed", f"hidden tensor {name} is consumed by {node.op_type} node {label} too")
-                return region
-            seen.add(user)
-            region.nodes.append(user)
-            out = next(o for o in node.output if o)
-            region.tensors.append(out)
-            region.ranks[out] = out_rank if out_rank is not None else index.ranks.get(out)
-            frontier.append(out)
+                out = _take(index, region, user, name, feature_axis, width_hint)
+                if region.reason is not None:
+                    break
+                if out is not None:
+                    frontier.append(out)
+    if region.reason is None:
+        _collect_operands(index, region, fused_bias)
+    return region
+
+
+def _take(index: GraphIndex, region: Region, user: int, name: str, feature_axis: int, width_hint: int) -> str | None:
+    """Add consumer ``user`` of region tensor ``name`` to the region; returns its output to follow (None:
+    a Shape reader, or the region's reason is set)."""
+    node = index.graph.node[user]
+    label = node_label(node, user)
+    rank = region.ranks.get(name)
+    out_rank: int | None = rank
+    if is_elementwise(node):
+        region.looks_like_activation |= is_activation(node)
+        if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1] and index.consumer_count(node.output[1]):
+            region.reason = Reason("region", f"Dropout node {label} has its mask used")
+            return None
+    elif node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+        region.shape_readers.append(user)
+        return None
+    elif node.op_type in SHAPE_ONLY and node.domain in ("", "ai.onnx") and node.input[0] == name:
+        if feature_axis != -1:
+            region.reason = Reason("shape", f"{node.op_type} node {label} reshapes the channels of a 1x1-Conv block")
+            return None
+        if node.op_type == "Reshape":
+            region.reshapes.append(user)
+            widened = {t: Widened(region.ranks.get(t)) for t in region.tensors}
+            pair = profile(index, node.input[1], widened, width_hint) if len(node.input) > 1 else None
+            out_rank = len(pair[0].items) if pair is not None and pair[0].items is not None else None
+        else:
+            out_rank, region.reason = _shape_only_rank(index, node, rank, label)
+            if region.reason is not None:
+                return None
+            region.shape_only.append(user)
+    else:
+        region.reason = Reason("consumed", f"hidden tensor {name} is consumed by {node.op_type} node {label} too")
+        return None
+    region.nodes.append(user)
+    out = next(o for o in node.output if o)
+    region.tensors.append(out)
+    region.ranks[out] = out_rank if out_rank is not None else index.ranks.get(out)
+    return out
+
+
+def _collect_operands(index: GraphIndex, region: Region, fused_bias: str | None) -> None:
+    """The non-scalar operands the region's elementwise nodes mix in from outside (a gated block's up
+    projection is one; the caller checks), or the reason for a parameter that is not a scalar."""
     inside = set(region.tensors)
-    for i in region.nodes:
-        node = graph.node[i]
-        if i in region.reshapes or i in region.shape_only:
-            continue
+    for i in region.elementwise:
+        node = index.graph.node[i]
         for operand in data_operands(node):
             if operand not in inside and not _is_scalar_constant(index, operand):
                 region.operands.append((i, operand))
@@ -159,8 +170,7 @@ def walk_region(index: GraphIndex, start: str, start_rank: int | None, linears_b
             if operand != fused_bias and not _is_scalar_constant(index, operand):
                 region.reason = Reason("not-scalar", f"{node.op_type} node {node_label(node, i)} mixes in tensor "
                                        f"{operand}, which is not a scalar constant")
-                return region
-    return region
+                return
 
 
 def check_shapes(index: GraphIndex, region: Region, width: int, extra: dict[str, Widened] | None = None,
