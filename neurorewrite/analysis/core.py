@@ -22,7 +22,7 @@ from neurorewrite.rewriter.record import read_record
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.io import ModelLike, load_model
 from neurorewrite.rewriter.linear import Linear, read_weights
-from neurorewrite.rewriter.stored import fpe_rows
+from neurorewrite.rewriter.stored import fpe_rows, tied_weights
 from neurorewrite.sample import load_sample
 
 GRAM_ROWS = 256  # most neuron rows a Gram preview shows
@@ -127,10 +127,12 @@ def _analyze_model(
     out = ModelAnalysis(m.label, blocks, list(m.search.skipped), m.fpe)
     if m.feeds is not None:
         counter.step(f"{m.label}: activations")
-        axes = {b.hidden: b.second.feature_axis for b in m.search.blocks}
-        stats = hidden_statistics(m.proto, m.feeds, [b.hidden for b in m.search.blocks], feature_axes=axes)
+        # a --structured block written one MatMul per child has no hidden tensor (its children are summed)
+        measured = [b for b in m.search.blocks if b.hidden]
+        axes = {b.hidden: b.second.feature_axis for b in measured}
+        stats = hidden_statistics(m.proto, m.feeds, [b.hidden for b in measured], feature_axes=axes)
         for block, analysis in zip(m.search.blocks, blocks):
-            analysis.activations = stats[block.hidden]
+            analysis.activations = stats.get(block.hidden) if block.hidden else None
         out.data_vectors = next(iter(stats.values())).vectors if stats else 0
     return out
 
@@ -171,10 +173,12 @@ def _analyze_block(index: GraphIndex, block: MLPBlock, rows: int, group: int, sp
         for lin, w in layers + [(block.second, w2)]:
             pooled, tile = pooled_density(w, SPARSITY_SIDE)
             previews.append(SparsityPreview(lin.name, (int(w.shape[0]), int(w.shape[1])), pooled, tile))
+    stored = tied_weights(index, block.second)  # a tied second layer counts what it stores
+    w2s, b2s = stored if stored is not None else (w2, b2)
     return BlockAnalysis(
         name=block.name, activation=block.activation, hidden_tensor=block.hidden, in_features=block.in_features,
         width=block.width, out_features=block.out_features, first=layer_stats(block.first.name, w1, b1),
-        second=layer_stats(block.second.name, w2, b2), capacity=feature_capacity(columns), cosine=row_cosines(neurons),
+        second=layer_stats(block.second.name, w2s, b2s), capacity=feature_capacity(columns), cosine=row_cosines(neurons),
         gram=GramPreview(cosine_gram(neurons, rows), rows, block.width, group), sparsity=previews,
         form=block.form, up=up_stats,
     )

@@ -111,7 +111,10 @@ def model_rows(model: dict) -> Table:
                _cell(b["second"]["density"]), _cell(b["capacity_sum"]), _cell(b["mean_abs_cosine"])]
         if with_data:
             act = b["activations"]
-            row += [act["dead"], act["always_on"], _cell(act["phi_max_median"]), _cell(act["phi_max_p90"])]
+            if act is None:  # a --structured block written per child has no hidden tensor to measure
+                row += ["-", "-", "-", "-"]
+            else:
+                row += [act["dead"], act["always_on"], _cell(act["phi_max_median"]), _cell(act["phi_max_p90"])]
         rows.append(row)
     data = f", {model['data_vectors']} activation vectors" if with_data else ""
     return f"{model['model']}: {len(rows)} MLP block(s){data}", headers, rows

@@ -130,6 +130,18 @@ def read_stored(index: GraphIndex, lin: Linear) -> tuple[np.ndarray, np.ndarray 
     raise ValueError(f"{lin.name}: {lin.op} is not a stored form")
 
 
+def tied_weights(index: GraphIndex, lin: Linear) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The weights a tied second linear stores (each parent's column once), or None for other forms:
+    the count of a ``--structured`` block is over stored parameters (``docs/methods.md`` 1.5)."""
+    if lin.op == "tied-children":
+        return read_weights(index, lin.parts[0])
+    if lin.op == "tied-sum":
+        w2 = index.constant_value(lin.weight)
+        b = None if lin.bias is None else index.constant_value(lin.bias)
+        return (None if w2 is None else w2.T.copy()), None if b is None else b.reshape(-1).copy()  # type: ignore[return-value]
+    return None
+
+
 def fpe_rows(index: GraphIndex, lin: Linear) -> np.ndarray | None:
     """For a batched stored form, the row order that gives the FPE layout (``w[order]``); None when the
     rows already are in it."""

@@ -9,6 +9,7 @@ import pytest
 
 import neurorewrite
 from neurorewrite.analysis.metrics import feature_capacity, row_cosines
+from neurorewrite.analysis.summary import block_nonzeros
 from neurorewrite.passes.prepare import prepare_for_runtime
 from neurorewrite.rewriter.blocks import find_blocks
 from neurorewrite.rewriter.record import read_record
@@ -55,8 +56,16 @@ def test_formats_structured_and_analyze(families, family: str, exporter: str) ->
     check_stored_function(structured, family)
     analyses = {name: neurorewrite.analyze(path, m) for name, m in
                 (("dense", dense), ("sparse", lowered), ("structured", structured))}
+    with_data = neurorewrite.analyze(path, structured, data=feeds(family, batch=4))
+    (before,), (after,) = with_data.model.blocks, with_data.other.blocks
+    assert before.activations is not None
+    # written one MatMul per child, a lone tied block has no hidden tensor to measure
+    assert (after.activations is None) == (find_blocks(structured).blocks[0].hidden == "")
     for name, result in analyses.items():
         (after,) = result.other.blocks
+        (before,) = result.model.blocks
+        if name == "structured":  # tied: the count is over stored parameters, as the record says
+            assert block_nonzeros(after) == srep.blocks[0].nnz_after == block_nonzeros(before)
         assert (after.form, after.width) == (form, 3 * (128 if family == "gpt2" else H)), name
         assert result.matching.pairs and not result.matching.mismatches, name
         if form != "mlp" and name == "dense":  # measured over gate and up rows together (docs/methods.md 1.8)
