@@ -38,7 +38,12 @@ class _Step:
     layer: str = ""
 
 
+LIFTED_FORMS = ("Gemm", "MatMul+Add", "MatMul")  # linears the "linear" step computes (x W^T + b on the last axis)
+
+
 def _trainable(index: GraphIndex, lin: Linear) -> bool:
+    if lin.op not in LIFTED_FORMS or lin.bias_node is not None or lin.read_only:
+        return False
     for name in (lin.weight, lin.bias):
         if name is None:
             continue
