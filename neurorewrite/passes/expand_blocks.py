@@ -3,12 +3,17 @@
 Replaces each selected MLP block ``second(act(first(x)))`` with its FPE expansion: ``first`` gets
 ``alpha * H`` outputs whose rows hold disjoint shares of each parent row, ``second`` gets ``alpha * H``
 inputs whose columns copy the parent columns, and both are pruned back to the block's original count
-(the numpy core, :func:`neurorewrite.fpe.expand_block`; the method: ``docs/methods.md``).
+(the numpy core, :func:`neurorewrite.fpe.expand_block`; the method: ``docs/methods.md``). A gated
+block ``second(act(gate(x)) * up(x))`` is expanded by :func:`neurorewrite.fpe.expand_gated_block`:
+gate and up rows share one partition per parent and the prune runs over gate, up and down together;
+when gate and up are one fused linear, its two halves are expanded as gate and up and the cut
+(Split sizes, Slice bounds) is rewritten for the new width, as are reshape targets that hold it.
 
-Before: ``find_blocks`` matched the block (constant, unshared weights; the hidden tensor feeds only the
-activation and the second linear). After: every node outside the blocks, the graph inputs and outputs,
-the opset imports and other domains are as they were; ``nonzeros(block) == nonzeros(original block)``
-exactly for every rewritten block (weights and biases counted); the FPE record
+Before: ``find_blocks`` matched the block (constant weights; the hidden tensor feeds only the activation
+and the second linear). After: every node outside the blocks, the graph inputs and outputs, the opset
+imports and other domains are as they were; ``nonzeros(block) == nonzeros(original block)`` exactly for
+every rewritten block (weights and biases counted); a weight or bias other nodes read too is rewritten
+on a private copy (the others keep the original; the record's block notes say so); the FPE record
 (:mod:`neurorewrite.rewriter.record`) goes to ``metadata_props``. The input model is never modified.
 Place in the pipeline: **expand** -> (tie) -> (calibrate) -> lower.
 
@@ -25,14 +30,16 @@ import numpy as np
 import onnx
 
 from neurorewrite.errors import NoBlocksError
-from neurorewrite.fpe import FPEConfig, block_seed, expand_block
+from neurorewrite.fpe import FPEConfig, block_seed, expand_block, expand_gated_block
 from neurorewrite.rewriter.blocks import MLPBlock, Skipped, find_blocks, select_blocks
-from neurorewrite.rewriter.editor import NewWeights, replace_weights
+from neurorewrite.rewriter.editor import GraphEditor
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import Linear, read_weights
-from neurorewrite.rewriter.record import BlockRecord, FPERecord
+from neurorewrite.rewriter.record import BlockRecord, FPERecord, write_record
+from neurorewrite.rewriter.widen import widen_shapes
 
 Progress = Callable[[int, int, str], None]
+Weights = tuple[np.ndarray, np.ndarray | None]
 
 
 @dataclass
@@ -60,8 +67,73 @@ class ExpandReport:
 def no_blocks_error(where: str, skipped: list[Skipped]) -> NoBlocksError:
     """The error for a model with nothing to rewrite, naming the first near misses and why they missed."""
     detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5])
-    hint = f" (near misses: {detail})" if detail else " (looked for Gemm/MatMul -> activation -> Gemm/MatMul)"
+    hint = f" (near misses: {detail})" if detail else " (looked for Gemm/MatMul/Conv -> activation -> Gemm/MatMul/Conv)"
     return NoBlocksError(f"{where}: no MLP block to rewrite{hint}")
+
+
+class _Current:
+    """The weights of every linear as the blocks expanded so far left them."""
+
+    def __init__(self, index: GraphIndex) -> None:
+        self.index = index
+        self.weights: dict[int, tuple[Linear, np.ndarray, np.ndarray | None]] = {}
+        self.bias_changed: set[int] = set()
+
+    def get(self, lin: Linear) -> Weights:
+        if lin.node in self.weights:
+            _, w, b = self.weights[lin.node]
+            return w, b
+        return read_weights(self.index, lin)
+
+    def set(self, lin: Linear, w: np.ndarray, b: np.ndarray | None, bias_changed: bool) -> None:
+        self.weights[lin.node] = (lin, w, b)
+        if bias_changed:
+            self.bias_changed.add(lin.node)
+
+    def hand_over(self, editor: GraphEditor) -> None:
+        """Give each layer its new weights, one at a time (each array can be freed once it is converted).
+        A bias FPE did not change is left in place (so a shared one stays shared)."""
+        for node in list(self.weights):
+            lin, w, b = self.weights.pop(node)
+            keep_bias = node not in self.bias_changed and lin.bias_scale == 1.0
+            editor.set_weights(lin, w, None if keep_bias else b)
+
+
+def _halves(w: np.ndarray, b: np.ndarray | None, gate_half: int) -> tuple[Weights, Weights]:
+    h = w.shape[0] // 2
+    parts = [(w[:h], None if b is None else b[:h]), (w[h:], None if b is None else b[h:])]
+    return (parts[0], parts[1]) if gate_half == 0 else (parts[1], parts[0])
+
+
+def _join(gate: Weights, up: Weights, gate_half: int) -> Weights:
+    first, second = (gate, up) if gate_half == 0 else (up, gate)
+    b = None if first[1] is None else np.concatenate([first[1], second[1]])
+    return np.vstack([first[0], second[0]]), b
+
+
+def _expand_one(current: _Current, block: MLPBlock, cfg: FPEConfig) -> tuple[int, int, int, int]:
+    """Expand one block into ``current``; returns (width before, after, nonzeros before, after)."""
+    wd, bd = current.get(block.second)
+    if not block.gated:
+        w1, b1 = current.get(block.first)
+        exp = expand_block(w1, b1, wd, bd, cfg)
+        current.set(block.first, exp.w1, exp.b1, True)
+        current.set(block.second, exp.w2, exp.b2, False)
+        return w1.shape[0], exp.w1.shape[0], exp.nnz_before, exp.nnz_after
+    if block.split is not None:
+        (wg, bg), (wu, bu) = _halves(*current.get(block.first), block.split.gate_half)
+    elif block.up is not None:
+        (wg, bg), (wu, bu) = current.get(block.first), current.get(block.up)
+    else:
+        raise ValueError(f"gated block {block.name} has neither an up projection nor a fused cut")
+    g = expand_gated_block(wg, bg, wu, bu, wd, bd, cfg)
+    if block.split is not None:
+        current.set(block.first, *_join((g.wg, g.bg), (g.wu, g.bu), block.split.gate_half), True)
+    else:
+        current.set(block.first, g.wg, g.bg, True)
+        current.set(block.up, g.wu, g.bu, True)  # type: ignore[arg-type]  (not None: see above)
+    current.set(block.second, g.wd, g.bd, False)
+    return wg.shape[0], g.wg.shape[0], g.nnz_before, g.nnz_after
 
 
 def expand_model(
@@ -76,47 +148,38 @@ def expand_model(
     blocks, skipped = select_blocks(search, layers)
     if not blocks:
         raise no_blocks_error(where, skipped)
-    index = GraphIndex.build(model.graph)
-    current: dict[int, tuple[Linear, np.ndarray, np.ndarray | None]] = {}
+    editor = GraphEditor.start(model)
+    current = _Current(editor.index)
     report = ExpandReport(cfg.alpha, cfg.split, cfg.seed, cfg.bias, cfg.prune, skipped=skipped)
-    stale: set[str] = set()
     for position, block in enumerate(blocks):
         if progress is not None:
             progress(position, len(blocks), block.name)
-        w1, b1 = _current(index, current, block.first)
-        w2, b2 = _current(index, current, block.second)
-        exp = expand_block(w1, b1, w2, b2, replace(cfg, seed=block_seed(cfg.seed, position)))
-        current[block.first.node] = (block.first, exp.w1, exp.b1)
-        current[block.second.node] = (block.second, exp.w2, exp.b2)
-        stale |= _widened_tensors(model, block)
+        before, after, nnz_before, nnz_after = _expand_one(current, block, replace(cfg, seed=block_seed(cfg.seed, position)))
+        widen_shapes(editor, block, cfg.alpha)
+        editor.stale |= _widened_tensors(model, block)
         report.blocks.append(
             BlockRecord(
                 name=block.name, first=block.first.name, second=block.second.name, activation=block.activation,
-                in_features=block.in_features, width_before=w1.shape[0], width_after=exp.w1.shape[0],
-                out_features=block.out_features, nnz_before=exp.nnz_before, nnz_after=exp.nnz_after,
+                in_features=block.in_features, width_before=before, width_after=after,
+                out_features=block.out_features, nnz_before=nnz_before, nnz_after=nnz_after,
                 hidden_tensor=block.hidden, output_tensor=block.second.output,
+                up=None if block.up is None else block.up.name, form=block.form, notes=block.notes,
             )
         )
     if progress is not None:
         progress(len(blocks), len(blocks), "writing")
-    # hand the expanded arrays over one at a time so each is freed once it is in the new model
-    updates = (NewWeights(*current.pop(node)) for node in list(current))
-    record = FPERecord(cfg, tuple(report.blocks))
-    return replace_weights(model, updates, stale, record=record), report
-
-
-def _current(
-    index: GraphIndex, current: dict[int, tuple[Linear, np.ndarray, np.ndarray | None]], lin: Linear
-) -> tuple[np.ndarray, np.ndarray | None]:
-    if lin.node in current:
-        _, w, b = current[lin.node]
-        return w, b
-    return read_weights(index, lin)
+    current.hand_over(editor)
+    new = editor.apply(model)
+    write_record(new, FPERecord(cfg, tuple(report.blocks)))
+    return new, report
 
 
 def _widened_tensors(model: onnx.ModelProto, block: MLPBlock) -> set[str]:
-    """Tensors whose last dimension changes: the first linear's outputs and the activation region."""
+    """Tensors whose width changes: the outputs of the first (and up) linear, the region, the cut."""
     names = set(block.region_tensors)
-    for i in block.first.nodes:
+    for lin in (block.first, block.up):
+        for i in () if lin is None else lin.nodes:
+            names |= set(model.graph.node[i].output)
+    for i in () if block.split is None else block.split.nodes:
         names |= set(model.graph.node[i].output)
     return names

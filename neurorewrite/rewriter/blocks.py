@@ -1,50 +1,69 @@
-"""Block detection: which ``linear -> activation -> linear`` chains of a graph are MLP blocks.
+"""Block detection: which ``linear -> activation -> linear`` pieces of a graph are MLP blocks.
 
 Matching is pattern / check: :func:`find_blocks` returns the blocks that can be rewritten and, for
-chains that look like blocks but cannot be rewritten safely, a :class:`Skipped` with the reason.
+linear layers followed by an activation that are not, a :class:`Skipped` with the reason.
 
-The activation is any connected region of elementwise nodes between the two linears whose other
-operands are scalar constants. That covers single ops (Relu, Gelu, ...), the decompositions exporters
-write (GELU via Erf or Tanh, SiLU as ``x * Sigmoid(x)``), and the identity (no node at all). Widening
-such a region is safe: every op acts per element and broadcasts its constants.
+The forms with a fixed shape are declared patterns (:mod:`.patterns`): the linear layers
+(:mod:`.linear`), the activation decompositions (:mod:`.activations`), the fused gate/up cut
+(:mod:`.gated`). The region between two linears is walked (:mod:`.region`): any connected region of
+elementwise nodes whose other operands are scalar constants, with shape-only nodes that keep the
+hidden width last (GPT-2's Conv1D reshapes), and, for a gated block, one ``Mul`` by the up
+projection. Widening such a region is safe: every op acts per element and broadcasts its constants;
+the shape constants that hold the width are listed (:class:`~neurorewrite.rewriter.gated.WidthEdit`)
+and rewritten with it.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
 from neurorewrite.errors import InvalidOptionError
-from neurorewrite.rewriter.graph import GraphIndex, get_attr, node_label
-from neurorewrite.rewriter.linear import Linear, find_linears
-
-UNARY = {
-    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Gelu",
-    "Erf", "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Abs", "Neg", "Exp", "Log", "Sqrt",
-    "Reciprocal", "Identity", "Clip", "Dropout",
-}
-BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
+from neurorewrite.rewriter.activations import activation_label
+from neurorewrite.rewriter.block_checks import block_notes, graph_input_problem, refused_near_misses
+from neurorewrite.rewriter.gated import FusedSplit, WidthEdit, find_up, fused_halves
+from neurorewrite.rewriter.graph import GraphIndex
+from neurorewrite.rewriter.linear import Linear, scan_linears
+from neurorewrite.rewriter.patterns import Reason
+from neurorewrite.rewriter.region import Region, check_shapes, walk_region
+from neurorewrite.rewriter.shapes import Widened
 
 
 @dataclass(frozen=True)
 class MLPBlock:
-    """``h = act(first(x))``, ``y = second(h)``: the unit FPE rewrites."""
+    """``h = act(first(x))`` (gated: ``act(gate(x)) * up(x)``), ``y = second(h)``: the unit FPE rewrites.
+
+    ``first`` is the gate of a gated block; when gate and up are one fused linear, ``first`` is that
+    linear and ``split`` says how its output is cut.
+    """
 
     name: str
     first: Linear
     second: Linear
     activation: str
-    activation_nodes: tuple[int, ...]
+    activation_nodes: tuple[int, ...]  # the region's nodes: activation, gated product, shape-only nodes
     hidden: str  # the tensor the second linear reads (activation output)
-    region_tensors: tuple[str, ...]  # tensors of width H between the two linears
+    region_tensors: tuple[str, ...]  # tensors of width H between the linears (the fused output: 2H)
+    up: Linear | None = None
+    split: FusedSplit | None = None
+    widen: tuple[WidthEdit, ...] = ()  # shape constants holding H, rewritten with the width
+    notes: tuple[str, ...] = ()  # what the report should say about it (shared tensors, a bias held elsewhere)
+    shape_nodes: bool = False  # the region holds shape-only nodes or Shape readers, not only elementwise ones
+
+    @property
+    def gated(self) -> bool:
+        return self.up is not None or self.split is not None
+
+    @property
+    def form(self) -> str:
+        return "gated (fused gate/up)" if self.split is not None else "gated" if self.up is not None else "mlp"
 
     @property
     def width(self) -> int:
-        return self.first.out_features
+        return self.first.out_features // (2 if self.split is not None else 1)
 
     @property
     def in_features(self) -> int:
@@ -54,13 +73,19 @@ class MLPBlock:
     def out_features(self) -> int:
         return self.second.out_features
 
+    @property
+    def linears(self) -> tuple[Linear, ...]:
+        return (self.first, self.second) if self.up is None else (self.first, self.up, self.second)
+
+
 
 @dataclass(frozen=True)
 class Skipped:
-    """A chain that looks like an MLP block but is not rewritten, and why."""
+    """A linear layer followed by an activation that is not rewritten, and why (``code``: the kind of reason)."""
 
     name: str
     reason: str
+    code: str = ""
 
 
 @dataclass
@@ -69,120 +94,138 @@ class BlockSearch:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-def _is_scalar_constant(index: GraphIndex, name: str) -> bool:
-    if index.constant_source(name) not in ("initializer", "constant"):
-        return False
-    shape = index.constant_shape(name)
-    return shape is not None and all(d == 1 for d in shape)
+@dataclass
+class _Context:
+    index: GraphIndex
+    by_input: dict[str, list[Linear]]
+    by_output: dict[str, Linear]
 
 
-def _activation_label(nodes: list[onnx.NodeProto]) -> str:
-    ops = Counter(n.op_type for n in nodes)
-    if not nodes:
+def _label(ctx: _Context, region: Region, product: int | None) -> str:
+    """The activation's name: the declared decomposition (or op) computing the gate part of the region."""
+    index = ctx.index
+    core = [i for i in region.elementwise if i != product]
+    if not core:
         return "Identity"
-    if len(nodes) == 1:
-        node = nodes[0]
-        approx = get_attr(node, "approximate", b"none")
-        return "Gelu(tanh)" if node.op_type == "Gelu" and approx in (b"tanh", "tanh") else node.op_type
-    if set(ops) == {"Sigmoid", "Mul"} and ops["Sigmoid"] == 1:
-        return "SiLU"
-    if "Erf" in ops and set(ops) <= {"Div", "Mul", "Erf", "Add"}:
-        return "Gelu(erf)"
-    if "Tanh" in ops and set(ops) <= {"Mul", "Add", "Tanh", "Pow"}:
-        return "Gelu(tanh)"
-    return "elementwise(" + ",".join(sorted(ops)) + ")"
+    produced = {index.graph.node[i].output[0]: i for i in core}
+    ends = [t for t, i in produced.items() if any(c not in core for c in index.consumers.get(t, ()))
+            or any(lin.node in index.consumers.get(t, ()) for lin in ctx.by_input.get(t, []))]
+    starts = [t for t in region.tensors if t not in produced and any(c in core for c in index.consumers.get(t, ()))]
+    if len(ends) == 1:
+        for start in starts:
+            label = activation_label(index, start, ends[0], core)
+            if not label.startswith("elementwise"):
+                return label
+    return activation_label(index, starts[0] if starts else region.start, ends[0] if ends else region.start, core)
 
 
-def _walk_region(
-    index: GraphIndex, start: str, linears_by_input: dict[str, list[Linear]]
-) -> tuple[list[int], list[str], Linear | None, str | None, bool]:
-    """Follow elementwise consumers of ``start`` until they reach a linear layer.
-
-    Returns (region nodes, region tensors, the second linear, a reason it is not a block, whether
-    the region looked like an activation at all).
-    """
-    graph = index.graph
-    tensors, nodes, frontier = [start], [], [start]
-    exits: list[tuple[str, Linear]] = []
-    seen_nodes: set[int] = set()
-    looked_like = False
-    while frontier:
-        name = frontier.pop()
-        if name in index.graph_outputs:
-            return nodes, tensors, None, f"hidden tensor {name} is also a graph output", looked_like
-        for user in index.consumers.get(name, []):
-            node = graph.node[user]
-            second = next((lin for lin in linears_by_input.get(name, []) if lin.node == user), None)
-            if second is not None:
-                exits.append((name, second))
-                continue
-            if node.domain not in ("", "ai.onnx") or node.op_type not in UNARY | BINARY:
-                label = node_label(node, user)
-                return nodes, tensors, None, f"hidden tensor {name} is consumed by {node.op_type} node {label} too", looked_like
-            looked_like = looked_like or node.op_type in UNARY
-            if user in seen_nodes:
-                continue
-            seen_nodes.add(user)
-            nodes.append(user)
-            real_outputs = [o for o in node.output if o]
-            if node.op_type == "Dropout" and len(real_outputs) > 1 and index.consumer_count(real_outputs[1]):
-                return nodes, tensors, None, f"Dropout node {node_label(node, user)} has its mask used", looked_like
-            out = real_outputs[0]
-            tensors.append(out)
-            frontier.append(out)
-    if not exits:
-        return nodes, tensors, None, None, looked_like
-    region = set(tensors)
-    for i in nodes:
-        node = graph.node[i]
-        for operand in node.input[1:] if node.op_type in UNARY else node.input:
-            if operand and operand not in region and not _is_scalar_constant(index, operand):
-                label = node_label(node, i)
-                return nodes, tensors, None, f"{node.op_type} node {label} mixes in tensor {operand}, which is not a scalar constant", True
-    if len(exits) > 1 or len({e[0] for e in exits}) > 1:
-        return nodes, tensors, None, "the hidden activation feeds several linear layers", True
-    return nodes, tensors, exits[0][1], None, True
+def _block_from(ctx: _Context, first: Linear, region: Region, up: Linear | None, split: FusedSplit | None) -> MLPBlock | Reason:
+    """Check the exits and shapes of a walked region and build the block (or say why not)."""
+    index = ctx.index
+    if len(region.exits) > 1 or len({e[0] for e in region.exits}) > 1:
+        return Reason("fan-out", "the hidden activation feeds several linear layers")
+    hidden, second = region.exits[0]
+    width = first.out_features // (2 if split is not None else 1)
+    if second.in_features != width:
+        return Reason("width", f"{first.name} has {width} outputs but {second.name} reads {second.in_features}")
+    extra = {}
+    if split is not None:
+        rank = index.ranks.get(first.output) or index.ranks.get(first.data_input)
+        extra = {first.output: Widened(rank, 2), split.up: Widened(rank)}
+    elif up is not None:
+        extra = {up.output: Widened(region.ranks.get(region.start))}
+    verdicts, why = check_shapes(index, region, width, extra)
+    if why is not None:
+        return why
+    for lin in (first, up, second):
+        why = graph_input_problem(index, lin) if lin is not None else None
+        if why is not None:
+            return why
+    product = region.operands[0][0] if region.operands else None
+    label = _label(ctx, region, product)
+    tensors = list(region.tensors)
+    if up is not None:
+        tensors.append(up.output)
+    if split is not None:
+        tensors = [first.output, *tensors, split.up]
+    edits = [WidthEdit(i, 1, "reshape-target") for i, follows in verdicts if not follows]
+    if split is not None:
+        edits += list(split.edits)
+    block = MLPBlock(
+        name=first.name, first=first, second=second, activation=f"{label} (gated)" if up or split else label,
+        activation_nodes=tuple(sorted(region.nodes)), hidden=hidden, region_tensors=tuple(tensors), up=up,
+        split=split, widen=tuple(edits), shape_nodes=bool(region.reshapes or region.shape_only or region.shape_readers),
+    )
+    return replace(block, notes=tuple(block_notes(index, block)))
 
 
-def _check_weights(index: GraphIndex, lin: Linear) -> str | None:
-    for what, name in (("weight", lin.weight), ("bias", lin.bias)):
-        if name is None:
-            continue
-        if index.constant_source(name) == "graph input":
-            return f"{what} {name} of {lin.name} is a graph input; make it an initializer to rewrite this block"
-        if len(index.consumers.get(name, [])) > 1 or name in index.graph_outputs:
-            return f"{what} {name} of {lin.name} is shared with other nodes"
-    return None
+def _try_first(ctx: _Context, lin: Linear) -> tuple[MLPBlock | Reason | None, bool]:
+    """The block ``lin`` starts, the reason it does not, or None (nothing block-like); and whether an
+    activation follows it."""
+    index = ctx.index
+    fused_bias = lin.bias if lin.bias_node is not None else None
+    cut = fused_halves(index, lin)
+    if isinstance(cut, Reason):
+        return cut, _cut_feeds_activation(ctx, lin)
+    if cut is not None:
+        rank = index.ranks.get(lin.output) or index.ranks.get(lin.data_input)
+        attempts: list[Reason] = []
+        for gate_half, (gate, up) in enumerate(((cut.gate, cut.up), (cut.up, cut.gate))):
+            region = walk_region(index, gate, rank, ctx.by_input, fused_bias, lin.feature_axis, lin.out_features // 2)
+            if region.reason is None and region.exits and [t for _, t in region.operands] == [up] \
+                    and index.graph.node[region.operands[0][0]].op_type == "Mul" and index.consumer_count(up) == 1:
+                split = FusedSplit(cut.nodes, gate, up, gate_half, cut.edits)
+                return _block_from(ctx, lin, region, None, split), True
+            attempts.append(region.reason or Reason("gated", f"the halves of {lin.output} do not meet in one gated product"))
+        return attempts[0], True
+    rank = 2 if lin.op == "Gemm" else 2 + len(lin.kernel) if lin.kernel else index.ranks.get(lin.data_input)
+    region = walk_region(index, lin.output, rank, ctx.by_input, fused_bias, lin.feature_axis, lin.out_features)
+    looks = region.looks_like_activation
+    if region.reason is not None:
+        return region.reason, looks
+    if not region.exits:
+        return None, looks
+    looks = True  # linear -> elementwise -> linear: block-like whatever the ops
+    up = None
+    if region.operands:
+        found = find_up(index, region, lin, ctx.by_output)
+        if isinstance(found, Reason):
+            return found, looks
+        up = found
+    return _block_from(ctx, lin, region, up, None), looks
+
+
+def _cut_feeds_activation(ctx: _Context, lin: Linear) -> bool:
+    """Whether a piece of ``lin``'s output that a Split or Slice cuts off goes through an activation."""
+    index = ctx.index
+    for c in index.consumers.get(lin.output, []):
+        node = index.graph.node[c]
+        if node.op_type in ("Split", "Slice"):
+            for out in node.output:
+                if out and walk_region(index, out, None, ctx.by_input).looks_like_activation:
+                    return True
+    return False
 
 
 def find_blocks(model: onnx.ModelProto) -> BlockSearch:
-    """All MLP blocks of the main graph in graph order, and the near-misses with their reasons."""
+    """All MLP blocks of the main graph in graph order, and the near misses with their reasons."""
     index = GraphIndex.build(model.graph)
-    linears = find_linears(index)
+    scan = scan_linears(index)
     by_input: dict[str, list[Linear]] = {}
-    for lin in linears.values():
+    for lin in scan.linears.values():
         by_input.setdefault(lin.data_input, []).append(lin)
+    ctx = _Context(index, by_input, {lin.output: lin for lin in scan.linears.values()})
     search = BlockSearch()
-    for lin in linears.values():
-        nodes, tensors, second, reason, looked_like = _walk_region(index, lin.output, by_input)
-        if second is None:
-            if reason is not None and looked_like:
-                search.skipped.append(Skipped(lin.name, reason))
-            continue
-        if second.in_features != lin.out_features:
-            search.skipped.append(Skipped(lin.name, f"{lin.name} has {lin.out_features} outputs but {second.name} reads {second.in_features}"))
-            continue
-        reason = _check_weights(index, lin) or _check_weights(index, second)
-        if reason is not None:
-            search.skipped.append(Skipped(lin.name, reason))
-            continue
-        act_nodes = [model.graph.node[i] for i in nodes]
-        search.blocks.append(
-            MLPBlock(
-                name=lin.name, first=lin, second=second, activation=_activation_label(act_nodes),
-                activation_nodes=tuple(sorted(nodes)), hidden=second.data_input, region_tensors=tuple(tensors),
-            )
-        )
+    misses: list[tuple[Linear, Reason]] = []
+    for lin in scan.linears.values():
+        result, looks = _try_first(ctx, lin)
+        if isinstance(result, MLPBlock):
+            search.blocks.append(result)
+        elif isinstance(result, Reason) and looks:
+            misses.append((lin, result))
+    in_blocks = {lin.node for b in search.blocks for lin in b.linears}
+    search.skipped += [Skipped(lin.name, r.message, r.code) for lin, r in misses if lin.node not in in_blocks]
+    search.skipped += [Skipped(name, r.message, r.code) for name, r in refused_near_misses(index, scan.refused)]
     return search
 
 
@@ -218,5 +261,5 @@ def select_blocks(search: BlockSearch, patterns: list[str] | None) -> tuple[list
         if any(block.name == p.pattern or p.fullmatch(block.name) for p in compiled):
             chosen.append(block)
         else:
-            skipped.append(Skipped(block.name, "not selected by --layers"))
+            skipped.append(Skipped(block.name, "not selected by --layers", "not-selected"))
     return chosen, skipped

@@ -22,7 +22,7 @@ import onnx
 from google.protobuf.message import Message
 from onnx import helper, numpy_helper
 
-from neurorewrite.rewriter.graph import GraphIndex
+from neurorewrite.rewriter.graph import GraphIndex, names_used_in
 from neurorewrite.rewriter.linear import Linear
 from neurorewrite.rewriter.record import FPERecord, write_record
 
@@ -87,7 +87,8 @@ class GraphEditor:
     drop_opsets: set[str] = field(default_factory=set)
     pending: list[onnx.NodeProto] = field(default_factory=list)
     renames: dict[tuple[int, int], str] = field(default_factory=dict)  # (node index, input slot) -> tensor
-    unscaled: set[int] = field(default_factory=set)  # Gemm nodes whose alpha/beta become 1
+    unscaled: set[int] = field(default_factory=set)  # Gemm/FusedMatMul nodes whose alpha/beta become 1
+    released: set[str] = field(default_factory=set)  # constants to drop once nothing reads them any more
 
     @classmethod
     def start(cls, model: onnx.ModelProto) -> GraphEditor:
@@ -155,15 +156,13 @@ class GraphEditor:
         self.remove.add(i)
 
     def drop_constant(self, name: str) -> None:
-        """Forget the weight tensor ``name`` (an initializer, or a Constant node's output)."""
-        source = self.index.constant_source(name)
-        if source == "initializer":
-            self.drop_inits.add(name)
-        elif source == "constant":
-            self.remove.add(self.index.constant_nodes[name])
+        """Forget the constant ``name`` (an initializer, a Constant node's output, or an Identity of one)
+        once nothing reads it any more: a tensor other nodes still use is kept for them."""
+        self.released.add(name)
 
     def replace_linear(self, lin: Linear, build: list[onnx.NodeProto]) -> None:
-        """Emit ``build`` where ``lin`` was and drop its nodes and weight constants."""
+        """Emit ``build`` where ``lin`` was and drop its nodes and weight constants (a bias an activation
+        node adds stays while that node reads it)."""
         self.emit[lin.node] = build
         self.remove |= set(lin.nodes)
         for name in (lin.weight, lin.bias):
@@ -173,16 +172,23 @@ class GraphEditor:
     def set_weights(self, lin: Linear, w: np.ndarray, b: np.ndarray | None) -> None:
         """Make ``lin`` read new effective weights ``w`` (out, in) and ``b`` (None: keep the bias).
 
-        The new initializers take the stored dtype and layout of the old ones; the old ones are dropped.
-        A Gemm's alpha/beta become 1 because the new weights are effective weights.
+        The new initializers take the stored dtype and layout of the old ones; the layer reads them,
+        and the old ones are dropped unless another node still reads them (a shared tensor: the other
+        users keep the original, this layer gets its own copy). A Gemm's alpha/beta (a FusedMatMul's
+        alpha) become 1 because the new weights are effective weights.
         """
-        if lin.op == "Gemm":
+        if lin.read_only:
+            raise ValueError(f"{lin.name} is a stored {lin.op} layer; it is read, not rewritten")
+        if lin.op in ("Gemm", "FusedMatMul"):
             self.unscaled.add(lin.node)
-        parts = [(lin.weight, lin.node, 1, w if lin.weight_out_in else w.T)]
+        stored = w if lin.weight_out_in else w.T
+        if lin.kernel:
+            stored = stored.reshape(stored.shape + lin.kernel)
+        parts = [(lin.weight, lin.node, 1, stored)]
         if b is not None and lin.bias is not None:
-            holder = lin.node if lin.add_node is None else lin.add_node
+            holder = lin.bias_holder
             node = self.index.graph.node[holder]
-            slot = 2 if node.op_type == "Gemm" else list(node.input).index(lin.bias)
+            slot = 2 if node.op_type == "Gemm" and holder == lin.node else list(node.input).index(lin.bias)
             parts.append((lin.bias, holder, slot, b.reshape(self._bias_shape(lin.bias, b.size))))
         for old, node_i, slot, value in parts:
             name = self.name(old + ".fpe")
@@ -191,13 +197,18 @@ class GraphEditor:
             self.renames[(node_i, slot)] = name
             self.drop_constant(old)
 
+    def rename_input(self, node: int, slot: int, tensor: str) -> None:
+        """Make input ``slot`` of node ``node`` read ``tensor`` (the old input is released)."""
+        old = self.index.graph.node[node].input[slot]
+        self.renames[(node, slot)] = tensor
+        if self.index.constant_source(old) in ("initializer", "constant"):
+            self.drop_constant(old)
+
     def _stored_dtype(self, name: str) -> np.dtype:
-        if name in self.index.initializers:
-            return onnx.helper.tensor_dtype_to_np_dtype(self.index.initializers[name].data_type)
-        value = self.index.constant_value(name)
-        if value is None:
+        dtype = self.index.constant_dtype(name)
+        if dtype is None:
             raise ValueError(f"{name} is not a constant")
-        return value.dtype
+        return dtype
 
     def _bias_shape(self, name: str, out: int) -> tuple[int, ...]:
         shape = self.index.constant_shape(name) or (out,)
@@ -210,11 +221,12 @@ class GraphEditor:
         new = model_shell(model)
         graph = new.graph
         renamed_nodes = {i for i, _ in self.renames}
+        nodes: list[onnx.NodeProto] = []
         for i, node in enumerate(model.graph.node):
-            graph.node.extend(self.emit.get(i, []))
+            nodes.extend(self.emit.get(i, []))
             if i in self.remove:
                 continue
-            copy = graph.node.add()
+            copy = onnx.NodeProto()
             copy.CopyFrom(node)
             if i in renamed_nodes:
                 for (node_i, slot), name in self.renames.items():
@@ -224,7 +236,11 @@ class GraphEditor:
                 for attr in copy.attribute:
                     if attr.name in ("alpha", "beta"):
                         attr.f = 1.0
-        graph.initializer.extend(t for t in model.graph.initializer if t.name not in self.drop_inits)
+            nodes.append(copy)
+        nodes, unused = _drop_released(nodes, self.released, {o.name for o in model.graph.output})
+        graph.node.extend(nodes)
+        gone = self.drop_inits | unused
+        graph.initializer.extend(t for t in model.graph.initializer if t.name not in gone)
         graph.initializer.extend(self.new_inits)
         graph.value_info.extend(v for v in model.graph.value_info if v.name not in self.stale)
         if self.drop_opsets:
@@ -236,6 +252,37 @@ class GraphEditor:
             if domain not in have:
                 new.opset_import.add(domain=domain, version=version)
         return new
+
+
+def _used_names(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    used: set[str] = set()
+    for node in nodes:
+        used.update(i for i in node.input if i)
+        for attr in node.attribute:
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                used |= names_used_in(sub)
+    return used
+
+
+def _drop_released(nodes: list[onnx.NodeProto], released: set[str], outputs: set[str]) -> tuple[list[onnx.NodeProto], set[str]]:
+    """``nodes`` without the Constant and Identity nodes that only produced released, now unused
+    tensors (an Identity's input is released in turn), and the released names nothing reads."""
+    pending = set(released)
+    unused: set[str] = set()
+    while pending:
+        used = _used_names(nodes) | outputs
+        dead = {name for name in pending if name not in used}
+        unused |= dead
+        pending = set()
+        kept = []
+        for node in nodes:
+            if node.op_type in ("Constant", "Identity") and node.domain in ("", "ai.onnx") and len(node.output) == 1 \
+                    and node.output[0] in dead:
+                pending.update(i for i in node.input if i)
+                continue
+            kept.append(node)
+        nodes = kept
+    return nodes, unused
 
 
 def replace_weights(

@@ -47,6 +47,9 @@ class BlockRecord:
     output_tensor: str = ""
     torch_first: str | None = None
     torch_second: str | None = None
+    up: str | None = None  # a gated block's up projection (None: ungated, or gate and up fused in ``first``)
+    form: str = "mlp"  # "mlp", "gated", "gated (fused gate/up)"
+    notes: tuple[str, ...] = ()  # what the count and the rewrite did with shared tensors or a bias held elsewhere
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ class FPERecord:
             layer_keys = {f.name for f in fields(LoweredLayer)}
             return cls(
                 config=config,
-                blocks=tuple(BlockRecord(**{k: v for k, v in b.items() if k in block_keys}) for b in data.get("blocks", [])),
+                blocks=tuple(_block_record(b, block_keys) for b in data.get("blocks", [])),
                 format=str(data.get("format", "dense")),
                 structured=bool(data.get("structured", False)),
                 tied=tuple(str(t) for t in data.get("tied", [])),
@@ -139,6 +142,13 @@ class FPERecord:
             raise
         except Exception as e:  # FPEConfig's InvalidOptionError: a record naming an option this version lacks
             raise ModelLoadError(f"{where}: the {RECORD_KEY} metadata record is not readable ({e})") from e
+
+
+def _block_record(row: dict[str, Any], keys: set[str]) -> BlockRecord:
+    kept = {k: v for k, v in row.items() if k in keys}
+    if "notes" in kept:
+        kept["notes"] = tuple(str(n) for n in kept["notes"])
+    return BlockRecord(**kept)
 
 
 def _without_none(row: dict[str, Any]) -> dict[str, Any]:

@@ -75,10 +75,10 @@ def test_hidden_tensor_as_graph_output_is_skipped():
     assert not search.blocks and "graph output" in search.skipped[0].reason
 
 
-def test_shared_weight_is_skipped_with_reason():
+def test_shared_weight_is_rewritten_on_a_private_copy_and_said_so():
     model = _add_node(mlp_model(), helper.make_node("Identity", ["fc1.w"], ["w_copy"], name="reuse"), "w_copy")
-    search = find_blocks(model)
-    assert not search.blocks and "fc1.w of fc1 is shared" in search.skipped[0].reason
+    (block,) = find_blocks(model).blocks
+    assert any("weight fc1.w of fc1 is shared with 1 other" in n and "private copy" in n for n in block.notes)
 
 
 def test_weights_given_as_graph_inputs_are_skipped_with_reason():
