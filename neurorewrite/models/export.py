@@ -71,6 +71,7 @@ def onnx_record(proto: onnx.ModelProto, record: FPERecord, model: nn.Module) -> 
             block, name=onnx_block.name, first=onnx_block.first.name, second=onnx_block.second.name,
             activation=onnx_block.activation, hidden_tensor=onnx_block.hidden, output_tensor=onnx_block.second.output,
             torch_first=block.first, torch_second=block.second,
+            up=None if onnx_block.up is None else onnx_block.up.name, form=onnx_block.form, notes=onnx_block.notes,
         )))
     return record.evolve(blocks=tuple(row for _, row in sorted(rows, key=lambda r: r[0])), format="dense", source="torch")
 

@@ -147,14 +147,13 @@ class Widened:
 @dataclass
 class ModuleExpandReport:
     """What ``fpe_expand`` did (``model.fpe_report``): the tracer it followed the data flow with, one
-    row per expanded block (``gated`` rows name their ``up`` module in ``ups``), the near misses with
-    their reasons, and every widened module. Config fields such as ``intermediate_size`` are NOT
+    row per expanded block (as in ``model.fpe_record``; a gated row names its ``up`` module), the near
+    misses with their reasons, and every widened module. Config fields such as ``intermediate_size`` are NOT
     changed: the forward reads the widths from the modules, so inference and ``generate`` work, but
     a config saved from the expanded model describes the dense one."""
 
     tracer: str
     blocks: list[BlockRecord] = field(default_factory=list)
-    ups: dict[str, str] = field(default_factory=dict)  # gate module -> up module, for gated blocks
     skipped: list[SkippedModule] = field(default_factory=list)
     widened: list[Widened] = field(default_factory=list)
 
@@ -191,8 +190,8 @@ def fpe_expand(
     copy, so the model's class, config, ``forward`` and ``generate`` keep working.
     ``result.fpe_record`` is the :class:`~neurorewrite.rewriter.record.FPERecord`
     ``neurorewrite expand`` writes (module paths for layer names, ``source="torch"``);
-    ``result.fpe_report`` (:class:`ModuleExpandReport`) adds the tracer, the gated blocks' up modules,
-    the near misses with their reasons and the widened modules.
+    ``result.fpe_report`` (:class:`ModuleExpandReport`) adds the tracer, the near misses with their
+    reasons and the widened modules.
 
     ``structured=True`` is the preset of ``neurorewrite expand --structured``
     (:mod:`neurorewrite.models.fpe_structured`): ``blocks`` split (or ``shared``/``feature``),
@@ -234,6 +233,23 @@ def fpe_expand(
     return new
 
 
+Weights = tuple[np.ndarray, np.ndarray | None]
+
+
+def _halves(w: np.ndarray, b: np.ndarray | None, gate_half: int) -> tuple[Weights, Weights]:
+    """(gate, up) weights of a fused projection whose output ``chunk(2)`` cuts in two."""
+    h = w.shape[0] // 2
+    parts = [(w[:h], None if b is None else b[:h]), (w[h:], None if b is None else b[h:])]
+    return (parts[0], parts[1]) if gate_half == 0 else (parts[1], parts[0])
+
+
+def _join(gate: Weights, up: Weights, gate_half: int) -> Weights:
+    """The fused projection's weights again: the gate's rows in ``gate_half``."""
+    first, second = (gate, up) if gate_half == 0 else (up, gate)
+    b = None if first[1] is None else np.concatenate([first[1], second[1]])  # type: ignore[list-item]
+    return np.vstack([first[0], second[0]]), b
+
+
 def _expand_blocks(
     model: nn.Module, search: ModuleSearch, config: FPEConfig
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray | None]], ModuleExpandReport]:
@@ -247,21 +263,27 @@ def _expand_blocks(
     for position, block in enumerate(search.blocks):
         cfg = replace(config, seed=block_seed(config.seed, position))
         (w1, b1), (w2, b2) = arrays(block.first), arrays(block.second)
-        if block.up is None:
+        width_before = w1.shape[0]
+        if not block.gated:
             exp = expand_block(w1, b1, w2, b2, cfg)
             current[block.first], current[block.second] = (exp.w1, exp.b1), (exp.w2, exp.b2)
             width_after, before, after = exp.w1.shape[0], exp.nnz_before, exp.nnz_after
         else:
-            wu, bu = arrays(block.up)
-            gated = expand_gated_block(w1, b1, wu, bu, w2, b2, cfg)
-            current[block.first], current[block.up] = (gated.wg, gated.bg), (gated.wu, gated.bu)
+            if block.gate_half is not None:  # gate and up fused: the halves of one linear (chunk(2))
+                (wg, bg), (wu, bu) = _halves(w1, b1, block.gate_half)
+            else:
+                (wg, bg), (wu, bu) = (w1, b1), arrays(block.up)  # type: ignore[arg-type]
+            gated = expand_gated_block(wg, bg, wu, bu, w2, b2, cfg)
+            if block.gate_half is not None:
+                current[block.first] = _join((gated.wg, gated.bg), (gated.wu, gated.bu), block.gate_half)
+            else:
+                current[block.first], current[block.up] = (gated.wg, gated.bg), (gated.wu, gated.bu)  # type: ignore[index]
             current[block.second] = (gated.wd, gated.bd)
-            width_after, before, after = gated.wg.shape[0], gated.nnz_before, gated.nnz_after
-            report.ups[block.first] = block.up
+            width_before, width_after, before, after = wg.shape[0], gated.wg.shape[0], gated.nnz_before, gated.nnz_after
         report.blocks.append(BlockRecord(
             name=block.first, first=block.first, second=block.second, activation=block.activation,
-            in_features=w1.shape[1], width_before=w1.shape[0], width_after=width_after, out_features=w2.shape[0],
-            nnz_before=before, nnz_after=after,
+            in_features=w1.shape[1], width_before=width_before, width_after=width_after, out_features=w2.shape[0],
+            nnz_before=before, nnz_after=after, up=block.up, form=block.form,
         ))
     for path, (w, _) in current.items():
         before = linear_arrays(model.get_submodule(path))[0].shape

@@ -1,6 +1,6 @@
 """MLP blocks of a torch module, found on its data flow: pattern, check, and a reason for every miss.
 
-Two patterns, matched on the :class:`~neurorewrite.models.trace_ops.OpGraph` of the module's forward:
+Three patterns, matched on the :class:`~neurorewrite.models.trace_ops.OpGraph` of the module's forward:
 
 - **plain** ``second(act(first(x)))``: the output of a linear-like module reaches exactly one other
   linear-like module through a region of elementwise ops whose other operands are scalar constants
@@ -8,7 +8,10 @@ Two patterns, matched on the :class:`~neurorewrite.models.trace_ops.OpGraph` of 
   the identity);
 - **gated** ``down(act(gate(x)) * up(x))``: inside that region one ``mul`` takes, as its other
   operand, the output of a second linear ``up`` that reads the same tensor ``x`` as ``gate``. After the
-  product only inference identities (dropout, casts) may follow; ``up``'s output feeds nothing else.
+  product only inference identities (dropout, casts) may follow; ``up``'s output feeds nothing else;
+- **fused gated** (Phi-3): one linear's output cut by ``chunk(2, dim=-1)``, one half through the
+  activation, the product with the other half, ``down``. ``chunk(2)`` halves any width, so the
+  forward stays right once the fused linear is widened; a cut by a fixed size is a near miss.
 
 The checks that follow a match, each a :class:`SkippedModule` reason when it fails: both linears
 called once per forward (a module called twice cannot be widened for one call only), weights not
@@ -40,16 +43,23 @@ LABELS = {
 
 @dataclass(frozen=True)
 class ModuleBlock:
-    """One block by module paths: ``second(act(first(x)))``, or gated ``second(act(first(x)) * up(x))``."""
+    """One block by module paths: ``second(act(first(x)))``, gated ``second(act(first(x)) * up(x))``, or
+    gated with gate and up fused in ``first`` (``g, u = first(x).chunk(2, -1)``)."""
 
     first: str
     second: str
     activation: str
     up: str | None = None
+    gate_half: int | None = None  # a fused gate/up ``first`` cut by chunk(2): which half is the gate
 
     @property
     def gated(self) -> bool:
-        return self.up is not None
+        return self.up is not None or self.gate_half is not None
+
+    @property
+    def form(self) -> str:
+        """As the ONNX record names it: ``mlp``, ``gated``, ``gated (fused gate/up)``."""
+        return "gated (fused gate/up)" if self.gate_half is not None else "gated" if self.up is not None else "mlp"
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -138,49 +148,84 @@ def _label(ops: list[Op]) -> str:
 def _match(graph: OpGraph, first: Op) -> tuple[ModuleBlock | None, str | None, bool]:
     """The block starting at linear ``first``, or why there is none, and whether to report it."""
     region = _walk(graph, first.index)
-    if region.reason is not None or not region.exits:
-        fused = _fused(graph, first) if region.reason is not None else None
-        return None, fused or region.reason, fused is not None or region.looked_like
-    inside = {first.index, *region.ops}
+    if region.reason is None and region.exits:
+        return (*_finish(graph, first, first.index, region, None), True)
+    cut = _cut(graph, first)
+    if cut is None:
+        return None, region.reason, region.looked_like
+    if isinstance(cut, str):
+        return None, cut, True
+    reasons = []
+    for gate_half in (0, 1):  # the half that goes through the activation is the gate
+        region = _walk(graph, cut[gate_half])
+        if region.reason is None and region.exits:
+            block, reason = _finish(graph, first, cut[gate_half], region, cut[1 - gate_half])
+            if block is not None:
+                return ModuleBlock(block.first, block.second, block.activation, gate_half=gate_half), None, True
+            reasons.append(reason)
+    return None, reasons[0] if reasons else f"the halves of {first.label} do not meet in a gated product", True
+
+
+def _finish(
+    graph: OpGraph, first: Op, start: int, region: _Region, partner: int | None
+) -> tuple[ModuleBlock | None, str | None]:
+    """Check a walked region that reached a linear: a plain block, or a gated one whose product takes
+    a linear reading the same input (``partner``: the up half of a fused projection instead)."""
+    inside = {start, *region.ops}
     foreign: list[tuple[Op, int]] = []  # (op, operand) pairs that mix in a tensor from outside
     for i in region.ops:
         op = graph.ops[i]
         operands = op.args if op.kind == "binary" else op.args[1:] if op.kind == "unary" else ()
         foreign += [(op, a) for a in operands if a is not None and a not in inside]
     product: Op | None = None
-    up: Op | None = None
     if foreign:
         op, operand = foreign[0]
-        source = _source(graph, operand)
-        if len(foreign) > 1 or op.name != "mul" or source.kind != "linear":
-            return None, f"{op.label} mixes in {source.label}, which is not a scalar constant", True
-        if source.args[:1] != first.args[:1]:
-            return None, f"{op.label} multiplies by {source.label}, which reads another input than {first.label}", True
-        product, up = op, source
+        up = _source(graph, operand)
+        wanted = up.index == partner if partner is not None else up.kind == "linear"
+        if len(foreign) > 1 or op.name != "mul" or not wanted:
+            return None, f"{op.label} mixes in {up.label}, which is not a scalar constant"
+        if partner is None and up.args[:1] != first.args[:1]:
+            return None, f"{op.label} multiplies by {up.label}, which reads another input than {first.label}"
+        product = op
         reason = _check_gated(graph, region, product, operand, up)
         if reason is not None:
-            return None, reason, True
+            return None, reason
+    elif partner is not None:
+        return None, f"the halves of {first.label} do not meet in a gated product"
     if len({value for value, _ in region.exits}) > 1 or len(region.exits) > 1:
-        return None, "the hidden value feeds several linear layers", True
+        return None, "the hidden value feeds several linear layers"
     value, second_index = region.exits[0]
     if product is not None and not _downstream(graph, product.index, value):
-        return None, f"the hidden value reaches {graph.ops[second_index].label} before {product.label}", True
+        return None, f"the hidden value reaches {graph.ops[second_index].label} before {product.label}"
     gate_side = [graph.ops[i] for i in region.ops if product is None or not _downstream(graph, product.index, i)]
-    block = ModuleBlock(first.name, graph.ops[second_index].name, _label(gate_side), None if up is None else up.name)
-    return block, None, True
+    up_name = _source(graph, operand).name if product is not None and partner is None else None
+    return ModuleBlock(first.name, graph.ops[second_index].name, _label(gate_side), up_name), None
 
 
-def _fused(graph: OpGraph, first: Op) -> str | None:
-    """Why a linear whose output is cut into pieces that go on through an activation into a linear
-    (Phi-3's ``gate_up_proj`` then ``chunk``) is not expanded; None when it is not such a linear."""
-    cuts = [graph.ops[u] for u in graph.users.get(first.index, []) if graph.ops[u].name in SPLITS]
-    region = _walk(graph, first.index, through_splits=True)
-    if not cuts or region.reason is not None or not region.exits or not region.looked_like:
+def _cut(graph: OpGraph, first: Op) -> tuple[int, int] | str | None:
+    """The two halves of a fused gate/up projection cut by ``chunk(2, dim=-1)`` (Phi-3's
+    ``gate_up_proj``), as the getitem ops that take them; a reason when the output is cut some other
+    way but goes on through an activation into a linear; None when it is not cut at all."""
+    users = [graph.ops[u] for u in graph.users.get(first.index, []) if graph.ops[u].kind != "ignore"]
+    cuts = [op for op in users if op.name in SPLITS]
+    if not cuts:
         return None
-    return (
-        f"the output of {first.label} is cut by {cuts[0].label} before the activation: a fused projection "
-        "(such as Phi-3's gate_up_proj), which fpe_expand does not split; use separate gate and up linears"
-    )
+    region = _walk(graph, first.index, through_splits=True)
+    if region.reason is not None or not region.exits or not region.looked_like:
+        return None  # e.g. an attention projection cut into heads: not an FFN
+    cut = cuts[0]
+    dim = cut.options.get("dim", cut.params[2] if len(cut.params) > 2 else 0)
+    last = dim == -1 or (cut.rank is not None and dim == cut.rank - 1)
+    if len(users) > 1 or cut.name != "chunk" or cut.params[1:2] != (2,) or not last:
+        return (
+            f"the output of {first.label} is cut by {cut.label} before the activation; fpe_expand widens a fused "
+            "gate/up projection only when its forward cuts it with chunk(2, dim=-1), which halves any width"
+        )
+    takers = graph.users.get(cut.index, [])
+    halves = {graph.ops[u].params[1]: u for u in takers if graph.ops[u].name == "getitem"}
+    if sorted(halves) != [0, 1] or len(takers) != 2:
+        return f"the halves of {first.label} ({cut.label}) are not taken once each"
+    return halves[0], halves[1]
 
 
 def _check_gated(graph: OpGraph, region: _Region, product: Op, operand: int, up: Op) -> str | None:
@@ -229,6 +274,10 @@ def _check(model: nn.Module, graph: OpGraph, block: ModuleBlock, owners: dict[in
             if others:
                 return f"a parameter of {path} is shared with {others[0]}"
     d_in, width = _widths(model.get_submodule(block.first))
+    if block.gate_half is not None:
+        if width % 2:
+            return f"{block.first} has an odd number of outputs ({width}) but its forward cuts them in two halves"
+        width //= 2
     if block.up is not None and _widths(model.get_submodule(block.up)) != (d_in, width):
         return f"{block.up} has shape {_widths(model.get_submodule(block.up))} but the gate {block.first} {(d_in, width)}"
     reads = _widths(model.get_submodule(block.second))[0]

@@ -96,6 +96,9 @@ class Op:
     args: tuple[int | None, ...] = ()
     label: str = ""  # what a message calls it
     detail: str = ""  # e.g. "tanh" for gelu(approximate="tanh")
+    params: tuple[object, ...] = ()  # the call's positional arguments, tensors as None (chunk: (None, 2, -1))
+    options: dict[str, object] = field(default_factory=dict)  # its keyword arguments that are not tensors
+    rank: int | None = None  # rank of the first tensor operand, where the trace knows it
 
 
 @dataclass
@@ -108,8 +111,18 @@ class OpGraph:
     outputs: set[int] = field(default_factory=set)
     calls: Counter[str] = field(default_factory=Counter)  # linear module path -> calls in one forward
 
-    def add(self, kind: str, name: str, args: tuple[int | None, ...] = (), label: str = "", detail: str = "") -> int:
-        op = Op(len(self.ops), kind, name, args, label or name, detail)
+    def add(self, kind: str, name: str, args: tuple[int | None, ...] = (), label: str = "", detail: str = "",
+            node: fx.Node | None = None) -> int:
+        params: tuple[object, ...] = ()
+        options: dict[str, object] = {}
+        rank = None
+        if node is not None:
+            params = tuple(None if isinstance(a, fx.Node) else a for a in node.args)
+            options = {k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node)}
+            first = next((a for a in node.args if isinstance(a, fx.Node)), None)
+            value = None if first is None else first.meta.get("val")
+            rank = value.dim() if isinstance(value, torch.Tensor) else None
+        op = Op(len(self.ops), kind, name, args, label or name, detail, params, options, rank)
         self.ops.append(op)
         for a in dict.fromkeys(a for a in args if a is not None):
             self.users.setdefault(a, []).append(op.index)
@@ -182,7 +195,7 @@ def _from_fx(model: nn.Module, graph: fx.Graph) -> OpGraph:
             name = canonical(str(target))
             args = tuple(ids[a] for a in _node_args(node))
             detail = str(node.kwargs.get("approximate", "")) if name == "gelu" else ""
-            ids[node] = out.add(kind_of(name), name, args, label=_label(name, node.name), detail=detail)
+            ids[node] = out.add(kind_of(name), name, args, label=_label(name, node.name), detail=detail, node=node)
     return out
 
 
@@ -285,5 +298,6 @@ def _export_graph(model: nn.Module, exported: torch.export.ExportedProgram) -> O
         raw = target._schema.name.split("::")[-1] if hasattr(target, "_schema") else getattr(target, "__name__", str(target))
         name = canonical(raw)
         detail = str(node.kwargs.get("approximate", "")) if name == "gelu" else ""
-        ids[node] = out.add(kind_of(name), name, tuple(ids[a] for a in operands), label=_label(raw, node.name), detail=detail)
+        ids[node] = out.add(kind_of(name), name, tuple(ids[a] for a in operands), label=_label(raw, node.name),
+                            detail=detail, node=node)
     return out

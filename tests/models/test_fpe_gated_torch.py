@@ -64,7 +64,7 @@ def test_gated_expansion_is_the_numpy_core_with_exact_counts(options, bias):
     assert nonzeros(new) == nonzeros(model)
     row = new.fpe_record.blocks[0]
     assert (row.first, row.second, row.activation) == ("gate", "down", "SiLU")
-    assert new.fpe_report.ups == {"gate": "up"}
+    assert (row.up, row.form) == ("up", "gated")
     assert row.nnz_before == row.nnz_after == nonzeros(model)
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from neurorewrite.api import expand
-from neurorewrite.errors import NoBlocksError
 from neurorewrite.models import MaskedLinear, export_onnx, finetune, fpe_expand
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import find_linears, read_weights
@@ -32,6 +31,7 @@ FAMILIES = {  # name -> (first, up, second, activation)
     "bert": ("encoder.layer.0.intermediate.dense", None, "encoder.layer.0.output.dense", "GELU"),
     "vit": ("layers.0.mlp.fc1", None, "layers.0.mlp.fc2", "GELU"),
     "gpt2": ("h.0.mlp.c_fc", None, "h.0.mlp.c_proj", "GELU(tanh)"),  # HF Conv1D, weight stored (in, out)
+    "phi3": ("layers.0.mlp.gate_up_proj", None, "layers.0.mlp.down_proj", "SiLU"),  # fused, cut by chunk(2)
 }
 
 
@@ -51,7 +51,7 @@ def test_blocks_found_by_family_and_the_model_kept_usable(name):
     first_path, up, second, activation = FAMILIES[name]
     record, report = new.fpe_record, new.fpe_report
     assert report.tracer == "torch.export"
-    assert [(b.first, report.ups.get(b.first), b.second, b.activation) for b in record.blocks] == [
+    assert [(b.first, b.up, b.second, b.activation) for b in record.blocks] == [
         (first_path, up, second, activation)
     ]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the input model changed"
@@ -60,16 +60,10 @@ def test_blocks_found_by_family_and_the_model_kept_usable(name):
     assert all(isinstance(new.get_submodule(p), MaskedLinear) for p in paths)
     nnz = lambda m, ps: sum(int(torch.count_nonzero(t)) for p in ps for t in m.get_submodule(p).parameters())  # noqa: E731
     assert nnz(new, paths) == nnz(model, paths) == record.blocks[0].nnz_after
-    width = record.blocks[0].width_before
-    assert {(w.module, w.after) for w in report.widened} == {(p, 2 * width) for p in paths}
+    assert record.blocks[0].form == ("gated (fused gate/up)" if name == "phi3" else "gated" if up else "mlp")
+    assert {w.module for w in report.widened} == set(paths) and all(w.after == 2 * w.before for w in report.widened)
     with torch.no_grad():
         assert first(new(**feeds)).shape == first(model(**feeds)).shape
-
-
-def test_fused_gate_up_projection_is_a_named_near_miss():
-    model = build("phi3")
-    with pytest.raises(NoBlocksError, match="gate_up_proj is cut by chunk before the activation: a fused projection"):
-        fpe_expand(model, alpha=2, example_inputs=inputs("phi3"))
 
 
 def test_causal_lm_generates_after_expansion_and_finetuning():
@@ -91,7 +85,7 @@ def onnx_weights(model: onnx.ModelProto) -> list[tuple[np.ndarray, np.ndarray | 
     return [read_weights(index, lin) for lin in find_linears(index).values()]
 
 
-@pytest.mark.parametrize("name", ["bert", "vit", "t5_relu", "gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("name", ["bert", "vit", "t5_relu", "gpt2", "llama", "qwen2", "phi3"])
 def test_export_equals_the_onnx_pass_on_the_dense_export(tmp_path, name):
     """``export_onnx(fpe_expand(m))`` == ``neurorewrite expand`` on ``export_onnx(m)``: every linear's
     weights and masks, two layers (two blocks, two seeds), and the same function in onnxruntime."""
@@ -108,8 +102,9 @@ def test_export_equals_the_onnx_pass_on_the_dense_export(tmp_path, name):
         np.testing.assert_array_equal(wt != 0, wo != 0)
         if bt is not None or bo is not None:
             np.testing.assert_allclose(bt, bo, atol=1e-6, rtol=0)
-    widened = sum(3 * b.width_before in wt.shape for (wt, _), _ in pairs for b in new.fpe_record.blocks[:1])
-    assert widened == 2 * (3 if new.fpe_report.ups else 2)  # the test has teeth: the layers did widen
+    dense_shapes = [w.shape for w, _ in onnx_weights(onnx.load(tmp_path / "dense.onnx"))]
+    widened = sum(wt.shape != shape for ((wt, _), _), shape in zip(pairs, dense_shapes, strict=True))
+    assert widened == len(new.fpe_report.widened) == 2 * (3 if new.fpe_record.blocks[0].up else 2)  # they did widen
     onnx.checker.check_model(str(tmp_path / "torch.onnx"), full_check=True)
     meta = read_record(torch_side)
     assert [(b.torch_first, b.torch_second) for b in meta.blocks] == [(b.first, b.second) for b in new.fpe_record.blocks]

@@ -172,6 +172,50 @@ class UpReused(Gated):
         return self.down(F.silu(self.gate(x)) * u) + u.mean(-1, keepdim=True)
 
 
+class Fused(nn.Module):
+    """Phi-3's form: gate and up in one linear whose output ``chunk(2)`` cuts; ``gate_second`` swaps the halves."""
+
+    def __init__(self, gate_second: bool = False, cut: str = "chunk") -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.gate_up, self.down = nn.Linear(10, 28), nn.Linear(14, 10)
+        self.gate_second, self.cut = gate_second, cut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        both = self.gate_up(x)
+        a, b = both.chunk(2, dim=-1) if self.cut == "chunk" else torch.split(both, 14, dim=-1)
+        gate, up = (b, a) if self.gate_second else (a, b)
+        return self.down(up * F.silu(gate))
+
+
+@pytest.mark.parametrize("gate_second", [False, True])
+def test_fused_gate_up_is_expanded_half_by_half(gate_second):
+    model = Fused(gate_second)
+    search = find_blocks_in_module(model)
+    assert search.blocks == [ModuleBlock("gate_up", "down", "SiLU", gate_half=1 if gate_second else 0)]
+    new = fpe_expand(model, alpha=3, seed=1)
+    assert new.gate_up.out_features == 84 and new.down.in_features == 42
+    assert new.fpe_record.blocks[0].form == "gated (fused gate/up)"
+    assert sum(int(torch.count_nonzero(p)) for p in new.parameters()) == sum(
+        int(torch.count_nonzero(p)) for p in model.parameters())
+    gate_rows = slice(42, 84) if gate_second else slice(0, 42)
+    up_rows = slice(0, 42) if gate_second else slice(42, 84)
+    x = torch.randn(4, 10)
+    with torch.no_grad():  # chunk(2) of the widened output still gives the gate and up children
+        gate = x @ new.gate_up.weight[gate_rows].T + new.gate_up.bias[gate_rows]
+        up = x @ new.gate_up.weight[up_rows].T + new.gate_up.bias[up_rows]
+        torch.testing.assert_close(new(x), new.down(up * F.silu(gate)))
+    reads = (new.gate_up.weight[gate_rows] != 0) | (new.gate_up.weight[up_rows] != 0)
+    assert int(reads.reshape(14, 3, 10).int().sum(dim=1).max()) == 1, "gate and up children share one partition"
+
+
+class FusedSplit(Fused):
+    """Cut by a fixed size: torch.split(h, 14) would cut a widened output into many pieces."""
+
+    def __init__(self) -> None:
+        super().__init__(cut="split")
+
+
 class ActAfterProduct(Gated):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(torch.tanh(F.silu(self.gate(x)) * self.up(x)))
@@ -187,6 +231,7 @@ NEAR_MISSES = [
     (OtherInput, "gate", "reads another input"),
     (UpReused, "gate", "used by more than the gate product"),
     (ActAfterProduct, "gate", "not the gated form"),
+    (FusedSplit, "gate_up", "only when its forward cuts it with chunk"),
 ]
 
 
