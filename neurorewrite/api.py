@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from neurorewrite.errors import InvalidOptionError
-from neurorewrite.fpe import FPEConfig, block_nnz, check_alpha, structured_split
+from neurorewrite.fpe import FPEConfig, check_alpha, structured_split
 from neurorewrite.passes.expand_blocks import ExpandReport, Progress, expand_model
 from neurorewrite.passes.lower import check_format, lower_model
 from neurorewrite.passes.tie_outputs import tie_outputs
@@ -148,6 +148,9 @@ class BlockInfo:
     out_features: int
     nonzeros: int
     parameters: int
+    form: str = "mlp"  # "mlp", "gated", "gated (fused gate/up)"
+    up: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -166,13 +169,12 @@ def inspect(model: ModelLike) -> Inspection:
     index = GraphIndex.build(proto.graph)
     out = Inspection(skipped=search.skipped, fpe=read_record(proto, str(model)))
     for block in search.blocks:
-        w1, b1 = read_weights(index, block.first)
-        w2, b2 = read_weights(index, block.second)
-        params = sum(a.size for a in (w1, b1, w2, b2) if a is not None)
+        arrays = [a for lin in block.linears for a in read_weights(index, lin) if a is not None]
         out.blocks.append(
             BlockInfo(
                 block.name, block.first.name, block.second.name, block.activation, block.in_features,
-                block.width, block.out_features, block_nnz(w1, b1, w2, b2), params,
+                block.width, block.out_features, sum(int(np.count_nonzero(a)) for a in arrays),
+                sum(a.size for a in arrays), block.form, None if block.up is None else block.up.name, block.notes,
             )
         )
     return out

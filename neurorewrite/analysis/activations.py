@@ -136,8 +136,11 @@ def hidden_statistics(
     hidden: Sequence[str],
     rows_per_run: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    feature_axes: Mapping[str, int] | None = None,
 ) -> dict[str, ActivationStats]:
     """Statistics of each named hidden tensor of ``model`` over the sample, streamed in row chunks.
+
+    A tensor's neurons are along its last axis, or along ``feature_axes[name]`` (1 for a 1x1-Conv block).
 
     Without ``rows_per_run`` the first run takes ``FIRST_ROWS`` rows and later runs as many as keep the
     hidden tensors under ``RUN_BYTES`` (long sequences make a row expensive). An input with a fixed
@@ -154,6 +157,9 @@ def hidden_statistics(
         rows = next(iter(chunk.values())).shape[0]
         for name in hidden:
             z = values[name]
+            axis = (feature_axes or {}).get(name, -1)
+            if axis != -1 and z.ndim > 1:
+                z = np.moveaxis(z, axis, -1)
             z = z.reshape(-1, z.shape[-1]) if z.ndim else z.reshape(1, 1)
             acc.setdefault(name, _Accumulator(z.shape[1])).add(z)
         start += rows

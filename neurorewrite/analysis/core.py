@@ -126,24 +126,47 @@ def _analyze_model(
     out = ModelAnalysis(m.label, blocks, list(m.search.skipped), m.fpe)
     if m.feeds is not None:
         counter.step(f"{m.label}: activations")
-        stats = hidden_statistics(m.proto, m.feeds, [b.hidden for b in m.search.blocks])
+        axes = {b.hidden: b.second.feature_axis for b in m.search.blocks}
+        stats = hidden_statistics(m.proto, m.feeds, [b.hidden for b in m.search.blocks], feature_axes=axes)
         for block, analysis in zip(m.search.blocks, blocks):
             analysis.activations = stats[block.hidden]
         out.data_vectors = next(iter(stats.values())).vectors if stats else 0
     return out
 
 
+def _gate_and_up(index: GraphIndex, block: MLPBlock) -> tuple[np.ndarray, np.ndarray | None]:
+    """A gated block's gate and up weights (``None`` for up when the block is not gated)."""
+    w, _ = read_weights(index, block.first)
+    if block.split is not None:
+        h = w.shape[0] // 2
+        halves = (w[:h], w[h:]) if block.split.gate_half == 0 else (w[h:], w[:h])
+        return halves[0], halves[1]
+    if block.up is not None:
+        return w, read_weights(index, block.up)[0]
+    return w, None
+
+
 def _analyze_block(index: GraphIndex, block: MLPBlock, rows: int, group: int, sparsity: bool) -> BlockAnalysis:
     w1, b1 = read_weights(index, block.first)
     w2, b2 = read_weights(index, block.second)
+    gate, up = _gate_and_up(index, block)
+    # a gated neuron reads the input through its gate and its up row: measure both (docs/methods.md 1.8)
+    columns = gate if up is None else np.vstack([gate, up])
+    neurons = gate if up is None else np.hstack([gate, up])
+    up_stats = None
+    if block.up is not None:
+        wu, bu = read_weights(index, block.up)
+        up_stats = layer_stats(block.up.name, wu, bu)
     previews = []
     if sparsity:
-        for lin, w in ((block.first, w1), (block.second, w2)):
+        layers = [(block.first, w1)] + ([] if block.up is None else [(block.up, read_weights(index, block.up)[0])])
+        for lin, w in layers + [(block.second, w2)]:
             pooled, tile = pooled_density(w, SPARSITY_SIDE)
             previews.append(SparsityPreview(lin.name, (int(w.shape[0]), int(w.shape[1])), pooled, tile))
     return BlockAnalysis(
         name=block.name, activation=block.activation, hidden_tensor=block.hidden, in_features=block.in_features,
         width=block.width, out_features=block.out_features, first=layer_stats(block.first.name, w1, b1),
-        second=layer_stats(block.second.name, w2, b2), capacity=feature_capacity(w1), cosine=row_cosines(w1),
-        gram=GramPreview(cosine_gram(w1, rows), rows, block.width, group), sparsity=previews,
+        second=layer_stats(block.second.name, w2, b2), capacity=feature_capacity(columns), cosine=row_cosines(neurons),
+        gram=GramPreview(cosine_gram(neurons, rows), rows, block.width, group), sparsity=previews,
+        form=block.form, up=up_stats,
     )

@@ -44,7 +44,12 @@ class SparsityPreview:
 
 @dataclass
 class BlockAnalysis:
-    """Everything measured on one MLP block ``second(act(first(x)))``."""
+    """Everything measured on one MLP block ``second(act(first(x)))`` (gated: ``second(act(first(x)) * up(x))``).
+
+    For a gated block the capacity is measured over the gate and up rows together (both read the
+    input features), the neuron cosines and the Gram preview over each neuron's gate and up weights
+    side by side (``[Wg | Wu]``, one row per hidden unit).
+    """
 
     name: str
     activation: str
@@ -59,6 +64,8 @@ class BlockAnalysis:
     gram: GramPreview
     sparsity: list[SparsityPreview] = field(default_factory=list)
     activations: ActivationStats | None = None
+    form: str = "mlp"  # "mlp", "gated", "gated (fused gate/up)": see rewriter.blocks.MLPBlock.form
+    up: LayerStats | None = None  # a gated block's up projection (gate: ``first``; fused: both in ``first``)
 
     @property
     def capacity_sum(self) -> float:

@@ -20,13 +20,15 @@ SHIFTED = ("width", "nonzeros", "capacity_sum", "mean_abs_cosine", "dead_percent
 
 def block_nonzeros(b: BlockAnalysis) -> int:
     """The block's count under the expand pass's rule: weights and biases of both layers."""
-    return b.first.nonzeros + b.first.bias_nonzeros + b.second.nonzeros + b.second.bias_nonzeros
+    up = 0 if b.up is None else b.up.nonzeros + b.up.bias_nonzeros
+    return b.first.nonzeros + b.first.bias_nonzeros + up + b.second.nonzeros + b.second.bias_nonzeros
 
 
 def block_summary(b: BlockAnalysis) -> dict[str, object]:
     out: dict[str, object] = {
-        "block": b.name, "activation": b.activation, "in_features": b.in_features, "width": b.width,
-        "out_features": b.out_features, "first": asdict(b.first), "second": asdict(b.second),
+        "block": b.name, "form": b.form, "activation": b.activation, "in_features": b.in_features, "width": b.width,
+        "out_features": b.out_features, "first": asdict(b.first), "up": None if b.up is None else asdict(b.up),
+        "second": asdict(b.second),
         "nonzeros": block_nonzeros(b), "capacity_sum": b.capacity_sum,
         "capacity_median": float(np.median(b.capacity)), "unused_features": int(np.count_nonzero(b.capacity == 0)),
         "mean_abs_cosine": b.cosine.mean_abs, "mean_signed_cosine": b.cosine.mean_signed,
@@ -47,7 +49,7 @@ def model_summary(m: ModelAnalysis) -> dict[str, object]:
     return {
         "model": m.label, "data_vectors": m.data_vectors, "fpe": None if m.fpe is None else m.fpe.to_json(),
         "blocks": [block_summary(b) for b in m.blocks],
-        "skipped": [{"block": s.name, "reason": s.reason} for s in m.skipped],
+        "skipped": [{"block": s.name, "reason": s.reason, "code": s.code} for s in m.skipped],
     }
 
 

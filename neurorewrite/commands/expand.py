@@ -73,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
 
 def render_report(report: ExpandReport, output: Path) -> str:
     rows = [
-        (b.name, b.activation, f"{b.width_before} -> {b.width_after}", f"{b.nnz_before} -> {b.nnz_after}")
+        (b.name, b.form, b.activation, f"{b.width_before} -> {b.width_after}", f"{b.nnz_before} -> {b.nnz_after}")
         for b in report.blocks
     ]
     parts = [
         format_table(
-            ("block", "activation", "width", "nonzeros"), rows,
+            ("block", "form", "activation", "width", "nonzeros"), rows,
             title=f"FPE alpha={report.alpha} split={report.split} seed={report.seed} bias={report.bias} "
             f"prune={report.prune} format={report.format}",
         )
@@ -86,6 +86,9 @@ def render_report(report: ExpandReport, output: Path) -> str:
     if report.calibration:
         cal = [(c["block"], c["layer"], f"{c['rmse_before']:.4g} -> {c['rmse_after']:.4g}") for c in report.calibration]
         parts.append(format_table(("block", "refit layer", "output RMSE vs original"), cal, title="\ncalibration"))
+    notes = [(b.name, note) for b in report.blocks for note in b.notes]
+    if notes:
+        parts.append(format_table(("block", "note"), notes, title="\nnotes"))
     if report.skipped:
         parts.append(format_table(("block", "reason"), [(s.name, s.reason) for s in report.skipped], title="\nskipped"))
     parts.append(f"\nwrote {output}")

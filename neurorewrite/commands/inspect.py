@@ -31,11 +31,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**asdict(info), "fpe": None if info.fpe is None else info.fpe.to_json()}, indent=2))
         return 0
     rows = [
-        (b.name, b.activation, b.in_features, b.width, b.out_features, b.nonzeros, b.parameters)
+        (b.name, b.form, b.activation, b.in_features, b.width, b.out_features, b.nonzeros, b.parameters)
         for b in info.blocks
     ]
-    print(format_table(("block", "activation", "in", "hidden", "out", "nonzeros", "parameters"), rows,
+    print(format_table(("block", "form", "activation", "in", "hidden", "out", "nonzeros", "parameters"), rows,
                        title=f"{args.model}: {len(info.blocks)} MLP block(s)"))
+    notes = [(b.name, note) for b in info.blocks for note in b.notes]
+    if notes:
+        print(format_table(("block", "note"), notes, title="\nnotes"))
     if info.skipped:
         print(format_table(("block", "reason"), [(s.name, s.reason) for s in info.skipped], title="\nskipped"))
     if info.fpe:

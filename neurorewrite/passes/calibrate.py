@@ -5,7 +5,8 @@ fit, on the kept support only, of the original block's output from the expanded 
 activations on sample inputs (both computed by onnxruntime). It keeps the sparsity pattern, so the
 nonzero count does not change; pruned weights stay exactly zero. It runs after ``expand``.
 
-In a chain (``L1 -> act -> L2 -> act -> L3``) the middle linear is itself split by the next block, so
+A gated block's down projection is refit the same way (its input is the gated product). In a chain
+(``L1 -> act -> L2 -> act -> L3``) the middle linear is itself split by the next block, so
 only the last linear of each chain is refit, against the original chain's output. Blocks are refit in
 graph order, each seeing the already calibrated earlier blocks.
 """
@@ -25,7 +26,7 @@ from neurorewrite.passes.expand_blocks import ExpandReport
 from neurorewrite.rewriter.blocks import blocks_by_output, chain_ends
 from neurorewrite.rewriter.editor import NewWeights, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex
-from neurorewrite.rewriter.linear import read_weights
+from neurorewrite.rewriter.linear import features_last, read_weights
 from neurorewrite.rewriter.record import read_record, write_record
 
 RIDGE = 1e-4  # relative to the mean diagonal of the Gram matrix: keeps collinear children solvable
@@ -89,9 +90,9 @@ def calibrate_model(
         # indices shift between models only if nodes were removed; look the block up by tensor name
         lin = blocks_by_output(model, {block.second.output})[0].second
         hidden = run_with_outputs(model, feeds, [lin.data_input, lin.output])
-        h = hidden[lin.data_input].reshape(-1, lin.in_features // alpha, alpha).sum(axis=-1)
-        y_exp = hidden[lin.output].reshape(-1, lin.out_features)
-        y = targets[lin.output].reshape(-1, lin.out_features)
+        h = features_last(hidden[lin.data_input], lin, lin.in_features).reshape(-1, lin.in_features // alpha, alpha).sum(axis=-1)
+        y_exp = features_last(hidden[lin.output], lin, lin.out_features)
+        y = features_last(targets[lin.output], lin, lin.out_features)
         if h.shape[0] < 2:
             raise DataError("--calibrate: the sample needs at least 2 rows")
         w, b = read_weights(GraphIndex.build(model.graph), lin)

@@ -145,7 +145,10 @@ def expand_model(
 ) -> tuple[onnx.ModelProto, ExpandReport]:
     """Expand the MLP blocks of ``model`` (all, or those ``layers`` selects); see the module docstring."""
     search = find_blocks(model)
-    blocks, skipped = select_blocks(search, layers)
+    chosen, skipped = select_blocks(search, layers)
+    blocks = [b for b in chosen if not any(lin.read_only for lin in b.linears)]
+    skipped += [Skipped(b.name, f"block {b.name} is stored as {_stored_as(b)}, which is read, not rewritten; expand "
+                        "the dense model instead", "stored-format") for b in chosen if b not in blocks]
     if not blocks:
         raise no_blocks_error(where, skipped)
     editor = GraphEditor.start(model)
@@ -172,6 +175,10 @@ def expand_model(
     new = editor.apply(model)
     write_record(new, FPERecord(cfg, tuple(report.blocks)))
     return new, report
+
+
+def _stored_as(block: MLPBlock) -> str:
+    return ", ".join(sorted({lin.op for lin in block.linears if lin.read_only}))
 
 
 def _widened_tensors(model: onnx.ModelProto, block: MLPBlock) -> set[str]:

@@ -90,7 +90,11 @@ def test_linear_variants_expand_exactly(kwargs):
     new, report = neurorewrite.expand(model, alpha=3)
     assert report.blocks[0].nnz_after == report.blocks[0].nnz_before
     assert linear_nnz(new) == linear_nnz(model)
-    assert not any(n.op_type == "Constant" for n in new.graph.node), "dead weight Constants are removed"
+    used = {i for n in new.graph.node for i in n.input}
+    constants = [n.output[0] for n in new.graph.node if n.op_type == "Constant"]
+    assert all(c in used for c in constants), "dead weight Constants are removed"
+    if kwargs.get("weights_as_constants"):  # the second bias is unchanged: kept, not copied
+        assert constants == ["fc2.b"]
     assert run_model(new, {"x": x})[0].shape == run_model(model, {"x": x})[0].shape
 
 

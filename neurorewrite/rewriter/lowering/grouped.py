@@ -31,7 +31,19 @@ from neurorewrite.rewriter.record import LoweredLayer
 
 @register_lowering("grouped", "batched MatMul per child block; needs --split blocks/shared/feature", one_partition=True)
 def lower_grouped_blocks(editor: GraphEditor, model: onnx.ModelProto, blocks: list[MLPBlock], alpha: int) -> list[LoweredLayer]:
-    """Lone tied blocks one MatMul per child; every other block's first linear batched, its last permuted or summed."""
+    """Lone tied blocks one MatMul per child; every other block's first linear batched, its last permuted or summed.
+
+    A gated block's gate and up are each batched the same way (their outputs get the same children-major
+    order, so the elementwise product lines up); a fused gate/up linear is batched half by half and
+    the halves concatenated, so the cut after it still finds gate and up halves.
+    """
+    for block in blocks:
+        conv = next((lin for lin in block.linears if lin.feature_axis != -1), None)
+        if conv is not None:
+            raise InvalidOptionError(
+                f"--format grouped: block {block.name} is a 1x1 Conv block (channels on axis 1), which the grouped "
+                "format does not write; use --format dense or sparse (or leave it out with --layers)"
+            )
     rows: list[LoweredLayer] = []
     perms: dict[str, np.ndarray] = {}  # tensor -> new_to_old for hidden tensors now stored children-major
     ends = chain_ends(blocks)
@@ -43,14 +55,23 @@ def lower_grouped_blocks(editor: GraphEditor, model: onnx.ModelProto, blocks: li
         w1, b1 = read_weights(editor.index, block.first)
         w2, b2 = read_weights(editor.index, block.second)
         if is_tied(w2, alpha) and can_lower_children(editor, block, w1, alpha):
-            rows += lower_children(editor, model, block, w1, b1, w2, b2, alpha)
+            up = None if block.up is None else read_weights(editor.index, block.up)
+            rows += lower_children(editor, model, block, w1, b1, w2, b2, alpha, up)
             per_child.add(block.first.node)
     for block in blocks:
         if block.first.node in per_child:
             continue
         w, b = read_weights(editor.index, block.first)
-        perms[block.hidden] = lower_grouped_first(editor, block.first, w, b, alpha, perms.get(block.first.data_input))
+        order = perms.get(block.first.data_input)
+        if block.split is not None:
+            perms[block.hidden] = _lower_fused_first(editor, block, w, b, alpha, order)
+        else:
+            perms[block.hidden] = lower_grouped_first(editor, block.first, w, b, alpha, order)
         rows.append(LoweredLayer(block.first.name, f"grouped x{alpha}", tuple(w.shape)))
+        if block.up is not None:
+            wu, bu = read_weights(editor.index, block.up)
+            lower_grouped_first(editor, block.up, wu, bu, alpha, order)
+            rows.append(LoweredLayer(block.up.name, f"grouped x{alpha}", tuple(wu.shape)))
     for block in ends:  # a chain middle was lowered above as the next block's first linear
         if block.first.node in per_child:
             continue
@@ -65,10 +86,34 @@ def children_major(h: int, alpha: int) -> np.ndarray:
     return (np.arange(h)[None, :] * alpha + np.arange(alpha)[:, None]).ravel()
 
 
+def _lower_fused_first(
+    editor: GraphEditor, block: MLPBlock, w: np.ndarray, b: np.ndarray | None, alpha: int, new_to_old: np.ndarray | None,
+) -> np.ndarray:
+    """A fused gate/up linear: each half batched on its own, then concatenated in the original order."""
+    lin = block.first
+    half = w.shape[0] // 2
+    outputs = []
+    for k in range(2):
+        rows = slice(k * half, (k + 1) * half)
+        out = editor.name(f"{lin.output}.half{k}")
+        perm = lower_grouped_first(editor, lin, w[rows], None if b is None else b[rows], alpha, new_to_old,
+                                   output=out, replace=False)
+        outputs.append(out)
+    editor.node("Concat", outputs, lin.name + "/grouped", outputs=[lin.output], axis=-1)
+    editor.replace_linear(lin, editor.take())
+    return perm
+
+
 def lower_grouped_first(
     editor: GraphEditor, lin: Linear, w: np.ndarray, b: np.ndarray | None, alpha: int, new_to_old: np.ndarray | None,
+    output: str | None = None, replace: bool = True,
 ) -> np.ndarray:
-    """Replace the first linear of a block by the batched form; returns its output's ``new_to_old``."""
+    """Replace the first linear of a block by the batched form; returns its output's ``new_to_old``.
+
+    With ``replace`` False the nodes (writing ``output``) stay queued on the editor for the caller.
+    A bias an activation node adds (BiasGelu, FastGelu) is not added here: that node reads it in the
+    new, children-major order instead.
+    """
     h = w.shape[0] // alpha
     cols = child_columns(w, alpha, lin.name)
     m = max(c.size for c in cols)
@@ -83,13 +128,19 @@ def lower_grouped_first(
     x = editor.node("Reshape", [x, editor.const(base + ".split", np.array([-1, alpha, m], np.int64))], base)[0]
     x = editor.node("Transpose", [x], base, perm=[1, 0, 2])[0]
     y = editor.node("MatMul", [x, editor.const(lin.weight + ".blocks", blocks)], base)[0]
-    if b is not None:
+    if b is not None and lin.bias_node is None:
         y = editor.node("Add", [y, editor.const(base + ".bias", b.reshape(h, alpha).T[:, None, :].copy())], base)[0]
     y = editor.node("Transpose", [y], base, perm=[1, 0, 2])[0]
     shape = editor.leading_shape(lin.data_input, base, [alpha * h])
-    editor.node("Reshape", [y, shape], base, outputs=[lin.output])
-    editor.replace_linear(lin, editor.take())
-    return children_major(h, alpha)
+    editor.node("Reshape", [y, shape], base, outputs=[output or lin.output])
+    order = children_major(h, alpha)
+    if b is not None and lin.bias_node is not None:
+        holder = editor.index.graph.node[lin.bias_node]
+        slot = list(holder.input).index(lin.bias)
+        editor.rename_input(lin.bias_node, slot, editor.const(base + ".bias", b[order].copy()))
+    if replace:
+        editor.replace_linear(lin, editor.take())
+    return order
 
 
 def lower_second(
@@ -107,6 +158,8 @@ def lower_second(
         weight = w[:, ::alpha].T
     else:
         weight = w[:, new_to_old].T
+    if lin.bias_node is not None:
+        b = None  # the activation node after the layer adds it, and keeps reading it
     matmul_out = None if b is not None else [lin.output]
     y = editor.node("MatMul", [x, editor.const(lin.weight + (".tied" if tied else ".permuted"), weight.copy())], base,
                     outputs=matmul_out)[0]

@@ -56,31 +56,49 @@ def is_tied(w: np.ndarray, alpha: int) -> bool:
 
 
 def can_lower_children(editor: GraphEditor, block: MLPBlock, w1: np.ndarray, alpha: int) -> bool:
-    """Every child reads at least one input, and nothing outside the block reads its hidden tensors
-    (the activation is copied per child, so the original hidden tensors disappear)."""
-    if w1.shape[1] < alpha:
+    """Every child reads at least one input, the region is elementwise only (reshapes to the whole
+    width, a fused gate/up cut or a bias inside the activation would not fit a child), and nothing
+    outside the block reads its hidden tensors (the activation is copied per child, so the original
+    hidden tensors disappear)."""
+    if w1.shape[1] < alpha or block.split is not None or block.shape_nodes or block.first.bias_node is not None:
         return False
     inside = set(block.activation_nodes) | {block.second.node}
+    starts = [block.first.output] + ([] if block.up is None else [block.up.output])
     return all(set(editor.index.consumers.get(t, ())) <= inside and t not in editor.index.graph_outputs
-               for t in (block.first.output, *block.region_tensors))
+               for t in (*starts, *block.region_tensors))
+
+
+def _child_linear(editor: GraphEditor, x_k: str, weight: str, w: np.ndarray, b: np.ndarray | None, cols: np.ndarray,
+                  k: int, alpha: int, base: str) -> str:
+    (h,) = editor.node("MatMul", [x_k, editor.const(f"{weight}.child{k}", w[k::alpha, cols].T)], base)
+    if b is not None:
+        (h,) = editor.node("Add", [h, editor.const(f"{base}.bias", b[k::alpha])], base)
+    return h
 
 
 def lower_children(
     editor: GraphEditor, model: onnx.ModelProto, block: MLPBlock, w1: np.ndarray, b1: np.ndarray | None,
     w2: np.ndarray, b2: np.ndarray | None, alpha: int,
+    up: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> list[LoweredLayer]:
-    """Replace ``block`` (tied: ``W2'`` columns ``i*alpha+k`` equal) as in the module docstring; report rows."""
+    """Replace ``block`` (tied: ``W2'`` columns ``i*alpha+k`` equal) as in the module docstring; report rows.
+
+    A gated block's child ``k`` computes its gate and its up projection from the same input share and
+    runs its own copy of the activation and the product."""
     base = block.first.name + "/children"
     cols = child_columns(w1, alpha, block.first.name)
     parts, how = _child_inputs(editor, block.first.data_input, cols, base)
     outputs = []
     for k, (x_k, c) in enumerate(zip(parts, cols)):
-        (h,) = editor.node("MatMul", [x_k, editor.const(f"{block.first.weight}.child{k}", w1[k::alpha, c].T)], f"{base}{k}")
-        if b1 is not None:
-            (h,) = editor.node("Add", [h, editor.const(f"{base}{k}.bias", b1[k::alpha])], f"{base}{k}")
-        outputs.append(_copy_activation(editor, model, block, h, k))
+        renamed = {block.first.output: _child_linear(editor, x_k, block.first.weight, w1, b1, c, k, alpha, f"{base}{k}")}
+        if up is not None and block.up is not None:
+            renamed[block.up.output] = _child_linear(editor, x_k, block.up.weight, up[0], up[1], c, k, alpha,
+                                                     f"{block.up.name}/children{k}")
+        outputs.append(_copy_activation(editor, model, block, renamed, k))
     (summed,) = editor.node("Sum", outputs, base)
     second = block.second
+    if second.bias_node is not None:
+        b2 = None  # the activation node after the block adds it, and keeps reading it
     (y,) = editor.node("MatMul", [summed, editor.const(second.weight + ".tied", w2[:, ::alpha].T)], second.name + "/tied",
                        outputs=None if b2 is not None else [second.output])
     if b2 is not None:
@@ -88,13 +106,15 @@ def lower_children(
     nodes = editor.take()
     # emitted where the second linear was: every input of the activation exists by then
     editor.replace_linear(block.first, [])
+    if block.up is not None:
+        editor.replace_linear(block.up, [])
     editor.replace_linear(second, nodes)
     editor.remove |= set(block.activation_nodes)
     editor.stale |= {block.first.output, *block.region_tensors}
-    return [
-        LoweredLayer(block.first.name, f"grouped x{alpha} ({how}, one MatMul per child)", tuple(w1.shape)),
-        LoweredLayer(second.name, "tied", tuple(w2.shape)),
-    ]
+    rows = [LoweredLayer(block.first.name, f"grouped x{alpha} ({how}, one MatMul per child)", tuple(w1.shape))]
+    if up is not None and block.up is not None:
+        rows.append(LoweredLayer(block.up.name, f"grouped x{alpha} ({how}, one MatMul per child)", tuple(up[0].shape)))
+    return rows + [LoweredLayer(second.name, "tied", tuple(w2.shape))]
 
 
 def _child_inputs(editor: GraphEditor, x: str, cols: list[np.ndarray], base: str) -> tuple[list[str], str]:
@@ -108,9 +128,11 @@ def _child_inputs(editor: GraphEditor, x: str, cols: list[np.ndarray], base: str
     return gathers, "gather"
 
 
-def _copy_activation(editor: GraphEditor, model: onnx.ModelProto, block: MLPBlock, pre: str, k: int) -> str:
-    """The block's activation nodes again, reading ``pre``; returns the copy of the hidden tensor."""
-    renamed = {block.first.output: pre}
+def _copy_activation(editor: GraphEditor, model: onnx.ModelProto, block: MLPBlock, renamed: dict[str, str], k: int) -> str:
+    """The block's activation nodes again, reading the child's tensors ``renamed`` (the first linear's
+    output, and the up projection's); returns the copy of the hidden tensor."""
+    pre = renamed[block.first.output]
+    renamed = dict(renamed)
     for i in sorted(block.activation_nodes):
         node = model.graph.node[i]
         for out in node.output:

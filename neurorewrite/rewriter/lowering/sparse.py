@@ -21,7 +21,7 @@ from neurorewrite.rewriter.record import LoweredLayer
 def lower_sparse_blocks(editor: GraphEditor, model: onnx.ModelProto, blocks: list[MLPBlock], alpha: int) -> list[LoweredLayer]:
     rows, done = [], set()  # a chain middle is the second linear of one block and the first of the next
     for block in blocks:
-        for lin in (block.first, block.second):
+        for lin in block.linears:  # gate, up (when separate) and down of a gated block
             if lin.node not in done:
                 done.add(lin.node)
                 rows.append(lower_sparse(editor, lin, *read_weights(editor.index, lin)))
@@ -29,16 +29,32 @@ def lower_sparse_blocks(editor: GraphEditor, model: onnx.ModelProto, blocks: lis
 
 
 def lower_sparse(editor: GraphEditor, lin: Linear, w: np.ndarray, b: np.ndarray | None) -> LoweredLayer:
-    """Replace ``lin`` by one SparseLinear node; returns its row for the record."""
+    """Replace ``lin`` by one SparseLinear node; returns its row for the record.
+
+    A bias that an activation node adds (BiasGelu, FastGelu) stays with that node. A 1x1 Conv (channels
+    on axis 1) becomes ``Transpose -> SparseLinear -> Transpose``: the operator mixes the last axis.
+    """
     values, indices, indptr = csr_arrays(w)
+    x, out = lin.data_input, lin.output
+    nodes = []
+    if lin.feature_axis != -1:
+        rank = 2 + len(lin.kernel)
+        to_last = [0, *range(2, rank), 1]
+        (x,) = editor.node("Transpose", [x], lin.name + "/channels_last", perm=to_last)
+        out = editor.name(lin.output + ".channels_last")
     inputs = [
-        lin.data_input, editor.const(lin.weight + ".values", values), editor.const(lin.weight + ".indices", indices),
+        x, editor.const(lin.weight + ".values", values), editor.const(lin.weight + ".indices", indices),
         editor.const(lin.weight + ".indptr", indptr),
     ]
-    if b is not None:
+    if b is not None and lin.bias_node is None:
         inputs.append(editor.const((lin.bias or lin.weight) + ".bias", b))
-    node = sparse_linear_node(inputs, lin.output, editor.name(lin.name + "/sparse"), w.shape[1], w.shape[0])
-    editor.replace_linear(lin, [node])
+    nodes = editor.take()
+    nodes.append(sparse_linear_node(inputs, out, editor.name(lin.name + "/sparse"), w.shape[1], w.shape[0]))
+    if lin.feature_axis != -1:
+        back = [0, rank - 1, *range(1, rank - 1)]
+        editor.node("Transpose", [out], lin.name + "/channels_first", outputs=[lin.output], perm=back)
+        nodes += editor.take()
+    editor.replace_linear(lin, nodes)
     editor.opsets[DOMAIN] = VERSION
     stored = values.nbytes + indices.nbytes + indptr.nbytes + (0 if b is None else b.nbytes)
     return LoweredLayer(lin.name, f"csr {indices.dtype.name}/{indptr.dtype.name}", tuple(w.shape), int(values.size), int(stored))
