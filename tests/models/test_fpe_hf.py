@@ -112,3 +112,25 @@ def test_export_equals_the_onnx_pass_on_the_dense_export(tmp_path, name):
     got = ort_session(tmp_path / "torch.onnx").run(None, feed)[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, first(new(**feeds)).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3", "bert"])
+def test_structured_export_equals_the_onnx_preset(tmp_path, name):
+    """``fpe_expand(structured=True)`` (down/second tied to the original weights) exports the graph
+    ``neurorewrite expand --structured`` writes: the grouped format, the same function."""
+    model, feeds = build(name, layers=2), inputs(name)
+    export_onnx(model, tmp_path / "dense.onnx", feeds)
+    want_model, _ = expand(tmp_path / "dense.onnx", alpha=3, seed=5, structured=True)
+    new = fpe_expand(model, alpha=3, seed=5, structured=True, example_inputs=feeds)
+    exported = export_onnx(new, tmp_path / "torch.onnx", feeds)
+    onnx.checker.check_model(str(tmp_path / "torch.onnx"), full_check=True)
+    meta = read_record(exported)
+    assert meta.structured and meta.format == "grouped" and len(meta.blocks) == 2
+    feed = {k: v.numpy() for k, v in feeds.items()}
+    got = ort_session(exported).run(None, feed)[0]
+    want = ort_session(want_model).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, first(new(**feeds)).numpy(), rtol=1e-4, atol=1e-4)
+        unstructured = first(fpe_expand(model, alpha=3, seed=5, example_inputs=feeds)(**feeds)).numpy()
+    assert not np.allclose(unstructured, want, atol=1e-4)  # the tie matters: the test has teeth
