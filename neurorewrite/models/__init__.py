@@ -2,7 +2,8 @@
 
 Nothing here imports onnxruntime, TVM or ``neurorewrite.passes``.
 
-Rooms: ``fpe`` (masked layers, ``fpe_expand``), ``fpe_structured`` (the tied variant), ``masked_training``
+Rooms: ``fpe`` (masked layers, ``fpe_expand``), ``trace_ops``/``module_blocks`` (a module's forward as an
+op graph, and the MLP blocks on it), ``fpe_structured`` (the tied variant), ``masked_training``
 (``finetune`` with fixed masks), ``export`` (to ONNX with the FPE record), ``onnx_module``/``onnx_ops``
 (an ONNX graph lifted into torch), ``memel``/``memel_stats`` (MEmeL), ``senn*`` (SENN).
 """

@@ -125,13 +125,15 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
 
 def linear_arrays(layer: nn.Module) -> tuple[np.ndarray, np.ndarray | None]:
     """Copies of ``layer``'s weight (out, in) and bias as numpy arrays (bias None when it has none);
-    ``layer`` is an ``nn.Linear`` or Hugging Face's ``Conv1D`` (weight stored (in, out))."""
-    weight = layer.weight.detach()
-    w = (weight.T if is_conv1d(layer) else weight).cpu().numpy().copy()
-    b = None if layer.bias is None else layer.bias.detach().cpu().numpy().copy()
-    return w, b
+    ``layer`` is an ``nn.Linear`` or Hugging Face's ``Conv1D`` (weight stored (in, out)). bfloat16,
+    which numpy lacks, comes as float32 (exactly)."""
 
+    def array(t: torch.Tensor) -> np.ndarray:
+        t = t.detach().cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
 
+    w = array(layer.weight.T if is_conv1d(layer) else layer.weight)
+    return w, None if layer.bias is None else array(layer.bias)
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ def fpe_expand(
         old = new.get_submodule(path)
         if path in tied:  # the original W2 / Wd, shared by each parent's children
             w, b = linear_arrays(old)
-        layer: nn.Module = MaskedLinear.from_arrays(w, b).to(old.weight.device)
+        layer: nn.Module = MaskedLinear.from_arrays(w, b).to(old.weight.device, old.weight.dtype)
         if path in tied:
             layer = TiedLinear(layer, config.alpha)
         layer.train(old.training)

@@ -122,3 +122,36 @@ def test_finetune_keeps_gate_up_and_down_masks(structured):
         assert torch.count_nonzero(layer.weight.detach()[~mask]) == 0, "a pruned weight came back"
         assert not torch.equal(layer.weight.detach(), w0), "the kept weights did not train"
     assert nonzeros(new) == count
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_keep_their_dtype_and_count(dtype):
+    model = Gated().to(dtype)
+    new = fpe_expand(model, alpha=2, seed=0)
+    assert {p.dtype for p in new.parameters()} == {dtype}
+    assert nonzeros(new) == nonzeros(model)
+    for layer in (new.gate, new.up, new.down):
+        assert int(layer.weight_mask.sum()) == int(torch.count_nonzero(layer.weight))
+    assert new(torch.randn(3, D, dtype=dtype)).dtype == dtype
+
+
+def test_an_expanded_gated_onnx_model_finetunes_with_fixed_masks(tmp_path):
+    """The ONNX side of ``finetune``: a gated block's graph (Sigmoid, Mul, three linears) lifts into
+    torch, trains with gate, up and down masked, and keeps every layer's nonzero count."""
+    from neurorewrite.api import expand
+    from neurorewrite.models import export_onnx
+    from neurorewrite.passes.finetune_onnx import FinetuneOptions, finetune_model
+    from neurorewrite.runtime.ort import ort_session
+
+    model = Gated().eval()
+    x = torch.randn(128, D, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).numpy()
+    export_onnx(model, tmp_path / "dense.onnx", x[:2])
+    expanded, _ = expand(tmp_path / "dense.onnx", alpha=2, seed=0)
+    tuned, report = finetune_model(expanded, x.numpy(), y, FinetuneOptions(epochs=5, lr=3e-3))
+    assert len(report.layers) == 3 and all(row.nnz_before == row.nnz_after for row in report.layers)
+    assert report.loss_after < report.loss_before
+    before = ort_session(expanded).run(None, {"x": x.numpy()})[0]
+    after = ort_session(tuned).run(None, {"x": x.numpy()})[0]
+    assert float(((after - y) ** 2).mean()) < float(((before - y) ** 2).mean())

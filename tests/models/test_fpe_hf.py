@@ -134,3 +134,21 @@ def test_structured_export_equals_the_onnx_preset(tmp_path, name):
         np.testing.assert_allclose(got, first(new(**feeds)).numpy(), rtol=1e-4, atol=1e-4)
         unstructured = first(fpe_expand(model, alpha=3, seed=5, example_inputs=feeds)(**feeds)).numpy()
     assert not np.allclose(unstructured, want, atol=1e-4)  # the tie matters: the test has teeth
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_the_record_export_onnx_writes_drives_the_sparse_format(tmp_path, name):
+    """Later passes find the torch side's gated blocks through its record: ``lower --format sparse`` on
+    the export keeps the function (onnxruntime runs it through the runtime preparation)."""
+    from neurorewrite.passes.lower import lower_model
+
+    model, feeds = build(name), inputs(name)
+    new = fpe_expand(model, alpha=2, seed=1, example_inputs=feeds)
+    exported = export_onnx(new, tmp_path / "torch.onnx", feeds)
+    sparse, _ = lower_model(exported, "sparse")
+    assert read_record(sparse).format == "sparse"
+    assert any(n.op_type == "SparseLinear" for n in sparse.graph.node)
+    feed = {k: v.numpy() for k, v in feeds.items()}
+    with torch.no_grad():
+        want = first(new(**feeds)).numpy()
+    np.testing.assert_allclose(ort_session(sparse).run(None, feed)[0], want, rtol=1e-4, atol=1e-4)
