@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from neurorewrite.models.export import export_onnx
 from neurorewrite.models.masked_training import FinetuneResult, finetune
-from neurorewrite.models.fpe import MaskedLinear, apply_masks, enforce_masks, fpe_expand
+from neurorewrite.models.fpe import MaskedLinear, apply_masks, enforce_masks, find_blocks_in_module, fpe_expand
 from neurorewrite.models.memel import MEmeL, find_memel, insert_memel, remove_memel
 from neurorewrite.models.senn import SelfExpandingMLP
 from neurorewrite.models.senn_config import SENNConfig
@@ -21,5 +21,6 @@ from neurorewrite.rewriter.record import FPERecord
 
 __all__ = [
     "FPERecord", "FinetuneResult", "MEmeL", "MaskedLinear", "SENNConfig", "SelfExpandingMLP", "apply_masks",
-    "enforce_masks", "export_onnx", "find_memel", "finetune", "fit", "fpe_expand", "insert_memel", "remove_memel",
+    "enforce_masks", "export_onnx", "find_blocks_in_module", "find_memel", "finetune", "fit", "fpe_expand",
+    "insert_memel", "remove_memel",
 ]

@@ -85,7 +85,13 @@ def onnx_weights(model: onnx.ModelProto) -> list[tuple[np.ndarray, np.ndarray | 
     return [read_weights(index, lin) for lin in find_linears(index).values()]
 
 
-@pytest.mark.parametrize("name", ["bert", "vit", "t5_relu", "gpt2", "llama", "qwen2", "phi3"])
+SLOW = pytest.mark.slow  # the same form as a fast case: kept out of the fast tier
+
+
+@pytest.mark.parametrize("name", [
+    "bert", "gpt2", "llama", "phi3",
+    pytest.param("vit", marks=SLOW), pytest.param("t5_relu", marks=SLOW), pytest.param("qwen2", marks=SLOW),
+])
 def test_export_equals_the_onnx_pass_on_the_dense_export(tmp_path, name):
     """``export_onnx(fpe_expand(m))`` == ``neurorewrite expand`` on ``export_onnx(m)``: every linear's
     weights and masks, two layers (two blocks, two seeds), and the same function in onnxruntime."""
@@ -114,7 +120,7 @@ def test_export_equals_the_onnx_pass_on_the_dense_export(tmp_path, name):
         np.testing.assert_allclose(got, first(new(**feeds)).numpy(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llama", "phi3", "bert"])
+@pytest.mark.parametrize("name", ["llama", pytest.param("phi3", marks=SLOW), pytest.param("bert", marks=SLOW)])
 def test_structured_export_equals_the_onnx_preset(tmp_path, name):
     """``fpe_expand(structured=True)`` (down/second tied to the original weights) exports the graph
     ``neurorewrite expand --structured`` writes: the grouped format, the same function."""
