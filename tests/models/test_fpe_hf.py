@@ -90,12 +90,14 @@ SLOW = pytest.mark.slow  # the same form as a fast case: kept out of the fast ti
 
 @pytest.mark.parametrize("name", [
     "bert", "gpt2", "llama", "phi3",
-    pytest.param("vit", marks=SLOW), pytest.param("t5_relu", marks=SLOW), pytest.param("qwen2", marks=SLOW),
+    *(pytest.param(n, marks=SLOW) for n in ("vit", "t5_relu", "t5_gated", "qwen2", "gemma", "llama_hf_init")),
 ])
 def test_export_equals_the_onnx_pass_on_the_dense_export(tmp_path, name):
     """``export_onnx(fpe_expand(m))`` == ``neurorewrite expand`` on ``export_onnx(m)``: every linear's
-    weights and masks, two layers (two blocks, two seeds), and the same function in onnxruntime."""
-    model, feeds = build(name, layers=2), inputs(name)
+    weights and masks, two layers (two blocks, two seeds), and the same function in onnxruntime.
+    ``_hf_init``: HF's own init (zero biases, unit norms: the exporter merges the equal tensors)."""
+    base = name.removesuffix("_hf_init")
+    model, feeds = build(base, layers=2, perturbed=base == name), inputs(base)
     export_onnx(model, tmp_path / "dense.onnx", feeds)
     new = fpe_expand(model, alpha=3, seed=5, example_inputs=feeds)
     torch_side = export_onnx(new, tmp_path / "torch.onnx", feeds)
