@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import onnx
+import pytest
 
 from examples.demo import run
+from examples.hf_llama import run as run_hf_llama
 
 
 def test_digits_demo_runs_and_prints_its_table(tmp_path, capsys):
@@ -14,4 +16,20 @@ def test_digits_demo_runs_and_prints_its_table(tmp_path, capsys):
     assert set(acc) == {"dense", "fpe", "fpe+calibrate"}
     assert acc["dense"] > 0.85  # a trained classifier, not chance (0.1)
     for name in ("digits.onnx", "digits.fpe.onnx", "digits.fpe.cal.onnx"):
+        onnx.checker.check_model(str(tmp_path / name), full_check=True)
+
+
+def test_hugging_face_example_runs_end_to_end(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    numbers = run_hf_llama(alpha=2, steps=10, seed=0, out=tmp_path)
+    out = capsys.readouterr().out
+    assert "gated" in out and "FFN nonzeros" in out
+    assert numbers["nnz_fpe"] == numbers["nnz_dense"] == numbers["record_nnz"]
+    assert numbers["pruned_revived"] == 0
+    assert numbers["record_blocks"] == 2
+    assert numbers["ort_vs_torch"] < 1e-4
+    assert numbers["error_after"] < numbers["error_before"], "distillation should bring the logits closer"
+    for name in ("llama.onnx", "llama.fpe.onnx"):
         onnx.checker.check_model(str(tmp_path / name), full_check=True)

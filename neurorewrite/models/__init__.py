@@ -2,7 +2,8 @@
 
 Nothing here imports onnxruntime, TVM or ``neurorewrite.passes``.
 
-Rooms: ``fpe`` (masked layers, ``fpe_expand``), ``fpe_structured`` (the tied variant), ``masked_training``
+Rooms: ``fpe`` (masked layers, ``fpe_expand``), ``trace_ops``/``module_blocks`` (a module's forward as an
+op graph, and the MLP blocks on it), ``fpe_structured`` (the tied variant), ``masked_training``
 (``finetune`` with fixed masks), ``export`` (to ONNX with the FPE record), ``onnx_module``/``onnx_ops``
 (an ONNX graph lifted into torch), ``memel``/``memel_stats`` (MEmeL), ``senn*`` (SENN).
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from neurorewrite.models.export import export_onnx
 from neurorewrite.models.masked_training import FinetuneResult, finetune
-from neurorewrite.models.fpe import MaskedLinear, apply_masks, enforce_masks, fpe_expand
+from neurorewrite.models.fpe import MaskedLinear, apply_masks, enforce_masks, find_blocks_in_module, fpe_expand
 from neurorewrite.models.memel import MEmeL, find_memel, insert_memel, remove_memel
 from neurorewrite.models.senn import SelfExpandingMLP
 from neurorewrite.models.senn_config import SENNConfig
@@ -20,5 +21,6 @@ from neurorewrite.rewriter.record import FPERecord
 
 __all__ = [
     "FPERecord", "FinetuneResult", "MEmeL", "MaskedLinear", "SENNConfig", "SelfExpandingMLP", "apply_masks",
-    "enforce_masks", "export_onnx", "find_memel", "finetune", "fit", "fpe_expand", "insert_memel", "remove_memel",
+    "enforce_masks", "export_onnx", "find_blocks_in_module", "find_memel", "finetune", "fit", "fpe_expand",
+    "insert_memel", "remove_memel",
 ]

@@ -1,12 +1,13 @@
 """FPE on torch modules: masked linear layers and ``fpe_expand``.
 
-``fpe_expand`` finds the ``Linear -> activation -> Linear`` pairs of a module (inside every
-``nn.Sequential``, in module order), expands each with the numpy core :func:`neurorewrite.fpe.expand_block`
-and returns a NEW module whose expanded layers are :class:`MaskedLinear`. It mirrors
-:mod:`neurorewrite.passes.expand_blocks` exactly: block ``k`` uses ``block_seed(seed, k)``, and in a chain
-``L1 -> act -> L2 -> act -> L3`` the second block splits the already widened ``L2``. So exporting
-``fpe_expand(model)`` gives the same weights and masks as ``neurorewrite expand`` on the exported
-dense model.
+``fpe_expand`` finds the MLP blocks of a module on the data flow of its forward (plain
+``linear -> activation -> linear`` pairs and gated ``down(act(gate(x)) * up(x))`` triples, anywhere
+in the module tree: :mod:`neurorewrite.models.module_blocks`), expands each with the numpy core
+(:func:`neurorewrite.fpe.expand_block`, :func:`neurorewrite.fpe.expand_gated_block`) and returns a NEW
+module whose expanded layers are :class:`MaskedLinear`. It mirrors :mod:`neurorewrite.passes.expand_blocks`
+exactly: block ``k`` uses ``block_seed(seed, k)``, and in a chain ``L1 -> act -> L2 -> act -> L3`` the
+second block splits the already widened ``L2``. So exporting ``fpe_expand(model)`` gives the same weights
+and masks as ``neurorewrite expand`` on the exported dense model.
 
 Masks are fixed: a :class:`MaskedLinear` keeps its pruned weights at exactly zero as long as every
 optimizer step goes through :func:`enforce_masks` (gradients are masked as autograd computes them and
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,18 +28,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from neurorewrite.errors import NoBlocksError
-from neurorewrite.fpe import FPEConfig, block_seed, check_alpha, expand_block
-from neurorewrite.models.fpe_structured import TiedLinear, chain_ends, structured_config
+from neurorewrite.fpe import FPEConfig, block_seed, check_alpha, expand_block, expand_gated_block
+from neurorewrite.models.fpe_structured import TiedLinear, structured_config
+from neurorewrite.models.module_blocks import ModuleSearch, SkippedModule, find_module_blocks
+from neurorewrite.models.trace_ops import is_conv1d, trace_ops
 from neurorewrite.rewriter.record import BlockRecord, FPERecord
-
-# Modules that act per element, so widening the hidden layer is safe (as ``rewriter.blocks`` allows
-# for ONNX). Dropout is the identity in the exported (eval) graph. PReLU is left out: its slopes are
-# per hidden unit, so widening the layer would need new slopes.
-ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish,
-    nn.Tanhshrink, nn.Identity, nn.Dropout,
-)
 
 
 class MaskedLinear(nn.Linear):
@@ -137,39 +132,51 @@ def enforce_masks(optimizer: torch.optim.Optimizer, module: nn.Module) -> tuple[
     return (*handles, optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after))
 
 
-def find_pairs(module: nn.Module) -> list[tuple[str, str, str]]:
-    """``(first, second, activation)`` module paths of every Linear -> elementwise* -> Linear pair
-    inside an ``nn.Sequential``, in module order. Chains give overlapping pairs."""
-    pairs = []
-    for prefix, seq in module.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        last: str | None = None
-        acts: list[str] = []
-        for name, child in seq.named_children():
-            path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, nn.Linear):
-                if last is not None:
-                    pairs.append((last, path, "+".join(acts) or "Identity"))
-                last, acts = path, []
-            elif isinstance(child, ELEMENTWISE) and last is not None:
-                if not isinstance(child, (nn.Identity, nn.Dropout)):
-                    acts.append(type(child).__name__)
-            else:
-                last, acts = None, []
-    return pairs
-
-
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def linear_arrays(layer: nn.Linear) -> tuple[np.ndarray, np.ndarray | None]:
-    """Copies of ``layer``'s weight (out, in) and bias as numpy arrays (bias None when it has none)."""
-    w = layer.weight.detach().cpu().numpy().copy()
-    b = None if layer.bias is None else layer.bias.detach().cpu().numpy().copy()
-    return w, b
+def linear_arrays(layer: nn.Module) -> tuple[np.ndarray, np.ndarray | None]:
+    """Copies of ``layer``'s weight (out, in) and bias as numpy arrays (bias None when it has none);
+    ``layer`` is an ``nn.Linear`` or Hugging Face's ``Conv1D`` (weight stored (in, out)). bfloat16,
+    which numpy lacks, comes as float32 (exactly)."""
+
+    def array(t: torch.Tensor) -> np.ndarray:
+        t = t.detach().cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
+
+    w = array(layer.weight.T if is_conv1d(layer) else layer.weight)
+    return w, None if layer.bias is None else array(layer.bias)
+
+
+@dataclass(frozen=True)
+class Widened:
+    """A module whose width changed: ``side`` is ``outputs`` (gate/up/first) or ``inputs`` (second/down)."""
+
+    module: str
+    side: str
+    before: int
+    after: int
+
+
+@dataclass
+class ModuleExpandReport:
+    """What ``fpe_expand`` did (``model.fpe_report``): the tracer it followed the data flow with, one
+    row per expanded block (as in ``model.fpe_record``; a gated row names its ``up`` module), the near
+    misses with their reasons, and every widened module. Config fields such as ``intermediate_size`` are NOT
+    changed: the forward reads the widths from the modules, so inference and ``generate`` work, but
+    a config saved from the expanded model describes the dense one."""
+
+    tracer: str
+    blocks: list[BlockRecord] = field(default_factory=list)
+    skipped: list[SkippedModule] = field(default_factory=list)
+    widened: list[Widened] = field(default_factory=list)
+
+
+def find_blocks_in_module(model: nn.Module, example_inputs: Any = None) -> ModuleSearch:
+    """The MLP blocks ``fpe_expand`` would expand and the near misses, without changing anything."""
+    return find_module_blocks(model, trace_ops(model, example_inputs))
 
 
 def fpe_expand(
@@ -182,18 +189,30 @@ def fpe_expand(
     groups: tuple[tuple[int, ...], ...] | list[list[int]] | None = None,
     config: FPEConfig | None = None,
     structured: bool = False,
+    example_inputs: Any = None,
 ) -> nn.Module:
-    """A new module in which every Linear pair of ``model`` is FPE-expanded (``model`` is unchanged).
+    """A new module in which every MLP block of ``model`` is FPE-expanded (``model`` is unchanged).
 
-    Options are those of :class:`neurorewrite.fpe.FPEConfig` (pass ``config`` instead to give them
-    all at once); ``alpha`` must be at least 2. The expanded linears become :class:`MaskedLinear`;
-    ``result.fpe_record`` (the :class:`~neurorewrite.rewriter.record.FPERecord` ``neurorewrite expand``
-    writes, with module paths for layer names and ``source="torch"``) lists the blocks.
+    Blocks are found on the data flow of ``model``'s forward (:mod:`neurorewrite.models.module_blocks`):
+    ``linear -> elementwise activation -> linear`` pairs and gated ``down(act(gate(x)) * up(x))``
+    triples anywhere in the module tree (``nn.Linear`` or Hugging Face ``Conv1D``). torch.fx traces
+    the forward where it can; otherwise (Hugging Face models) pass ``example_inputs`` (a tensor, a
+    tuple of positional inputs or a dict of keyword inputs) and torch.export traces one run.
+
+    Options are those of :class:`neurorewrite.fpe.FPEConfig` (pass ``config`` instead to give them all
+    at once); ``alpha`` must be at least 2. Block ``k`` (execution order of its first linear) uses
+    ``block_seed(seed, k)`` like ``neurorewrite expand``; the expanded linears become
+    :class:`MaskedLinear` (``Conv1D`` too, as a plain linear), set in place on their parents in a deep
+    copy, so the model's class, config, ``forward`` and ``generate`` keep working.
+    ``result.fpe_record`` is the :class:`~neurorewrite.rewriter.record.FPERecord`
+    ``neurorewrite expand`` writes (module paths for layer names, ``source="torch"``);
+    ``result.fpe_report`` (:class:`ModuleExpandReport`) adds the tracer, the near misses with their
+    reasons and the widened modules.
 
     ``structured=True`` is the preset of ``neurorewrite expand --structured``
-    (:mod:`neurorewrite.models.fpe_structured`): ``shared`` split (or ``feature``), ``prune="layer"``,
-    and the last linear of every chain becomes a :class:`TiedLinear` holding the ORIGINAL weights
-    (a :class:`MaskedLinear`, so its zeros stay zero), fed with the sum of each parent's children.
+    (:mod:`neurorewrite.models.fpe_structured`): ``blocks`` split (or ``shared``/``feature``),
+    ``prune="layer"``, and the last linear of every chain (a gated block's down) becomes a
+    :class:`TiedLinear` holding the ORIGINAL weights, fed with the sum of each parent's children.
     """
     if config is None:
         config = FPEConfig(
@@ -204,36 +223,88 @@ def fpe_expand(
         check_alpha(config.alpha, minimum=2)
     if structured:
         config = structured_config(config)
-    pairs = find_pairs(model)
-    if not pairs:
+    search = find_blocks_in_module(model, example_inputs)
+    if not search.blocks:
+        detail = "; ".join(f"{s.name}: {s.reason}" for s in search.skipped[:5])
         raise NoBlocksError(
             f"{type(model).__name__}: no Linear -> activation -> Linear pair to expand "
-            "(fpe_expand looks inside nn.Sequential containers for consecutive Linear layers "
-            "separated only by elementwise activations)"
+            f"(fpe_expand follows the forward's data flow, traced with {search.tracer}, for linear layers "
+            "joined by elementwise activations, or gated act(gate(x)) * up(x) -> down"
+            + (f"; near misses: {detail})" if detail else ")")
         )
     new = copy.deepcopy(model)
-    current: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    blocks: list[BlockRecord] = []
-    for position, (first, second, activation) in enumerate(pairs):
-        w1, b1 = current.get(first) or linear_arrays(new.get_submodule(first))
-        w2, b2 = current.get(second) or linear_arrays(new.get_submodule(second))
-        exp = expand_block(w1, b1, w2, b2, replace(config, seed=block_seed(config.seed, position)))
-        current[first] = (exp.w1, exp.b1)
-        current[second] = (exp.w2, exp.b2)
-        blocks.append(BlockRecord(
-            name=first, first=first, second=second, activation=activation, in_features=w1.shape[1],
-            width_before=w1.shape[0], width_after=exp.w1.shape[0], out_features=w2.shape[0],
-            nnz_before=exp.nnz_before, nnz_after=exp.nnz_after,
-        ))
-    tied = chain_ends(pairs) if structured else set()
+    current, report = _expand_blocks(new, search, config)
+    tied = {b.second for b in search.blocks} - {p for b in search.blocks for p in b.inputs} if structured else set()
     for path, (w, b) in current.items():
         old = new.get_submodule(path)
-        if path in tied:  # the original W2, shared by each parent's children
+        if path in tied:  # the original W2 / Wd, shared by each parent's children
             w, b = linear_arrays(old)
-        layer: nn.Module = MaskedLinear.from_arrays(w, b).to(old.weight.device)
+        layer: nn.Module = MaskedLinear.from_arrays(w, b).to(old.weight.device, old.weight.dtype)
         if path in tied:
             layer = TiedLinear(layer, config.alpha)
         layer.train(old.training)
         _set_module(new, path, layer)
-    new.fpe_record = FPERecord(config, tuple(blocks), structured=structured, source="torch")
+    new.fpe_record = FPERecord(config, tuple(report.blocks), structured=structured, source="torch")
+    new.fpe_report = report
     return new
+
+
+Weights = tuple[np.ndarray, np.ndarray | None]
+
+
+def _halves(w: np.ndarray, b: np.ndarray | None, gate_half: int) -> tuple[Weights, Weights]:
+    """(gate, up) weights of a fused projection whose output ``chunk(2)`` cuts in two."""
+    h = w.shape[0] // 2
+    parts = [(w[:h], None if b is None else b[:h]), (w[h:], None if b is None else b[h:])]
+    return (parts[0], parts[1]) if gate_half == 0 else (parts[1], parts[0])
+
+
+def _join(gate: Weights, up: Weights, gate_half: int) -> Weights:
+    """The fused projection's weights again: the gate's rows in ``gate_half``."""
+    first, second = (gate, up) if gate_half == 0 else (up, gate)
+    b = None if first[1] is None else np.concatenate([first[1], second[1]])  # type: ignore[list-item]
+    return np.vstack([first[0], second[0]]), b
+
+
+def _expand_blocks(
+    model: nn.Module, search: ModuleSearch, config: FPEConfig
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray | None]], ModuleExpandReport]:
+    """Expand the blocks in order; a chain's later block splits the already widened middle linear."""
+    current: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    report = ModuleExpandReport(search.tracer, skipped=list(search.skipped))
+
+    def arrays(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+        return current[path] if path in current else linear_arrays(model.get_submodule(path))
+
+    for position, block in enumerate(search.blocks):
+        cfg = replace(config, seed=block_seed(config.seed, position))
+        (w1, b1), (w2, b2) = arrays(block.first), arrays(block.second)
+        width_before = w1.shape[0]
+        if not block.gated:
+            exp = expand_block(w1, b1, w2, b2, cfg)
+            current[block.first], current[block.second] = (exp.w1, exp.b1), (exp.w2, exp.b2)
+            width_after, before, after = exp.w1.shape[0], exp.nnz_before, exp.nnz_after
+        else:
+            if block.gate_half is not None:  # gate and up fused: the halves of one linear (chunk(2))
+                (wg, bg), (wu, bu) = _halves(w1, b1, block.gate_half)
+            else:
+                (wg, bg), (wu, bu) = (w1, b1), arrays(block.up)  # type: ignore[arg-type]
+            gated = expand_gated_block(wg, bg, wu, bu, w2, b2, cfg)
+            if block.gate_half is not None:
+                current[block.first] = _join((gated.wg, gated.bg), (gated.wu, gated.bu), block.gate_half)
+            else:
+                current[block.first], current[block.up] = (gated.wg, gated.bg), (gated.wu, gated.bu)  # type: ignore[index]
+            current[block.second] = (gated.wd, gated.bd)
+            width_before, width_after, before, after = wg.shape[0], gated.wg.shape[0], gated.nnz_before, gated.nnz_after
+        report.blocks.append(BlockRecord(
+            name=block.first, first=block.first, second=block.second, activation=block.activation,
+            in_features=w1.shape[1], width_before=width_before, width_after=width_after, out_features=w2.shape[0],
+            nnz_before=before, nnz_after=after, up=block.up, form=block.form,
+        ))
+    for path, (w, _) in current.items():
+        before = linear_arrays(model.get_submodule(path))[0].shape
+        report.widened += [
+            Widened(path, side, before[axis], w.shape[axis])
+            for side, axis in (("outputs", 0), ("inputs", 1)) if w.shape[axis] != before[axis]
+        ]
+    return current, report

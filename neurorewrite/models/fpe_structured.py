@@ -76,9 +76,3 @@ def structured_config(config: FPEConfig) -> FPEConfig:
     all neurons (:func:`neurorewrite.fpe.structured_split`) and ``prune="layer"``."""
     split = structured_split(config.split, "fpe_expand(structured=True)")
     return replace(config, split=split, prune="layer", groups=None)
-
-
-def chain_ends(pairs: list[tuple[str, str, str]]) -> set[str]:
-    """The second linears that end a chain (are not also the first of another pair): these are tied."""
-    firsts = {first for first, _, _ in pairs}
-    return {second for _, second, _ in pairs if second not in firsts}

@@ -20,6 +20,7 @@ from neurorewrite.models.fpe import enforce_masks
 
 Progress = Callable[[int, int, str], None]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Batch = tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -39,6 +40,18 @@ def default_loss(target: torch.Tensor) -> tuple[str, LossFn]:
     raise DataError(f"targets of dtype {target.dtype} are neither integer labels nor float targets")
 
 
+def first_output(out: object) -> torch.Tensor:
+    """The tensor a loss compares: ``out`` itself, or the first tensor of a tuple or a Hugging Face
+    ``ModelOutput`` (``last_hidden_state``, ``logits``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise DataError(f"the model returned {type(out).__name__}, which holds no tensor to compute a loss on")
+
+
 def make_optimizer(
     model: nn.Module, name: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0, momentum: float = 0.0
 ) -> torch.optim.Optimizer:
@@ -55,7 +68,7 @@ def make_optimizer(
 
 def finetune(
     model: nn.Module,
-    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loader: Iterable[Batch],
     epochs: int = 25,
     optimizer: torch.optim.Optimizer | None = None,
     lr: float = 1e-3,
@@ -63,6 +76,9 @@ def finetune(
     progress: Progress | None = None,
 ) -> FinetuneResult:
     """Train ``model`` in place for ``epochs`` passes over ``loader`` (batches of ``(x, y)``).
+
+    ``x`` is a tensor, or a dict of keyword inputs (``model(**x)``, e.g. ``input_ids`` and
+    ``attention_mask``); the loss compares :func:`first_output` of what the model returns with ``y``.
 
     ``optimizer`` defaults to Adam(lr); any torch optimizer works (each step is given a closure that
     recomputes the loss, so LBFGS runs too), the masks are enforced around its steps. ``loss`` defaults
@@ -82,8 +98,9 @@ def finetune(
                     result.loss_name, loss = default_loss(y)
                 losses: list[torch.Tensor] = []
                 optimizer.step(_closure(model, optimizer, loss, x, y, losses))
-                total += float(losses[0].detach()) * len(x)  # the loss before the step (LBFGS evaluates several)
-                count += len(x)
+                rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+                total += float(losses[0].detach()) * rows  # the loss before the step (LBFGS evaluates several)
+                count += rows
             if count == 0:
                 raise DataError("the training data is empty: the loader gave no batches")
             result.epoch_losses.append(total / count)
@@ -96,13 +113,13 @@ def finetune(
     return result
 
 
-def _closure(model: nn.Module, optimizer: torch.optim.Optimizer, loss: LossFn, x: torch.Tensor, y: torch.Tensor,
+def _closure(model: nn.Module, optimizer: torch.optim.Optimizer, loss: LossFn, x: torch.Tensor | dict, y: torch.Tensor,
              losses: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
     """The step's closure: zero the gradients, compute the loss on ``(x, y)``, backpropagate, return it
     (and append it to ``losses``)."""
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        value = loss(model(x), y)
+        value = loss(first_output(model(**x) if isinstance(x, dict) else model(x)), y)
         value.backward()
         losses.append(value)
         return value

@@ -91,7 +91,7 @@ def test_export_runs_in_onnxruntime_with_metadata(tmp_path):
     assert new.training, "export_onnx must restore the module's training flag"
 
 
-def test_nested_sequentials_are_found_in_module_order():
+def test_nested_sequentials_are_found_on_the_data_flow(tmp_path):
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -101,11 +101,21 @@ def test_nested_sequentials_are_found_in_module_order():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.body(x))
 
-    new = fpe_expand(Net(), alpha=2)
+    model = Net()
+    new = fpe_expand(model, alpha=2)
+    # body.2 -> head.0 meet across the two containers with no op between them: an identity block,
+    # which the ONNX pass finds too (same blocks, same order, same seeds)
     assert [(b.first, b.second, b.activation) for b in new.fpe_record.blocks] == [
-        ("body.0", "body.2", "ReLU"), ("head.0", "head.3", "Sigmoid"),
+        ("body.0", "body.2", "ReLU"), ("body.2", "head.0", "Identity"), ("head.0", "head.3", "Sigmoid"),
     ]
     assert new(torch.randn(3, 6)).shape == (3, 2)
+    x = torch.randn(3, 6)
+    export_onnx(model, tmp_path / "dense.onnx", x)
+    torch_side = export_onnx(new, tmp_path / "torch.onnx", x)
+    onnx_side, report = expand(tmp_path / "dense.onnx", alpha=2)
+    assert len(report.blocks) == 3
+    for (wt, _), (wo, _) in zip(onnx_weights(torch_side), onnx_weights(onnx_side), strict=True):
+        np.testing.assert_array_equal(wt != 0, wo != 0)
 
 
 @pytest.mark.parametrize("alpha", [1, 0, -2, 2.5, "2"])
