@@ -46,6 +46,7 @@ class _Step:
     outputs: tuple[str, ...]
     attrs: dict
     layer: str = ""
+    node: int = -1  # index of the node in the graph
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,23 @@ def _trainable(index: GraphIndex, lin: Linear) -> bool:
     return True
 
 
+def _needed_nodes(index: GraphIndex, tensors: Collection[str]) -> set[int]:
+    """The nodes that ``tensors`` depend on (subgraph readers included)."""
+    reads: dict[int, list[str]] = {}
+    for name, users in index.consumers.items():
+        for user in users:
+            reads.setdefault(user, []).append(name)
+    needed: set[int] = set()
+    stack = [index.producer[t] for t in tensors if t in index.producer]
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        stack.extend(index.producer[t] for t in reads.get(i, ()) if t in index.producer)
+    return needed
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     attrs["_outputs"] = len(node.output)
@@ -89,17 +107,19 @@ class OnnxGraph(nn.Module):
     """The function of an ONNX graph as a torch module; ``forward`` takes the inputs in graph order
     and returns the first output (:meth:`run` returns any tensors by name)."""
 
-    def __init__(self, model: onnx.ModelProto, where: str = "model", train: Collection[str] | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, where: str = "model", train: Collection[str] | None = None,
+                 outputs: Collection[str] | None = None) -> None:
         super().__init__()
         graph = model.graph
         index = GraphIndex.build(graph)
+        self.output_names = list(outputs) if outputs is not None else [o.name for o in graph.output]
+        self._needed = _needed_nodes(index, self.output_names)
         inits = {t.name for t in graph.initializer}
         self.inputs = [
             InputSpec(i.name, i.type.tensor_type.elem_type,
                       tuple(d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim))
             for i in graph.input if i.name not in inits
         ]
-        self.output_names = [o.name for o in graph.output]
         self.layers = nn.ModuleDict()
         self.linears: dict[str, Linear] = {}
         lifted = self._lift_linears(index, where, train)
@@ -123,9 +143,9 @@ class OnnxGraph(nn.Module):
             self.layers[key] = layer
             self.linears[key] = lin
             # a MatMul's bias Add reads nothing else (find_linears checks it): one fused step writes the output
-            steps[lin.node] = _Step("linear", (lin.data_input,), (lin.output,), {}, key)
+            steps[lin.node] = _Step("linear", (lin.data_input,), (lin.output,), {}, key, lin.node)
             if lin.add_node is not None:
-                steps[lin.add_node] = _Step("fused", (), (), {}, key)
+                steps[lin.add_node] = _Step("fused", (), (), {}, key, lin.add_node)
         if not self.layers:
             raise NoBlocksError(f"{where}: no linear layer with constant, unshared weights to fine-tune")
         if train is not None:
@@ -149,6 +169,8 @@ class OnnxGraph(nn.Module):
     def _plan(self, model: onnx.ModelProto, index: GraphIndex, lifted: dict[int, _Step], where: str) -> list[_Step]:
         steps, unsupported = [], []
         for i, node in enumerate(model.graph.node):
+            if i not in self._needed:
+                continue  # nothing asked for reads it (e.g. a classifier's label after the probabilities)
             if i in lifted:
                 if lifted[i].kind != "fused":
                     steps.append(lifted[i])
@@ -157,7 +179,7 @@ class OnnxGraph(nn.Module):
             elif node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
                 unsupported.append(f"{node.op_type} ({node_label(node, i)})")
             else:
-                steps.append(_Step(node.op_type, tuple(node.input), tuple(node.output), _attrs(node)))
+                steps.append(_Step(node.op_type, tuple(node.input), tuple(node.output), _attrs(node), node=i))
         if unsupported:
             raise UnsupportedModelError(
                 f"{where}: cannot lift into torch: unsupported node(s) {', '.join(unsupported[:8])}"
@@ -196,6 +218,18 @@ class OnnxGraph(nn.Module):
                     del env[name]
         cursor.position = max(cursor.position, stop)
         return cursor
+
+    def run_steps(self, env: dict[str, torch.Tensor | None], steps: list[int]) -> dict[str, torch.Tensor | None]:
+        """Run the steps of index ``steps`` in order on ``env`` (nothing is dropped); returns ``env``.
+        For a stretch of the graph that reads only what ``env`` holds, e.g. one MLP block."""
+        for k in steps:
+            self._execute(self.steps[k], env)
+        return env
+
+    def steps_of_nodes(self, nodes: Collection[int]) -> list[int]:
+        """The indices of the steps that evaluate the graph nodes ``nodes``, in order."""
+        wanted = set(nodes)
+        return [k for k, step in enumerate(self.steps) if step.node in wanted]
 
     def _execute(self, step: _Step, env: dict[str, torch.Tensor | None]) -> None:
         if step.kind == "linear":

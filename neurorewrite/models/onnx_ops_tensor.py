@@ -191,6 +191,16 @@ def _compare(fn: Any) -> Any:
     return lambda xs, attrs: fn(xs[0], xs[1])
 
 
+def _arg(fn: Any) -> Any:
+    def arg(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
+        x, axis, keep = xs[0], attrs.get("axis", 0), bool(attrs.get("keepdims", 1))
+        if attrs.get("select_last_index", 0):
+            return x.shape[axis] - 1 - fn(x.flip(axis), dim=axis, keepdim=keep)
+        return fn(x, dim=axis, keepdim=keep)
+
+    return arg
+
+
 def _einsum(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
     equation = attrs["equation"]
     return torch.einsum(equation.decode() if isinstance(equation, bytes) else equation, *xs)
@@ -221,5 +231,6 @@ TENSOR_OPS: dict[str, Any] = {
     "LayerNormalization": _layer_norm,
     "Div": _div,
     "Einsum": _einsum,
+    "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin),
     "Sin": lambda xs, a: torch.sin(xs[0]), "Cos": lambda xs, a: torch.cos(xs[0]),
 }

@@ -48,6 +48,8 @@ class ExpandReport:
     skipped: list[Skipped] = field(default_factory=list)
     calibration: list[dict[str, object]] = field(default_factory=list)
     format: str = "dense"
+    calibration_summary: dict[str, object] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # shown on stderr by the CLI
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
