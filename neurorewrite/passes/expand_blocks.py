@@ -18,14 +18,14 @@ and the later block splits the already widened weights, so both counts stay exac
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
 
 from neurorewrite.errors import NoBlocksError
-from neurorewrite.fpe import FPEConfig, block_seed, expand_block
+from neurorewrite.fpe import FPEConfig, PruneScales, block_seed, expand_block
 from neurorewrite.rewriter.blocks import MLPBlock, Skipped, find_blocks, select_blocks
 from neurorewrite.rewriter.editor import NewWeights, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex
@@ -72,8 +72,12 @@ def expand_model(
     layers: list[str] | None = None,
     progress: Progress | None = None,
     where: str = "model",
+    scales: Mapping[str, PruneScales] | None = None,
 ) -> tuple[onnx.ModelProto, ExpandReport]:
-    """Expand the MLP blocks of ``model`` (all, or those ``layers`` selects); see the module docstring."""
+    """Expand the MLP blocks of ``model`` (all, or those ``layers`` selects); see the module docstring.
+
+    ``scales`` (per block name) makes the prune activation-aware (:mod:`neurorewrite.passes.activation_stats`).
+    """
     search = find_blocks(model)
     blocks, skipped = select_blocks(search, layers)
     if not blocks:
@@ -87,7 +91,8 @@ def expand_model(
             progress(position, len(blocks), block.name)
         w1, b1 = _current(index, current, block.first)
         w2, b2 = _current(index, current, block.second)
-        exp = expand_block(w1, b1, w2, b2, replace(cfg, seed=block_seed(cfg.seed, position)))
+        block_scales = _fit_scales(scales.get(block.name), w1.shape[1]) if scales else None
+        exp = expand_block(w1, b1, w2, b2, replace(cfg, seed=block_seed(cfg.seed, position)), block_scales)
         current[block.first.node] = (block.first, exp.w1, exp.b1)
         current[block.second.node] = (block.second, exp.w2, exp.b2)
         stale |= _widened_tensors(model, block)
@@ -105,6 +110,14 @@ def expand_model(
     updates = (NewWeights(*current.pop(node)) for node in list(current))
     record = FPERecord(cfg, tuple(report.blocks))
     return replace_weights(model, updates, stale, record=record), report
+
+
+def _fit_scales(scales: PruneScales | None, inputs: int) -> PruneScales | None:
+    """In a chain, a later block's inputs are the children of an earlier one: each child takes its
+    parent's input statistic."""
+    if scales is None or scales.in_columns is None or len(scales.in_columns) == inputs:
+        return scales
+    return replace(scales, in_columns=np.repeat(scales.in_columns, inputs // len(scales.in_columns)))
 
 
 def _current(
