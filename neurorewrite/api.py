@@ -148,10 +148,10 @@ def _pipeline(
     passes: list[Pass[ExpandReport]] = [Pass("expand", expand_pass)]
     if structured:
         passes.append(Pass("tie outputs", lambda m, r: tie_outputs(original, m, r)))
-    if sample is not None:
-        from neurorewrite.passes.calibrate import calibrate_model  # imports onnxruntime: only when asked
+    options = calibrate_options or _default_calibrate_options() if sample is not None else None
+    if sample is not None and options is not None and options.refit != "none":
+        from neurorewrite.passes.calibrate import calibrate_model  # imports torch: only when asked
 
-        options = calibrate_options or _default_calibrate_options()
         passes.append(Pass("calibrate", lambda m, r: calibrate_model(original, m, r, sample, structured, options)))
     passes.append(Pass(f"lower to {format}", lower_pass))
     return passes

@@ -42,9 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prune-by", choices=("activation", "magnitude"), default=None,
                    help="prune scores: activation (magnitudes times the sample's activation statistics; default "
                    "with --calibrate) or magnitude (default without a sample)")
-    p.add_argument("--refit", choices=("w2", "block"), default=None,
-                   help="what --calibrate refits: w2 (each block's last linear, least squares) or block (then the "
-                   f"whole block, masks fixed, by gradient steps); default {DEFAULT_REFIT}")
+    p.add_argument("--refit", choices=("w2", "block", "none"), default=None,
+                   help="what --calibrate refits: w2 (each block's last linear, least squares), block (then the "
+                   "whole block, masks fixed, by gradient steps) or none (the sample only informs --prune-by "
+                   f"activation); default {DEFAULT_REFIT}")
     p.add_argument("--target", choices=("residual", "output"), default="residual",
                    help="what a block is fit to: the original block's output, plus (residual, default) the drift "
                    "of the residual stream it adds to")

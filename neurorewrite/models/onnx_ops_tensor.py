@@ -201,6 +201,26 @@ def _arg(fn: Any) -> Any:
     return arg
 
 
+def _mod(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
+    if attrs.get("fmod", 0):
+        return torch.fmod(xs[0], xs[1])
+    return torch.remainder(xs[0], xs[1])  # the sign of the divisor, as ONNX Mod with fmod=0
+
+
+def _trilu(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
+    k = int(xs[1].item()) if len(xs) > 1 and xs[1] is not None else 0
+    return torch.triu(xs[0], k) if attrs.get("upper", 1) else torch.tril(xs[0], k)
+
+
+def _cumsum(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
+    axis = int(xs[1].item())
+    x = xs[0].flip(axis) if attrs.get("reverse", 0) else xs[0]
+    out = torch.cumsum(x, axis)
+    if attrs.get("exclusive", 0):
+        out = out - x
+    return out.flip(axis) if attrs.get("reverse", 0) else out
+
+
 def _einsum(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
     equation = attrs["equation"]
     return torch.einsum(equation.decode() if isinstance(equation, bytes) else equation, *xs)
@@ -232,5 +252,9 @@ TENSOR_OPS: dict[str, Any] = {
     "Div": _div,
     "Einsum": _einsum,
     "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin),
+    "Mod": _mod, "Trilu": _trilu, "CumSum": _cumsum,
+    "Floor": lambda xs, a: torch.floor(xs[0]), "Ceil": lambda xs, a: torch.ceil(xs[0]),
+    "Round": lambda xs, a: torch.round(xs[0]), "Sign": lambda xs, a: torch.sign(xs[0]),
+    "IsNaN": lambda xs, a: torch.isnan(xs[0]), "IsInf": lambda xs, a: torch.isinf(xs[0]),
     "Sin": lambda xs, a: torch.sin(xs[0]), "Cos": lambda xs, a: torch.cos(xs[0]),
 }

@@ -23,7 +23,7 @@ import torch
 
 from neurorewrite.fpe import PruneScales
 from neurorewrite.models.onnx_module import OnnxGraph
-from neurorewrite.passes.sample_chunks import MASK_INPUT, chunk_sample
+from neurorewrite.passes.sample_chunks import MASK_INPUT, chunk_sample_for
 from neurorewrite.rewriter.blocks import MLPBlock
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import read_weights
@@ -40,7 +40,7 @@ def activation_scales(
     """Per block name, the prune scales measured on ``sample`` run through ``model`` (the original)."""
     tensors = {t for b in blocks for t in (b.first.data_input, b.first.output, b.hidden)}
     lifted = OnnxGraph(model, where, outputs=sorted(tensors))
-    chunks = chunk_sample(lifted.inputs, sample, where, holdout, chunk_rows, mask_input)
+    chunks = chunk_sample_for(lifted, lifted.inputs, sample, where, holdout, chunk_rows, mask_input)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     widths = {}

@@ -42,13 +42,13 @@ from neurorewrite.fpe.refit import SOLVERS, refit_masked
 from neurorewrite.models.onnx_module import Cursor, OnnxGraph
 from neurorewrite.passes.block_fit import fit_block
 from neurorewrite.passes.expand_blocks import ExpandReport
-from neurorewrite.passes.sample_chunks import MASK_INPUT, Chunk, SampleChunks, chunk_sample
+from neurorewrite.passes.sample_chunks import MASK_INPUT, SampleChunks, chunk_sample_for
 from neurorewrite.rewriter.blocks import MLPBlock, blocks_by_output, chain_ends
 from neurorewrite.rewriter.editor import NewWeights, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.record import read_record, write_record
 
-REFITS = ("w2", "block")
+REFITS = ("w2", "block", "none")  # none: the sample only informs the prune (--prune-by activation)
 TARGETS = ("residual", "output")
 Progress = Callable[[int, int, str], None]
 
@@ -128,7 +128,8 @@ def calibrate_model(
     needed = [b.second.output for b in ends] + [r for b in ends if (r := _residual_operand(index, b.second.output))]
     lifted_original = OnnxGraph(original, "the original model", outputs=needed)
     lifted = OnnxGraph(expanded, "the expanded model", train=train, outputs=needed)
-    chunks = chunk_sample(lifted.inputs, sample, where, options.holdout, options.chunk_rows, options.mask_input)
+    chunks = chunk_sample_for(lifted_original, lifted.inputs, sample, where, options.holdout, options.chunk_rows,
+                              options.mask_input)
     runs = _Runs(lifted_original, lifted, chunks, [lifted_original.start(c.feeds) for c in chunks.chunks],
                  [lifted.start(c.feeds) for c in chunks.chunks])
     notes, warnings = [], []

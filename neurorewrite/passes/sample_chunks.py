@@ -48,6 +48,7 @@ class SampleChunks:
     real_positions: int = 0  # rows: positions the mask keeps
     computed_positions: int = 0  # after trimming
     mask_input: str | None = None
+    trimmed: bool = False  # trailing padding was cut
 
     @property
     def fit(self) -> list[Chunk]:
@@ -97,50 +98,102 @@ def _lengths(mask: np.ndarray) -> np.ndarray:
     return np.where(real.any(axis=1), last, 0)
 
 
+def holdout_indices(n: int, share: float) -> set[int]:
+    """``round(n * share)`` sample indices, evenly spaced: the held-out samples."""
+    if not 0.0 <= share < 1.0:
+        raise InvalidOptionError(f"--holdout must be in [0, 1), got {share}")
+    k = int(round(n * share))
+    return set(np.linspace(0, n - 1, k).round().astype(int).tolist()) if k else set()
+
+
+@dataclass
+class SampleArrays:
+    """A validated sample: the arrays by input name, the padding mask and whether padding can be cut."""
+
+    inputs: list[InputSpec]
+    arrays: dict[str, np.ndarray]
+    mask: np.ndarray | None  # (samples, positions), nonzero = real
+    mask_input: str | None
+    can_trim: bool
+    seq_inputs: set[str]
+
+    @classmethod
+    def build(cls, inputs: list[InputSpec], sample: Mapping[str, np.ndarray], where: str,
+              mask_input: str | None = MASK_INPUT, trim: bool = True) -> SampleArrays:
+        arrays = check_sample(inputs, sample, where)
+        n = len(next(iter(arrays.values())))
+        if n < 2:
+            raise DataError(f"{where}: the sample needs at least 2 rows, it has {n}")
+        mask = arrays.get(mask_input) if mask_input else None
+        if mask is not None and mask.ndim != 2:
+            mask = None
+        # trailing padding can be cut when every input of shape (samples, seq, ...) has a dynamic seq axis
+        seq = {s.name for s in inputs if mask is not None and arrays[s.name].ndim >= 2
+               and arrays[s.name].shape[:2] == mask.shape}
+        can_trim = trim and mask is not None and all(len(s.shape) > 1 and s.shape[1] is None for s in inputs if s.name in seq)
+        return cls(inputs, arrays, mask, mask_input if mask is not None else None, can_trim, seq)
+
+    @property
+    def samples(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return _lengths(self.mask) if self.mask is not None else np.ones(self.samples, dtype=np.int64)
+
+    def feeds(self, idx: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, int]:
+        """Torch feeds of the samples ``idx`` (trailing padding cut where it can be), their real positions,
+        and the number of positions kept."""
+        width = max(1, int(self.lengths[idx].max())) if self.can_trim else (self.mask.shape[1] if self.mask is not None else 1)
+        feeds = {}
+        for spec in self.inputs:
+            value = self.arrays[spec.name][idx]
+            if self.can_trim and spec.name in self.seq_inputs:
+                value = value[:, :width]
+            feeds[spec.name] = torch.from_numpy(np.ascontiguousarray(value))
+        real = None if self.mask is None else torch.from_numpy(np.ascontiguousarray(self.mask[idx][:, :width] != 0))
+        return feeds, real, width
+
+
 def chunk_sample(
     inputs: list[InputSpec], sample: Mapping[str, np.ndarray], where: str, holdout: float = 0.2,
     chunk_rows: int = 4096, mask_input: str | None = MASK_INPUT, trim: bool = True,
 ) -> SampleChunks:
     """Validate ``sample`` against ``inputs`` and cut it into chunks; see the module docstring."""
-    if not 0.0 <= holdout < 1.0:
-        raise InvalidOptionError(f"--holdout must be in [0, 1), got {holdout}")
-    arrays = check_sample(inputs, sample, where)
-    n = len(next(iter(arrays.values())))
-    if n < 2:
-        raise DataError(f"{where}: the sample needs at least 2 rows, it has {n}")
-    mask = arrays.get(mask_input) if mask_input else None
-    if mask is not None and mask.ndim != 2:
-        mask = None
-    seq = mask.shape[1] if mask is not None else 1
-    out = SampleChunks(samples=n, mask_input=mask_input if mask is not None else None)
-    lengths = _lengths(mask) if mask is not None else np.ones(n, dtype=np.int64)
-    # trailing padding can be cut when every input of shape (samples, seq, ...) has a dynamic seq axis
-    seq_inputs = [s for s in inputs if mask is not None and arrays[s.name].ndim >= 2 and arrays[s.name].shape[:2] == mask.shape]
-    can_trim = trim and mask is not None and all(len(s.shape) > 1 and s.shape[1] is None for s in seq_inputs)
-    n_hold = int(round(n * holdout))
-    held = set(np.linspace(0, n - 1, n_hold).round().astype(int).tolist()) if n_hold else set()
-    out.holdout_samples = len(held)
+    data = SampleArrays.build(inputs, sample, where, mask_input, trim)
+    n, lengths = data.samples, data.lengths
+    seq = data.mask.shape[1] if data.mask is not None else 1
+    held = holdout_indices(n, holdout)
+    out = SampleChunks(samples=n, holdout_samples=len(held), mask_input=data.mask_input, trimmed=data.can_trim)
     for is_holdout in (False, True):
         members = np.array([i for i in range(n) if (i in held) == is_holdout], dtype=np.int64)
-        if members.size == 0:
-            continue
         members = members[np.argsort(lengths[members], kind="stable")]
         per_chunk = max(1, chunk_rows // max(1, seq))
         for start in range(0, members.size, per_chunk):
             idx = members[start : start + per_chunk]
-            width = int(lengths[idx].max()) if can_trim else seq
-            width = max(width, 1)
-            feeds = {}
-            for spec in inputs:
-                value = arrays[spec.name][idx]
-                if can_trim and spec in seq_inputs:
-                    value = value[:, :width]
-                feeds[spec.name] = torch.from_numpy(np.ascontiguousarray(value))
-            real = None
-            if mask is not None:
-                real = torch.from_numpy(np.ascontiguousarray(mask[idx][:, :width] != 0))
+            feeds, real, width = data.feeds(idx)
             out.chunks.append(Chunk(feeds, real, is_holdout, int(idx.size)))
             out.positions += int(idx.size) * seq
-            out.computed_positions += int(idx.size) * (width if mask is not None else 1)
+            out.computed_positions += int(idx.size) * (width if real is not None else 1)
             out.real_positions += int(real.sum()) if real is not None else int(idx.size)
     return out
+
+
+def runs_trimmed(graph: object, feeds: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``graph`` (an OnnxGraph) runs on ``feeds``: an export may declare a dynamic sequence axis
+    and still bake the traced length into a Reshape; then the padding must stay."""
+    try:
+        with torch.no_grad():
+            graph.run(feeds)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - any failure means: do not cut
+        return False
+    return True
+
+
+def chunk_sample_for(graph: object, inputs: list[InputSpec], sample: Mapping[str, np.ndarray], where: str,
+                     holdout: float = 0.2, chunk_rows: int = 4096, mask_input: str | None = MASK_INPUT) -> SampleChunks:
+    """:func:`chunk_sample`, with the padding kept when ``graph`` does not run on a trimmed chunk."""
+    chunks = chunk_sample(inputs, sample, where, holdout, chunk_rows, mask_input)
+    if chunks.trimmed and chunks.chunks and not runs_trimmed(graph, chunks.chunks[0].feeds):
+        chunks = chunk_sample(inputs, sample, where, holdout, chunk_rows, mask_input, trim=False)
+    return chunks
