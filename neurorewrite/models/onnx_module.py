@@ -219,11 +219,22 @@ class OnnxGraph(nn.Module):
         cursor.position = max(cursor.position, stop)
         return cursor
 
-    def run_steps(self, env: dict[str, torch.Tensor | None], steps: list[int]) -> dict[str, torch.Tensor | None]:
-        """Run the steps of index ``steps`` in order on ``env`` (nothing is dropped); returns ``env``.
-        For a stretch of the graph that reads only what ``env`` holds, e.g. one MLP block."""
-        for k in steps:
+    def run_steps(self, env: dict[str, torch.Tensor | None], steps: list[int],
+                  keep: Collection[str] | None = None) -> dict[str, torch.Tensor | None]:
+        """Run the steps of index ``steps`` in order on ``env``; returns ``env``. For a stretch of the
+        graph that reads only what ``env`` holds, e.g. one MLP block. With ``keep``, every other tensor
+        the steps write is dropped after its last read among them (a wide block's intermediates are big)."""
+        last: dict[str, int] = {}
+        if keep is not None:
+            for position, k in enumerate(steps):
+                for name in self.steps[k].inputs:
+                    last[name] = position
+        for position, k in enumerate(steps):
             self._execute(self.steps[k], env)
+            if keep is not None:
+                for name in self.steps[k].inputs:
+                    if last.get(name) == position and name not in keep and name in env:
+                        del env[name]
         return env
 
     def steps_of_nodes(self, nodes: Collection[int]) -> list[int]:

@@ -188,7 +188,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             exp.advance(ecur, s1)
             orig.advance(ocur, so + 1)
             x = ecur.env[lin1.data_input]
-            env = exp.run_steps({lin1.data_input: x}, block_steps)
+            env = exp.run_steps({lin1.data_input: x}, block_steps, keep={lin2.data_input, lin2.output})
             h_full, y_now = env[lin2.data_input], env[lin2.output]
             t = chunk.rows(ocur.env[lin2.output], outputs)
             if residual is not None and residual in ocur.env and residual in ecur.env:
