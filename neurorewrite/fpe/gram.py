@@ -31,7 +31,8 @@ class Moments:
     def error(self, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         """Per output row, the sum of squared errors of ``t ~ w h + b`` over the rows (float64)."""
         w64 = w.astype(np.float64)
-        quad = np.einsum("oi,oi->o", w64 @ self.gram.astype(np.float64), w64)
+        # in the Gram's own precision: a float64 copy of a wide Gram would be the largest array here
+        quad = np.einsum("oi,oi->o", (w.astype(self.gram.dtype) @ self.gram).astype(np.float64), w64)
         lin = np.einsum("oi,io->o", w64, self.cross.astype(np.float64))
         offset = (0.0 if b is None else b.astype(np.float64)) + w64 @ self.mean_h - self.mean_t
         return np.maximum(self.target_ss - 2 * lin + quad + self.n * offset**2, 0.0)

@@ -188,17 +188,18 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             exp.advance(ecur, s1)
             orig.advance(ocur, so + 1)
             x = ecur.env[lin1.data_input]
-            env = exp.run_steps({lin1.data_input: x}, block_steps, keep={lin2.data_input, lin2.output})
-            h_full, y_now = env[lin2.data_input], env[lin2.output]
+            env = exp.run_steps({lin1.data_input: x}, block_steps[:-1], keep={lin2.data_input})
             t = chunk.rows(ocur.env[lin2.output], outputs)
             if residual is not None and residual in ocur.env and residual in ecur.env:
                 t = t + chunk.rows(ocur.env[residual], outputs) - chunk.rows(ecur.env[residual], outputs)
             else:
                 residual = None
             targets.append(t)
-            before[chunk.holdout] += float((chunk.rows(y_now, outputs) - t).pow(2).sum())
-            if chunk.holdout:
+            if chunk.holdout:  # the fit rows' error before comes from the moments, at a fraction of the cost
+                y_now = chunk.rows(exp.run_steps(env, block_steps[-1:])[lin2.output], outputs)
+                before[True] += float((y_now - t).pow(2).sum())
                 continue
+            h_full = env[lin2.data_input]
             h = chunk.rows(h_full, lin2.in_features)
             if alpha > 1:
                 h = h.reshape(len(h), width, alpha).sum(dim=-1)
@@ -211,6 +212,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             raise DataError(f"the sample gives {moments.n} row(s) to fit {lin2.name}; it needs at least 2")
         w0 = w_now.numpy()[:, ::alpha] if alpha > 1 else w_now.numpy()
         b0 = None if b_now is None else b_now.numpy()
+        before[False] = float(moments.error(w0, b0).sum())
         new_w, new_b, info = refit_masked(moments, w0, b0, options.ridge, options.solver, groups=1 if tied else children,
                                           max_iters=options.max_iters, tol=options.tol)
         layer2.weight.copy_(torch.from_numpy(copy_outputs(new_w, alpha) if alpha > 1 else new_w))
