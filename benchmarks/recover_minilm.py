@@ -65,7 +65,11 @@ def run_method(name: str, alpha: int, original: Path, sample: dict, out: Path, e
     path = out / f"{name}.a{alpha}.onnx"
     if "refit" in spec:
         options = CalibrateOptions(refit=spec["refit"], target=spec.get("target", "residual"))
-        expand(original, alpha=alpha, calibrate=sample, prune_by=spec["prune_by"], calibrate_options=options, output=path)
+        _, report = expand(original, alpha=alpha, calibrate=sample, prune_by=spec["prune_by"], calibrate_options=options,
+                           output=path)
+        for n in report.calibration:
+            print(f"  {n['layer']}: {n['seconds']:.0f}s, {n['iterations']} CG iterations, held-out RMSE "
+                  f"{n['holdout_rmse_before']:.4f} -> {n['holdout_rmse_after']:.4f}", flush=True)
     else:
         expand(original, alpha=alpha, output=path)
     if distil:
