@@ -68,8 +68,8 @@ def run_method(name: str, alpha: int, original: Path, sample: dict, out: Path, e
         _, report = expand(original, alpha=alpha, calibrate=sample, prune_by=spec["prune_by"], calibrate_options=options,
                            output=path)
         for n in report.calibration:
-            print(f"  {n['layer']}: {n['seconds']:.0f}s, {n['iterations']} CG iterations, held-out RMSE "
-                  f"{n['holdout_rmse_before']:.4f} -> {n['holdout_rmse_after']:.4f}", flush=True)
+            print(f"  {n['layer']}: {n['seconds']:.0f}s (CPU s {n['cpu_seconds']}), {n['iterations']} CG iterations, "
+                  f"held-out RMSE {n['holdout_rmse_before']:.4f} -> {n['holdout_rmse_after']:.4f}", flush=True)
     else:
         expand(original, alpha=alpha, output=path)
     if distil:

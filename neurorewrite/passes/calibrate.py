@@ -166,7 +166,7 @@ def calibrate_model(
 def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: int, tied: bool,
                      options: CalibrateOptions) -> dict:
     """Stream one block's statistics over the sample, refit it, run the sample on past it."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), {"gram": 0.0, "solve": 0.0, "block": 0.0}
     alpha = children if tied else 1  # tied: one weight per parent, fit on the summed children
     exp, orig = runs.expanded, runs.original
     lin1, lin2 = block.first, block.second
@@ -203,7 +203,9 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             h = chunk.rows(h_full, lin2.in_features)
             if alpha > 1:
                 h = h.reshape(len(h), width, alpha).sum(dim=-1)
+            tick = time.process_time()
             acc.add(h.numpy(), t.numpy())
+            cpu["gram"] += time.process_time() - tick
             if options.refit == "block" and sum(len(r) for r in reservoir_x) < options.block_rows:
                 reservoir_x.append(chunk.rows(x, lin1.in_features))
                 reservoir_t.append(t)
@@ -213,16 +215,20 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         w0 = w_now.numpy()[:, ::alpha] if alpha > 1 else w_now.numpy()
         b0 = None if b_now is None else b_now.numpy()
         before[False] = float(moments.error(w0, b0).sum())
+        tick = time.process_time()
         new_w, new_b, info = refit_masked(moments, w0, b0, options.ridge, options.solver, groups=1 if tied else children,
                                           max_iters=options.max_iters, tol=options.tol)
         layer2.weight.copy_(torch.from_numpy(copy_outputs(new_w, alpha) if alpha > 1 else new_w))
         if new_b is not None and layer2.bias is not None:
             layer2.bias.copy_(torch.from_numpy(new_b))
+        cpu["solve"] = time.process_time() - tick
     block_fit = None
+    tick = time.process_time()
     if options.refit == "block" and not tied:  # training the block would untie the shared columns
         x_rows, t_rows = torch.cat(reservoir_x)[: options.block_rows], torch.cat(reservoir_t)[: options.block_rows]
         block_fit = fit_block(exp, block_steps, [key1, key2], lin1.data_input, lin2.output, x_rows, t_rows,
                               options.block_steps, options.block_lr, options.block_batch, options.seed)
+    cpu["block"] = time.process_time() - tick
     after = {False: 0.0, True: 0.0}
     with torch.no_grad():
         for chunk, ecur, t in zip(runs.sample.chunks, runs.exp_cursors, targets):
@@ -238,5 +244,6 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         "solver": info.solver, "iterations": info.iterations, "residual": info.residual,
         "block_mse": None if block_fit is None else list(block_fit),
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},  # process CPU time (all threads) of the parts
     }
 
