@@ -62,7 +62,7 @@ class CalibrateOptions:
     holdout: float = 0.2  # share of the samples that is only scored, never fit
     solver: str = "cg"
     ridge: float = 1e-4  # relative to the mean diagonal of the Gram matrix
-    max_iters: int = 40  # CG iterations per block
+    max_iters: int = 20  # CG iterations per block (MiniLM layer 0: held-out MSE 0.035 at 10, 0.026 at 20, 0.024 at 40)
     tol: float = 1e-3  # CG stops when every row's relative residual is below it
     chunk_rows: int = 4096  # positions per chunk of the sample
     block_steps: int = 100  # Adam steps of the block-wise reconstruction (refit="block")
