@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what --calibrate refits: w2 (each block's last linear, least squares), block (then the "
                    "whole block, masks fixed, by gradient steps) or none (the sample only informs --prune-by "
                    f"activation); default {DEFAULT_REFIT}")
+    p.add_argument("--refit-per", choices=("child", "parent"), default="child",
+                   help="W2 refit: a weight per child (default), or one per parent shared by its children (a Gram "
+                   "alpha^2 times smaller: for wide models)")
     p.add_argument("--target", choices=("residual", "output"), default="residual",
                    help="what a block is fit to: the original block's output, plus (residual, default) the drift "
                    "of the residual stream it adds to")
@@ -85,9 +88,10 @@ def run(args: argparse.Namespace) -> int:
         from neurorewrite.passes.calibrate import CalibrateOptions
 
         options = CalibrateOptions(refit=args.refit or DEFAULT_REFIT, target=args.target, holdout=args.holdout,
-                                   solver=args.solver)
-    elif args.refit or args.holdout != 0.2 or args.target != "residual" or args.solver != "cg":
-        raise InvalidOptionError("--refit, --target, --holdout and --solver set up --calibrate: give --calibrate SAMPLE.npz")
+                                   solver=args.solver, refit_per=args.refit_per)
+    elif args.refit or args.holdout != 0.2 or args.target != "residual" or args.solver != "cg" or args.refit_per != "child":
+        raise InvalidOptionError("--refit, --refit-per, --target, --holdout and --solver set up --calibrate: "
+                                 "give --calibrate SAMPLE.npz")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
         _, report = expand(

@@ -19,7 +19,10 @@ streamed into a Gram matrix (:mod:`neurorewrite.fpe.gram`, memory ``width^2``, n
 solved for all output rows at once (:mod:`neurorewrite.fpe.refit`), and the runs go on with the new
 weights, so every block sees the already calibrated earlier ones. In a chain (``L1 -> act -> L2 -> act
 -> L3``) only the last linear is refit. With ``tied`` (``--structured``) the fit is on each parent's
-summed children, one weight per parent, so the ties survive. ``alpha == 1`` changes nothing.
+summed children, one weight per parent, so the ties survive; ``refit_per="parent"`` fits an untied
+model the same way (its children keep sharing their parent's copied column, pruned copies stay zero):
+a Gram ``alpha^2`` times smaller, for models too wide for a per-child refit. ``alpha == 1`` changes
+nothing.
 
 The input model is never modified. Place in the pipeline: expand -> (tie) -> **calibrate** -> lower.
 """
@@ -49,6 +52,7 @@ from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.record import read_record, write_record
 
 REFITS = ("w2", "block", "none")  # none: the sample only informs the prune (--prune-by activation)
+REFIT_PER = ("child", "parent")  # W2': a weight per child, or one per parent shared by its children
 TARGETS = ("residual", "output")
 Progress = Callable[[int, int, str], None]
 
@@ -58,6 +62,7 @@ class CalibrateOptions:
     """Options of :func:`calibrate_model` (the CLI's ``--refit``, ``--target``, ``--holdout``, ...)."""
 
     refit: str = "w2"
+    refit_per: str = "child"
     target: str = "residual"
     holdout: float = 0.2  # share of the samples that is only scored, never fit
     solver: str = "cg"
@@ -74,7 +79,7 @@ class CalibrateOptions:
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("refit", self.refit, REFITS), ("target", self.target, TARGETS),
-                                     ("solver", self.solver, SOLVERS)):
+                                     ("solver", self.solver, SOLVERS), ("refit-per", self.refit_per, REFIT_PER)):
             if value not in allowed:
                 raise InvalidOptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0.0 <= self.holdout < 1.0:
@@ -167,7 +172,8 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
                      options: CalibrateOptions) -> dict:
     """Stream one block's statistics over the sample, refit it, run the sample on past it."""
     start, cpu = time.perf_counter(), {"gram": 0.0, "solve": 0.0, "block": 0.0}
-    alpha = children if tied else 1  # tied: one weight per parent, fit on the summed children
+    # one weight per parent (tied, or --refit-per parent): fit on each parent's summed children
+    alpha = children if tied or options.refit_per == "parent" else 1
     exp, orig = runs.expanded, runs.original
     lin1, lin2 = block.first, block.second
     key1, key2 = exp.key_of(lin1.name), exp.key_of(lin2.name)
@@ -218,7 +224,12 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         tick = time.process_time()
         new_w, new_b, info = refit_masked(moments, w0, b0, options.ridge, options.solver, groups=1 if tied else children,
                                           max_iters=options.max_iters, tol=options.tol)
-        layer2.weight.copy_(torch.from_numpy(copy_outputs(new_w, alpha) if alpha > 1 else new_w))
+        if alpha > 1:
+            new_w = copy_outputs(new_w, alpha)
+            if not tied:  # the FPE pattern stays: pruned copies stay zero
+                new_w = np.where(w_now.numpy() != 0, new_w, 0).astype(new_w.dtype)
+                new_w[(w_now.numpy() != 0) & (new_w == 0)] = np.finfo(new_w.dtype).tiny
+        layer2.weight.copy_(torch.from_numpy(new_w))
         if new_b is not None and layer2.bias is not None:
             layer2.bias.copy_(torch.from_numpy(new_b))
         cpu["solve"] = time.process_time() - tick

@@ -112,3 +112,20 @@ def test_non_finite_rows_are_named(exports):
     sample["x"][5, 2] = np.nan
     with pytest.raises(DataError, match=r"NaN or infinite values in sample row\(s\) 5"):
         neurorewrite.expand(exports["torchscript_gemm"], alpha=2, calibrate=sample)
+
+
+def test_a_refit_per_parent_keeps_the_pattern_and_shares_each_parents_weight(bert_onnx):
+    sample = token_sample(40, seed=6)
+    options = CalibrateOptions(refit_per="parent")
+    bare, _ = neurorewrite.expand(bert_onnx, alpha=4, calibrate=sample, calibrate_options=CalibrateOptions(refit="none"))
+    cal, report = neurorewrite.expand(bert_onnx, alpha=4, calibrate=sample, calibrate_options=options)
+    assert all(n["width"] == 64 and n["holdout_rmse_after"] < n["holdout_rmse_before"] for n in report.calibration)
+    def seconds(model):
+        index = GraphIndex.build(model.graph)
+        return [read_weights(index, b.second)[0] for b in find_blocks(model).blocks]
+
+    for w_bare, w_cal in zip(seconds(bare), seconds(cal), strict=True):
+        np.testing.assert_array_equal(w_bare != 0, w_cal != 0)
+        kept = w_cal.reshape(w_cal.shape[0], -1, 4)
+        full = (kept != 0).all(axis=2)  # parents whose four copies all survived share one value
+        assert np.all(kept[full] == kept[full][:, :1])
