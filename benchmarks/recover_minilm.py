@@ -15,7 +15,8 @@ Methods (each a set of ``neurorewrite expand`` / ``finetune`` options):
   w2-output     --calibrate S --prune-by magnitude --refit w2 --target output  (the W2 refit alone)
   w2            --calibrate S --prune-by magnitude --refit w2                  (+ residual target)
   act-prune     --calibrate S --prune-by activation --refit none               (activation-aware prune alone)
-  act-w2        --calibrate S --prune-by activation --refit w2                 (both; the default with a sample)
+  act-w2        --calibrate S --prune-by activation --refit w2                 (both)
+  act-w2-parent --calibrate S --prune-by activation --refit w2 --refit-per parent (one W2 weight per parent)
   act-block     --calibrate S --prune-by activation --refit block              (+ block-wise reconstruction)
   distil        act-w2, then finetune --teacher ORIGINAL --data S              (times add up)
   distil-bare   bare, then finetune --teacher ORIGINAL --data S
@@ -41,6 +42,7 @@ METHODS = {
     "w2": {"prune_by": "magnitude", "refit": "w2"},
     "act-prune": {"prune_by": "activation", "refit": "none"},
     "act-w2": {"prune_by": "activation", "refit": "w2"},
+    "act-w2-parent": {"prune_by": "activation", "refit": "w2", "refit_per": "parent"},
     "act-block": {"prune_by": "activation", "refit": "block"},
     "distil": {"prune_by": "activation", "refit": "w2", "distil": True},
     "distil-bare": {"distil": True},
@@ -64,7 +66,8 @@ def run_method(name: str, alpha: int, original: Path, sample: dict, out: Path, e
     clock = Clock()
     path = out / f"{name}.a{alpha}.onnx"
     if "refit" in spec:
-        options = CalibrateOptions(refit=spec["refit"], target=spec.get("target", "residual"))
+        options = CalibrateOptions(refit=spec["refit"], target=spec.get("target", "residual"),
+                                   refit_per=spec.get("refit_per", "child"))
         _, report = expand(original, alpha=alpha, calibrate=sample, prune_by=spec["prune_by"], calibrate_options=options,
                            output=path)
         for n in report.calibration:
