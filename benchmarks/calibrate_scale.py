@@ -49,6 +49,7 @@ def _child(case: str, fit: int, alpha: int, model_path: Path, extra: dict) -> No
         "rows": notes[0]["rows"] if notes else 0, "blocks": len(notes),
         "holdout_rmse": [round(n["holdout_rmse_after"], 4) for n in notes],
         "iterations": [n["iterations"] for n in notes], "load": os.getloadavg()[0],
+        "cpu_parts": {k: round(sum(n["cpu_seconds"][k] for n in notes), 1) for k in ("gram", "solve", "block")},
     }))
 
 
@@ -73,6 +74,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=int, default=4)
     parser.add_argument("--prune-by", default=None, choices=["activation", "magnitude"])
     parser.add_argument("--refit", default="w2", choices=["w2", "block", "none"])
+    parser.add_argument("--refit-per", default="child", choices=["child", "parent"])
+    parser.add_argument("--max-iters", type=int, default=20)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -83,7 +86,8 @@ def main() -> None:
     from benchmarks import minilm
 
     rows = []
-    extra = json.dumps({"prune_by": args.prune_by, "options": {"refit": args.refit}})
+    extra = json.dumps({"prune_by": args.prune_by,
+                        "options": {"refit": args.refit, "refit_per": args.refit_per, "max_iters": args.max_iters}})
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
             path = Path(tmp) / f"{case}.onnx"
@@ -100,7 +104,8 @@ def main() -> None:
                          f"{result['rss_gb']:.2f}", f"{result['load']:.1f}"))
     print(format_table(("case", "blocks", "rows fit", "wall s", "CPU s", "peak GB", "load"), rows,
                        title=f"expand --alpha {args.alpha} --calibrate ({args.fit} sentences x 64 tokens), refit "
-                       f"{args.refit}, prune-by {args.prune_by or 'default'}"))
+                       f"{args.refit} per {args.refit_per}, {args.max_iters} CG iterations, prune-by "
+                       f"{args.prune_by or 'default'}"))
 
 
 if __name__ == "__main__":
