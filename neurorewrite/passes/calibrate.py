@@ -151,7 +151,8 @@ def calibrate_model(
             )
     if progress is not None:
         progress(len(ends), len(ends), "writing")
-    keys = {lifted.key_of(name) for name in train}
+    refit_layers = train if options.refit == "block" else {b.second.name for b in ends}
+    keys = {lifted.key_of(name) for name in refit_layers}
     updates = []
     for lin, w, b in lifted.weights(keys):
         if tied and lin.name in {e.second.name for e in ends}:
