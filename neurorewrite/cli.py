@@ -10,14 +10,23 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from neurorewrite.errors import NeurorewriteError
 
 COMMANDS = ("expand", "inspect", "finetune", "analyze", "compile", "bench")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr and exit 2, like every other error
+    (argparse prints the whole usage first); subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="neurorewrite",
         description="Rewrite the dense MLP blocks of ONNX models into FPE-expanded sparse blocks.",
     )

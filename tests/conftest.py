@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.declared import (  # noqa: F401  (hooks: import skips fail in CI, GPU tests run where a GPU is)
+    pytest_collection_modifyitems,
+    pytest_make_collect_report,
+    pytest_runtest_makereport,
+    pytest_sessionstart,
+)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -34,10 +43,25 @@ def export_torch(module, example, path: Path, dynamo: bool = False, opset: int |
 
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory) -> dict[str, Path]:
-    """name -> path of a real exported model."""
+    """name -> path of a real exported model. With NEUROREWRITE_EXPORT_CACHE=FOLDER the exports are made
+    once into FOLDER and reused by later sessions (benchmarks/mutation.py runs a session per mutant)."""
+    cache = os.environ.get("NEUROREWRITE_EXPORT_CACHE")
+    if cache:
+        index = Path(cache) / "exports.json"
+        if index.is_file():
+            return {k: Path(v) for k, v in json.loads(index.read_text()).items()}
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        made = _make_exports(Path(tempfile.mkdtemp(dir=cache)))  # a folder of its own: sessions may race
+        tmp = index.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({k: str(v) for k, v in made.items()}))
+        os.replace(tmp, index)
+        return made
+    return _make_exports(tmp_path_factory.mktemp("exports"))
+
+
+def _make_exports(out: Path) -> dict[str, Path]:
     torch = _torch()
     nn = torch.nn
-    out = tmp_path_factory.mktemp("exports")
     torch.manual_seed(0)
     x = torch.randn(3, 16)
     models: dict[str, Path] = {}

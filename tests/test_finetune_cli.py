@@ -84,7 +84,7 @@ def test_errors_are_one_line_and_write_nothing(workdir, capsys, data, extra, mes
     out = workdir / "never.onnx"
     code = main(["finetune", str(workdir / "model.fpe.onnx"), "--data", str(workdir / data), "-o", str(out), *extra])
     err = capsys.readouterr().err
-    assert code != 0
+    assert code == 2
     assert message in err and err.count("\n") == 1 and err.startswith("neurorewrite finetune: error:")
     assert not out.exists()
     assert not [p for p in workdir.iterdir() if p.name.startswith(".never")], "a temporary file was left behind"

@@ -9,8 +9,9 @@ and returns a NEW module whose expanded layers are :class:`MaskedLinear`. It mir
 dense model.
 
 Masks are fixed: a :class:`MaskedLinear` keeps its pruned weights at exactly zero as long as every
-optimizer step goes through :func:`enforce_masks` (gradients are masked before the step, weights
-after it, so momentum and weight decay cannot revive a pruned weight).
+optimizer step goes through :func:`enforce_masks` (gradients are masked as autograd computes them and
+again before the step, weights after it, so neither momentum, weight decay, gradient clipping nor an
+optimizer that mixes entries can revive a pruned weight or steer the kept ones by it).
 """
 
 from __future__ import annotations
@@ -107,9 +108,16 @@ def apply_masks(module: nn.Module) -> None:
         layer.apply_mask()
 
 
-def enforce_masks(optimizer: torch.optim.Optimizer, module: nn.Module) -> tuple[RemovableHandle, RemovableHandle]:
-    """Make ``optimizer`` keep the masks of ``module``: gradients masked before each step, weights
-    after it. Works with any torch optimizer; remove the returned handles to stop."""
+def enforce_masks(optimizer: torch.optim.Optimizer, module: nn.Module) -> tuple[RemovableHandle, ...]:
+    """Make ``optimizer`` keep the masks of ``module``, so that it trains the sparse model: the kept
+    weights move as if the pruned ones did not exist, and the pruned ones stay exactly zero.
+
+    Gradients are masked as autograd computes them (tensor hooks), so whatever reads them before the
+    step sees only kept entries: gradient clipping across parameters, a closure that recomputes them
+    inside the step (LBFGS), optimizers that mix entries (Adafactor's factored moments). They are masked
+    again before each step (gradients written by hand) and the weights after it (weight decay, momentum).
+    Works with any torch optimizer; remove the returned handles to stop.
+    """
     layers = list(masked_layers(module))
 
     def before(*_: object) -> None:
@@ -120,7 +128,13 @@ def enforce_masks(optimizer: torch.optim.Optimizer, module: nn.Module) -> tuple[
         for layer in layers:
             layer.apply_mask()
 
-    return optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)
+    handles = []
+    for layer in layers:
+        # read the buffers when the hook runs: ``module.to(device)`` replaces them
+        handles.append(layer.weight.register_hook(lambda g, layer=layer: g * layer.weight_mask))
+        if layer.bias is not None and layer.bias_mask is not None:
+            handles.append(layer.bias.register_hook(lambda g, layer=layer: g * layer.bias_mask))
+    return (*handles, optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after))
 
 
 def find_pairs(module: nn.Module) -> list[tuple[str, str, str]]:

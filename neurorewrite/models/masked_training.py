@@ -64,9 +64,9 @@ def finetune(
 ) -> FinetuneResult:
     """Train ``model`` in place for ``epochs`` passes over ``loader`` (batches of ``(x, y)``).
 
-    ``optimizer`` defaults to Adam(lr); any torch optimizer works, the masks are enforced around its
-    steps. ``loss`` defaults to :func:`default_loss` of the first batch's targets. The model is left in
-    eval mode.
+    ``optimizer`` defaults to Adam(lr); any torch optimizer works (each step is given a closure that
+    recomputes the loss, so LBFGS runs too), the masks are enforced around its steps. ``loss`` defaults
+    to :func:`default_loss` of the first batch's targets. The model is left in eval mode.
     """
     epochs = integer_at_least("--epochs", epochs, 0)
     if optimizer is None:
@@ -80,11 +80,9 @@ def finetune(
             for x, y in loader:
                 if loss is None:
                     result.loss_name, loss = default_loss(y)
-                optimizer.zero_grad(set_to_none=True)
-                value = loss(model(x), y)
-                value.backward()
-                optimizer.step()
-                total += float(value.detach()) * len(x)
+                losses: list[torch.Tensor] = []
+                optimizer.step(_closure(model, optimizer, loss, x, y, losses))
+                total += float(losses[0].detach()) * len(x)  # the loss before the step (LBFGS evaluates several)
                 count += len(x)
             if count == 0:
                 raise DataError("the training data is empty: the loader gave no batches")
@@ -96,3 +94,16 @@ def finetune(
             handle.remove()
         model.eval()
     return result
+
+
+def _closure(model: nn.Module, optimizer: torch.optim.Optimizer, loss: LossFn, x: torch.Tensor, y: torch.Tensor,
+             losses: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """The step's closure: zero the gradients, compute the loss on ``(x, y)``, backpropagate, return it
+    (and append it to ``losses``)."""
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        value = loss(model(x), y)
+        value.backward()
+        losses.append(value)
+        return value
+    return closure

@@ -109,7 +109,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             onnx.checker.check_model(str(tmp_model), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise VerificationError(f"{path}: the written model fails the ONNX checker, nothing written: {first_line(e)}") from e
-        if external_data:
+        if external_data and (Path(tmp) / data_name).exists():  # onnx writes none if every tensor is small
             os.replace(Path(tmp) / data_name, folder / data_name)
         os.replace(tmp_model, path)
     return path
