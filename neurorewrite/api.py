@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -16,7 +18,7 @@ from neurorewrite.fpe import FPEConfig, check_alpha, structured_split
 from neurorewrite.passes.expand_blocks import ExpandReport, Progress, expand_model
 from neurorewrite.passes.lower import check_format, lower_model
 from neurorewrite.passes.tie_outputs import tie_outputs
-from neurorewrite.rewriter.blocks import Skipped, find_blocks
+from neurorewrite.rewriter.blocks import Skipped, find_blocks, select_blocks
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.io import (
     EXTERNAL_DATA_THRESHOLD,
@@ -30,6 +32,15 @@ from neurorewrite.rewriter.linear import read_weights
 from neurorewrite.rewriter.pipeline import Pass, run_passes
 from neurorewrite.rewriter.record import FPERecord, read_record
 from neurorewrite.sample import load_sample
+
+if TYPE_CHECKING:  # the calibration imports torch; the API loads it only when a sample is given
+    from neurorewrite.passes.calibrate import CalibrateOptions
+
+PRUNE_SCORES = ("magnitude", "activation")
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration ran but its result deserves a look (e.g. fewer sample rows than layer inputs)."""
 
 
 def load_groups(path: str | os.PathLike) -> tuple[tuple[int, ...], ...]:
@@ -60,10 +71,17 @@ def expand(
     progress: Progress | None = None,
     format: str | None = None,
     structured: bool = False,
+    prune_by: str | None = None,
+    calibrate_options: CalibrateOptions | None = None,
 ) -> tuple[onnx.ModelProto, ExpandReport]:
     """FPE-expand every MLP block of ``model`` (a path or a ModelProto); optionally calibrate and save.
 
-    ``calibrate`` is an ``.npz`` path or a mapping from graph input names to sample arrays. With
+    ``calibrate`` is an ``.npz`` path or a mapping from graph input names to sample arrays; the
+    calibration's options (refit, target, held-out share, solver) are ``calibrate_options``
+    (:class:`neurorewrite.passes.calibrate.CalibrateOptions`). ``prune_by`` is ``magnitude`` or
+    ``activation`` (the prune scores use the sample's activation statistics; needs ``calibrate``); by
+    default ``activation`` when a sample is given. Warnings of the calibration (too few rows) are in
+    ``report.warnings`` and issued as :class:`CalibrationWarning`. With
     ``output`` the model is written atomically (nothing is written if any step fails). ``format``
     (``dense`` by default, ``grouped``, ``sparse``) picks the representation (:mod:`neurorewrite.passes.lower`).
     ``structured`` is the preset that runs at dense speed: the ``shared`` split (or ``feature``), tied
@@ -83,9 +101,13 @@ def expand(
     sample = None
     if calibrate is not None:
         sample = load_sample(calibrate, "--calibrate")
+    prune_by = check_prune_by(prune_by, sample is not None)
     original = load_model(model)
-    new, report = run_passes(original, _pipeline(original, cfg, layers, progress, where, structured, sample, format))
+    steps = _pipeline(original, cfg, layers, progress, where, structured, sample, format, prune_by, calibrate_options)
+    new, report = run_passes(original, steps)
     assert report is not None  # the pipeline always starts with expand
+    for message in report.warnings:
+        warnings.warn(message, CalibrationWarning, stacklevel=2)
     if output is not None:
         external = not isinstance(model, onnx.ModelProto) and stored_with_external_data(model)
         save_model(new, output, external_data=True if external else None)
@@ -103,11 +125,20 @@ def _pipeline(
     structured: bool,
     sample: Mapping[str, np.ndarray] | None,
     format: str,
+    prune_by: str = "magnitude",
+    calibrate_options: CalibrateOptions | None = None,
 ) -> list[Pass[ExpandReport]]:
-    """expand -> (tie, for --structured) -> (calibrate) -> lower."""
+    """(activation statistics) -> expand -> (tie, for --structured) -> (calibrate) -> lower."""
 
     def expand_pass(m: onnx.ModelProto, _: ExpandReport | None) -> tuple[onnx.ModelProto, ExpandReport]:
-        return expand_model(m, cfg, list(layers) if layers else None, progress, where)
+        scales = None
+        if prune_by == "activation" and sample is not None and cfg.alpha > 1:
+            from neurorewrite.passes.activation_stats import activation_scales  # torch: only when asked
+
+            chosen, _ = select_blocks(find_blocks(m), list(layers) if layers else None)
+            options = calibrate_options or _default_calibrate_options()
+            scales = activation_scales(m, chosen, sample, "--calibrate", options.holdout, options.chunk_rows, options.mask_input)
+        return expand_model(m, cfg, list(layers) if layers else None, progress, where, scales)
 
     def lower_pass(m: onnx.ModelProto, report: ExpandReport | None) -> tuple[onnx.ModelProto, ExpandReport]:
         assert report is not None
@@ -117,12 +148,30 @@ def _pipeline(
     passes: list[Pass[ExpandReport]] = [Pass("expand", expand_pass)]
     if structured:
         passes.append(Pass("tie outputs", lambda m, r: tie_outputs(original, m, r)))
-    if sample is not None:
-        from neurorewrite.passes.calibrate import calibrate_model  # imports onnxruntime: only when asked
+    options = calibrate_options or _default_calibrate_options() if sample is not None else None
+    if sample is not None and options is not None and options.refit != "none":
+        from neurorewrite.passes.calibrate import calibrate_model  # imports torch: only when asked
 
-        passes.append(Pass("calibrate", lambda m, r: calibrate_model(original, m, r, sample, tied=structured)))
+        passes.append(Pass("calibrate", lambda m, r: calibrate_model(original, m, r, sample, structured, options)))
     passes.append(Pass(f"lower to {format}", lower_pass))
     return passes
+
+
+def _default_calibrate_options() -> CalibrateOptions:
+    from neurorewrite.passes.calibrate import CalibrateOptions
+
+    return CalibrateOptions()
+
+
+def check_prune_by(prune_by: str | None, has_sample: bool) -> str:
+    """``prune_by`` checked; by default ``activation`` with a sample, ``magnitude`` without."""
+    if prune_by is None:
+        return "activation" if has_sample else "magnitude"
+    if prune_by not in PRUNE_SCORES:
+        raise InvalidOptionError(f"--prune-by must be one of {', '.join(PRUNE_SCORES)}, got {prune_by!r}")
+    if prune_by == "activation" and not has_sample:
+        raise InvalidOptionError("--prune-by activation measures activations on a sample: give --calibrate SAMPLE.npz")
+    return prune_by
 
 
 def _structured_options(split: str, format: str | None) -> tuple[str, str, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 from pathlib import Path
 
 from neurorewrite.errors import InvalidOptionError
@@ -12,6 +14,9 @@ from neurorewrite.passes.expand_blocks import ExpandReport
 from neurorewrite.progress import ProgressBar
 from neurorewrite.rewriter.lowering import LOWERINGS
 from neurorewrite.table import format_table
+
+
+DEFAULT_REFIT = "w2"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +36,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bias", default="split", choices=BIAS_MODES, help="hidden bias per child: split (b/alpha, default: measured better before calibration) or copy")
     p.add_argument("--prune", default="global", choices=PRUNE_MODES, help="one threshold over both layers, or per layer")
     p.add_argument("--layers", nargs="+", metavar="NAME_OR_REGEX", help="only blocks whose linear node names match")
-    p.add_argument("--calibrate", type=Path, metavar="SAMPLE.npz", help="refit outgoing weights on sample inputs")
+    p.add_argument("--calibrate", type=Path, metavar="SAMPLE.npz",
+                   help="win quality back label-free on sample inputs (one array per model input, axis 0 = samples; "
+                   "positions an attention_mask input masks out are not rows)")
+    p.add_argument("--prune-by", choices=("activation", "magnitude"), default=None,
+                   help="prune scores: activation (magnitudes times the sample's activation statistics; default "
+                   "with --calibrate) or magnitude (default without a sample)")
+    p.add_argument("--refit", choices=("w2", "block", "none"), default=None,
+                   help="what --calibrate refits: w2 (each block's last linear, least squares), block (then the "
+                   "whole block, masks fixed, by gradient steps) or none (the sample only informs --prune-by "
+                   f"activation); default {DEFAULT_REFIT}")
+    p.add_argument("--refit-per", choices=("child", "parent"), default="child",
+                   help="W2 refit: a weight per child (default), or one per parent shared by its children (a Gram "
+                   "alpha^2 times smaller: for wide models)")
+    p.add_argument("--target", choices=("residual", "output"), default="residual",
+                   help="what a block is fit to: the original block's output, plus (residual, default) the drift "
+                   "of the residual stream it adds to")
+    p.add_argument("--holdout", type=float, default=0.2, metavar="SHARE",
+                   help="share of the sample's samples held out of the fit and only scored (default 0.2)")
+    p.add_argument("--solver", choices=("cg", "exact"), default="cg",
+                   help="least-squares solver: cg (all rows at once, default) or exact (a dense solve per row: small layers)")
     p.add_argument(
         "--format", choices=tuple(LOWERINGS), default=None,
         help="how expanded weights are stored: " + "; ".join(f"{k}: {v.summary}" for k, v in LOWERINGS.items()),
@@ -53,17 +77,31 @@ def parse_alpha(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neurorewrite.api import default_output, expand
+    from neurorewrite.api import CalibrationWarning, default_output, expand
 
     alpha = parse_alpha(args.alpha)
     output = args.output or default_output(args.model)
     if output.exists() and output.resolve() == args.model.resolve():
         raise InvalidOptionError(f"-o {output} is the input model; write the expansion elsewhere")
-    _, report = expand(
-        args.model, alpha=alpha, split=args.split, seed=args.seed, bias=args.bias, prune=args.prune,
-        groups=args.groups, layers=args.layers, calibrate=args.calibrate, output=output,
-        progress=ProgressBar("expand"), format=args.format, structured=args.structured,
-    )
+    options = None
+    if args.calibrate is not None:
+        from neurorewrite.passes.calibrate import CalibrateOptions
+
+        options = CalibrateOptions(refit=args.refit or DEFAULT_REFIT, target=args.target, holdout=args.holdout,
+                                   solver=args.solver, refit_per=args.refit_per)
+    elif args.refit or args.holdout != 0.2 or args.target != "residual" or args.solver != "cg" or args.refit_per != "child":
+        raise InvalidOptionError("--refit, --refit-per, --target, --holdout and --solver set up --calibrate: "
+                                 "give --calibrate SAMPLE.npz")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CalibrationWarning)
+        _, report = expand(
+            args.model, alpha=alpha, split=args.split, seed=args.seed, bias=args.bias, prune=args.prune,
+            groups=args.groups, layers=args.layers, calibrate=args.calibrate, output=output,
+            progress=ProgressBar("expand"), format=args.format, structured=args.structured,
+            prune_by=args.prune_by, calibrate_options=options,
+        )
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     if args.json:
         print(json.dumps({"output": str(output), **report.to_dict()}, indent=2))
     else:
@@ -84,8 +122,16 @@ def render_report(report: ExpandReport, output: Path) -> str:
         )
     ]
     if report.calibration:
-        cal = [(c["block"], c["layer"], f"{c['rmse_before']:.4g} -> {c['rmse_after']:.4g}") for c in report.calibration]
-        parts.append(format_table(("block", "refit layer", "output RMSE vs original"), cal, title="\ncalibration"))
+        cal = [(c["layer"], f"{c['rows']} + {c['holdout_rows']}", f"{c['rmse_before']:.4g} -> {c['rmse_after']:.4g}",
+                f"{c['holdout_rmse_before']:.4g} -> {c['holdout_rmse_after']:.4g}", f"{c['seconds']:.1f}s")
+               for c in report.calibration]
+        summary = report.calibration_summary
+        title = (f"\ncalibration: refit={summary.get('refit')} target={report.calibration[0]['target']} "
+                 f"solver={summary.get('solver')}; rows are positions that are not padding")
+        parts.append(format_table(("refit layer", "rows fit + held out", "RMSE vs target (fit rows)",
+                                   "RMSE (held-out rows)", "time"), cal, title=title))
+    if report.warnings:
+        parts.append("\n" + "\n".join(f"warning: {w}" for w in report.warnings))
     notes = [(b.name, note) for b in report.blocks for note in b.notes]
     if notes:
         parts.append(format_table(("block", "note"), notes, title="\nnotes"))

@@ -16,6 +16,7 @@ from neurorewrite.sample import load_sample
 from neurorewrite.table import format_table
 
 if TYPE_CHECKING:  # the pass imports torch and onnxruntime; the command loads it only when it runs
+    from neurorewrite.passes.distill_onnx import DistillReport
     from neurorewrite.passes.finetune_onnx import FinetuneReport
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -31,11 +32,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "error). Pruned weights stay exactly zero; the FPE metadata is kept.",
     )
     p.add_argument("model", type=Path, help="input ONNX model (typically MODEL.fpe.onnx from neurorewrite expand)")
-    p.add_argument("--data", type=Path, required=True, metavar="TRAIN.npz", help="npz with arrays x (N, ...) and y (N,) labels or (N, O) targets")
+    p.add_argument("--data", type=Path, required=True, metavar="TRAIN.npz",
+                   help="npz with arrays x (N, ...) and y (N,) labels or (N, O) targets; or, with --teacher, one "
+                   "array per model input (no labels)")
+    p.add_argument("--teacher", type=Path, metavar="ORIGINAL.onnx",
+                   help="distil label-free: train the expanded layers so the outputs match this model's (the one "
+                   "the input was expanded from) on the --data inputs; y labels in --data take precedence")
+    p.add_argument("--holdout", type=float, default=0.2, metavar="SHARE",
+                   help="with --teacher: share of the samples held out for early stopping and the report (default 0.2)")
+    p.add_argument("--patience", type=int, default=2, help="with --teacher: epochs without held-out gain before stopping (default 2)")
+    p.add_argument("--match", choices=("blocks", "outputs"), default="blocks",
+                   help="with --teacher: match the outputs and the tensor each expanded block writes into (blocks, "
+                   "default) or the outputs only")
     p.add_argument("-o", "--output", type=Path, help="output path (default: MODEL.tuned.onnx beside the input)")
-    p.add_argument("--epochs", type=int, default=25, help="passes over the data (default 25)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data (default 25; 8 with --teacher)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; 1e-4 with --teacher)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per step (default 32; 16 with --teacher)")
     p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS, help="torch optimizer (default adam)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default 0)")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
@@ -51,9 +63,15 @@ def load_training_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]
     if missing:
         raise DataError(
             f"--data {path}: needs arrays x (inputs) and y (labels or targets); missing {', '.join(missing)} "
-            f"(found {', '.join(sorted(arrays))})"
+            f"(found {', '.join(sorted(arrays))}); to distil without labels, give --teacher ORIGINAL.onnx"
         )
     return arrays["x"], arrays["y"]
+
+
+def _defaults(args: argparse.Namespace, distilling: bool) -> None:
+    for name, labels, distil in (("epochs", 25, 8), ("lr", 1e-3, 1e-4), ("batch_size", 32, 16)):
+        if getattr(args, name) is None:
+            setattr(args, name, distil if distilling else labels)
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -70,10 +88,16 @@ def run(args: argparse.Namespace) -> int:
     from neurorewrite.passes.finetune_onnx import FinetuneOptions, finetune_model
     from neurorewrite.rewriter.io import load_model, save_model
 
-    _check_options(args)
     output = args.output or default_output(args.model, "tuned")
-    if output.exists() and output.resolve() == args.model.resolve():
-        raise InvalidOptionError(f"-o {output} is the input model; write the tuned model elsewhere")
+    for option, path in (("the input model", args.model), ("--teacher", args.teacher)):
+        if path is not None and output.exists() and output.resolve() == Path(path).resolve():
+            raise InvalidOptionError(f"-o {output} is {option}; write the tuned model elsewhere")
+    arrays = load_sample(args.data, "--data")
+    distilling = args.teacher is not None and not {"x", "y"} <= set(arrays)
+    _defaults(args, distilling)
+    _check_options(args)
+    if distilling:
+        return _distil(args, arrays, output)
     model = load_model(args.model)
     x, y = load_training_data(args.data)
     options = FinetuneOptions(
@@ -87,6 +111,45 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render_report(report, output))
     return 0
+
+
+def _distil(args: argparse.Namespace, arrays: dict[str, np.ndarray], output: Path) -> int:
+    from neurorewrite.passes.distill_onnx import DistillOptions, distill_model
+    from neurorewrite.rewriter.io import load_model, save_model
+
+    options = DistillOptions(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, holdout=args.holdout,
+                             patience=args.patience, match=args.match, optimizer=args.optimizer,
+                             weight_decay=args.weight_decay, seed=args.seed)
+    student, teacher = load_model(args.model), load_model(args.teacher)
+    new, report = distill_model(student, teacher, arrays, options, ProgressBar("distil"), where=f"--data {args.data}")
+    save_model(new, output)
+    if args.json:
+        print(json.dumps({"output": str(output), **report.to_dict()}, indent=2, default=str))
+    else:
+        print(render_distill(report, output))
+    return 0
+
+
+def render_distill(report: DistillReport, output: Path) -> str:
+    def cos(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    o = report.options
+    ran = len(report.history)
+    summary = format_table(
+        ("held-out samples", "before", "after"),
+        [("distance to the teacher (relative squared error)", f"{report.held_out_before:.4g}", f"{report.held_out_after:.4g}"),
+         ("mean cosine of the first output to the teacher's", cos(report.cosine_before), cos(report.cosine_after))],
+        title=f"distil: {report.samples} samples ({report.holdout_samples} held out), {ran} of {o.epochs} epochs"
+        f"{' (stopped early)' if report.stopped_early else ''}, best epoch {report.best_epoch}, {o.optimizer} "
+        f"lr={o.lr} batch={o.batch_size}, matched {len(report.matched)} tensor(s)",
+    )
+    layers = format_table(
+        ("layer", "shape (out, in)", "nonzeros"),
+        [(layer.name, f"{layer.shape[0]} x {layer.shape[1]}", f"{layer.nnz_before} -> {layer.nnz_after}") for layer in report.layers],
+        title="\ntrained layers (masks fixed)",
+    )
+    return f"{summary}\n{layers}\n\nwrote {output}"
 
 
 def render_report(report: FinetuneReport, output: Path) -> str:

@@ -38,7 +38,7 @@ from neurorewrite.fpe.block import (
     expand_gated_block,
     scatter_children,
 )
-from neurorewrite.fpe.prune import choose_pruned, kth_weighted_value, smallest_by_count
+from neurorewrite.fpe.prune import PruneScales, choose_pruned, kth_weighted_value, smallest_by_count
 from neurorewrite.fpe.split import (
     balanced_labels,
     check_groups,
@@ -52,7 +52,7 @@ from neurorewrite.fpe.split import (
 )
 
 __all__ = [
-    "BIAS_MODES", "ONE_PARTITION_SPLITS", "PRUNE_MODES", "SPLITS", "BlockExpansion", "FPEConfig", "GatedExpansion", "balanced_labels", "block_nnz",
+    "BIAS_MODES", "ONE_PARTITION_SPLITS", "PRUNE_MODES", "SPLITS", "BlockExpansion", "PruneScales", "FPEConfig", "GatedExpansion", "balanced_labels", "block_nnz",
     "block_seed", "check_alpha", "check_groups", "choose_pruned", "cluster_features", "copy_outputs",
     "expand_bias", "expand_block", "expand_gated_block", "kth_weighted_value", "scatter_children", "smallest_by_count",
     "split_blocks", "split_feature", "split_groups", "split_neurons", "split_random", "split_shared", "structured_split",

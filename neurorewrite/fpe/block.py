@@ -14,7 +14,7 @@ import numpy as np
 
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.fpe.config import FPEConfig
-from neurorewrite.fpe.prune import choose_pruned
+from neurorewrite.fpe.prune import PruneScales, choose_pruned
 from neurorewrite.fpe.split import split_neurons
 
 
@@ -86,19 +86,21 @@ def expand_block(
     w2: np.ndarray,
     b2: np.ndarray | None,
     cfg: FPEConfig,
+    scales: PruneScales | None = None,
 ) -> BlockExpansion:
     """Split every hidden neuron into ``cfg.alpha`` children and prune back to the original count.
 
     Invariants: each row of ``assignment`` partitions ``range(D)``; ``nnz_after == nnz_before``.
-    The inputs are not modified.
+    The inputs are not modified. ``scales`` makes the prune activation-aware (:class:`PruneScales`);
+    without it the prune is by magnitude.
     """
-    ((w1e, b1e),), w2e, assignment, before, after = _expand([(w1, b1)], w2, b2, cfg, None)
+    ((w1e, b1e),), w2e, assignment, before, after = _expand([(w1, b1)], w2, b2, cfg, None, scales)
     return BlockExpansion(w1e, b1e, w2e, None if b2 is None else b2.copy(), assignment, before, after)
 
 
 def expand_gated_block(
     wg: np.ndarray, bg: np.ndarray | None, wu: np.ndarray, bu: np.ndarray | None,
-    wd: np.ndarray, bd: np.ndarray | None, cfg: FPEConfig,
+    wd: np.ndarray, bd: np.ndarray | None, cfg: FPEConfig, scales: PruneScales | None = None,
 ) -> GatedExpansion:
     """Expand a gated block: child ``k`` of parent ``i`` computes
     ``act(Wg[i, S_k] x + bg_ik) * (Wu[i, S_k] x + bu_ik)`` with one partition ``S`` per parent for
@@ -108,13 +110,13 @@ def expand_gated_block(
     """
     if wu.shape != wg.shape:
         raise InvalidOptionError(f"the up weight has shape {list(wu.shape)} but the gate weight {list(wg.shape)}")
-    (ge, ue), wde, assignment, before, after = _expand([(wg, bg), (wu, bu)], wd, bd, cfg, np.vstack([wg, wu]))
+    (ge, ue), wde, assignment, before, after = _expand([(wg, bg), (wu, bu)], wd, bd, cfg, np.vstack([wg, wu]), scales)
     return GatedExpansion(*ge, *ue, wde, None if bd is None else bd.copy(), assignment, before, after)
 
 
 def _expand(
     inputs: list[tuple[np.ndarray, np.ndarray | None]], w_out: np.ndarray, b_out: np.ndarray | None,
-    cfg: FPEConfig, features: np.ndarray | None,
+    cfg: FPEConfig, features: np.ndarray | None, scales: PruneScales | None = None,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], np.ndarray, np.ndarray, int, int]:
     """Split, copy and prune a block with input-side layers ``inputs`` (one partition for all of them)
     and the output layer ``w_out``; returns the expanded inputs, ``W_out'``, the assignment and the
@@ -128,7 +130,7 @@ def _expand(
     # b/alpha can underflow to zero for subnormal biases: count what is really there
     excess_in = [_nnz(be) - _nnz(b) for (_, b), be in zip(inputs, biases)]
     excess_out = (alpha - 1) * int(np.count_nonzero(w_out))
-    cut_in, (whole, last, copies) = choose_pruned([w for w, _ in inputs], w_out, alpha, excess_in, excess_out, cfg.prune)
+    cut_in, (whole, last, copies) = choose_pruned([w for w, _ in inputs], w_out, alpha, excess_in, excess_out, cfg.prune, scales)
     expanded = []
     for (w, _), be, cut in zip(inputs, biases, cut_in):
         kept = w.copy()

@@ -1,8 +1,14 @@
-"""Exact-count magnitude pruning of the expanded block, chosen on the original matrices."""
+"""Exact-count pruning of the expanded block, chosen on the original matrices.
+
+The order is by magnitude, or, with :class:`PruneScales` (activation-aware pruning, ``docs/methods.md``
+1.3b), by magnitude times per-row and per-column factors measured on sample inputs, so the weights
+that carry real inputs' signal survive. Either way the count removed is exact.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -77,8 +83,39 @@ def smallest_by_count(parts: Sequence[tuple[np.ndarray, int]], k: int) -> list[C
     return cuts
 
 
+@dataclass(frozen=True)
+class PruneScales:
+    """Factors that turn a block's weight magnitudes into importance scores (all entries >= 0).
+
+    The score of input-side entry ``(i, j)`` of matrix ``m`` is ``|W_m[i, j]| * in_rows[m][i] *
+    in_columns[j]``; of output entry ``(o, i)`` it is ``|W_out[o, i]| * out_columns[i]``. With
+    ``in_columns = rms(x_j)`` and ``out_columns = rms(h_i)`` a score is the size of the entry's
+    contribution on real inputs; ``in_rows`` carries an input-side contribution on to the block's output
+    (e.g. ``rms(act'(z_i)) * ||W_out[:, i]||``), so one threshold over both layers compares like with like.
+    ``None`` is a factor of one. Every copy of an output entry keeps the parent's score.
+    """
+
+    in_columns: np.ndarray | None = None  # (D,)
+    in_rows: tuple[np.ndarray | None, ...] = ()  # per input-side matrix, (H,)
+    out_columns: np.ndarray | None = None  # (H,)
+
+    def scores(self, magnitudes: np.ndarray, flat: np.ndarray, shape: tuple[int, int], matrix: int | None) -> np.ndarray:
+        """Scores of the entries ``flat`` (flat indices into a matrix of ``shape``) whose magnitudes are
+        given; ``matrix`` is the input-side matrix's position, or None for the output matrix."""
+        rows, cols = np.divmod(flat, shape[1])
+        out = magnitudes.astype(np.float64)
+        row = self.in_rows[matrix] if matrix is not None and matrix < len(self.in_rows) else None
+        col = self.in_columns if matrix is not None else self.out_columns
+        if row is not None:
+            out *= np.asarray(row, np.float64)[rows]
+        if col is not None:
+            out *= np.asarray(col, np.float64)[cols]
+        return out
+
+
 def choose_pruned(
-    inputs: Sequence[np.ndarray], w_out: np.ndarray, alpha: int, excess_in: Sequence[int], excess_out: int, mode: str
+    inputs: Sequence[np.ndarray], w_out: np.ndarray, alpha: int, excess_in: Sequence[int], excess_out: int, mode: str,
+    scales: PruneScales | None = None,
 ) -> tuple[list[np.ndarray], Cut]:
     """Which weights FPE prunes, chosen on the original matrices.
 
@@ -89,11 +126,15 @@ def choose_pruned(
     the first ``copies`` children of one entry). ``global`` removes the smallest magnitudes over all the
     matrices at once (the paper's rule; at equal magnitude the earlier matrix goes first); ``layer``
     removes ``excess_in[i]`` from input matrix ``i`` and ``excess_out`` from the output copies
-    separately, so each layer keeps its own count.
+    separately, so each layer keeps its own count. ``scales`` orders by importance score instead of
+    magnitude (:class:`PruneScales`).
     """
     nonzero = [np.flatnonzero(w) for w in (*inputs, w_out)]
     mags = [np.abs(w.ravel()[i]) for w, i in zip((*inputs, w_out), nonzero)]
     mags[-1] = mags[-1].astype(mags[0].dtype, copy=False)
+    if scales is not None:
+        positions: list[int | None] = [*range(len(inputs)), None]
+        mags = [scales.scores(m, i, w.shape, p) for m, i, w, p in zip(mags, nonzero, (*inputs, w_out), positions)]
     if mode == "global":
         cuts = smallest_by_count([(m, 1) for m in mags[:-1]] + [(mags[-1], alpha)], sum(excess_in) + excess_out)
     else:

@@ -1,22 +1,31 @@
-"""Lift an ONNX MLP graph into a trainable torch module with its FPE masks.
+"""Lift an ONNX graph into a trainable torch module with its FPE masks.
 
-:class:`OnnxMLP` evaluates the graph node by node with the torch ops of
-:mod:`neurorewrite.models.onnx_ops`. Every linear layer whose weight (and bias) is a constant used
-by that layer alone becomes a :class:`MaskedLinear` holding the effective ``W (out, in)`` and ``b``
-(Gemm alpha/beta folded in), masked to its current nonzero pattern, so training keeps the exact
-nonzero count. Everything else (shared or scalar constants) is a frozen buffer. ``weights()`` gives
-the trained weights back in the form ``rewriter.editor.replace_weights`` takes.
+:class:`OnnxGraph` evaluates the graph node by node with the torch ops of
+:mod:`neurorewrite.models.onnx_ops`: any number of inputs (float or integer: token ids, attention
+masks) and outputs. Every linear layer whose weight (and bias) is a constant used by that layer alone
+becomes a :class:`MaskedLinear` holding the effective ``W (out, in)`` and ``b`` (Gemm alpha/beta folded
+in), masked to its current nonzero pattern, so training keeps the exact nonzero count; ``train``
+names the layers whose parameters train (the others are frozen). Everything else is a frozen buffer.
+``weights()`` gives the layers' weights back in the form ``rewriter.editor.replace_weights`` takes.
+
+The graph can also be run a stretch at a time (:meth:`OnnxGraph.start`, :meth:`OnnxGraph.advance`):
+a :class:`Cursor` holds only the tensors later nodes still read, so a pass can stop before a layer,
+change its weights, and go on (``passes/calibrate.py`` refits blocks in graph order this way).
+
+:class:`OnnxMLP` is the one-float-input form ``neurorewrite finetune`` trains on ``(x, y)`` arrays.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import torch
 from onnx import helper
 from torch import nn
+from torch.nn import functional as F
 
 from neurorewrite.errors import NoBlocksError, UnsupportedModelError
 from neurorewrite.models.fpe import MaskedLinear, linear_arrays
@@ -29,13 +38,35 @@ FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
 @dataclass(frozen=True)
 class _Step:
-    """One node to evaluate: ``kind`` is an op name, ``"linear"`` (x W^T [+ b]) or ``"bias"`` (x + b)."""
+    """One node to evaluate: ``kind`` is an op name or ``"linear"`` (x W^T + b: a lifted layer, its bias
+    Add included)."""
 
     kind: str
     inputs: tuple[str, ...]
-    output: str
+    outputs: tuple[str, ...]
     attrs: dict
     layer: str = ""
+    node: int = -1  # index of the node in the graph
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    elem_type: int  # onnx.TensorProto data type
+    shape: tuple[int | None, ...]
+
+    @property
+    def is_float(self) -> bool:
+        return self.elem_type in FLOAT_TYPES
+
+
+@dataclass
+class Cursor:
+    """A run of the graph stopped before step ``position``: the tensors later steps still read."""
+
+    env: dict[str, torch.Tensor | None]
+    position: int = 0
+    extra: dict[str, object] = field(default_factory=dict)  # what the caller keeps beside it
 
 
 LIFTED_FORMS = ("Gemm", "MatMul+Add", "MatMul")  # linears the "linear" step computes (x W^T + b on the last axis)
@@ -54,46 +85,78 @@ def _trainable(index: GraphIndex, lin: Linear) -> bool:
     return True
 
 
+def _needed_nodes(index: GraphIndex, tensors: Collection[str]) -> set[int]:
+    """The nodes that ``tensors`` depend on (subgraph readers included)."""
+    reads: dict[int, list[str]] = {}
+    for name, users in index.consumers.items():
+        for user in users:
+            reads.setdefault(user, []).append(name)
+    needed: set[int] = set()
+    stack = [index.producer[t] for t in tensors if t in index.producer]
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        stack.extend(index.producer[t] for t in reads.get(i, ()) if t in index.producer)
+    return needed
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs["_outputs"] = len(node.output)
+    return attrs
 
 
-class OnnxMLP(nn.Module):
-    """The function of an ONNX graph with one float input, as a torch module (first output only)."""
+class OnnxGraph(nn.Module):
+    """The function of an ONNX graph as a torch module; ``forward`` takes the inputs in graph order
+    and returns the first output (:meth:`run` returns any tensors by name)."""
 
-    def __init__(self, model: onnx.ModelProto, where: str = "model") -> None:
+    def __init__(self, model: onnx.ModelProto, where: str = "model", train: Collection[str] | None = None,
+                 outputs: Collection[str] | None = None) -> None:
         super().__init__()
         graph = model.graph
         index = GraphIndex.build(graph)
+        self.output_names = list(outputs) if outputs is not None else [o.name for o in graph.output]
+        self._needed = _needed_nodes(index, self.output_names)
         inits = {t.name for t in graph.initializer}
-        inputs = [i for i in graph.input if i.name not in inits]
-        if len(inputs) != 1 or inputs[0].type.tensor_type.elem_type not in FLOAT_TYPES:
-            raise UnsupportedModelError(f"{where}: fine-tuning needs exactly one float graph input, found {len(inputs)}")
-        self.input_name = inputs[0].name
-        self.input_shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim)
-        self.output_name = graph.output[0].name
+        self.inputs = [
+            InputSpec(i.name, i.type.tensor_type.elem_type,
+                      tuple(d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim))
+            for i in graph.input if i.name not in inits
+        ]
         self.layers = nn.ModuleDict()
         self.linears: dict[str, Linear] = {}
-        steps = self._lift_linears(index, where)
+        lifted = self._lift_linears(index, where, train)
         self._constants: dict[str, str] = {}
         self._lift_constants(index)
-        self.steps = self._plan(model, index, steps, where)
+        self.steps = self._plan(model, index, lifted, where)
+        self._last_use = self._liveness()
 
-    def _lift_linears(self, index: GraphIndex, where: str) -> dict[int, _Step]:
+    # --- building -------------------------------------------------------------------------------
+
+    def _lift_linears(self, index: GraphIndex, where: str, train: Collection[str] | None) -> dict[int, _Step]:
         steps: dict[int, _Step] = {}
         for lin in find_linears(index).values():
             if not _trainable(index, lin):
                 continue
             key = f"linear{len(self.layers)}"
             w, b = read_weights(index, lin)
-            self.layers[key] = MaskedLinear.from_arrays(w, b)
+            layer = MaskedLinear.from_arrays(w, b)
+            if train is not None and lin.name not in train:
+                layer.requires_grad_(False)
+            self.layers[key] = layer
             self.linears[key] = lin
-            with_bias = lin.bias is not None and lin.add_node is None
-            steps[lin.node] = _Step("linear", (lin.data_input,), index.graph.node[lin.node].output[0], {"bias": with_bias}, key)
+            # a MatMul's bias Add reads nothing else (find_linears checks it): one fused step writes the output
+            steps[lin.node] = _Step("linear", (lin.data_input,), (lin.output,), {}, key, lin.node)
             if lin.add_node is not None:
-                steps[lin.add_node] = _Step("bias", (index.graph.node[lin.node].output[0],), lin.output, {}, key)
+                steps[lin.add_node] = _Step("fused", (), (), {}, key, lin.add_node)
         if not self.layers:
             raise NoBlocksError(f"{where}: no linear layer with constant, unshared weights to fine-tune")
+        if train is not None:
+            missing = sorted(set(train) - {lin.name for lin in self.linears.values()})
+            if missing:
+                raise UnsupportedModelError(f"{where}: layer(s) {', '.join(missing[:5])} to train are not liftable linear layers")
         return steps
 
     def _lift_constants(self, index: GraphIndex) -> None:
@@ -111,41 +174,148 @@ class OnnxMLP(nn.Module):
     def _plan(self, model: onnx.ModelProto, index: GraphIndex, lifted: dict[int, _Step], where: str) -> list[_Step]:
         steps, unsupported = [], []
         for i, node in enumerate(model.graph.node):
+            if i not in self._needed:
+                continue  # nothing asked for reads it (e.g. a classifier's label after the probabilities)
             if i in lifted:
-                steps.append(lifted[i])
+                if lifted[i].kind != "fused":
+                    steps.append(lifted[i])
             elif node.op_type == "Constant" and node.output[0] in index.constant_nodes:
                 continue  # its value is a buffer or, for a trained linear, the layer's parameter
             elif node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
                 unsupported.append(f"{node.op_type} ({node_label(node, i)})")
             else:
-                steps.append(_Step(node.op_type, tuple(node.input), node.output[0], _attrs(node)))
+                steps.append(_Step(node.op_type, tuple(node.input), tuple(node.output), _attrs(node), node=i))
         if unsupported:
             raise UnsupportedModelError(
-                f"{where}: cannot lift into torch for fine-tuning: unsupported node(s) {', '.join(unsupported[:8])}"
+                f"{where}: cannot lift into torch: unsupported node(s) {', '.join(unsupported[:8])}"
             )
         return steps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        env: dict[str, torch.Tensor | None] = {self.input_name: x, "": None}
-        for name, key in self._constants.items():
-            env[name] = getattr(self, key)
-        for step in self.steps:
-            if step.kind == "linear":
-                layer = self.layers[step.layer]
-                value = env[step.inputs[0]] @ layer.weight.T
-                env[step.output] = value + layer.bias if step.attrs["bias"] else value
-            elif step.kind == "bias":
-                env[step.output] = env[step.inputs[0]] + self.layers[step.layer].bias
-            else:
-                env[step.output] = OPS[step.kind]([env[n] for n in step.inputs], step.attrs)
-        return env[self.output_name]
+    def _liveness(self) -> dict[str, int]:
+        """The last step that reads each computed tensor (graph outputs live to the end)."""
+        last: dict[str, int] = {}
+        for k, step in enumerate(self.steps):
+            for name in step.inputs:
+                last[name] = k
+        for name in self.output_names:
+            last[name] = len(self.steps)
+        return last
 
-    def weights(self) -> list[tuple[Linear, np.ndarray, np.ndarray | None]]:
-        """``(linear, W (out, in), b)`` of every lifted layer, masks applied and support restored."""
+    # --- running --------------------------------------------------------------------------------
+
+    def _feeds(self, args: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        if len(args) != len(self.inputs):
+            raise UnsupportedModelError(f"the graph has {len(self.inputs)} inputs, got {len(args)} tensors")
+        return {spec.name: value for spec, value in zip(self.inputs, args)}
+
+    def start(self, feeds: Mapping[str, torch.Tensor]) -> Cursor:
+        """A cursor before the first step, holding ``feeds`` (graph input name -> tensor)."""
+        return Cursor(dict(feeds))
+
+    def advance(self, cursor: Cursor, until: int | None = None) -> Cursor:
+        """Run steps ``cursor.position .. until - 1`` (all by default), dropping tensors no later step reads."""
+        stop = len(self.steps) if until is None else until
+        env = cursor.env
+        for k in range(cursor.position, stop):
+            self._execute(self.steps[k], env)
+            for name in self.steps[k].inputs:
+                if self._last_use.get(name, -1) == k and name in env:
+                    del env[name]
+        cursor.position = max(cursor.position, stop)
+        return cursor
+
+    def run_steps(self, env: dict[str, torch.Tensor | None], steps: list[int],
+                  keep: Collection[str] | None = None) -> dict[str, torch.Tensor | None]:
+        """Run the steps of index ``steps`` in order on ``env``; returns ``env``. For a stretch of the
+        graph that reads only what ``env`` holds, e.g. one MLP block. With ``keep``, every other tensor
+        the steps write is dropped after its last read among them (a wide block's intermediates are big)."""
+        last: dict[str, int] = {}
+        if keep is not None:
+            for position, k in enumerate(steps):
+                for name in self.steps[k].inputs:
+                    last[name] = position
+        for position, k in enumerate(steps):
+            self._execute(self.steps[k], env)
+            if keep is not None:
+                for name in self.steps[k].inputs:
+                    if last.get(name) == position and name not in keep and name in env:
+                        del env[name]
+        return env
+
+    def steps_of_nodes(self, nodes: Collection[int]) -> list[int]:
+        """The indices of the steps that evaluate the graph nodes ``nodes``, in order."""
+        wanted = set(nodes)
+        return [k for k, step in enumerate(self.steps) if step.node in wanted]
+
+    def _execute(self, step: _Step, env: dict[str, torch.Tensor | None]) -> None:
+        if step.kind == "linear":
+            layer = self.layers[step.layer]
+            env[step.outputs[0]] = F.linear(env[step.inputs[0]], layer.weight, layer.bias)
+            return
+        args = [self._value(env, n) for n in step.inputs]
+        out = OPS[step.kind](args, step.attrs)
+        if isinstance(out, tuple):
+            for name, value in zip(step.outputs, out):
+                if name:
+                    env[name] = value
+        else:
+            env[step.outputs[0]] = out
+
+    def _value(self, env: dict[str, torch.Tensor | None], name: str) -> torch.Tensor | None:
+        if not name:
+            return None
+        if name in env:
+            return env[name]
+        key = self._constants.get(name)
+        if key is None:
+            raise KeyError(name)
+        return getattr(self, key)
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """All graph outputs by name."""
+        cursor = self.advance(self.start(feeds))
+        return {name: cursor.env[name] for name in self.output_names}  # type: ignore[misc]
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.run(self._feeds(args))[self.output_names[0]]
+
+    # --- layers ---------------------------------------------------------------------------------
+
+    def step_of(self, tensor: str) -> int:
+        """The index of the step that writes ``tensor``."""
+        for k, step in enumerate(self.steps):
+            if tensor in step.outputs:
+                return k
+        raise KeyError(tensor)
+
+    def key_of(self, linear_name: str) -> str:
+        """The :attr:`layers` key of the lifted linear named ``linear_name``."""
+        for key, lin in self.linears.items():
+            if lin.name == linear_name:
+                return key
+        raise KeyError(linear_name)
+
+    def weights(self, keys: Collection[str] | None = None) -> list[tuple[Linear, np.ndarray, np.ndarray | None]]:
+        """``(linear, W (out, in), b)`` of every lifted layer (or those of ``keys``), masks applied and
+        support restored."""
         out = []
         for key, lin in self.linears.items():
+            if keys is not None and key not in keys:
+                continue
             layer = self.layers[key]
             layer.apply_mask()
             layer.restore_support()
             out.append((lin, *linear_arrays(layer)))
         return out
+
+
+class OnnxMLP(OnnxGraph):
+    """An :class:`OnnxGraph` with exactly one float input (what ``finetune`` on ``(x, y)`` trains)."""
+
+    def __init__(self, model: onnx.ModelProto, where: str = "model", train: Collection[str] | None = None) -> None:
+        super().__init__(model, where, train)
+        if len(self.inputs) != 1 or not self.inputs[0].is_float:
+            raise UnsupportedModelError(f"{where}: fine-tuning on x needs exactly one float graph input, found {len(self.inputs)}")
+        self.input_name = self.inputs[0].name
+        self.input_shape = self.inputs[0].shape
+        self.output_name = self.output_names[0]

@@ -3,7 +3,9 @@
 Each entry takes the node's input tensors (``None`` for an omitted optional input) and its attributes,
 and returns its first output. The set covers what torch and skl2onnx write for MLP classifiers and
 regressors: linear layers, the elementwise activations ``rewriter.blocks`` accepts, and the few shape
-and output ops (Flatten, Reshape, Softmax, ...) around them. Softmax follows opset >= 13 (one axis).
+and output ops (Flatten, Reshape, Softmax, ...) around them; :mod:`.onnx_ops_tensor` adds what a
+transformer export writes (shape arithmetic, Gather, LayerNormalization, reductions). Softmax follows
+opset >= 13 (one axis). An op returns a tensor, or a tuple for a node with several outputs.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from onnx import helper
+
+from neurorewrite.models.onnx_ops_tensor import TENSOR_OPS
 
 Tensor = torch.Tensor
 Op = Callable[[Sequence[Tensor | None], dict[str, Any]], Tensor]
@@ -57,11 +59,6 @@ def _reshape(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
     return xs[0].reshape(shape)
 
 
-def _cast(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
-    np_dtype = helper.tensor_dtype_to_np_dtype(attrs["to"])
-    return xs[0].to(torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype)
-
-
 def _gelu(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
     approx = attrs.get("approximate", b"none")
     approx = approx.decode() if isinstance(approx, bytes) else approx
@@ -75,7 +72,7 @@ def _hard_sigmoid(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
 OPS: dict[str, Op] = {
     "Gemm": _gemm,
     "MatMul": _binary(torch.matmul),
-    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _binary(torch.div),
+    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul),
     "Pow": _binary(torch.pow), "Max": _binary(torch.maximum), "Min": _binary(torch.minimum),
     "Relu": _unary(F.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
     "Erf": _unary(torch.erf), "Abs": _unary(torch.abs), "Neg": _unary(torch.neg), "Exp": _unary(torch.exp),
@@ -91,8 +88,8 @@ OPS: dict[str, Op] = {
     "Clip": _clip,
     "Flatten": _flatten,
     "Reshape": _reshape,
-    "Cast": _cast,
     "Softmax": lambda xs, a: torch.softmax(xs[0], a.get("axis", -1)),
     "LogSoftmax": lambda xs, a: torch.log_softmax(xs[0], a.get("axis", -1)),
     "Transpose": lambda xs, a: xs[0].permute(*a["perm"]) if "perm" in a else xs[0].permute(*reversed(range(xs[0].dim()))),
 }
+OPS.update(TENSOR_OPS)  # shape, indexing, logic, reductions, LayerNormalization (transformer exports)

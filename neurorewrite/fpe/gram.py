@@ -1,0 +1,84 @@
+"""Streaming second moments for a least-squares refit: Gram and cross terms, one chunk of rows at a time.
+
+Memory is that of the statistics (``width x width`` and ``width x outputs``), whatever the number of
+rows. Rows are accumulated shifted by the first chunk's means (``G = sum (h - c)(h - c)^T``), so the
+centred Gram at the end does not lose its digits to large activation means (GELU outputs are mostly
+positive: summing ``h h^T`` and subtracting ``n mu mu^T`` would cancel most of them in float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Moments:
+    """Centred statistics of ``n`` rows of inputs ``h`` and targets ``t``.
+
+    ``gram = sum (h - mean_h)(h - mean_h)^T``, ``cross = sum (h - mean_h)(t - mean_t)^T``,
+    ``target_ss = sum ||t - mean_t||^2``.
+    """
+
+    gram: np.ndarray  # (width, width)
+    cross: np.ndarray  # (width, outputs)
+    mean_h: np.ndarray  # (width,) float64
+    mean_t: np.ndarray  # (outputs,) float64
+    target_ss: np.ndarray  # (outputs,) float64, per output
+    n: int
+
+    def error(self, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+        """Per output row, the sum of squared errors of ``t ~ w h + b`` over the rows (float64)."""
+        w64 = w.astype(np.float64)
+        # in the Gram's own precision: a float64 copy of a wide Gram would be the largest array here
+        quad = np.einsum("oi,oi->o", (w.astype(self.gram.dtype) @ self.gram).astype(np.float64), w64)
+        lin = np.einsum("oi,io->o", w64, self.cross.astype(np.float64))
+        offset = (0.0 if b is None else b.astype(np.float64)) + w64 @ self.mean_h - self.mean_t
+        return np.maximum(self.target_ss - 2 * lin + quad + self.n * offset**2, 0.0)
+
+
+class GramAccumulator:
+    """Adds chunks of rows ``h (n, width)``, ``t (n, outputs)``; :meth:`finish` gives the :class:`Moments`.
+
+    ``dtype`` is the accumulation type of the two big matrices (float32 halves memory and time; the
+    shift keeps it accurate), the means and sums of squares are float64.
+    """
+
+    def __init__(self, width: int, outputs: int, dtype: type = np.float32) -> None:
+        self.width, self.outputs, self.dtype = width, outputs, dtype
+        self.gram = np.zeros((width, width), dtype)
+        self.cross = np.zeros((width, outputs), dtype)
+        self.sum_h = np.zeros(width)
+        self.sum_t = np.zeros(outputs)
+        self.ss_t = np.zeros(outputs)
+        self.shift_h: np.ndarray | None = None
+        self.shift_t: np.ndarray | None = None
+        self.n = 0
+
+    def add(self, h: np.ndarray, t: np.ndarray) -> None:
+        if h.shape[0] == 0:
+            return
+        if self.shift_h is None:
+            self.shift_h = h.mean(axis=0, dtype=np.float64).astype(self.dtype)
+            self.shift_t = t.mean(axis=0, dtype=np.float64).astype(self.dtype)
+        hs = h.astype(self.dtype, copy=False) - self.shift_h
+        ts = t.astype(self.dtype, copy=False) - self.shift_t
+        self.gram += hs.T @ hs  # numpy hands A^T A to BLAS syrk: half the flops of a GEMM
+        self.cross += hs.T @ ts
+        self.sum_h += hs.sum(axis=0, dtype=np.float64)
+        self.sum_t += ts.sum(axis=0, dtype=np.float64)
+        self.ss_t += np.einsum("no,no->o", ts, ts, dtype=np.float64)
+        self.n += h.shape[0]
+
+    def finish(self) -> Moments:
+        """The centred moments; the accumulator's matrices are reused (do not add after this)."""
+        if self.n == 0 or self.shift_h is None or self.shift_t is None:
+            z = np.zeros
+            return Moments(self.gram, self.cross, z(self.width), z(self.outputs), z(self.outputs), 0)
+        dh, dt = self.sum_h / self.n, self.sum_t / self.n  # mean of the shifted rows
+        self.gram -= (self.n * np.outer(dh, dh)).astype(self.dtype)
+        self.cross -= (self.n * np.outer(dh, dt)).astype(self.dtype)
+        ss = self.ss_t - self.n * dt**2
+        return Moments(self.gram, self.cross, self.shift_h.astype(np.float64) + dh,
+                       self.shift_t.astype(np.float64) + dt, np.maximum(ss, 0.0), self.n)

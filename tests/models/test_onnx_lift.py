@@ -1,0 +1,55 @@
+"""The torch lifter on a real transformer export: same function as onnxruntime, stretch-wise runs, pruning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from neurorewrite.errors import UnsupportedModelError
+from neurorewrite.models.onnx_module import OnnxGraph
+from neurorewrite.rewriter.blocks import find_blocks
+from neurorewrite.runtime.ort import ort_session
+from tests.text_models import Embedder, export_embedder, tiny_bert, token_sample
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def bert_onnx():
+    return export_embedder(Embedder(tiny_bert()))
+
+
+def test_lifted_bert_matches_onnxruntime(bert_onnx):
+    sample = token_sample(8)
+    graph = OnnxGraph(bert_onnx)
+    assert [i.name for i in graph.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
+    with torch.no_grad():
+        ours = graph(*(torch.from_numpy(sample[i.name]) for i in graph.inputs)).numpy()
+    ref = ort_session(bert_onnx).run(None, sample)[0]
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_in_stretches_equals_one_run(bert_onnx):
+    graph = OnnxGraph(bert_onnx)
+    feeds = {k: torch.from_numpy(v) for k, v in token_sample(4).items()}
+    whole = graph.run(feeds)["embedding"]
+    block = find_blocks(bert_onnx).blocks[1]
+    cursor = graph.start(feeds)
+    graph.advance(cursor, graph.step_of(block.first.output))
+    assert block.first.data_input in cursor.env and len(cursor.env) < 12  # dead tensors were dropped
+    graph.advance(cursor)
+    torch.testing.assert_close(cursor.env["embedding"], whole)
+
+
+def test_only_the_nodes_the_outputs_need_are_lifted(bert_onnx):
+    block = find_blocks(bert_onnx).blocks[0]
+    graph = OnnxGraph(bert_onnx, outputs=[block.second.output])
+    full = OnnxGraph(bert_onnx)
+    last = block.second.node  # its bias Add is fused into it
+    assert max(step.node for step in graph.steps) == last and len(graph.steps) < len(full.steps)
+    model = bert_onnx
+    model.graph.node[-1].op_type = "Hardmax"  # after every block: not needed, so not refused
+    OnnxGraph(model, outputs=[block.second.output])
+    with pytest.raises(UnsupportedModelError, match="Hardmax"):
+        OnnxGraph(model)
