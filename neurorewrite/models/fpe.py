@@ -125,9 +125,12 @@ def enforce_masks(optimizer: torch.optim.Optimizer, module: nn.Module) -> tuple[
 
     handles = []
     for layer in layers:
+        # a frozen layer gets no gradient to mask (the step hooks still keep its weights masked)
+        if not layer.weight.requires_grad:
+            continue
         # read the buffers when the hook runs: ``module.to(device)`` replaces them
         handles.append(layer.weight.register_hook(lambda g, layer=layer: g * layer.weight_mask))
-        if layer.bias is not None and layer.bias_mask is not None:
+        if layer.bias is not None and layer.bias_mask is not None and layer.bias.requires_grad:
             handles.append(layer.bias.register_hook(lambda g, layer=layer: g * layer.bias_mask))
     return (*handles, optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after))
 

@@ -69,7 +69,8 @@ class Cursor:
     extra: dict[str, object] = field(default_factory=dict)  # what the caller keeps beside it
 
 
-LIFTED_FORMS = ("Gemm", "MatMul+Add", "MatMul")  # linears the "linear" step computes (x W^T + b on the last axis)
+# linears the "linear" step computes: x W^T + b on the feature axis (the last; a 1x1 Conv's channels)
+LIFTED_FORMS = ("Gemm", "MatMul+Add", "MatMul", "Conv")
 
 
 def _trainable(index: GraphIndex, lin: Linear) -> bool:
@@ -148,7 +149,7 @@ class OnnxGraph(nn.Module):
             self.layers[key] = layer
             self.linears[key] = lin
             # a MatMul's bias Add reads nothing else (find_linears checks it): one fused step writes the output
-            steps[lin.node] = _Step("linear", (lin.data_input,), (lin.output,), {}, key, lin.node)
+            steps[lin.node] = _Step("linear", (lin.data_input,), (lin.output,), {"axis": lin.feature_axis}, key, lin.node)
             if lin.add_node is not None:
                 steps[lin.add_node] = _Step("fused", (), (), {}, key, lin.add_node)
         if not self.layers:
@@ -250,7 +251,11 @@ class OnnxGraph(nn.Module):
     def _execute(self, step: _Step, env: dict[str, torch.Tensor | None]) -> None:
         if step.kind == "linear":
             layer = self.layers[step.layer]
-            env[step.outputs[0]] = F.linear(env[step.inputs[0]], layer.weight, layer.bias)
+            x, axis = env[step.inputs[0]], step.attrs["axis"]
+            if axis != -1:  # a 1x1 Conv mixes the channel axis
+                env[step.outputs[0]] = F.linear(x.movedim(axis, -1), layer.weight, layer.bias).movedim(-1, axis)
+                return
+            env[step.outputs[0]] = F.linear(x, layer.weight, layer.bias)
             return
         args = [self._value(env, n) for n in step.inputs]
         out = OPS[step.kind](args, step.attrs)

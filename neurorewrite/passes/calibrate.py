@@ -184,7 +184,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     layer2 = exp.layers[key2]
     s1, s2 = exp.step_of(lin1.output), exp.step_of(lin2.output)
     so = orig.step_of(lin2.output)
-    block_steps = exp.steps_of_nodes({*lin1.nodes, *block.activation_nodes, *lin2.nodes})
+    block_steps = exp.steps_of_nodes(block.nodes)
     residual = _residual_operand(index, lin2.output) if options.target == "residual" else None
     width, outputs = lin2.in_features // alpha, lin2.out_features
     acc = GramAccumulator(width, outputs)

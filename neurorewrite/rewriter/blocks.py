@@ -78,6 +78,12 @@ class MLPBlock:
     def linears(self) -> tuple[Linear, ...]:
         return (self.first, self.second) if self.up is None else (self.first, self.up, self.second)
 
+    @property
+    def nodes(self) -> frozenset[int]:
+        """Every graph node that computes the block from its input: linears, the fused cut, the region."""
+        cut = self.split.nodes if self.split is not None else ()
+        return frozenset((*(n for lin in self.linears for n in lin.nodes), *cut, *self.activation_nodes))
+
 
 
 @dataclass(frozen=True)
