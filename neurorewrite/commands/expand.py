@@ -56,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from neurorewrite.api import default_output, expand
 
     alpha = parse_alpha(args.alpha)
-    output = args.output or default_output(args.model)
-    if output.exists() and output.resolve() == args.model.resolve():
-        raise InvalidOptionError(f"-o {output} is the input model; write the expansion elsewhere")
+    output = args.output or default_output(args.model)  # expand refuses an output that is one of its inputs
     _, report = expand(
         args.model, alpha=alpha, split=args.split, seed=args.seed, bias=args.bias, prune=args.prune,
         groups=args.groups, layers=args.layers, calibrate=args.calibrate, output=output,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from neurorewrite.errors import DataError, InvalidOptionError
+from neurorewrite.errors import DataError, InvalidOptionError, UnsupportedModelError
+from neurorewrite.paths import check_no_overwrite
 from neurorewrite.progress import ProgressBar
 from neurorewrite.sample import load_sample
 from neurorewrite.table import format_table
@@ -57,30 +59,50 @@ def load_training_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]
 
 
 def _check_options(args: argparse.Namespace) -> None:
+    from neurorewrite.api import check_seed
+
     if args.epochs < 0:
         raise InvalidOptionError(f"--epochs must be >= 0, got {args.epochs}")
     if args.batch_size < 1:
         raise InvalidOptionError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not args.lr > 0:
-        raise InvalidOptionError(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InvalidOptionError(f"--lr must be a finite number > 0, got {args.lr}")
+    for option, value in (("--weight-decay", args.weight_decay), ("--momentum", args.momentum)):
+        if not (math.isfinite(value) and value >= 0):
+            raise InvalidOptionError(f"{option} must be a finite number >= 0, got {value}")
+    check_seed(args.seed)
+
+
+def finetune_io(model: Path, data: Path, output: Path, teacher: Path | None = None) -> None:
+    """The collision rule for finetune: the output (and the data it replaces) is none of the inputs."""
+    from neurorewrite.rewriter.io import model_files, replaced_files
+
+    inputs = [*model_files(model), ("--data", data)]
+    if teacher is not None:
+        inputs += model_files(teacher, "--teacher")
+    check_no_overwrite(inputs, replaced_files(output))
 
 
 def run(args: argparse.Namespace) -> int:
-    from neurorewrite.api import default_output
+    from neurorewrite.api import check_no_new_nonfinite, default_output
     from neurorewrite.passes.finetune_onnx import FinetuneOptions, finetune_model
-    from neurorewrite.rewriter.io import load_model, save_model
+    from neurorewrite.rewriter.io import load_model, nonfinite_message, save_model, warn_nonfinite
 
     _check_options(args)
     output = args.output or default_output(args.model, "tuned")
-    if output.exists() and output.resolve() == args.model.resolve():
-        raise InvalidOptionError(f"-o {output} is the input model; write the tuned model elsewhere")
-    model = load_model(args.model)
+    finetune_io(args.model, args.data, output)
     x, y = load_training_data(args.data)
+    model = load_model(args.model, warn=False)
+    bad = warn_nonfinite(model, str(args.model))
+    if bad:
+        raise UnsupportedModelError(nonfinite_message(str(args.model), bad).replace(
+            "outputs that depend on it are not finite", "training would spread it to every weight; repair the model first"))
     options = FinetuneOptions(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
         weight_decay=args.weight_decay, momentum=args.momentum, seed=args.seed,
     )
     new, report = finetune_model(model, x, y, options, progress=ProgressBar("finetune"), where=str(args.model))
+    check_no_new_nonfinite(new, False, "finetune")
     save_model(new, output)
     if args.json:
         print(json.dumps({"output": str(output), **report.to_dict()}, indent=2))

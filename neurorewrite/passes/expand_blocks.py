@@ -99,6 +99,8 @@ def expand_model(
         )
     if progress is not None:
         progress(len(blocks), len(blocks), "writing")
+    if blocks:  # the loop's last arrays would stay alive through the whole conversion below
+        del exp, w1, w2, b1, b2
     # hand the expanded arrays over one at a time so each is freed once it is in the new model
     updates = (NewWeights(*current.pop(node)) for node in list(current))
     record = FPERecord(cfg, tuple(report.blocks))

@@ -224,8 +224,13 @@ class GraphEditor:
                 for attr in copy.attribute:
                     if attr.name in ("alpha", "beta"):
                         attr.f = 1.0
-        graph.initializer.extend(t for t in model.graph.initializer if t.name not in self.drop_inits)
-        graph.initializer.extend(self.new_inits)
+        # add().CopyFrom, not extend: upb's extend copies each message by serialising it, which fails
+        # for a tensor of 2 GiB or more
+        for t in model.graph.initializer:
+            if t.name not in self.drop_inits:
+                graph.initializer.add().CopyFrom(t)
+        for t in self.new_inits:
+            graph.initializer.add().CopyFrom(t)
         graph.value_info.extend(v for v in model.graph.value_info if v.name not in self.stale)
         if self.drop_opsets:
             kept = [o for o in new.opset_import if o.domain not in self.drop_opsets]

@@ -1,115 +1,389 @@
-"""Loading and saving ONNX models: typed errors for bad files, atomic writes, external data."""
+"""Loading and saving ONNX models: typed errors for bad files, external data, and a model and its data
+published together or not at all.
+
+A model over :data:`EXTERNAL_DATA_THRESHOLD` bytes of weights (or one whose input kept its weights
+outside) is written as a small header plus one data file with a name no other write uses,
+``<model>.<16 hex digits>.data`` (:mod:`neurorewrite.external_data`: no protobuf over 2 GiB is ever
+serialised). Publishing is ordered so that a reader never pairs a model with another write's data:
+
+1. header and data are written into a private temporary folder beside the output and checked there;
+2. under an exclusive lock on the output's folder the data file is renamed to its unique name first,
+   then the header over the output (the one atomic step that switches readers to the new pair);
+3. still under the lock, the data files of the replaced model (and those of writers that were killed
+   before step 2 finished) are removed.
+
+A ``kill -9`` before step 2's second rename leaves the old pair working (plus an unused data file or
+a temporary folder, both removed by the next write to the same output); after it, the new pair works.
+Two writers publish one after the other. :func:`load_model` reads a pair under a shared lock on its
+folder, so it never sees the model of one write after another write removed that model's data.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
+import secrets
+import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
-from neurorewrite.errors import ModelLoadError, OutputError, VerificationError, first_line
+from neurorewrite.errors import (
+    ModelLoadError,
+    NeurorewriteWarning,
+    OutputError,
+    VerificationError,
+    first_line,
+)
+from neurorewrite.external_data import (
+    folder_lock,
+    fsync_folder,
+    locations,
+    weight_bytes,
+    write_pair,
+    write_proto,
+    write_split,
+)
 
 # Protobuf cannot serialise a message over 2 GiB, and serialising one near that size costs several
 # copies of it in memory; above this many weight bytes the weights go to a data file beside the model.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+HEADER_SCAN_LIMIT = 256 << 20  # an existing output bigger than this holds its weights inline: no data to clean
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 ModelLike = onnx.ModelProto | str | os.PathLike
-
-
-def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers, from their shapes and types (serialising a large model to ask
-    protobuf for its size would cost a copy of it, and fails above 2 GiB)."""
-    total = 0
-    for t in model.graph.initializer:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 1
-        n = 1
-        for d in t.dims:
-            n *= d
-        total += n * itemsize
-    return total
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
+def read_header(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model at ``path`` without its external data (cheap for a model that keeps its weights outside)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError, TypeError) as e:
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(e)}); is the file complete?") from e
+
+
 def stored_with_external_data(path: str | os.PathLike) -> bool:
     """Whether the model file keeps its weights in external data files (read without loading them)."""
-    return uses_external_data(onnx.load(str(path), load_external_data=False))
+    return uses_external_data(read_header(path))
 
 
-def load_model(source: ModelLike, check: bool = True) -> onnx.ModelProto:
+def data_files(header: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
+    """The external data files the model at ``path`` reads (its header given), as paths."""
+    folder = Path(path).parent
+    return [folder / location for location in locations(header)]
+
+
+def model_files(path: str | os.PathLike, label: str = "the model") -> list[tuple[str, Path]]:
+    """``(label, path)`` for a model file and each external data file it reads, for the collision rule
+    (:func:`neurorewrite.paths.check_no_overwrite`). An unreadable model is listed alone: loading it
+    will say what is wrong."""
+    out = [(label, Path(path))]
+    try:
+        header = read_header(path) if Path(path).is_file() and _small_enough_to_scan(path) else None
+    except ModelLoadError:
+        header = None
+    if header is not None:
+        out += [(f"{label}'s external data", f) for f in data_files(header, path)]
+    return out
+
+
+def replaced_files(path: str | os.PathLike, label: str = "-o") -> list[tuple[str, Path]]:
+    """``(label, path)`` for the output and every file that publishing a model there removes: the
+    replaced model's data files and unused data files of earlier writes (see the module docstring)."""
+    path = Path(path)
+    return [(label, path)] + [(f"{label}'s old external data", f) for f in _stale_data(path)]
+
+
+def _small_enough_to_scan(path: str | os.PathLike) -> bool:
+    try:
+        return os.path.getsize(path) <= HEADER_SCAN_LIMIT
+    except OSError:
+        return False
+
+
+def _own_data_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(re.escape(name) + r"\.[0-9a-f]{16}\.data")
+
+
+def _stale_data(path: Path) -> list[Path]:
+    """Data files beside ``path`` that belong to the model now at ``path`` or to earlier writes of it.
+
+    The model's own references count only when the file's name starts with the model's name (a data
+    file it shares with other models is never removed); unused ``<name>.<hex>.data`` files are what a
+    killed writer left.
+    """
+    folder = path.parent if str(path.parent) else Path(".")
+    name = path.name
+    found: dict[Path, None] = {}
+    if path.is_file() and _small_enough_to_scan(path):
+        with contextlib.suppress(ModelLoadError):
+            for location in locations(read_header(path)):
+                if Path(location).name == location and location.startswith(name + ".") and location.endswith(".data"):
+                    found[folder / location] = None
+    pattern = _own_data_pattern(name)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                found[folder / entry.name] = None
+    return [f for f in found if f.exists()]
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def load_model(source: ModelLike, check: bool = True, warn: bool = True) -> onnx.ModelProto:
     """Read an ONNX model (external data included) and run the ONNX checker on it.
 
-    Raises ModelLoadError naming the file for a missing, non-ONNX, truncated or invalid model.
-    An in-memory ModelProto is checked and returned as is (callers must not mutate it).
+    Raises ModelLoadError naming the file for a missing, non-ONNX, truncated or invalid model, or a
+    missing or short external data file. Warns (:class:`NeurorewriteWarning`) when a weight is NaN or
+    infinite (unless ``warn`` is False: the caller scans with :func:`warn_nonfinite` itself). An
+    in-memory ModelProto is checked and returned as is (callers must not mutate it).
     """
     if isinstance(source, onnx.ModelProto):
         if check:
-            _check(source, "<in-memory model>")
+            _check_in_memory(source, "<in-memory model>")
+        if warn:
+            warn_nonfinite(source, "the model")
         return source
     path = Path(source)
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
+    folder = path.parent if str(path.parent) else Path(".")
+    with folder_lock(folder, shared=True):
+        model = check_model_file(path, check)
         if uses_external_data(model):
-            onnx.load_external_data_for_model(model, str(path.parent))
-    except (DecodeError, RuntimeError, ValueError, OSError) as e:
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(e)}); is the file complete?") from e
-    if not model.graph.node and not model.graph.output:
-        raise ModelLoadError(f"{path}: not an ONNX model (no graph found); is the file complete?")
-    if check:
-        _check(model, str(path), path if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD else None)
+            try:
+                onnx.load_external_data_for_model(model, str(folder))
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ModelLoadError(f"{path}: cannot read its external data ({first_line(e)})") from e
+    if warn:
+        warn_nonfinite(model, str(path))
     return model
 
 
-def _check(model: onnx.ModelProto, label: str, path: Path | None = None) -> None:
+def check_model_file(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
+    """Validate the model file at ``path`` without loading its external data; returns its header.
+
+    Raises ModelLoadError for a missing, non-ONNX or truncated file, missing or short external data,
+    or (with ``check``) a model the ONNX checker rejects (unsorted or cyclic graphs included).
+    """
+    path = Path(path)
+    model = read_header(path)
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph found); is the file complete?")
+    check_data_files(model, path)
+    if check:
+        _check_path(path, str(path))
+    return model
+
+
+def check_data_files(header: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Every external data reference of ``header`` (the model at ``path``) must name a regular file
+    beside the model that holds the bytes it promises; else a ModelLoadError naming the file."""
+    folder = Path(path).parent
+    sizes: dict[str, int] = {}
+    for t in header.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise ModelLoadError(f"{path}: tensor {t.name} names external data {location!r} outside the model's folder")
+        data = folder / location
+        if location not in sizes:
+            if not data.is_file():
+                what = "is missing" if not data.exists() else "is not a file"
+                raise ModelLoadError(f"{path}: its external data file {data} {what} (tensor {t.name}); "
+                                     "copy the model together with its data file")
+            sizes[location] = data.stat().st_size
+        try:
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        except ValueError:
+            raise ModelLoadError(f"{path}: tensor {t.name} has a malformed external data offset or length") from None
+        if end > sizes[location]:
+            raise ModelLoadError(f"{path}: its external data file {data} is truncated ({sizes[location]} bytes; "
+                                 f"tensor {t.name} needs {end})")
+
+
+def _check_path(path: Path, label: str) -> None:
     try:
-        onnx.checker.check_model(str(path) if path is not None else model)
-    except (onnx.checker.ValidationError, ValueError) as e:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError, OSError) as e:
         raise ModelLoadError(f"{label}: the ONNX checker rejects this model: {first_line(e)}") from e
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-    """Write ``model`` to ``path`` atomically: a temporary file in the same folder, then a rename.
+def _check_in_memory(model: onnx.ModelProto, label: str) -> None:
+    if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        try:
+            onnx.checker.check_model(model)
+        except (onnx.checker.ValidationError, ValueError) as e:
+            raise ModelLoadError(f"{label}: the ONNX checker rejects this model: {first_line(e)}") from e
+        return
+    with tempfile.TemporaryDirectory(prefix="neurorewrite-check.") as tmp:  # too big to hand over in memory
+        write_pair(model, Path(tmp), "model.onnx", "model.onnx.data")
+        _check_path(Path(tmp) / "model.onnx", label)
+
+
+def nonfinite_weights(model: onnx.ModelProto) -> list[tuple[str, int]]:
+    """``(tensor, count)`` for every float initializer or Constant holding NaN or infinite values."""
+    found = []
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for t in tensors:
+        if t.data_type not in FLOAT_TYPES or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        values = numpy_helper.to_array(t).reshape(-1)
+        bad = sum(int(np.count_nonzero(~np.isfinite(values[start:start + (1 << 24)])))
+                  for start in range(0, values.size, 1 << 24))  # in chunks: no full-size boolean mask
+        if bad:
+            found.append((t.name, bad))
+    return found
+
+
+def warn_nonfinite(model: onnx.ModelProto, label: str) -> list[tuple[str, int]]:
+    """Warn once per call when ``model`` holds NaN/inf weights; returns what :func:`nonfinite_weights` found."""
+    found = nonfinite_weights(model)
+    if found:
+        warnings.warn(nonfinite_message(label, found), NeurorewriteWarning, stacklevel=3)
+    return found
+
+
+def nonfinite_message(label: str, found: list[tuple[str, int]]) -> str:
+    name, count = found[0]
+    more = f" (and {len(found) - 1} more tensor(s))" if len(found) > 1 else ""
+    return f"{label}: weight {name} holds {count} NaN/infinite value(s){more}; outputs that depend on it are not finite"
+
+
+# --- saving -----------------------------------------------------------------------------------------
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
+               sync: bool = True) -> Path:
+    """Write ``model`` to ``path``: checked, then published with its data file as one unit.
 
     With ``external_data`` (default: when the weights are too big for one protobuf) the weights go to
-    ``<name>.data`` beside the model; both files are renamed into place only after both are complete.
-    The model is verified with the full ONNX checker on disk before the rename, so an invalid model
-    never replaces anything.
+    ``<name>.<unique>.data`` beside the model (see the module docstring for the order of the renames).
+    The model is verified with the full ONNX checker on disk before anything is renamed, so an
+    invalid model never replaces anything. ``sync`` flushes the files to disk before the renames.
+    ``model`` is not modified.
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = Path(os.path.abspath(path.parent if str(path.parent) else "."))
+    name = path.name
     if not folder.is_dir():
-        raise OutputError(f"{path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"{path}: folder {folder} is not writable")
+        raise OutputError(f"{path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name such as {path / 'model.onnx'}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: folder {path.parent} is not writable")
     if external_data is None:
         external_data = uses_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = path.name + ".data"
-    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as tmp:
-        tmp_model = Path(tmp) / path.name
+    with _private_folder(folder, name) as tmp:
+        data_name = f"{name}.{secrets.token_hex(8)}.data" if external_data else None
         try:
-            if external_data:
-                onnx.save_model(
-                    model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024,
-                )
-                # onnx moved the weights out of the in-memory model; read them back so the caller's
-                # model is as it was (cheaper than saving a copy of a multi-GB model)
-                onnx.load_external_data_for_model(model, tmp)
+            if data_name is not None:
+                write_pair(model, tmp, name, data_name, sync=sync)
             else:
-                onnx.save_model(model, str(tmp_model))
-        except (OSError, ValueError) as e:
-            raise OutputError(f"{path}: could not write the model: {e}") from e
+                if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+                    raise OutputError(f"{path}: the weights are too big for one file; save with external data")
+                write_proto(model, tmp / name, sync=sync)
+        except OSError as e:
+            raise OutputError(f"{path}: could not write the model ({e.strerror or e}); nothing was written") from e
+        except ValueError as e:  # protobuf refuses a message over 2 GiB
+            raise OutputError(f"{path}: could not serialise the model ({first_line(e)}); nothing was written") from e
         try:
-            onnx.checker.check_model(str(tmp_model), full_check=True)
+            onnx.checker.check_model(str(tmp / name), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise VerificationError(f"{path}: the written model fails the ONNX checker, nothing written: {first_line(e)}") from e
-        if external_data:
-            os.replace(Path(tmp) / data_name, folder / data_name)
-        os.replace(tmp_model, path)
+        _publish(tmp, folder, name, data_name, sync)
     return path
+
+
+@contextlib.contextmanager
+def _private_folder(folder: Path, name: str) -> Iterator[Path]:
+    """A temporary folder beside the output, locked for as long as this writer lives (a later writer
+    removes it only when the lock is free, i.e. its writer died)."""
+    with folder_lock(folder, shared=True):  # cleanup (exclusive) cannot see it before it is locked
+        try:
+            tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}.", suffix=".tmp"))
+        except OSError as e:
+            raise OutputError(f"{folder / name}: cannot write in {folder} ({e.strerror or e})") from e
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+def _publish(tmp: Path, folder: Path, name: str, data_name: str | None, sync: bool) -> None:
+    """Rename the data file, then the model, into ``folder``; remove what the old model used."""
+    target = folder / name
+    try:
+        with folder_lock(folder, shared=False):
+            stale = _stale_data(target)
+            if data_name is not None:
+                if (folder / data_name).exists():  # 64 random bits: only a deliberate plant gets here
+                    raise OutputError(f"{target}: {data_name} already exists; nothing was written")
+                os.rename(tmp / data_name, folder / data_name)
+            os.replace(tmp / name, target)
+            if sync:
+                fsync_folder(folder)
+            for old in stale:
+                if old.name != data_name:
+                    with contextlib.suppress(OSError):
+                        old.unlink()
+            _remove_dead_writers(folder, name, tmp)
+    except OSError as e:
+        raise OutputError(f"{target}: could not publish the model ({e.strerror or e})") from e
+
+
+def _remove_dead_writers(folder: Path, name: str, own: Path) -> None:
+    """Remove temporary folders of earlier writes of ``name`` whose writer has died (lock free)."""
+    prefix = f".{name}."
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")) or entry.path == str(own):
+                continue
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # a live writer holds it
+            shutil.rmtree(entry.path, ignore_errors=True)
+            os.close(fd)
+
+
+def write_split_to(model: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> Path:
+    """Write ``model`` as header + data into ``folder`` (a private temporary folder) for a runtime to
+    open by path; returns the header's path. For models too big to hand over as bytes."""
+    write_pair(model, folder, name, name + ".data")
+    return folder / name
+
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD", "ModelLike", "check_data_files", "data_files", "load_model", "model_files",
+    "nonfinite_weights", "read_header", "replaced_files", "save_model", "stored_with_external_data",
+    "uses_external_data", "warn_nonfinite", "weight_bytes", "write_split", "write_split_to",
+]
