@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from neurorewrite.errors import InvalidOptionError, VerificationError
+from neurorewrite.external_data import materialize
 from neurorewrite.fpe import FPEConfig, block_nnz, check_alpha, structured_split
 from neurorewrite.memory import check_fits
 from neurorewrite.passes.expand_blocks import ExpandReport, Progress, expand_model
@@ -23,6 +24,7 @@ from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.io import (
     EXTERNAL_DATA_THRESHOLD,
     ModelLike,
+    check_in_memory,
     load_model,
     model_files,
     nonfinite_message,
@@ -108,6 +110,7 @@ def expand(
         external = not isinstance(model, onnx.ModelProto) and stored_with_external_data(model)
         save_model(new, output, external_data=True if external else None)
     else:
+        new = materialize(new)  # a self-contained ModelProto: no tensor left in this process's spill files
         _check_in_memory(new)
     return new, report
 
@@ -204,7 +207,7 @@ def _structured_options(split: str, format: str | None) -> tuple[str, str, str]:
 
 def _check_in_memory(model: onnx.ModelProto) -> None:
     if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-        onnx.checker.check_model(model, full_check=True)
+        check_in_memory(model, "the expanded model", full_check=True)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("default", NeurorewriteWarning)
+        # numpy's overflow/invalid-value warnings are multi-line noise: a result they poison is refused
+        # by the command's own finite check (one line), and a finite result does not need them
+        warnings.simplefilter("ignore", RuntimeWarning)
         shown = warnings.showwarning
 
         def one_line(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202

@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from neurorewrite.errors import DataError, UnsupportedModelError, first_line
-from neurorewrite.external_data import weight_bytes, write_proto, write_split
+from neurorewrite.external_data import has_spilled, weight_bytes, write_proto, write_split
 from neurorewrite.ops import DOMAIN
 
 # above this many weight bytes a model goes to onnxruntime as a file with external data: protobuf
@@ -38,7 +38,7 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: an error becomes our one-line message, not a log line too
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
@@ -55,16 +55,20 @@ def plain_session(model: onnx.ModelProto, threads: int | None = None, outputs: S
             "--format sparse lowering, or load it with neurorewrite.runtime.ort_session"
         )
     with session_source(model, outputs) as source:
-        return ort.InferenceSession(source, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(source, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own exception types: an opset, op or type it does not know
+            raise UnsupportedModelError(f"onnxruntime cannot run the model: {first_line(e)}") from e
 
 
 @contextlib.contextmanager
 def session_source(model: onnx.ModelProto, outputs: Sequence[str] = ()) -> Iterator[bytes | str]:
     """What onnxruntime opens for ``model`` plus graph outputs ``outputs``: its bytes, or for a model
-    over :data:`IN_MEMORY_LIMIT` the path of a header whose weights sit in a data file beside it (in a
-    temporary folder, removed when the context ends; onnxruntime has read the weights by then).
-    Neither copies the model's weights inside protobuf."""
-    if weight_bytes(model) <= IN_MEMORY_LIMIT:
+    over :data:`IN_MEMORY_LIMIT` (or holding spilled tensors, :mod:`neurorewrite.external_data`) the
+    path of a header whose weights sit in a data file beside it (in a temporary folder, removed when
+    the context ends; onnxruntime has read the weights by then). Neither copies the model's weights
+    inside protobuf."""
+    if weight_bytes(model) <= IN_MEMORY_LIMIT and not has_spilled(model):
         if not outputs:
             yield model.SerializeToString()
             return

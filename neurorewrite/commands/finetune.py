@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 
-from neurorewrite.errors import DataError, InvalidOptionError, UnsupportedModelError
+from neurorewrite.errors import DataError, InvalidOptionError, UnsupportedModelError, first_line
 from neurorewrite.paths import check_no_overwrite
 from neurorewrite.progress import ProgressBar
 from neurorewrite.sample import load_sample
@@ -73,6 +74,21 @@ def _check_options(args: argparse.Namespace) -> None:
     check_seed(args.seed)
 
 
+def check_trainable_io(model: onnx.ModelProto, where: str) -> None:
+    """One data input with a free first (batch) axis, and at least one output: what training feeds."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if not model.graph.output:
+        raise UnsupportedModelError(f"{where}: the graph has no output to train")
+    if len(inputs) != 1:
+        raise UnsupportedModelError(f"{where}: fine-tuning needs exactly one graph input, found {len(inputs)}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if dims and dims[0].HasField("dim_value"):
+        raise UnsupportedModelError(
+            f"{where}: input {inputs[0].name} has a fixed batch size {dims[0].dim_value}; fine-tuning feeds batches of "
+            "--batch-size rows: export the model with a dynamic first axis (e.g. torch.onnx.export(dynamic_axes=...))")
+
+
 def finetune_io(model: Path, data: Path, output: Path, teacher: Path | None = None) -> None:
     """The collision rule for finetune: the output (and the data it replaces) is none of the inputs."""
     from neurorewrite.rewriter.io import model_files, replaced_files
@@ -92,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or default_output(args.model, "tuned")
     finetune_io(args.model, args.data, output)
     x, y = load_training_data(args.data)
-    model = load_model(args.model, warn=False)
+    model = load_model(args.model, warn=False, full_check=True)  # the torch lift needs consistent shapes
+    check_trainable_io(model, str(args.model))
     bad = warn_nonfinite(model, str(args.model))
     if bad:
         raise UnsupportedModelError(nonfinite_message(str(args.model), bad).replace(
@@ -101,7 +118,14 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
         weight_decay=args.weight_decay, momentum=args.momentum, seed=args.seed,
     )
-    new, report = finetune_model(model, x, y, options, progress=ProgressBar("finetune"), where=str(args.model))
+    try:
+        new, report = finetune_model(model, x, y, options, progress=ProgressBar("finetune"), where=str(args.model))
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        # torch's optimizers refuse a step that overflows float32: the options, not the model, are at fault
+        raise InvalidOptionError(f"training overflowed float32 with --lr {args.lr} --weight-decay {args.weight_decay} "
+                                 f"--momentum {args.momentum} ({first_line(e)}); use a smaller learning rate") from e
     check_no_new_nonfinite(new, False, "finetune")
     save_model(new, output)
     if args.json:

@@ -91,16 +91,23 @@ def choose_pruned(
     removes ``excess_in[i]`` from input matrix ``i`` and ``excess_out`` from the output copies
     separately, so each layer keeps its own count.
     """
-    nonzero = [np.flatnonzero(w) for w in (*inputs, w_out)]
-    mags = [np.abs(w.ravel()[i]) for w, i in zip((*inputs, w_out), nonzero)]
+    # a matrix without zeros (the usual dense layer) needs no index array: 8 bytes per weight saved
+    nonzero = [None if np.count_nonzero(w) == w.size else np.flatnonzero(w) for w in (*inputs, w_out)]
+    mags = [np.abs(w.ravel() if i is None else w.ravel()[i]) for w, i in zip((*inputs, w_out), nonzero)]
     mags[-1] = mags[-1].astype(mags[0].dtype, copy=False)
     if mode == "global":
         cuts = smallest_by_count([(m, 1) for m in mags[:-1]] + [(mags[-1], alpha)], sum(excess_in) + excess_out)
     else:
         cuts = [smallest_by_count([(m, 1)], k)[0] for m, k in zip(mags[:-1], excess_in)]
         cuts += smallest_by_count([(mags[-1], alpha)], excess_out)
+    del mags
     flat_in = []
     for (whole, last, _), idx in zip(cuts[:-1], nonzero[:-1]):  # multiplicity 1: a partly cut entry is cut whole
-        flat_in.append(idx[whole if last < 0 else np.append(whole, last)])
+        flat_in.append(_at(idx, whole if last < 0 else np.append(whole, last)))
     whole, last, copies = cuts[-1]
-    return flat_in, (nonzero[-1][whole], int(nonzero[-1][last]) if last >= 0 else -1, copies)
+    return flat_in, (_at(nonzero[-1], whole), int(_at(nonzero[-1], last)) if last >= 0 else -1, copies)
+
+
+def _at(positions: np.ndarray | None, i):  # noqa: ANN001, ANN202
+    """``positions[i]``, where None stands for ``arange`` (every entry of the matrix is a candidate)."""
+    return i if positions is None else positions[i]

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from neurorewrite.external_data import tensor_array
+
 
 def node_label(node: onnx.NodeProto, index: int) -> str:
     """The node's name, or a stable made-up one for unnamed nodes."""
@@ -66,7 +68,7 @@ class GraphIndex:
         """The value of an initializer or Constant output, or None if the tensor is not constant."""
         source = self.constant_source(name)
         if source == "initializer":
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_array(self.initializers[name])  # a read-only map for a spilled tensor
         if source == "constant":
             node = self.graph.node[self.constant_nodes[name]]
             return _constant_attr_value(node)

@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -34,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import numpy_helper
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from neurorewrite.errors import (
     ModelLoadError,
@@ -46,7 +48,10 @@ from neurorewrite.errors import (
 from neurorewrite.external_data import (
     folder_lock,
     fsync_folder,
+    has_spilled,
     locations,
+    spilled,
+    tensor_array,
     weight_bytes,
     write_pair,
     write_proto,
@@ -63,7 +68,8 @@ ModelLike = onnx.ModelProto | str | os.PathLike
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    """Whether initializers refer to an external data file (this process's spilled tensors aside)."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL and not spilled(t) for t in model.graph.initializer)
 
 
 def read_header(path: str | os.PathLike) -> onnx.ModelProto:
@@ -73,7 +79,8 @@ def read_header(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     try:
         return onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError, TypeError) as e:
+    except (DecodeError, RuntimeError, ValueError, OSError, TypeError, Exception) as e:  # noqa: BLE001
+        # onnx picks a parser by the file's suffix (.json, .txt, ...): each raises its own error types
         raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(e)}); is the file complete?") from e
 
 
@@ -98,7 +105,7 @@ def model_files(path: str | os.PathLike, label: str = "the model") -> list[tuple
     except ModelLoadError:
         header = None
     if header is not None:
-        out += [(f"{label}'s external data", f) for f in data_files(header, path)]
+        out += [(f"the external data of {label} {os.fspath(path)}:", f) for f in data_files(header, path)]
     return out
 
 
@@ -106,7 +113,7 @@ def replaced_files(path: str | os.PathLike, label: str = "-o") -> list[tuple[str
     """``(label, path)`` for the output and every file that publishing a model there removes: the
     replaced model's data files and unused data files of earlier writes (see the module docstring)."""
     path = Path(path)
-    return [(label, path)] + [(f"{label}'s old external data", f) for f in _stale_data(path)]
+    return [(label, path)] + [(f"the old external data of {label} {os.fspath(path)}:", f) for f in _stale_data(path)]
 
 
 def _small_enough_to_scan(path: str | os.PathLike) -> bool:
@@ -146,24 +153,26 @@ def _stale_data(path: Path) -> list[Path]:
 # --- loading ----------------------------------------------------------------------------------------
 
 
-def load_model(source: ModelLike, check: bool = True, warn: bool = True) -> onnx.ModelProto:
+def load_model(source: ModelLike, check: bool = True, warn: bool = True, full_check: bool = False) -> onnx.ModelProto:
     """Read an ONNX model (external data included) and run the ONNX checker on it.
 
     Raises ModelLoadError naming the file for a missing, non-ONNX, truncated or invalid model, or a
     missing or short external data file. Warns (:class:`NeurorewriteWarning`) when a weight is NaN or
-    infinite (unless ``warn`` is False: the caller scans with :func:`warn_nonfinite` itself). An
-    in-memory ModelProto is checked and returned as is (callers must not mutate it).
+    infinite (unless ``warn`` is False: the caller scans with :func:`warn_nonfinite` itself). With
+    ``full_check`` the checker also runs strict shape inference (a Gemm whose weight does not fit its
+    input is refused here rather than deep in a pass). An in-memory ModelProto is checked and returned
+    as is (callers must not mutate it).
     """
     if isinstance(source, onnx.ModelProto):
         if check:
-            _check_in_memory(source, "<in-memory model>")
+            _check_in_memory(source, "<in-memory model>", full_check)
         if warn:
             warn_nonfinite(source, "the model")
         return source
     path = Path(source)
     folder = path.parent if str(path.parent) else Path(".")
     with folder_lock(folder, shared=True):
-        model = check_model_file(path, check)
+        model = check_model_file(path, check, full_check)
         if uses_external_data(model):
             try:
                 onnx.load_external_data_for_model(model, str(folder))
@@ -174,7 +183,7 @@ def load_model(source: ModelLike, check: bool = True, warn: bool = True) -> onnx
     return model
 
 
-def check_model_file(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
+def check_model_file(path: str | os.PathLike, check: bool = True, full_check: bool = False) -> onnx.ModelProto:
     """Validate the model file at ``path`` without loading its external data; returns its header.
 
     Raises ModelLoadError for a missing, non-ONNX or truncated file, missing or short external data,
@@ -184,10 +193,40 @@ def check_model_file(path: str | os.PathLike, check: bool = True) -> onnx.ModelP
     model = read_header(path)
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph found); is the file complete?")
+    bad_text = _undecodable_text(model)
+    if bad_text:
+        raise ModelLoadError(f"{path}: the {bad_text} is not valid UTF-8 text; is the file damaged?")
     check_data_files(model, path)
     if check:
-        _check_path(path, str(path))
+        _check_path(path, str(path), full_check)
     return model
+
+
+def _undecodable_text(message: Message, where: str = "model") -> str | None:
+    """The first string field of ``message`` (recursively) that protobuf could not decode as UTF-8.
+
+    ONNX's protobuf is proto2, so a damaged name parses and comes back as ``bytes`` instead of ``str``;
+    everything downstream (paths, JSON, lookups) would trip over it. Bytes fields (raw weights) are
+    never read here: reading them would copy them.
+    """
+    for field in message.DESCRIPTOR.fields:
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = getattr(message, field.name)
+            for value in (values if field.is_repeated else [values]):
+                if not isinstance(value, str):
+                    return f"{field.name} of a {where}"
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.is_repeated:
+                children = getattr(message, field.name)
+            elif message.HasField(field.name):
+                children = [getattr(message, field.name)]
+            else:
+                continue
+            for child in children:
+                found = _undecodable_text(child, field.message_type.name)
+                if found:
+                    return found
+    return None
 
 
 def check_data_files(header: onnx.ModelProto, path: str | os.PathLike) -> None:
@@ -210,42 +249,78 @@ def check_data_files(header: onnx.ModelProto, path: str | os.PathLike) -> None:
                                      "copy the model together with its data file")
             sizes[location] = data.stat().st_size
         try:
-            end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        except ValueError:
-            raise ModelLoadError(f"{path}: tensor {t.name} has a malformed external data offset or length") from None
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else None
+            need = _declared_bytes(t)
+        except (ValueError, TypeError, KeyError):
+            raise ModelLoadError(f"{path}: tensor {t.name} has a malformed type, offset or length") from None
+        if offset < 0 or (length is not None and length != need):
+            raise ModelLoadError(f"{path}: tensor {t.name} has shape {list(t.dims)} ({need} bytes) but its external "
+                                 f"data entry says offset {offset}, length {length}; is the file damaged?")
+        end = offset + need
         if end > sizes[location]:
             raise ModelLoadError(f"{path}: its external data file {data} is truncated ({sizes[location]} bytes; "
                                  f"tensor {t.name} needs {end})")
 
 
-def _check_path(path: Path, label: str) -> None:
+def _declared_bytes(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        if d < 0:
+            raise ValueError(f"negative dimension {d}")
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _check_path(path: Path, label: str, full_check: bool = False) -> None:
     try:
-        onnx.checker.check_model(str(path))
-    except (onnx.checker.ValidationError, ValueError, OSError) as e:
+        onnx.checker.check_model(str(path), full_check=full_check)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError, OSError) as e:
         raise ModelLoadError(f"{label}: the ONNX checker rejects this model: {first_line(e)}") from e
 
 
-def _check_in_memory(model: onnx.ModelProto, label: str) -> None:
-    if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+def checkable_in_memory(model: onnx.ModelProto) -> bool:
+    """Whether the ONNX checker can take ``model`` itself: not too big, and no spilled tensor (the checker
+    refuses their absolute paths; :func:`check_in_memory` checks those through a written copy)."""
+    return weight_bytes(model) < EXTERNAL_DATA_THRESHOLD and not has_spilled(model)
+
+
+def check_in_memory(model: onnx.ModelProto, label: str = "<in-memory model>", full_check: bool = False) -> None:
+    """Run the ONNX checker on an in-memory model of any size; ModelLoadError if it fails."""
+    _check_in_memory(model, label, full_check)
+
+
+def _check_in_memory(model: onnx.ModelProto, label: str, full_check: bool = False) -> None:
+    if checkable_in_memory(model):
         try:
-            onnx.checker.check_model(model)
-        except (onnx.checker.ValidationError, ValueError) as e:
+            onnx.checker.check_model(model, full_check=full_check)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
             raise ModelLoadError(f"{label}: the ONNX checker rejects this model: {first_line(e)}") from e
         return
     with tempfile.TemporaryDirectory(prefix="neurorewrite-check.") as tmp:  # too big to hand over in memory
         write_pair(model, Path(tmp), "model.onnx", "model.onnx.data")
-        _check_path(Path(tmp) / "model.onnx", label)
+        _check_path(Path(tmp) / "model.onnx", label, full_check)
 
 
-def nonfinite_weights(model: onnx.ModelProto) -> list[tuple[str, int]]:
-    """``(tensor, count)`` for every float initializer or Constant holding NaN or infinite values."""
+def nonfinite_weights(model: onnx.ModelProto, label: str = "the model") -> list[tuple[str, int]]:
+    """``(tensor, count)`` for every float initializer or Constant holding NaN or infinite values.
+
+    Every tensor's data is also checked against its declared shape (a damaged file whose data does
+    not fill its shape is a ModelLoadError naming ``label`` and the tensor).
+    """
     found = []
     tensors = list(model.graph.initializer)
     tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     for t in tensors:
-        if t.data_type not in FLOAT_TYPES or t.data_location == onnx.TensorProto.EXTERNAL:
+        if t.data_location == onnx.TensorProto.EXTERNAL and not spilled(t):
             continue
-        values = numpy_helper.to_array(t).reshape(-1)
+        try:
+            values = tensor_array(t).reshape(-1)
+        except Exception as e:  # noqa: BLE001  (onnx raises ValueError, TypeError, KeyError... for damaged tensors)
+            raise ModelLoadError(f"{label}: tensor {t.name}: its data does not match its type and shape "
+                                 f"{list(t.dims)} ({first_line(e)}); is the file damaged?") from e
+        if t.data_type not in FLOAT_TYPES:
+            continue
         bad = sum(int(np.count_nonzero(~np.isfinite(values[start:start + (1 << 24)])))
                   for start in range(0, values.size, 1 << 24))  # in chunks: no full-size boolean mask
         if bad:
@@ -255,7 +330,7 @@ def nonfinite_weights(model: onnx.ModelProto) -> list[tuple[str, int]]:
 
 def warn_nonfinite(model: onnx.ModelProto, label: str) -> list[tuple[str, int]]:
     """Warn once per call when ``model`` holds NaN/inf weights; returns what :func:`nonfinite_weights` found."""
-    found = nonfinite_weights(model)
+    found = nonfinite_weights(model, label)
     if found:
         warnings.warn(nonfinite_message(label, found), NeurorewriteWarning, stacklevel=3)
     return found
@@ -295,21 +370,34 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         data_name = f"{name}.{secrets.token_hex(8)}.data" if external_data else None
         try:
             if data_name is not None:
-                write_pair(model, tmp, name, data_name, sync=sync)
+                if not locations(write_pair(model, tmp, name, data_name, sync=sync)):
+                    (tmp / data_name).unlink()  # every tensor was small enough to stay inline
+                    data_name = None
             else:
                 if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
                     raise OutputError(f"{path}: the weights are too big for one file; save with external data")
-                write_proto(model, tmp / name, sync=sync)
+                write_proto(write_split(model, None, None) if has_spilled(model) else model, tmp / name, sync=sync)
         except OSError as e:
             raise OutputError(f"{path}: could not write the model ({e.strerror or e}); nothing was written") from e
         except ValueError as e:  # protobuf refuses a message over 2 GiB
             raise OutputError(f"{path}: could not serialise the model ({first_line(e)}); nothing was written") from e
         try:
             onnx.checker.check_model(str(tmp / name), full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
             raise VerificationError(f"{path}: the written model fails the ONNX checker, nothing written: {first_line(e)}") from e
+        _crash_point("written")
         _publish(tmp, folder, name, data_name, sync)
     return path
+
+
+CRASH_ENV = "NEUROREWRITE_TEST_KILL_AT"
+
+
+def _crash_point(step: str) -> None:
+    """Fault injection for the tests: ``NEUROREWRITE_TEST_KILL_AT=<step>`` makes this process SIGKILL
+    itself at that step of a save (``written``, ``data-renamed``, ``model-renamed``, ``cleaned``)."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -341,14 +429,17 @@ def _publish(tmp: Path, folder: Path, name: str, data_name: str | None, sync: bo
                 if (folder / data_name).exists():  # 64 random bits: only a deliberate plant gets here
                     raise OutputError(f"{target}: {data_name} already exists; nothing was written")
                 os.rename(tmp / data_name, folder / data_name)
+                _crash_point("data-renamed")
             os.replace(tmp / name, target)
             if sync:
                 fsync_folder(folder)
+            _crash_point("model-renamed")
             for old in stale:
                 if old.name != data_name:
                     with contextlib.suppress(OSError):
                         old.unlink()
             _remove_dead_writers(folder, name, tmp)
+            _crash_point("cleaned")
     except OSError as e:
         raise OutputError(f"{target}: could not publish the model ({e.strerror or e})") from e
 

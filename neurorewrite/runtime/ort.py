@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import onnx
 import onnxruntime as ort
 
+from neurorewrite.errors import NeurorewriteError, UnsupportedModelError, first_line
 from neurorewrite.executor import session_options, session_source
 from neurorewrite.external_data import folder_lock
 from neurorewrite.ops import DOMAIN
@@ -41,15 +42,21 @@ def ort_session(
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available_providers()]
     report = PrepareReport("onnxruntime")
     options = session_options(threads, spinning)
-    if isinstance(model, onnx.ModelProto) or _uses_own_operators(model):
-        proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-        prepared, report = prepare_for_runtime(proto, "onnxruntime", sparse_method)
-        with session_source(prepared) as source:  # a path with external data for a model over 1 GiB
-            session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
-    else:
-        folder = os.path.dirname(os.fspath(model)) or "."
-        with folder_lock(folder, shared=True):  # the model and its data file as one unit
-            session = ort.InferenceSession(str(model), sess_options=options, providers=list(providers))
+    label = "the model" if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    try:
+        if isinstance(model, onnx.ModelProto) or _uses_own_operators(model):
+            proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+            prepared, report = prepare_for_runtime(proto, "onnxruntime", sparse_method)
+            with session_source(prepared) as source:  # a path with external data for a model over 1 GiB
+                session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
+        else:
+            folder = os.path.dirname(os.fspath(model)) or "."
+            with folder_lock(folder, shared=True):  # the model and its data file as one unit
+                session = ort.InferenceSession(str(model), sess_options=options, providers=list(providers))
+    except NeurorewriteError:
+        raise
+    except Exception as e:  # onnxruntime's own exception types: an opset, op or type it does not know
+        raise UnsupportedModelError(f"{label}: onnxruntime cannot open the model ({first_line(e)})") from e
     session.neurorewrite_preparation = report
     return session
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from neurorewrite.errors import InvalidOptionError, OutputError, last_line
+from neurorewrite.external_data import materialize
 from neurorewrite.paths import Labeled, check_no_overwrite
 from neurorewrite.rewriter.io import ModelLike, load_model, model_files
 
@@ -76,6 +77,7 @@ def compile(  # noqa: A001 (the public name the issue asks for)
     check_outputs(model, output, database)
     tvm_target = parse_target(target)
     proto, prepared = prepare_for_runtime(load_model(model), "tvm")
+    proto = materialize(proto)  # TVM's importer reads initializers itself: no spilled tensor may reach it
     static = input_shapes(proto, shapes)
     db = tuning.open_database(database, tvm_target) if database is not None else None
     mod, kernels = import_model(proto, static, tvm_target, scheduled=db is None)
