@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from neurorewrite.errors import InvalidOptionError, VerificationError
+from neurorewrite.errors import InvalidOptionError, VerificationError, first_line
 from neurorewrite.external_data import materialize
 from neurorewrite.fpe import FPEConfig, block_nnz, check_alpha, structured_split
 from neurorewrite.memory import check_fits
@@ -46,8 +46,8 @@ def load_groups(path: str | os.PathLike) -> tuple[tuple[int, ...], ...]:
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise InvalidOptionError(f"--groups {path}: cannot read a JSON partition ({e})") from e
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidOptionError(f"--groups {path}: cannot read a JSON partition ({first_line(e)})") from e
     if isinstance(data, dict):
         data = data.get("groups")
     if not isinstance(data, list) or not all(isinstance(g, list) and all(isinstance(i, int) for i in g) for g in data):

@@ -172,6 +172,23 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
     return np.memmap(location, dtype=dtype, mode="r", offset=offset, shape=tuple(t.dims))
 
 
+def tensor_chunks(t: onnx.TensorProto, elements: int = 1 << 24) -> Iterator[np.ndarray]:
+    """The flat values of an initializer, ``elements`` at a time; a spilled tensor is read from its file
+    in chunks (a scan of it should not map, and so count as resident, the whole file)."""
+    if not spilled(t):
+        values = numpy_helper.to_array(t).reshape(-1)
+        for start in range(0, values.size, elements):
+            yield values[start:start + elements]
+        return
+    location, offset, _ = _external_info(t)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    total = int(np.prod(t.dims, dtype=np.int64))
+    with open(location, "rb") as f:
+        f.seek(offset)
+        for start in range(0, total, elements):
+            yield np.fromfile(f, dtype=dtype, count=min(elements, total - start))
+
+
 def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with every spilled tensor's bytes loaded into the protobuf (``model`` itself if none is
     spilled), for code that reads initializers with onnx's own helpers."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +22,7 @@ from pathlib import Path
 from neurorewrite.errors import InvalidOptionError, OutputError, last_line
 from neurorewrite.external_data import materialize
 from neurorewrite.paths import Labeled, check_no_overwrite
-from neurorewrite.rewriter.io import ModelLike, load_model, model_files
+from neurorewrite.rewriter.io import ModelLike, load_model, model_files, weight_bytes
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_TRIALS = 128
@@ -78,6 +79,8 @@ def compile(  # noqa: A001 (the public name the issue asks for)
     tvm_target = parse_target(target)
     proto, prepared = prepare_for_runtime(load_model(model), "tvm")
     proto = materialize(proto)  # TVM's importer reads initializers itself: no spilled tensor may reach it
+    if output is not None:
+        check_space(Path(output), weight_bytes(proto))
     static = input_shapes(proto, shapes)
     db = tuning.open_database(database, tvm_target) if database is not None else None
     mod, kernels = import_model(proto, static, tvm_target, scheduled=db is None)
@@ -133,6 +136,22 @@ def check_outputs(model: ModelLike, output: str | os.PathLike | None, database: 
         db = Path(database)
         outputs += [("--database", db)] + [("--database", db / name) for name in DATABASE_FILES]
     check_no_overwrite(inputs, outputs)
+
+
+def check_space(output: Path, weights: int) -> None:
+    """Refuse up front when the library (which embeds the weights) cannot fit where it is written:
+    LLVM writes its object file into the temporary folder and ends the process when that write fails,
+    and the linker's failure on a full output folder would come after the whole build."""
+    need = int(weights * 1.1) + (16 << 20)
+    for where, folder in (("-o", output.parent if str(output.parent) else Path(".")),
+                          ("the temporary folder", Path(tempfile.gettempdir()))):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            continue
+        if free < need:
+            raise OutputError(f"cannot write {output}: {where} {folder} has {free >> 20} MiB free, the library needs "
+                              f"about {need >> 20} MiB")
 
 
 def write_library(executable, report: CompileReport, output: str | os.PathLike) -> None:  # noqa: ANN001

@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neurorewrite.errors import ModelLoadError
-from neurorewrite.rewriter.io import CRASH_ENV, load_model, save_model
+from neurorewrite.rewriter.io import load_model
+from neurorewrite.rewriter.publish import CRASH_ENV, save_model
 from neurorewrite.rewriter.linear import read_weights
 from tests.attack.conftest import mlp_model
 
