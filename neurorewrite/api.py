@@ -18,7 +18,7 @@ from neurorewrite.memory import check_fits
 from neurorewrite.passes.expand_blocks import ExpandReport, Progress, expand_model
 from neurorewrite.passes.lower import check_format, lower_model
 from neurorewrite.passes.tie_outputs import tie_outputs
-from neurorewrite.paths import Labeled, check_no_overwrite, tagged_output
+from neurorewrite.paths import Labeled, check_no_overwrite, check_output_folder, tagged_output
 from neurorewrite.rewriter.blocks import Skipped, find_blocks, select_blocks
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.io import (
@@ -85,6 +85,7 @@ def expand(
         inputs: list[Labeled] = [] if isinstance(model, onnx.ModelProto) else list(model_files(model))
         inputs += [(opt, p) for opt, p in (("--calibrate", calibrate), ("--groups", groups)) if isinstance(p, (str, os.PathLike))]
         check_no_overwrite(inputs, replaced_files(output))
+        check_output_folder(output, "-o")
     if structured:
         split, prune, format = _structured_options(split, format)
     format = check_format(format or "dense", split)

@@ -61,6 +61,27 @@ def check_no_overwrite(inputs: Iterable[Labeled], outputs: Iterable[Labeled]) ->
                                   "file; choose different output paths")
 
 
+def check_output_target(path: str | os.PathLike[str], option: str) -> None:
+    """Refuse an output path that exists and is not a regular file (a folder, a device such as
+    /dev/null, a FIFO, a socket): a rename over it would replace it, or a write would block."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{option} {os.fspath(path)} is a folder; give a file name inside it")
+    if (p.exists() or p.is_symlink()) and not p.is_file():
+        raise OutputError(f"{option} {os.fspath(path)} exists and is not a regular file; choose another output path")
+
+
+def check_output_folder(path: str | os.PathLike[str], option: str) -> None:
+    """Before any work: ``path`` is a possible output (see :func:`check_output_target`) in a folder that
+    exists and can be written."""
+    check_output_target(path, option)
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise OutputError(f"{option} {os.fspath(path)}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {os.fspath(path)}: folder {folder} is not writable")
+
+
 def tagged_output(path: str | os.PathLike[str], tag: str) -> Path:
     """``model.onnx`` -> ``model.<tag>.onnx`` beside it (``.onnx`` when the input has no suffix): never the input."""
     p = Path(path)

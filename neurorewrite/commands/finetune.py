@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from neurorewrite.errors import DataError, InvalidOptionError, UnsupportedModelError, first_line
-from neurorewrite.paths import check_no_overwrite
+from neurorewrite.paths import check_no_overwrite, check_output_folder
 from neurorewrite.progress import ProgressBar
 from neurorewrite.sample import load_sample
 from neurorewrite.table import format_table
@@ -97,6 +97,7 @@ def finetune_io(model: Path, data: Path, output: Path, teacher: Path | None = No
     if teacher is not None:
         inputs += model_files(teacher, "--teacher")
     check_no_overwrite(inputs, replaced_files(output))
+    check_output_folder(output, "-o")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ import onnx
 
 from neurorewrite.errors import ModelLoadError, OutputError, VerificationError, first_line
 from neurorewrite.external_data import folder_lock, fsync_folder, has_spilled, locations, write_pair, write_proto, write_split
+from neurorewrite.paths import check_output_target
 from neurorewrite.rewriter.io import (
     EXTERNAL_DATA_THRESHOLD,
     _small_enough_to_scan,
@@ -94,8 +95,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     name = path.name
     if not folder.is_dir():
         raise OutputError(f"{path}: folder {path.parent} does not exist")
-    if path.is_dir():
-        raise OutputError(f"{path}: is a folder; give a file name such as {path / 'model.onnx'}")
+    check_output_target(path, "-o")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: folder {path.parent} is not writable")
     if external_data is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from neurorewrite.errors import InvalidOptionError, OutputError, last_line
 from neurorewrite.external_data import materialize
-from neurorewrite.paths import Labeled, check_no_overwrite
+from neurorewrite.paths import Labeled, check_no_overwrite, check_output_target
 from neurorewrite.rewriter.io import ModelLike, load_model, model_files, weight_bytes
 
 Progress = Callable[[int, int, str], None]
@@ -128,6 +128,8 @@ def check_outputs(model: ModelLike, output: str | os.PathLike | None, database: 
         folder = out.parent if str(out.parent) else Path(".")
         if out.is_dir():
             raise OutputError(f"-o {out} is a directory; give a file name such as model.so")
+        check_output_target(out, "-o")
+        check_output_target(metadata_path(out), "-o's description")
         if not folder.is_dir():
             raise OutputError(f"-o {out}: folder {folder} does not exist")
         if not os.access(folder, os.W_OK | os.X_OK):

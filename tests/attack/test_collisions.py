@@ -133,3 +133,35 @@ def test_reruns_work_from_any_folder_and_leave_one_data_file(work: Path, relativ
     assert sorted(p.name for p in out_dir.iterdir() if not p.name.endswith(".data")) == ["ok.fpe.onnx"]
     assert len(list(out_dir.glob("ok.fpe.onnx.*.data"))) == 1
     load_model(out_dir / "ok.fpe.onnx")
+
+
+@pytest.mark.parametrize("argv", [["expand", "m.onnx", "--alpha", "2", "-o", "{out}"],
+                                  ["finetune", "m.onnx", "--data", "t.npz", "--epochs", "1", "-o", "{out}"],
+                                  ["analyze", "m.onnx", "--html", "{out}"]])
+@pytest.mark.parametrize("kind", ["folder", "fifo", "dangling-symlink-folder", "missing-folder"])
+def test_hostile_output_paths_are_refused(work: Path, argv: list[str], kind: str) -> None:
+    """A folder, a FIFO (a device would be the same: a rename would replace it), a path through a
+    symlink to nothing, a folder that does not exist."""
+    if kind == "folder":
+        (work / "dir").mkdir()
+        out = "dir"
+    elif kind == "fifo":
+        os.mkfifo(work / "pipe")
+        out = "pipe"
+    elif kind == "dangling-symlink-folder":
+        (work / "gone").symlink_to(work / "nowhere", target_is_directory=True)
+        out = "gone/out.onnx"
+    else:
+        out = "missing/out.onnx"
+    before = tree(work)
+    assert_one_line_error(cli(*[a.format(out=out) for a in argv], cwd=work), out.split("/")[0])
+    assert tree(work) == before
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("argv", [["inspect", "e.onnx"], ["expand", "e.onnx", "--alpha", "2", "-o", "o.onnx"],
+                                  ["analyze", "e.onnx"], ["bench", "e.onnx", "--repeats", "1"],
+                                  ["finetune", "e.onnx", "--data", "t.npz", "-o", "o.onnx"]])
+def test_missing_external_data_is_one_line_naming_the_file(work: Path, argv: list[str]) -> None:
+    (work / "e.onnx.data").unlink()
+    assert_one_line_error(cli(*argv, cwd=work), "e.onnx.data", "is missing")
