@@ -98,7 +98,7 @@ def expand(
     sample = None
     if calibrate is not None:
         sample = load_sample(calibrate, "--calibrate")
-    original = load_model(model, warn=False)
+    original = load_model(model, warn=False, spill=True)  # big weights stay in files until read
     bad_weights = warn_nonfinite(original, where)
     if sample is not None and bad_weights:
         raise InvalidOptionError("--calibrate: " + nonfinite_message(where, bad_weights).replace(
@@ -235,7 +235,7 @@ class Inspection:
 
 def inspect(model: ModelLike) -> Inspection:
     """List the MLP blocks of a model with widths and nonzero counts, and its FPE metadata."""
-    proto = load_model(model)
+    proto = load_model(model, spill=True)
     search = find_blocks(proto)
     index = GraphIndex.build(proto.graph)
     out = Inspection(skipped=search.skipped, fpe=read_record(proto, str(model)))

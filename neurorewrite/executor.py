@@ -78,8 +78,8 @@ def session_source(model: onnx.ModelProto, outputs: Sequence[str] = ()) -> Itera
         yield probe.SerializeToString()
         return
     with tempfile.TemporaryDirectory(prefix="neurorewrite-session.") as tmp:
-        with open(Path(tmp) / "model.onnx.data", "wb") as data:
-            header = write_split(model, data, "model.onnx.data")
+        with open(Path(tmp) / "model.onnx.data", "wb") as data:  # spilled tensors are linked, not copied
+            header = write_split(model, data, "model.onnx.data", link_into=Path(tmp))
         _add_outputs(header, outputs)
         write_proto(header, Path(tmp) / "model.onnx")
         yield str(Path(tmp) / "model.onnx")

@@ -148,6 +148,32 @@ def make_tensor(value: np.ndarray, name: str) -> onnx.TensorProto:
     return t
 
 
+def spill_copy(t: onnx.TensorProto, base: str | os.PathLike) -> None:
+    """Turn ``t``, an external tensor of the model file in folder ``base``, into a spilled tensor: its
+    bytes are copied file to file (``copy_file_range``: no copy passes through this process's memory)
+    into a spill file that only this process uses, so nothing can change them while they are mapped."""
+    location, offset, length = _external_info(t)
+    if length < 0:
+        length = _nbytes(t)
+    path = _SPILL.get() / f"{next(_SPILL.counter)}.bin"
+    with open(Path(base) / location, "rb") as src, open(path, "wb", buffering=0) as dst:
+        left, at = length, offset
+        while left > 0:
+            try:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), min(left, 1 << 30), at)
+            except OSError:  # another filesystem or kernel without it: plain reads
+                src.seek(at)
+                chunk = src.read(min(left, COPY_CHUNK))
+                n = dst.write(chunk) if chunk else 0
+            if n <= 0:
+                raise OSError(f"external data of tensor {t.name} ends before its {length} bytes")
+            left -= n
+            at += n
+    del t.external_data[:]
+    for key, v in (("location", str(path)), ("offset", "0"), ("length", str(length))):
+        t.external_data.add(key=key, value=v)
+
+
 def _write_array(value: np.ndarray, f: BinaryIO) -> None:
     """Write ``value``'s C-order bytes; a non-contiguous array is written a slab of rows at a time."""
     if value.flags.c_contiguous:
@@ -247,13 +273,16 @@ def _goes_external(t: onnx.TensorProto) -> bool:
     return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize >= INLINE_LIMIT
 
 
-def write_split(model: onnx.ModelProto, data: BinaryIO | None, location: str | None) -> onnx.ModelProto:
+def write_split(model: onnx.ModelProto, data: BinaryIO | None, location: str | None,
+                link_into: Path | None = None) -> onnx.ModelProto:
     """Stream the main graph's large initializers into ``data`` and return the header that names them.
 
     ``location`` is the data file's name as the header records it (relative to the header's folder).
     Spilled tensors are copied from their files. With ``data`` None nothing goes outside: the header
-    is the whole model, spilled tensors inlined. Peak memory beyond ``model``: one chunk or one
-    tensor's bytes. ``model`` itself is left as it was.
+    is the whole model, spilled tensors inlined. With ``link_into`` (the header's folder, for a
+    session that only reads the files) each spilled tensor is hard-linked there under its own name
+    instead of copied (a copy where links are impossible). Peak memory beyond ``model``: one chunk or
+    one tensor's bytes. ``model`` itself is left as it was.
     """
     header = onnx.ModelProto()
     _copy_fields(model, header, skip=("graph",))
@@ -262,6 +291,9 @@ def write_split(model: onnx.ModelProto, data: BinaryIO | None, location: str | N
     for t in model.graph.initializer:
         if data is None or not _goes_external(t):
             header.graph.initializer.add().CopyFrom(_inline(t) if spilled(t) else t)
+            continue
+        if link_into is not None and spilled(t):
+            header.graph.initializer.add().CopyFrom(_linked(t, link_into))
             continue
         size = _nbytes(t)
         align = ALIGN_BIG if size >= 1 << 20 else ALIGN_SMALL
@@ -284,6 +316,22 @@ def write_split(model: onnx.ModelProto, data: BinaryIO | None, location: str | N
             ref.external_data.add(key=key, value=value)
         offset += length
     return header
+
+
+def _linked(t: onnx.TensorProto, folder: Path) -> onnx.TensorProto:
+    """A reference to ``t``'s spill file under a relative name in ``folder`` (hard link, or copy)."""
+    location, offset, length = _external_info(t)
+    name = f"spilled.{next(_SPILL.counter)}.bin"
+    try:
+        os.link(location, folder / name)
+    except OSError:
+        shutil.copyfile(location, folder / name)
+    ref = onnx.TensorProto()
+    _copy_fields(t, ref, skip=_DATA_FIELDS)
+    ref.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", name), ("offset", str(offset)), ("length", str(length))):
+        ref.external_data.add(key=key, value=value)
+    return ref
 
 
 def _nbytes(t: onnx.TensorProto) -> int:

@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or default_output(args.model, "tuned")
     finetune_io(args.model, args.data, output)
     x, y = load_training_data(args.data)
-    model = load_model(args.model, warn=False, full_check=True)  # the torch lift needs consistent shapes
+    # the torch lift needs consistent shapes; big weights stay in files until the lift reads them
+    model = load_model(args.model, warn=False, full_check=True, spill=True)
     check_trainable_io(model, str(args.model))
     bad = warn_nonfinite(model, str(args.model))
     if bad:

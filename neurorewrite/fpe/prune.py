@@ -73,8 +73,17 @@ def smallest_by_count(parts: Sequence[tuple[np.ndarray, int]], k: int) -> list[C
         last, copies = -1, 0
         if 0 < remaining < mult and n_full < ties.size:
             last, copies, remaining = int(ties[n_full]), remaining, 0
-        cuts.append((np.concatenate([np.flatnonzero(m < t), ties[:n_full]]), last, copies))
+        below = _flat_below(m, t)
+        cuts.append((np.concatenate([below, ties[:n_full].astype(below.dtype)]), last, copies))
     return cuts
+
+
+def _flat_below(m: np.ndarray, t: np.floating, chunk: int = 1 << 24) -> np.ndarray:
+    """``np.flatnonzero(m < t)`` in the narrowest index type that fits, built a chunk at a time: the
+    indices of a large pruned count would otherwise be 8 bytes each, plus a mask of ``m``'s size."""
+    dtype = np.int32 if m.size < 2**31 else np.int64
+    parts = [(np.flatnonzero(m[s:s + chunk] < t) + s).astype(dtype) for s in range(0, m.size, chunk)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype)
 
 
 def choose_pruned(

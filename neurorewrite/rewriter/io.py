@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import load_external_data_for_tensor
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
@@ -24,10 +25,12 @@ from neurorewrite.errors import (
     NeurorewriteWarning,
     first_line,
 )
+from neurorewrite import external_data
 from neurorewrite.external_data import (
     folder_lock,
     has_spilled,
     locations,
+    spill_copy,
     spilled,
     tensor_chunks,
     weight_bytes,
@@ -95,15 +98,24 @@ def _small_enough_to_scan(path: str | os.PathLike) -> bool:
 # --- loading ----------------------------------------------------------------------------------------
 
 
-def load_model(source: ModelLike, check: bool = True, warn: bool = True, full_check: bool = False) -> onnx.ModelProto:
+def _spill_threshold() -> int:  # read at call time: tests lower it
+    return external_data.SPILL_THRESHOLD
+
+
+def load_model(source: ModelLike, check: bool = True, warn: bool = True, full_check: bool = False,
+               spill: bool = False) -> onnx.ModelProto:
     """Read an ONNX model (external data included) and run the ONNX checker on it.
 
     Raises ModelLoadError naming the file for a missing, non-ONNX, truncated or invalid model, or a
     missing or short external data file. Warns (:class:`NeurorewriteWarning`) when a weight is NaN or
     infinite (unless ``warn`` is False: the caller scans with :func:`warn_nonfinite` itself). With
     ``full_check`` the checker also runs strict shape inference (a Gemm whose weight does not fit its
-    input is refused here rather than deep in a pass). An in-memory ModelProto is checked and returned
-    as is (callers must not mutate it).
+    input is refused here rather than deep in a pass). With ``spill``, external tensors of
+    :data:`~neurorewrite.external_data.SPILL_THRESHOLD` bytes or more are copied file to file into this
+    process's spill folder instead of into protobuf (:func:`~neurorewrite.external_data.spill_copy`): a
+    2 GiB model then costs no memory until its weights are read, and reading maps them. Such a model is
+    private to this process (save it with ``save_model``). An in-memory ModelProto is checked and
+    returned as is (callers must not mutate it).
     """
     if isinstance(source, onnx.ModelProto):
         if check:
@@ -117,7 +129,15 @@ def load_model(source: ModelLike, check: bool = True, warn: bool = True, full_ch
         model = check_model_file(path, check, full_check)
         if uses_external_data(model):
             try:
-                onnx.load_external_data_for_model(model, str(folder))
+                for t in model.graph.initializer:
+                    if t.data_location != onnx.TensorProto.EXTERNAL:
+                        continue
+                    if spill and _declared_bytes(t) >= _spill_threshold():
+                        spill_copy(t, folder)
+                    else:  # as onnx.load_external_data_for_model does, one tensor at a time
+                        load_external_data_for_tensor(t, str(folder))
+                        t.data_location = onnx.TensorProto.DEFAULT
+                        del t.external_data[:]
             except (OSError, ValueError, RuntimeError) as e:
                 raise ModelLoadError(f"{path}: cannot read its external data ({first_line(e)})") from e
     if warn:

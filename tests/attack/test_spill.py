@@ -99,3 +99,17 @@ def test_loading_a_written_spilled_model_gives_the_same_weights(tmp_path: Path, 
     by_name = {t.name: onnx.numpy_helper.to_array(t) for t in reference.graph.initializer}
     for t in loaded.graph.initializer:
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), by_name[t.name])
+
+
+def test_loading_with_spill_keeps_big_external_tensors_out_of_protobuf(tmp_path: Path, monkeypatch) -> None:
+    onnx.save(mlp_model(d=64, h=32, o=8), str(tmp_path / "e.onnx"), save_as_external_data=True,
+              location="e.onnx.data", size_threshold=0)
+    plain = load_model(tmp_path / "e.onnx")
+    monkeypatch.setattr(external_data, "SPILL_THRESHOLD", 1024)
+    kept = load_model(tmp_path / "e.onnx", spill=True)
+    assert sum(external_data.spilled(t) for t in kept.graph.initializer) == 2  # the two 8 KiB weights
+    (tmp_path / "e.onnx.data").write_bytes(b"")  # the spilled copies are this process's own
+    for a, b in zip(plain.graph.initializer, kept.graph.initializer):
+        np.testing.assert_array_equal(external_data.tensor_array(b), onnx.numpy_helper.to_array(a))
+    feeds = {"x": np.ones((2, 64), np.float32)}
+    np.testing.assert_array_equal(ort_session(kept).run(None, feeds)[0], ort_session(plain).run(None, feeds)[0])
