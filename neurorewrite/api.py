@@ -73,7 +73,10 @@ def expand(
     """FPE-expand every MLP block of ``model`` (a path or a ModelProto); optionally calibrate and save.
 
     ``calibrate`` is an ``.npz`` path or a mapping from graph input names to sample arrays. With
-    ``output`` the model is written atomically (nothing is written if any step fails). ``format``
+    ``output`` the model is written atomically (nothing is written if any step fails), after checking
+    that ``output`` is none of the inputs (``docs/robustness.md``); the returned model may then keep
+    its big tensors in this process's spill files (:mod:`neurorewrite.external_data`: pass it to
+    ``save_model`` or ``ort_session``, not to ``onnx.save``). Without ``output`` it is self-contained. ``format``
     (``dense`` by default, ``grouped``, ``sparse``) picks the representation (:mod:`neurorewrite.passes.lower`).
     ``structured`` is the preset that runs at dense speed: the ``shared`` split (or ``feature``), tied
     outgoing weights, ``prune="layer"``, ``grouped`` format (:mod:`neurorewrite.passes.tie_outputs`).

@@ -25,7 +25,7 @@ from neurorewrite.errors import (
     NeurorewriteWarning,
     first_line,
 )
-from neurorewrite import external_data
+import neurorewrite.external_data as external_data
 from neurorewrite.external_data import (
     folder_lock,
     has_spilled,

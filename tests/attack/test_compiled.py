@@ -65,6 +65,7 @@ def test_compile_outputs_that_are_inputs_are_refused(work: Path, argv: list[str]
     assert tree(work) == before
 
 
+@pytest.mark.slow  # a second full build in a fresh process
 def test_compile_to_a_full_disk_is_one_line_and_leaves_nothing(work: Path, tmp_path_factory) -> None:
     """The linker writes the library; it is given a disk that takes 64 KiB (the issue's g++ errors)."""
     gxx = shutil.which("g++") or pytest.skip("no g++")
@@ -129,8 +130,9 @@ for cut in map(int, sys.argv[3:]):
 """
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cuts=st.lists(st.floats(0.01, 0.99), min_size=4, max_size=8))
+@pytest.mark.slow  # a fresh process imports TVM for each example
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.floats(0.01, 0.99), min_size=6, max_size=12))
 def test_truncated_library_with_a_matching_checksum_is_refused_not_a_crash(built: Path, tmp_path_factory, cuts) -> None:
     folder = tmp_path_factory.mktemp("truncated")
     whole = built / "w.so.so"

@@ -93,7 +93,8 @@ def _fsize_limit() -> None:  # in the child: writes past 64 KiB fail with EFBIG,
 
 
 @pytest.mark.parametrize("argv", [["expand", "big.onnx", "--alpha", "2", "-o", "out.onnx"],
-                                  ["finetune", "big.onnx", "--data", "tb.npz", "--epochs", "1", "-o", "out.onnx"]])
+                                  pytest.param(["finetune", "big.onnx", "--data", "tb.npz", "--epochs", "1", "-o",
+                                                "out.onnx"], marks=pytest.mark.slow)])  # torch in a fresh process
 def test_full_disk_is_one_line_and_leaves_nothing(work: Path, argv: list[str]) -> None:
     import numpy as np
 
