@@ -25,7 +25,7 @@ from neurorewrite.errors import (
     NeurorewriteWarning,
     first_line,
 )
-import neurorewrite.external_data as external_data
+import neurorewrite.external_data.spill as spill_files
 from neurorewrite.external_data import (
     folder_lock,
     has_spilled,
@@ -99,7 +99,7 @@ def _small_enough_to_scan(path: str | os.PathLike) -> bool:
 
 
 def _spill_threshold() -> int:  # read at call time: tests lower it
-    return external_data.SPILL_THRESHOLD
+    return spill_files.SPILL_THRESHOLD
 
 
 def load_model(source: ModelLike, check: bool = True, warn: bool = True, full_check: bool = False,

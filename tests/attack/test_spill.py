@@ -13,6 +13,7 @@ import pytest
 
 import neurorewrite
 import neurorewrite.external_data as external_data
+import neurorewrite.external_data.spill as spill_files
 from neurorewrite.rewriter.io import load_model
 from neurorewrite.runtime import ort_session
 from tests.attack.conftest import mlp_model
@@ -33,7 +34,7 @@ def _expand(tmp_path: Path, tag: str, **options) -> tuple[np.ndarray, np.ndarray
 def test_spilled_expansion_equals_the_in_memory_one(tmp_path: Path, monkeypatch, options: dict) -> None:
     kept, kept_session, kept_model = _expand(tmp_path, "kept", **options)
     assert not external_data.has_spilled(kept_model)
-    monkeypatch.setattr(external_data, "SPILL_THRESHOLD", 0)  # every new tensor goes to a spill file
+    monkeypatch.setattr(spill_files, "SPILL_THRESHOLD", 0)  # every new tensor goes to a spill file
     spilled, spilled_session, spilled_model = _expand(tmp_path, "spilled", **options)
     assert external_data.has_spilled(spilled_model)
     np.testing.assert_array_equal(spilled, kept)
@@ -44,14 +45,14 @@ def test_spilled_expansion_equals_the_in_memory_one(tmp_path: Path, monkeypatch,
 
 
 def test_api_without_output_returns_a_self_contained_model(monkeypatch) -> None:
-    monkeypatch.setattr(external_data, "SPILL_THRESHOLD", 0)
+    monkeypatch.setattr(spill_files, "SPILL_THRESHOLD", 0)
     new, _ = neurorewrite.expand(mlp_model(d=16, h=12, o=4), alpha=2)
     assert not external_data.has_spilled(new)
     onnx.checker.check_model(new, full_check=True)
 
 
 def test_spilled_tensors_map_back_read_only_and_are_written_into_one_data_file(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(external_data, "SPILL_THRESHOLD", 0)
+    monkeypatch.setattr(spill_files, "SPILL_THRESHOLD", 0)
     value = np.arange(1200, dtype=np.float32).reshape(2, 600).T  # not contiguous: written slab by slab
     t = external_data.make_tensor(value, "w")
     assert external_data.spilled(t)
@@ -74,7 +75,8 @@ import os, sys, signal
 sys.path[:0] = [{str(ROOT)!r}]
 import numpy as np
 import neurorewrite.external_data as ed
-ed.SPILL_THRESHOLD = 0
+import neurorewrite.external_data.spill
+ed.spill.SPILL_THRESHOLD = 0
 t = ed.make_tensor(np.ones(10, np.float32), "w")
 print(os.path.dirname(dict((e.key, e.value) for e in t.external_data)["location"]), flush=True)
 if sys.argv[1] == "kill":
@@ -91,9 +93,9 @@ if sys.argv[1] == "kill":
 
 
 def test_loading_a_written_spilled_model_gives_the_same_weights(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(external_data, "SPILL_THRESHOLD", 0)
+    monkeypatch.setattr(spill_files, "SPILL_THRESHOLD", 0)
     neurorewrite.expand(mlp_model(d=64, h=32, o=8), alpha=2, output=tmp_path / "o.onnx")
-    monkeypatch.setattr(external_data, "SPILL_THRESHOLD", 1 << 62)
+    monkeypatch.setattr(spill_files, "SPILL_THRESHOLD", 1 << 62)
     reference, _ = neurorewrite.expand(mlp_model(d=64, h=32, o=8), alpha=2)
     loaded = load_model(tmp_path / "o.onnx")
     by_name = {t.name: onnx.numpy_helper.to_array(t) for t in reference.graph.initializer}
@@ -105,7 +107,7 @@ def test_loading_with_spill_keeps_big_external_tensors_out_of_protobuf(tmp_path:
     onnx.save(mlp_model(d=64, h=32, o=8), str(tmp_path / "e.onnx"), save_as_external_data=True,
               location="e.onnx.data", size_threshold=0)
     plain = load_model(tmp_path / "e.onnx")
-    monkeypatch.setattr(external_data, "SPILL_THRESHOLD", 1024)
+    monkeypatch.setattr(spill_files, "SPILL_THRESHOLD", 1024)
     kept = load_model(tmp_path / "e.onnx", spill=True)
     assert sum(external_data.spilled(t) for t in kept.graph.initializer) == 2  # the two 8 KiB weights
     (tmp_path / "e.onnx.data").write_bytes(b"")  # the spilled copies are this process's own
