@@ -13,17 +13,26 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from neurorewrite.errors import InvalidOptionError
-from neurorewrite.fpe import FPEConfig, check_alpha, structured_split
+from neurorewrite.errors import InvalidOptionError, VerificationError, first_line
+from neurorewrite.external_data import materialize
+from neurorewrite.fpe import FPEConfig, block_nnz, check_alpha, structured_split
+from neurorewrite.memory import check_fits
 from neurorewrite.passes.expand_blocks import ExpandReport, Progress, expand_model
 from neurorewrite.passes.lower import check_format, lower_model
 from neurorewrite.passes.tie_outputs import tie_outputs
+from neurorewrite.paths import Labeled, check_no_overwrite, check_output_folder, tagged_output
 from neurorewrite.rewriter.blocks import Skipped, find_blocks, select_blocks
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.io import (
     EXTERNAL_DATA_THRESHOLD,
     ModelLike,
+    check_in_memory,
     load_model,
+    model_files,
+    nonfinite_message,
+    nonfinite_weights,
+    replaced_files,
+    warn_nonfinite,
     save_model,
     stored_with_external_data,
     weight_bytes,
@@ -48,8 +57,8 @@ def load_groups(path: str | os.PathLike) -> tuple[tuple[int, ...], ...]:
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise InvalidOptionError(f"--groups {path}: cannot read a JSON partition ({e})") from e
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidOptionError(f"--groups {path}: cannot read a JSON partition ({first_line(e)})") from e
     if isinstance(data, dict):
         data = data.get("groups")
     if not isinstance(data, list) or not all(isinstance(g, list) and all(isinstance(i, int) for i in g) for g in data):
@@ -82,38 +91,106 @@ def expand(
     ``activation`` (the prune scores use the sample's activation statistics; needs ``calibrate``); by
     default ``activation`` when a sample is given. Warnings of the calibration (too few rows) are in
     ``report.warnings`` and issued as :class:`CalibrationWarning`. With
-    ``output`` the model is written atomically (nothing is written if any step fails). ``format``
+    ``output`` the model is written atomically (nothing is written if any step fails), after checking
+    that ``output`` is none of the inputs (``docs/robustness.md``); the returned model may then keep
+    its big tensors in this process's spill files (:mod:`neurorewrite.external_data`: pass it to
+    ``save_model`` or ``ort_session``, not to ``onnx.save``). Without ``output`` it is self-contained. ``format``
     (``dense`` by default, ``grouped``, ``sparse``) picks the representation (:mod:`neurorewrite.passes.lower`).
     ``structured`` is the preset that runs at dense speed: the ``shared`` split (or ``feature``), tied
     outgoing weights, ``prune="layer"``, ``grouped`` format (:mod:`neurorewrite.passes.tie_outputs`).
     """
     where = str(model) if not isinstance(model, onnx.ModelProto) else "model"
     alpha = check_alpha(alpha)
+    seed = check_seed(seed)
+    if output is not None:
+        inputs: list[Labeled] = [] if isinstance(model, onnx.ModelProto) else list(model_files(model))
+        inputs += [(opt, p) for opt, p in (("--calibrate", calibrate), ("--groups", groups)) if isinstance(p, (str, os.PathLike))]
+        check_no_overwrite(inputs, replaced_files(output))
+        check_output_folder(output, "-o")
     if structured:
         split, prune, format = _structured_options(split, format)
     format = check_format(format or "dense", split)
     if isinstance(groups, (str, os.PathLike)):
         groups = load_groups(groups)
     cfg = FPEConfig(
-        alpha=alpha, split=split, seed=int(seed), bias=bias, prune=prune,
+        alpha=alpha, split=split, seed=seed, bias=bias, prune=prune,
         groups=None if groups is None else tuple(tuple(int(i) for i in g) for g in groups),
     )
     sample = None
     if calibrate is not None:
         sample = load_sample(calibrate, "--calibrate")
     prune_by = check_prune_by(prune_by, sample is not None)
-    original = load_model(model)
+    original = load_model(model, warn=False, spill=True)  # big weights stay in files until read
+    bad_weights = warn_nonfinite(original, where)
+    if sample is not None and bad_weights:
+        raise InvalidOptionError("--calibrate: " + nonfinite_message(where, bad_weights).replace(
+            "outputs that depend on it are not finite", "a refit on them would be NaN; repair the model first"))
+    _check_memory(original, layers, alpha, sample, structured)
     steps = _pipeline(original, cfg, layers, progress, where, structured, sample, format, prune_by, calibrate_options)
     new, report = run_passes(original, steps)
     assert report is not None  # the pipeline always starts with expand
+    check_no_new_nonfinite(new, bool(bad_weights), "expand")
     for message in report.warnings:
         warnings.warn(message, CalibrationWarning, stacklevel=2)
     if output is not None:
         external = not isinstance(model, onnx.ModelProto) and stored_with_external_data(model)
         save_model(new, output, external_data=True if external else None)
     else:
+        new = materialize(new)  # a self-contained ModelProto: no tensor left in this process's spill files
         _check_in_memory(new)
     return new, report
+
+
+SEED_LIMIT = 2**63  # numpy and torch both take seeds in 0 .. 2**63 - 1
+
+
+def check_seed(seed: object, option: str = "--seed") -> int:
+    """``seed`` as an int in ``0 .. 2**63 - 1``, or an InvalidOptionError naming ``option``."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InvalidOptionError(f"{option} must be an integer in 0..{SEED_LIMIT - 1}, got {seed!r}")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise InvalidOptionError(f"{option} must be an integer in 0..{SEED_LIMIT - 1}, got {seed}")
+    return int(seed)
+
+
+def check_no_new_nonfinite(model: onnx.ModelProto, input_had_any: bool, command: str) -> None:
+    """A command never writes a NaN/inf weight it introduced: when the input's weights were all finite,
+    any non-finite weight in the result is a VerificationError and nothing is written."""
+    if input_had_any:
+        return  # already reported when the input was loaded; copies of those values are not new
+    found = nonfinite_weights(model)
+    if found:
+        name, count = found[0]
+        raise VerificationError(f"{command}: the result holds {count} NaN/infinite value(s) in {name} although the "
+                                "input's weights are finite; nothing was written")
+
+
+def _check_memory(
+    model: onnx.ModelProto, layers: Sequence[str] | None, alpha: int,
+    sample: Mapping[str, np.ndarray] | None, tied: bool,
+) -> None:
+    """Refuse an expansion (and calibration) that cannot fit this machine, with the figure.
+
+    A lower bound, not a forecast: the expanded weights of every selected block held at once, and for
+    calibration the least-squares system of the widest refit layer as ``passes.calibrate.refit_rows``
+    builds it: the ``(H'+1)^2`` float64 Gram matrix plus the ``rows x H'`` hidden activations
+    (float32 from onnxruntime, float64 in the fit), ``H' = alpha * H`` (``H`` when children are tied).
+    """
+    blocks, _ = select_blocks(find_blocks(model), list(layers) if layers else None)
+    if not blocks:
+        return
+    itemsize = 4
+    expanded = sum(alpha * b.width * (b.in_features + b.out_features) * itemsize for b in blocks)
+    check_fits(weight_bytes(model) + expanded, f"--alpha {alpha} (expanded weights of {len(blocks)} block(s))",
+               "use a smaller --alpha or --layers")
+    if sample is None:
+        return
+    rows = max((a.size // max(1, a.shape[-1]) if a.ndim else 1) for a in sample.values())
+    widest = max(blocks, key=lambda b: b.width)
+    refit = widest.width * (1 if tied else alpha)
+    need = 8 * (refit + 1) ** 2 + 12 * rows * refit
+    check_fits(need, f"--alpha {alpha} with --calibrate (block {widest.name}: a least-squares fit over {refit} "
+               f"hidden units and {rows} sample rows)", "use a smaller --alpha, --structured, or --layers")
 
 
 def _pipeline(
@@ -183,7 +260,7 @@ def _structured_options(split: str, format: str | None) -> tuple[str, str, str]:
 
 def _check_in_memory(model: onnx.ModelProto) -> None:
     if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-        onnx.checker.check_model(model, full_check=True)
+        check_in_memory(model, "the expanded model", full_check=True)
 
 
 @dataclass(frozen=True)
@@ -213,7 +290,7 @@ class Inspection:
 
 def inspect(model: ModelLike) -> Inspection:
     """List the MLP blocks of a model with widths and nonzero counts, and its FPE metadata."""
-    proto = load_model(model)
+    proto = load_model(model, spill=True)
     search = find_blocks(proto)
     index = GraphIndex.build(proto.graph)
     out = Inspection(skipped=search.skipped, fpe=read_record(proto, str(model)))
@@ -230,6 +307,5 @@ def inspect(model: ModelLike) -> Inspection:
 
 
 def default_output(path: str | os.PathLike, tag: str = "fpe") -> Path:
-    """``model.onnx`` -> ``model.<tag>.onnx`` beside it (``model.fpe.onnx`` by default)."""
-    p = Path(path)
-    return p.with_name(f"{p.stem}.{tag}{p.suffix or '.onnx'}")
+    """``model.onnx`` -> ``model.<tag>.onnx`` beside it (``model.fpe.onnx`` by default); never the input."""
+    return tagged_output(path, tag)

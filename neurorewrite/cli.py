@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
-from neurorewrite.errors import NeurorewriteError
+from neurorewrite.errors import NeurorewriteError, NeurorewriteWarning
 
 COMMANDS = ("expand", "inspect", "finetune", "analyze", "compile", "bench")
 
@@ -39,14 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except NeurorewriteError as e:
-        print(f"neurorewrite {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"neurorewrite {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", NeurorewriteWarning)
+        # numpy's overflow/invalid-value warnings are multi-line noise: a result they poison is refused
+        # by the command's own finite check (one line), and a finite result does not need them
+        warnings.simplefilter("ignore", RuntimeWarning)
+        shown = warnings.showwarning
+
+        def one_line(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+            if issubclass(category, NeurorewriteWarning):
+                print(f"neurorewrite {args.command}: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = one_line
+        try:
+            return int(args.handler(args) or 0)
+        except NeurorewriteError as e:
+            print(f"neurorewrite {args.command}: error: {e}", file=sys.stderr)
+            return e.exit_code
+        except MemoryError:
+            print(f"neurorewrite {args.command}: error: out of memory; nothing was written (try smaller options)",
+                  file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"neurorewrite {args.command}: interrupted; nothing was written", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

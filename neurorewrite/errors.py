@@ -41,6 +41,11 @@ class UnsupportedModelError(NeurorewriteError):
     """A valid model uses something a command cannot handle (e.g. an op finetune cannot lift into torch)."""
 
 
+class NeurorewriteWarning(UserWarning):
+    """Something the user should know that does not stop the command (e.g. NaN weights in an input);
+    the CLI prints it as one line."""
+
+
 def first_line(error: BaseException) -> str:
     """The first non-blank line of ``error``'s message (its type name if it has none), for one-line reports."""
     text = str(error).strip()

@@ -8,14 +8,22 @@ a model that still holds the project's own operators is refused with a one-line 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from neurorewrite.errors import DataError, UnsupportedModelError, first_line
+from neurorewrite.external_data import has_spilled, weight_bytes, write_proto, write_split
 from neurorewrite.ops import DOMAIN
+
+# above this many weight bytes a model goes to onnxruntime as a file with external data: protobuf
+# cannot serialise 2 GiB, and the bytes of a big model would be one more copy of its weights
+IN_MEMORY_LIMIT = 1 << 30
 
 DTYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -30,23 +38,59 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: an error becomes our one-line message, not a log line too
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
 
 
-def plain_session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session over ``model`` exactly as it is (standard operators only)."""
+def plain_session(model: onnx.ModelProto, threads: int | None = None, outputs: Sequence[str] = ()) -> ort.InferenceSession:
+    """A CPU session over ``model`` exactly as it is (standard operators only), with the named
+    intermediate tensors ``outputs`` added as graph outputs."""
     own = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN})
     if own:
         raise UnsupportedModelError(
             f"the model holds {DOMAIN} operator(s) {', '.join(own)}; run this step on the model before "
             "--format sparse lowering, or load it with neurorewrite.runtime.ort_session"
         )
-    return ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads),
-                                providers=["CPUExecutionProvider"])
+    with session_source(model, outputs) as source:
+        try:
+            return ort.InferenceSession(source, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own exception types: an opset, op or type it does not know
+            raise UnsupportedModelError(f"onnxruntime cannot run the model: {first_line(e)}") from e
+
+
+@contextlib.contextmanager
+def session_source(model: onnx.ModelProto, outputs: Sequence[str] = ()) -> Iterator[bytes | str]:
+    """What onnxruntime opens for ``model`` plus graph outputs ``outputs``: its bytes, or for a model
+    over :data:`IN_MEMORY_LIMIT` (or holding spilled tensors, :mod:`neurorewrite.external_data`) the
+    path of a header whose weights sit in a data file beside it (in a temporary folder, removed when
+    the context ends; onnxruntime has read the weights by then). Neither copies the model's weights
+    inside protobuf."""
+    if weight_bytes(model) <= IN_MEMORY_LIMIT and not has_spilled(model):
+        if not outputs:
+            yield model.SerializeToString()
+            return
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        _add_outputs(probe, outputs)
+        yield probe.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="neurorewrite-session.") as tmp:
+        with open(Path(tmp) / "model.onnx.data", "wb") as data:  # spilled tensors are linked, not copied
+            header = write_split(model, data, "model.onnx.data", link_into=Path(tmp))
+        _add_outputs(header, outputs)
+        write_proto(header, Path(tmp) / "model.onnx")
+        yield str(Path(tmp) / "model.onnx")
+
+
+def _add_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> None:
+    existing = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+            existing.add(name)
 
 
 def match_inputs(session: ort.InferenceSession, sample: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
@@ -61,6 +105,8 @@ def match_inputs(session: ort.InferenceSession, sample: Mapping[str, np.ndarray]
     for i in inputs:
         value = np.asarray(sample[i.name])
         dtype = DTYPES.get(i.type)
+        if value.dtype.kind not in "biuf":
+            raise DataError(f"{where}: the array for input {i.name} has dtype {value.dtype}; it must hold numbers")
         if dtype is not None and value.dtype != dtype:
             value = value.astype(dtype)
         shape = i.shape
@@ -78,14 +124,8 @@ class OutputProbe:
     """
 
     def __init__(self, model: onnx.ModelProto, tensors: Sequence[str], threads: int | None = None) -> None:
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        existing = {o.name for o in probe.graph.output}
-        for name in tensors:
-            if name not in existing:
-                probe.graph.output.append(onnx.ValueInfoProto(name=name))
         self.tensors = list(tensors)
-        self.session = plain_session(probe, threads)
+        self.session = plain_session(model, threads, outputs=self.tensors)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:

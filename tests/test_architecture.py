@@ -15,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "neurorewrite"
 
 # room -> layer; a room is a top-level module or subpackage of ``neurorewrite``
 LAYERS = {
-    "errors": 0, "checks": 0, "atomic": 0, "table": 0, "progress": 0, "sample": 0,
+    "errors": 0, "checks": 0, "atomic": 0, "table": 0, "progress": 0, "sample": 0, "paths": 0, "memory": 0,
+    "external_data": 0,
     "fpe": 1, "ops": 1,
     "rewriter": 2, "kernels": 2, "executor": 2,
     "models": 3,

@@ -37,7 +37,7 @@ class _Loaded:
 
     def __init__(self, source: ModelLike, default_label: str) -> None:
         self.label = default_label if isinstance(source, onnx.ModelProto) else str(source)
-        self.proto = load_model(source)
+        self.proto = load_model(source, spill=True)  # big weights are read (mapped) block by block
         self.search: BlockSearch = find_blocks(self.proto)
         if not self.search.blocks:
             raise no_blocks_error(self.label, self.search.skipped)

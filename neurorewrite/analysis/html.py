@@ -17,6 +17,7 @@ from neurorewrite.analysis.result import Analysis, BlockAnalysis
 from neurorewrite.analysis.summary import fmt, model_rows, pair_rows, summarize
 from neurorewrite.atomic import write_bytes_atomically
 from neurorewrite.errors import OutputError
+from neurorewrite.paths import check_output_target
 
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px}
@@ -37,6 +38,7 @@ def check_output(path: str | os.PathLike) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise OutputError(f"--html {path}: is a folder; give a file name such as {path / 'report.html'}")
+    check_output_target(path, "--html")
     if not folder.is_dir():
         raise OutputError(f"--html {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):

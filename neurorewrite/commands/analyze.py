@@ -33,7 +33,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.html is not None:
         from neurorewrite.analysis.html import check_output
+        from neurorewrite.paths import check_no_overwrite
+        from neurorewrite.rewriter.io import model_files
 
+        inputs = [*model_files(args.model)]
+        if args.other is not None:
+            inputs += model_files(args.other, "the second model")
+        if args.data is not None:
+            inputs.append(("--data", args.data))
+        check_no_overwrite(inputs, [("--html", args.html)])
         check_output(args.html)  # before the work: an unwritable path should not cost a full analysis
     analysis = analyze(args.model, args.other, data=args.data, progress=ProgressBar("analyze"))
     summary = summarize(analysis)

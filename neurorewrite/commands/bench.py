@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     batches = parse_batches(args.batch)
     if args.repeats < 1:
         raise InvalidOptionError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise InvalidOptionError(f"--threads must be between 1 and 1024, got {args.threads}")
     for path in args.models:
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such file")

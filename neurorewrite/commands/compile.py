@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from neurorewrite.errors import InvalidOptionError
+from neurorewrite.paths import suffixed_output
 from neurorewrite.progress import ProgressBar
 from neurorewrite.table import format_table
 
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "on the next compile), and export a shared library plus LIBRARY.json describing its inputs.",
     )
     p.add_argument("model", type=Path, help="input ONNX model")
-    p.add_argument("-o", "--output", type=Path, help="output library (default: MODEL.so beside the input)")
+    p.add_argument("-o", "--output", type=Path, help="output library (default: MODEL.so beside the input; W.so.so for a model named W.so)")
     p.add_argument("--target", default="llvm", help="llvm (this CPU), cuda, or a TVM target JSON dict")
     p.add_argument("--tune", action="store_true", help="tune with MetaSchedule (tasks already in --database are reused)")
     p.add_argument("--trials", type=int, default=None, help="measurement budget for --tune (default 128)")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.trials is not None and not args.tune:
         raise InvalidOptionError("--trials only applies with --tune")
-    output = args.output or args.model.with_suffix(".so")
+    output = args.output or suffixed_output(args.model, ".so")  # never the input, even for a model named w.so
     _, report = compile(
         args.model, target=args.target, output=output, tune=args.tune,
         trials=DEFAULT_TRIALS if args.trials is None else args.trials, database=args.database,

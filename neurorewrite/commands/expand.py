@@ -80,9 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from neurorewrite.api import CalibrationWarning, default_output, expand
 
     alpha = parse_alpha(args.alpha)
-    output = args.output or default_output(args.model)
-    if output.exists() and output.resolve() == args.model.resolve():
-        raise InvalidOptionError(f"-o {output} is the input model; write the expansion elsewhere")
+    output = args.output or default_output(args.model)  # expand refuses an output that is one of its inputs
     options = None
     if args.calibrate is not None:
         from neurorewrite.passes.calibrate import CalibrateOptions

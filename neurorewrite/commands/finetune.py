@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 
-from neurorewrite.errors import DataError, InvalidOptionError
+from neurorewrite.errors import DataError, InvalidOptionError, UnsupportedModelError, first_line
+from neurorewrite.paths import check_no_overwrite, check_output_folder
 from neurorewrite.progress import ProgressBar
 from neurorewrite.sample import load_sample
 from neurorewrite.table import format_table
@@ -75,36 +78,80 @@ def _defaults(args: argparse.Namespace, distilling: bool) -> None:
 
 
 def _check_options(args: argparse.Namespace) -> None:
+    from neurorewrite.api import check_seed
+
     if args.epochs < 0:
         raise InvalidOptionError(f"--epochs must be >= 0, got {args.epochs}")
     if args.batch_size < 1:
         raise InvalidOptionError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not args.lr > 0:
-        raise InvalidOptionError(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InvalidOptionError(f"--lr must be a finite number > 0, got {args.lr}")
+    for option, value in (("--weight-decay", args.weight_decay), ("--momentum", args.momentum)):
+        if not (math.isfinite(value) and value >= 0):
+            raise InvalidOptionError(f"{option} must be a finite number >= 0, got {value}")
+    check_seed(args.seed)
+
+
+def check_trainable_io(model: onnx.ModelProto, where: str) -> None:
+    """One data input with a free first (batch) axis, and at least one output: what training feeds."""
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if not model.graph.output:
+        raise UnsupportedModelError(f"{where}: the graph has no output to train")
+    if len(inputs) != 1:
+        raise UnsupportedModelError(f"{where}: fine-tuning needs exactly one graph input, found {len(inputs)}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if dims and dims[0].HasField("dim_value"):
+        raise UnsupportedModelError(
+            f"{where}: input {inputs[0].name} has a fixed batch size {dims[0].dim_value}; fine-tuning feeds batches of "
+            "--batch-size rows: export the model with a dynamic first axis (e.g. torch.onnx.export(dynamic_axes=...))")
+
+
+def finetune_io(model: Path, data: Path, output: Path, teacher: Path | None = None) -> None:
+    """The collision rule for finetune: the output (and the data it replaces) is none of the inputs."""
+    from neurorewrite.rewriter.io import model_files, replaced_files
+
+    inputs = [*model_files(model), ("--data", data)]
+    if teacher is not None:
+        inputs += model_files(teacher, "--teacher")
+    check_no_overwrite(inputs, replaced_files(output))
+    check_output_folder(output, "-o")
 
 
 def run(args: argparse.Namespace) -> int:
-    from neurorewrite.api import default_output
+    from neurorewrite.api import check_no_new_nonfinite, default_output
     from neurorewrite.passes.finetune_onnx import FinetuneOptions, finetune_model
-    from neurorewrite.rewriter.io import load_model, save_model
+    from neurorewrite.rewriter.io import load_model, nonfinite_message, save_model, warn_nonfinite
 
     output = args.output or default_output(args.model, "tuned")
-    for option, path in (("the input model", args.model), ("--teacher", args.teacher)):
-        if path is not None and output.exists() and output.resolve() == Path(path).resolve():
-            raise InvalidOptionError(f"-o {output} is {option}; write the tuned model elsewhere")
+    finetune_io(args.model, args.data, output, args.teacher)
     arrays = load_sample(args.data, "--data")
     distilling = args.teacher is not None and not {"x", "y"} <= set(arrays)
     _defaults(args, distilling)
     _check_options(args)
     if distilling:
         return _distil(args, arrays, output)
-    model = load_model(args.model)
     x, y = load_training_data(args.data)
+    # the torch lift needs consistent shapes; big weights stay in files until the lift reads them
+    model = load_model(args.model, warn=False, full_check=True, spill=True)
+    check_trainable_io(model, str(args.model))
+    bad = warn_nonfinite(model, str(args.model))
+    if bad:
+        raise UnsupportedModelError(nonfinite_message(str(args.model), bad).replace(
+            "outputs that depend on it are not finite", "training would spread it to every weight; repair the model first"))
     options = FinetuneOptions(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
         weight_decay=args.weight_decay, momentum=args.momentum, seed=args.seed,
     )
-    new, report = finetune_model(model, x, y, options, progress=ProgressBar("finetune"), where=str(args.model))
+    try:
+        new, report = finetune_model(model, x, y, options, progress=ProgressBar("finetune"), where=str(args.model))
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        # torch's optimizers refuse a step that overflows float32: the options, not the model, are at fault
+        raise InvalidOptionError(f"training overflowed float32 with --lr {args.lr} --weight-decay {args.weight_decay} "
+                                 f"--momentum {args.momentum} ({first_line(e)}); use a smaller learning rate") from e
+    check_no_new_nonfinite(new, False, "finetune")
     save_model(new, output)
     if args.json:
         print(json.dumps({"output": str(output), **report.to_dict()}, indent=2))
@@ -120,7 +167,8 @@ def _distil(args: argparse.Namespace, arrays: dict[str, np.ndarray], output: Pat
     options = DistillOptions(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, holdout=args.holdout,
                              patience=args.patience, match=args.match, optimizer=args.optimizer,
                              weight_decay=args.weight_decay, seed=args.seed)
-    student, teacher = load_model(args.model), load_model(args.teacher)
+    student = load_model(args.model, warn=False, full_check=True, spill=True)
+    teacher = load_model(args.teacher, warn=False, full_check=True, spill=True)
     new, report = distill_model(student, teacher, arrays, options, ProgressBar("distil"), where=f"--data {args.data}")
     save_model(new, output)
     if args.json:

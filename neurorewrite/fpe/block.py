@@ -136,9 +136,13 @@ def _expand(
         kept = w.copy()
         kept.ravel()[cut] = 0
         expanded.append((scatter_children(kept, assignment, alpha), be))
+        del kept
+    del cut_in, cut  # index arrays as large as the pruned count: freed before the output copies are made
     kept_out = w_out.copy()
     kept_out.ravel()[whole] = 0
+    del whole
     w_out_e = copy_outputs(kept_out, alpha)
+    del kept_out
     if last >= 0:  # the lowest-numbered children of the last entry lose their copies
         o, i = divmod(last, h)
         w_out_e[o, i * alpha : i * alpha + copies] = 0

@@ -47,6 +47,8 @@ def cluster_features(w1: np.ndarray, alpha: int, rng: np.random.Generator, iters
     ``alpha`` clusters gets ``d // alpha`` or ``d // alpha + 1`` features (greedy balanced k-means).
     """
     d = w1.shape[1]
+    if alpha > d:  # every cluster needs a feature to start from
+        raise InvalidOptionError(f"--split feature needs --alpha <= the block's {d} input features, got {alpha}")
     cols = w1.astype(np.float64, copy=False)
     norms = np.linalg.norm(cols, axis=0)
     unit = cols / np.where(norms > 0, norms, 1.0)

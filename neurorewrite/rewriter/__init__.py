@@ -1,6 +1,7 @@
 """Reading, indexing, matching and editing ONNX graphs; everything the passes stand on.
 
-Rooms: ``io`` (load with typed errors, atomic save, external data), ``graph`` (the read-only index of
+Rooms: ``io`` (load with typed errors, external data), ``publish`` (save: a model and its data file as one
+unit), ``graph`` (the read-only index of
 producers, consumers and constants), ``patterns`` (declared patterns, matched backwards, with reasons),
 ``linear`` (linear layers: Gemm, MatMul + Add, MatMul, FusedMatMul, 1x1 Conv, SparseLinear),
 ``activations`` (elementwise ops and the declared decompositions that name them), ``region`` (the walk

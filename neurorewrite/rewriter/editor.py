@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from google.protobuf.message import Message
-from onnx import helper, numpy_helper
+from onnx import helper
 
+from neurorewrite.external_data import make_tensor
 from neurorewrite.rewriter.graph import GraphIndex, names_used_in
 from neurorewrite.rewriter.linear import Linear
 from neurorewrite.rewriter.record import FPERecord, write_record
@@ -106,7 +107,7 @@ class GraphEditor:
     def const(self, base: str, value: np.ndarray) -> str:
         """A new initializer holding ``value``; returns its (unique) name."""
         name = self.name(base)
-        self.new_inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        self.new_inits.append(make_tensor(np.ascontiguousarray(value), name))
         return name
 
     def node(self, op: str, inputs: Sequence[str], base: str, domain: str = "", n_out: int = 1,
@@ -192,8 +193,8 @@ class GraphEditor:
             parts.append((lin.bias, holder, slot, b.reshape(self._bias_shape(lin.bias, b.size))))
         for old, node_i, slot, value in parts:
             name = self.name(old + ".fpe")
-            # from_array writes C-order bytes itself: no contiguous copy first
-            self.new_inits.append(numpy_helper.from_array(value.astype(self._stored_dtype(old), copy=False), name))
+            # make_tensor writes C-order bytes itself (big ones to a spill file): no contiguous copy first
+            self.new_inits.append(make_tensor(value.astype(self._stored_dtype(old), copy=False), name))
             self.renames[(node_i, slot)] = name
             self.drop_constant(old)
 
@@ -240,8 +241,13 @@ class GraphEditor:
         nodes, unused = _drop_released(nodes, self.released, {o.name for o in model.graph.output})
         graph.node.extend(nodes)
         gone = self.drop_inits | unused
-        graph.initializer.extend(t for t in model.graph.initializer if t.name not in gone)
-        graph.initializer.extend(self.new_inits)
+        # add().CopyFrom, not extend: upb's extend copies each message by serialising it, which fails
+        # for a tensor of 2 GiB or more
+        for t in model.graph.initializer:
+            if t.name not in gone:
+                graph.initializer.add().CopyFrom(t)
+        for t in self.new_inits:
+            graph.initializer.add().CopyFrom(t)
         graph.value_info.extend(v for v in model.graph.value_info if v.name not in self.stale)
         if self.drop_opsets:
             kept = [o for o in new.opset_import if o.domain not in self.drop_opsets]

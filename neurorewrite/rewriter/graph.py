@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from neurorewrite.external_data import tensor_array
+
 
 def node_label(node: onnx.NodeProto, index: int) -> str:
     """The node's name, or a stable made-up one for unnamed nodes."""
@@ -90,7 +92,7 @@ class GraphIndex:
         source = self.constant_source(name)
         root = self.alias_root(name)
         if source == "initializer":
-            return numpy_helper.to_array(self.initializers[root])
+            return tensor_array(self.initializers[root])  # a read-only map for a spilled tensor
         if source == "constant":
             node = self.graph.node[self.constant_nodes[root]]
             return _constant_attr_value(node)

@@ -1,115 +1,309 @@
-"""Loading and saving ONNX models: typed errors for bad files, atomic writes, external data."""
+"""Loading ONNX models: typed errors for bad files (damaged text, missing or short external data, the
+checker's refusals), the files a model reads, and NaN/inf weights reported.
+
+Saving, and the order in which a model and its data file are published, live in
+:mod:`neurorewrite.rewriter.publish` (``save_model`` is re-exported here).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from onnx.external_data_helper import load_external_data_for_tensor
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
-from neurorewrite.errors import ModelLoadError, OutputError, VerificationError, first_line
+from neurorewrite.errors import (
+    ModelLoadError,
+    NeurorewriteWarning,
+    first_line,
+)
+import neurorewrite.external_data.spill as spill_files
+from neurorewrite.external_data import (
+    folder_lock,
+    has_spilled,
+    locations,
+    spill_copy,
+    spilled,
+    tensor_chunks,
+    weight_bytes,
+    write_pair,
+)
 
 # Protobuf cannot serialise a message over 2 GiB, and serialising one near that size costs several
 # copies of it in memory; above this many weight bytes the weights go to a data file beside the model.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
+HEADER_SCAN_LIMIT = 256 << 20  # a model file bigger than this holds its weights inline: no data files to list
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
 
-def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers, from their shapes and types (serialising a large model to ask
-    protobuf for its size would cost a copy of it, and fails above 2 GiB)."""
-    total = 0
-    for t in model.graph.initializer:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 1
-        n = 1
-        for d in t.dims:
-            n *= d
-        total += n * itemsize
-    return total
-
-
 def uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    """Whether initializers refer to an external data file (this process's spilled tensors aside)."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL and not spilled(t) for t in model.graph.initializer)
+
+
+def read_header(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model at ``path`` without its external data (cheap for a model that keeps its weights outside)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError, TypeError, Exception) as e:  # noqa: BLE001
+        # onnx picks a parser by the file's suffix (.json, .txt, ...): each raises its own error types
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(e)}); is the file complete?") from e
 
 
 def stored_with_external_data(path: str | os.PathLike) -> bool:
     """Whether the model file keeps its weights in external data files (read without loading them)."""
-    return uses_external_data(onnx.load(str(path), load_external_data=False))
+    return uses_external_data(read_header(path))
 
 
-def load_model(source: ModelLike, check: bool = True) -> onnx.ModelProto:
+def data_files(header: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
+    """The external data files the model at ``path`` reads (its header given), as paths."""
+    folder = Path(path).parent
+    return [folder / location for location in locations(header)]
+
+
+def model_files(path: str | os.PathLike, label: str = "the model") -> list[tuple[str, Path]]:
+    """``(label, path)`` for a model file and each external data file it reads, for the collision rule
+    (:func:`neurorewrite.paths.check_no_overwrite`). An unreadable model is listed alone: loading it
+    will say what is wrong."""
+    out = [(label, Path(path))]
+    try:
+        header = read_header(path) if Path(path).is_file() and _small_enough_to_scan(path) else None
+    except ModelLoadError:
+        header = None
+    if header is not None:
+        out += [(f"the external data of {label} {os.fspath(path)}:", f) for f in data_files(header, path)]
+    return out
+
+
+def _small_enough_to_scan(path: str | os.PathLike) -> bool:
+    try:
+        return os.path.getsize(path) <= HEADER_SCAN_LIMIT
+    except OSError:
+        return False
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def _spill_threshold() -> int:  # read at call time: tests lower it
+    return spill_files.SPILL_THRESHOLD
+
+
+def load_model(source: ModelLike, check: bool = True, warn: bool = True, full_check: bool = False,
+               spill: bool = False) -> onnx.ModelProto:
     """Read an ONNX model (external data included) and run the ONNX checker on it.
 
-    Raises ModelLoadError naming the file for a missing, non-ONNX, truncated or invalid model.
-    An in-memory ModelProto is checked and returned as is (callers must not mutate it).
+    Raises ModelLoadError naming the file for a missing, non-ONNX, truncated or invalid model, or a
+    missing or short external data file. Warns (:class:`NeurorewriteWarning`) when a weight is NaN or
+    infinite (unless ``warn`` is False: the caller scans with :func:`warn_nonfinite` itself). With
+    ``full_check`` the checker also runs strict shape inference (a Gemm whose weight does not fit its
+    input is refused here rather than deep in a pass). With ``spill``, external tensors of
+    :data:`~neurorewrite.external_data.SPILL_THRESHOLD` bytes or more are copied file to file into this
+    process's spill folder instead of into protobuf (:func:`~neurorewrite.external_data.spill_copy`): a
+    2 GiB model then costs no memory until its weights are read, and reading maps them. Such a model is
+    private to this process (save it with ``save_model``). An in-memory ModelProto is checked and
+    returned as is (callers must not mutate it).
     """
     if isinstance(source, onnx.ModelProto):
         if check:
-            _check(source, "<in-memory model>")
+            _check_in_memory(source, "<in-memory model>", full_check)
+        if warn:
+            warn_nonfinite(source, "the model")
         return source
     path = Path(source)
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
+    folder = path.parent if str(path.parent) else Path(".")
+    with folder_lock(folder, shared=True):
+        model = check_model_file(path, check, full_check)
         if uses_external_data(model):
-            onnx.load_external_data_for_model(model, str(path.parent))
-    except (DecodeError, RuntimeError, ValueError, OSError) as e:
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({first_line(e)}); is the file complete?") from e
-    if not model.graph.node and not model.graph.output:
-        raise ModelLoadError(f"{path}: not an ONNX model (no graph found); is the file complete?")
-    if check:
-        _check(model, str(path), path if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD else None)
+            try:
+                for t in model.graph.initializer:
+                    if t.data_location != onnx.TensorProto.EXTERNAL:
+                        continue
+                    if spill and _declared_bytes(t) >= _spill_threshold():
+                        spill_copy(t, folder)
+                    else:  # as onnx.load_external_data_for_model does, one tensor at a time
+                        load_external_data_for_tensor(t, str(folder))
+                        t.data_location = onnx.TensorProto.DEFAULT
+                        del t.external_data[:]
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ModelLoadError(f"{path}: cannot read its external data ({first_line(e)})") from e
+    if warn:
+        warn_nonfinite(model, str(path))
     return model
 
 
-def _check(model: onnx.ModelProto, label: str, path: Path | None = None) -> None:
+def check_model_file(path: str | os.PathLike, check: bool = True, full_check: bool = False) -> onnx.ModelProto:
+    """Validate the model file at ``path`` without loading its external data; returns its header.
+
+    Raises ModelLoadError for a missing, non-ONNX or truncated file, missing or short external data,
+    or (with ``check``) a model the ONNX checker rejects (unsorted or cyclic graphs included).
+    """
+    path = Path(path)
+    model = read_header(path)
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph found); is the file complete?")
+    bad_text = _undecodable_text(model)
+    if bad_text:
+        raise ModelLoadError(f"{path}: the {bad_text} is not valid UTF-8 text; is the file damaged?")
+    check_data_files(model, path)
+    if check:
+        _check_path(path, str(path), full_check)
+    return model
+
+
+def _undecodable_text(message: Message, where: str = "model") -> str | None:
+    """The first string field of ``message`` (recursively) that protobuf could not decode as UTF-8.
+
+    ONNX's protobuf is proto2, so a damaged name parses and comes back as ``bytes`` instead of ``str``;
+    everything downstream (paths, JSON, lookups) would trip over it. Bytes fields (raw weights) are
+    never read here: reading them would copy them.
+    """
+    for field in message.DESCRIPTOR.fields:
+        if field.type == FieldDescriptor.TYPE_STRING:
+            values = getattr(message, field.name)
+            for value in (values if field.is_repeated else [values]):
+                if not isinstance(value, str):
+                    return f"{field.name} of a {where}"
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.is_repeated:
+                children = getattr(message, field.name)
+            elif message.HasField(field.name):
+                children = [getattr(message, field.name)]
+            else:
+                continue
+            for child in children:
+                found = _undecodable_text(child, field.message_type.name)
+                if found:
+                    return found
+    return None
+
+
+def check_data_files(header: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Every external data reference of ``header`` (the model at ``path``) must name a regular file
+    beside the model that holds the bytes it promises; else a ModelLoadError naming the file."""
+    folder = Path(path).parent
+    sizes: dict[str, int] = {}
+    for t in header.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise ModelLoadError(f"{path}: tensor {t.name} names external data {location!r} outside the model's folder")
+        data = folder / location
+        if location not in sizes:
+            if not data.is_file():
+                what = "is missing" if not data.exists() else "is not a file"
+                raise ModelLoadError(f"{path}: its external data file {data} {what} (tensor {t.name}); "
+                                     "copy the model together with its data file")
+            sizes[location] = data.stat().st_size
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else None
+            need = _declared_bytes(t)
+        except (ValueError, TypeError, KeyError):
+            raise ModelLoadError(f"{path}: tensor {t.name} has a malformed type, offset or length") from None
+        if offset < 0 or (length is not None and length != need):
+            raise ModelLoadError(f"{path}: tensor {t.name} has shape {list(t.dims)} ({need} bytes) but its external "
+                                 f"data entry says offset {offset}, length {length}; is the file damaged?")
+        end = offset + need
+        if end > sizes[location]:
+            raise ModelLoadError(f"{path}: its external data file {data} is truncated ({sizes[location]} bytes; "
+                                 f"tensor {t.name} needs {end})")
+
+
+def _declared_bytes(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        if d < 0:
+            raise ValueError(f"negative dimension {d}")
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _check_path(path: Path, label: str, full_check: bool = False) -> None:
     try:
-        onnx.checker.check_model(str(path) if path is not None else model)
-    except (onnx.checker.ValidationError, ValueError) as e:
+        onnx.checker.check_model(str(path), full_check=full_check)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError, OSError) as e:
         raise ModelLoadError(f"{label}: the ONNX checker rejects this model: {first_line(e)}") from e
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-    """Write ``model`` to ``path`` atomically: a temporary file in the same folder, then a rename.
+def checkable_in_memory(model: onnx.ModelProto) -> bool:
+    """Whether the ONNX checker can take ``model`` itself: not too big, and no spilled tensor (the checker
+    refuses their absolute paths; :func:`check_in_memory` checks those through a written copy)."""
+    return weight_bytes(model) < EXTERNAL_DATA_THRESHOLD and not has_spilled(model)
 
-    With ``external_data`` (default: when the weights are too big for one protobuf) the weights go to
-    ``<name>.data`` beside the model; both files are renamed into place only after both are complete.
-    The model is verified with the full ONNX checker on disk before the rename, so an invalid model
-    never replaces anything.
+
+def check_in_memory(model: onnx.ModelProto, label: str = "<in-memory model>", full_check: bool = False) -> None:
+    """Run the ONNX checker on an in-memory model of any size; ModelLoadError if it fails."""
+    _check_in_memory(model, label, full_check)
+
+
+def _check_in_memory(model: onnx.ModelProto, label: str, full_check: bool = False) -> None:
+    if checkable_in_memory(model):
+        try:
+            onnx.checker.check_model(model, full_check=full_check)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
+            raise ModelLoadError(f"{label}: the ONNX checker rejects this model: {first_line(e)}") from e
+        return
+    with tempfile.TemporaryDirectory(prefix="neurorewrite-check.") as tmp:  # too big to hand over in memory
+        write_pair(model, Path(tmp), "model.onnx", "model.onnx.data")
+        _check_path(Path(tmp) / "model.onnx", label, full_check)
+
+
+def nonfinite_weights(model: onnx.ModelProto, label: str = "the model") -> list[tuple[str, int]]:
+    """``(tensor, count)`` for every float initializer or Constant holding NaN or infinite values.
+
+    Every tensor's data is also checked against its declared shape (a damaged file whose data does
+    not fill its shape is a ModelLoadError naming ``label`` and the tensor).
     """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"{path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"{path}: folder {folder} is not writable")
-    if external_data is None:
-        external_data = uses_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = path.name + ".data"
-    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as tmp:
-        tmp_model = Path(tmp) / path.name
+    found = []
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL and not spilled(t):
+            continue
         try:
-            if external_data:
-                onnx.save_model(
-                    model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024,
-                )
-                # onnx moved the weights out of the in-memory model; read them back so the caller's
-                # model is as it was (cheaper than saving a copy of a multi-GB model)
-                onnx.load_external_data_for_model(model, tmp)
-            else:
-                onnx.save_model(model, str(tmp_model))
-        except (OSError, ValueError) as e:
-            raise OutputError(f"{path}: could not write the model: {e}") from e
-        try:
-            onnx.checker.check_model(str(tmp_model), full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            raise VerificationError(f"{path}: the written model fails the ONNX checker, nothing written: {first_line(e)}") from e
-        if external_data and (Path(tmp) / data_name).exists():  # onnx writes none if every tensor is small
-            os.replace(Path(tmp) / data_name, folder / data_name)
-        os.replace(tmp_model, path)
-    return path
+            chunks = tensor_chunks(t)
+            first = next(chunks, None)
+        except Exception as e:  # noqa: BLE001  (onnx raises ValueError, TypeError, KeyError... for damaged tensors)
+            raise ModelLoadError(f"{label}: tensor {t.name}: its data does not match its type and shape "
+                                 f"{list(t.dims)} ({first_line(e)}); is the file damaged?") from e
+        if t.data_type not in FLOAT_TYPES or first is None:
+            continue
+        # in chunks: no full-size boolean mask, and a spilled tensor is read, not mapped whole
+        bad = sum(int(np.count_nonzero(~np.isfinite(c))) for c in itertools.chain([first], chunks))
+        if bad:
+            found.append((t.name, bad))
+    return found
+
+
+def warn_nonfinite(model: onnx.ModelProto, label: str) -> list[tuple[str, int]]:
+    """Warn once per call when ``model`` holds NaN/inf weights; returns what :func:`nonfinite_weights` found."""
+    found = nonfinite_weights(model, label)
+    if found:
+        warnings.warn(nonfinite_message(label, found), NeurorewriteWarning, stacklevel=3)
+    return found
+
+
+def nonfinite_message(label: str, found: list[tuple[str, int]]) -> str:
+    name, count = found[0]
+    more = f" (and {len(found) - 1} more tensor(s))" if len(found) > 1 else ""
+    return f"{label}: weight {name} holds {count} NaN/infinite value(s){more}; outputs that depend on it are not finite"
+
+
+# save_model lives beside the publishing protocol; importers of this module keep finding it here
+from neurorewrite.rewriter.publish import replaced_files, save_model  # noqa: E402

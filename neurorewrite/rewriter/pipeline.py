@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 import onnx
 
 from neurorewrite.errors import NeurorewriteError, first_line
-from neurorewrite.rewriter.io import EXTERNAL_DATA_THRESHOLD, weight_bytes
+from neurorewrite.rewriter.io import checkable_in_memory
 
 R = TypeVar("R")
 
@@ -38,7 +38,7 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[Pass[R]]) -> tuple[onnx.
     for p in passes:
         try:
             model, report = p.run(model, report)
-            if weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:  # larger ones are checked on disk at save
+            if checkable_in_memory(model):  # larger (or spilled) ones are checked on disk at save
                 onnx.checker.check_model(model)
         except NeurorewriteError:
             raise

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from neurorewrite.errors import DataError, first_line
-from neurorewrite.executor import match_inputs
+from neurorewrite.errors import DataError, ModelLoadError, NeurorewriteError, UnsupportedModelError, first_line
+from neurorewrite.executor import DTYPES, match_inputs
+from neurorewrite.rewriter.io import check_model_file
 from neurorewrite.runtime.ort import ort_session
 
 SEQUENCE = 16  # length used for every symbolic dimension after the batch dimension
@@ -39,10 +40,23 @@ class BenchResult:
         return self.median[(label, batch)] / self.median[(self.labels[0], batch)]
 
 
-def feeds_for(session: ort.InferenceSession, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float inputs: the first symbolic dimension is ``batch``, later ones :data:`SEQUENCE`."""
+def feeds_for(session: ort.InferenceSession, batch: int, seed: int = 0, label: str = "the model") -> dict[str, np.ndarray]:
+    """Random inputs of each input's type (normal floats, 0/1 integers and booleans): the first
+    symbolic dimension is ``batch``, later ones :data:`SEQUENCE`. An input of another type (bfloat16,
+    strings, ...) is an UnsupportedModelError naming it."""
     rng = np.random.default_rng(seed)
-    return {i.name: rng.standard_normal(concrete_shape(i.shape, batch)).astype(np.float32) for i in session.get_inputs()}
+    feeds = {}
+    for i in session.get_inputs():
+        dtype = DTYPES.get(i.type)
+        if dtype is None:
+            raise UnsupportedModelError(f"{label}: input {i.name} has type {i.type}; bench makes random inputs of "
+                                        f"types {', '.join(DTYPES)} only")
+        shape = concrete_shape(i.shape, batch)
+        if np.issubdtype(dtype, np.floating):
+            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[i.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
 
 
 def concrete_shape(shape: Sequence[int | str | None], batch: int) -> list[int]:
@@ -80,7 +94,7 @@ def bench_sessions(
     first = sessions[labels[0]]
     step, total = 0, len(batches) * (repeats + warmup)
     for batch in batches:
-        base = feeds_for(first, batch)
+        base = feeds_for(first, batch, label=labels[0])
         feeds = {label: match_inputs(s, base, f"model {label}") for label, s in sessions.items()}
         samples: dict[str, list[float]] = {label: [] for label in labels}
         for r in range(repeats + warmup):
@@ -113,10 +127,19 @@ def bench_files(
     labels = [str(p) for p in paths]
     if len(set(labels)) != len(labels):
         raise DataError("bench: the same model is listed twice")
-    sessions = {
-        label: ort_session(p, providers=["CPUExecutionProvider"], threads=threads, sparse_method=sparse_method, spinning=False)
-        for label, p in zip(labels, paths)
-    }
+    for p in paths:  # every file validated (checker, external data) before any session is made
+        check_model_file(p)
+    sessions = {label: _open(p, threads, sparse_method) for label, p in zip(labels, paths)}
     result = bench_sessions(sessions, batches, repeats, progress=progress)
     result.nbytes = {label: file_bytes(p) for label, p in zip(labels, paths)}
     return result
+
+
+def _open(path: str | os.PathLike, threads: int | None, sparse_method: str) -> ort.InferenceSession:
+    try:
+        return ort_session(path, providers=["CPUExecutionProvider"], threads=threads, sparse_method=sparse_method,
+                           spinning=False)
+    except NeurorewriteError:
+        raise
+    except Exception as e:  # onnxruntime's own exception types: an op it lacks, a type it cannot run
+        raise ModelLoadError(f"{path}: onnxruntime cannot open the model ({first_line(e)})") from e

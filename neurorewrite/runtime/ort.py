@@ -14,10 +14,12 @@ from collections.abc import Sequence
 import onnx
 import onnxruntime as ort
 
-from neurorewrite.executor import session_options
+from neurorewrite.errors import NeurorewriteError, UnsupportedModelError, first_line
+from neurorewrite.executor import session_options, session_source
+from neurorewrite.external_data import folder_lock
 from neurorewrite.ops import DOMAIN
 from neurorewrite.passes.prepare import PrepareReport, prepare_for_runtime
-from neurorewrite.rewriter.io import load_model
+from neurorewrite.rewriter.io import load_model, read_header
 
 
 def available_providers() -> list[str]:
@@ -38,22 +40,27 @@ def ort_session(
     """
     if providers is None:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available_providers()]
-    source: bytes | str
     report = PrepareReport("onnxruntime")
-    if isinstance(model, onnx.ModelProto):
-        prepared, report = prepare_for_runtime(model, "onnxruntime", sparse_method)
-        source = prepared.SerializeToString()
-    elif _uses_own_operators(model):
-        prepared, report = prepare_for_runtime(load_model(model), "onnxruntime", sparse_method)
-        source = prepared.SerializeToString()
-    else:
-        source = str(model)
-    session = ort.InferenceSession(source, sess_options=session_options(threads, spinning), providers=list(providers))
+    options = session_options(threads, spinning)
+    label = "the model" if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    try:
+        if isinstance(model, onnx.ModelProto) or _uses_own_operators(model):
+            proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+            prepared, report = prepare_for_runtime(proto, "onnxruntime", sparse_method)
+            with session_source(prepared) as source:  # a path with external data for a model over 1 GiB
+                session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
+        else:
+            folder = os.path.dirname(os.fspath(model)) or "."
+            with folder_lock(folder, shared=True):  # the model and its data file as one unit
+                session = ort.InferenceSession(str(model), sess_options=options, providers=list(providers))
+    except NeurorewriteError:
+        raise
+    except Exception as e:  # onnxruntime's own exception types: an opset, op or type it does not know
+        raise UnsupportedModelError(f"{label}: onnxruntime cannot open the model ({first_line(e)})") from e
     session.neurorewrite_preparation = report
     return session
 
 
 def _uses_own_operators(path: str | os.PathLike) -> bool:
     """Whether the file imports the project's domain (read without its weights)."""
-    head = onnx.load(str(path), load_external_data=False)
-    return any(o.domain == DOMAIN for o in head.opset_import)
+    return any(o.domain == DOMAIN for o in read_header(path).opset_import)

@@ -12,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from neurorewrite.errors import InvalidOptionError, OutputError
-from neurorewrite.rewriter.io import ModelLike, load_model
+from neurorewrite.errors import InvalidOptionError, OutputError, last_line
+from neurorewrite.external_data import materialize
+from neurorewrite.paths import Labeled, check_no_overwrite, check_output_target
+from neurorewrite.rewriter.io import ModelLike, load_model, model_files, weight_bytes
 
 Progress = Callable[[int, int, str], None]
 DEFAULT_TRIALS = 128
@@ -68,13 +71,17 @@ def compile(  # noqa: A001 (the public name the issue asks for)
 
     if trials < 0:
         raise InvalidOptionError(f"--trials must be >= 0, got {trials}")
-    tvm_target = parse_target(target)
-    proto, prepared = prepare_for_runtime(load_model(model), "tvm")
-    static = input_shapes(proto, shapes)
     if tune and database is None:
         if output is None:
             raise InvalidOptionError("tuning needs a --database folder (or an output path to put it beside)")
         database = Path(str(output) + ".tuning")
+    check_outputs(model, output, database)
+    tvm_target = parse_target(target)
+    proto, prepared = prepare_for_runtime(load_model(model), "tvm")
+    proto = materialize(proto)  # TVM's importer reads initializers itself: no spilled tensor may reach it
+    if output is not None:
+        check_space(Path(output), weight_bytes(proto))
+    static = input_shapes(proto, shapes)
     db = tuning.open_database(database, tvm_target) if database is not None else None
     mod, kernels = import_model(proto, static, tvm_target, scheduled=db is None)
     report = CompileReport(
@@ -106,27 +113,98 @@ def _build(mod, target, db):  # noqa: ANN001, ANN202
         return tuning.apply_database(mod, target, db)
 
 
+# what a tuning database folder holds: MetaSchedule's two files and kernels.tuning.MANIFEST
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json", "neurorewrite-target.json")
+
+
+def check_outputs(model: ModelLike, output: str | os.PathLike | None, database: str | os.PathLike | None) -> None:
+    """Before any work: the library, its description and the tuning database are none of the model's
+    files (nor each other), and the library's folder can be written."""
+    inputs: list[Labeled] = [] if not isinstance(model, (str, os.PathLike)) else list(model_files(model))
+    outputs: list[Labeled] = []
+    if output is not None:
+        out = Path(output)
+        outputs += [("-o", out), ("-o's description", metadata_path(out))]
+        folder = out.parent if str(out.parent) else Path(".")
+        if out.is_dir():
+            raise OutputError(f"-o {out} is a directory; give a file name such as model.so")
+        check_output_target(out, "-o")
+        check_output_target(metadata_path(out), "-o's description")
+        if not folder.is_dir():
+            raise OutputError(f"-o {out}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError(f"-o {out}: folder {folder} is not writable")
+    if database is not None:
+        db = Path(database)
+        outputs += [("--database", db)] + [("--database", db / name) for name in DATABASE_FILES]
+    check_no_overwrite(inputs, outputs)
+
+
+def check_space(output: Path, weights: int) -> None:
+    """Refuse up front when the library (which embeds the weights) cannot fit where it is written:
+    LLVM writes its object file into the temporary folder and ends the process when that write fails,
+    and the linker's failure on a full output folder would come after the whole build."""
+    need = int(weights * 1.1) + (16 << 20)
+    for where, folder in (("-o", output.parent if str(output.parent) else Path(".")),
+                          ("the temporary folder", Path(tempfile.gettempdir()))):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            continue
+        if free < need:
+            raise OutputError(f"cannot write {output}: {where} {folder} has {free >> 20} MiB free, the library needs "
+                              f"about {need >> 20} MiB")
+
+
 def write_library(executable, report: CompileReport, output: str | os.PathLike) -> None:  # noqa: ANN001
-    """Export the library and its ``.json`` description beside it, each via a temporary file + rename."""
+    """Export the library and its ``.json`` description beside it, each via a temporary file + rename.
+
+    The library gets mode 0755 and the description 0644 (less what the umask removes), like any file
+    the user would build: another user can load a library they can read.
+    """
     out = Path(output)
     if out.is_dir():
         raise OutputError(f"-o {out} is a directory; give a file name such as model.so")
     if not out.parent.exists():
         raise OutputError(f"-o {out}: folder {out.parent} does not exist")
     meta = {"format": FORMAT_VERSION, "target": report.target, "inputs": report.inputs, "outputs": report.outputs}
-    lib_tmp = _temp_path(out, ".so")
-    meta_tmp = _temp_path(out, ".json")
     try:
-        executable.export_library(str(lib_tmp))
+        lib_tmp = _temp_path(out, ".so")
+        meta_tmp = _temp_path(out, ".json")
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from e
+    umask = _umask()
+    try:
+        try:
+            executable.export_library(str(lib_tmp))
+        except Exception as e:  # TVM runs the system compiler: a full or read-only disk is its RuntimeError
+            raise OutputError(f"cannot write {out}: the library export failed ({_export_reason(e)})") from e
         meta["sha256"] = file_digest(lib_tmp)
         meta_tmp.write_text(json.dumps(meta, indent=2))
+        os.chmod(lib_tmp, 0o755 & ~umask)
+        os.chmod(meta_tmp, 0o644 & ~umask)
         os.replace(meta_tmp, metadata_path(out))
         os.replace(lib_tmp, out)
     except OSError as e:
-        raise OutputError(f"cannot write {out}: {e}") from e
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from e
     finally:
         for tmp in (lib_tmp, meta_tmp):
             tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _export_reason(e: BaseException) -> str:
+    """The line of a compiler failure that says why (``No space left``, ``Permission denied``...)."""
+    text = str(e)
+    for key in ("No space left", "Permission denied", "Read-only file system", "Disk quota"):
+        if key in text:
+            return key.lower()
+    return last_line(e)[:200]
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from neurorewrite.errors import DataError, ModelLoadError, last_line
-from neurorewrite.runtime.tvm_compile import FORMAT_VERSION, file_digest, metadata_path
+from neurorewrite.runtime.tvm_compile import FORMAT_VERSION, metadata_path
 
 _LIBRARY_MAGIC = b"\x7fELF"
 
@@ -23,17 +26,25 @@ class CompiledModel:
         from tvm import relax
 
         self.path = Path(path)
-        self.meta = _read_metadata(self.path)
+        self.meta = read_metadata(self.path)
         self.input_names = list(self.meta["inputs"])
-        kind = json.loads(self.meta["target"])["kind"] if self.meta["target"].startswith("{") else "llvm"
+        kind = target_kind(self.meta["target"])
         self.device = tvm.cuda(0) if (device or ("cuda" if kind == "cuda" else "cpu")) == "cuda" else tvm.cpu(0)
         if kind == "cuda" and not self.device.exist:
             raise ModelLoadError(f"{self.path} was compiled for cuda, and this machine has no CUDA device")
-        try:
-            library = tvm.runtime.load_module(str(self.path))
-            self.vm = relax.VirtualMachine(library, self.device)
-        except Exception as e:  # TVM raises TVMError / OSError variants for unloadable libraries
-            raise ModelLoadError(f"{self.path}: cannot load the compiled library ({last_line(e)})") from e
+        with tempfile.TemporaryDirectory(prefix="neurorewrite-lib.") as private:
+            # the bytes hashed are the bytes loaded: a private copy nobody else can change or truncate
+            copy = Path(private) / "library.so"
+            digest = _copy_and_hash(self.path, copy)
+            if digest != self.meta["sha256"]:
+                raise ModelLoadError(f"{self.path}: the library is corrupt or was changed after compiling (checksum "
+                                     f"differs from {metadata_path(self.path).name}); recompile it")
+            check_elf(copy, self.path)
+            try:
+                library = tvm.runtime.load_module(str(copy))
+                self.vm = relax.VirtualMachine(library, self.device)
+            except Exception as e:  # TVM raises TVMError / OSError variants for unloadable libraries
+                raise ModelLoadError(f"{self.path}: cannot load the compiled library ({last_line(e)})") from e
 
     def __call__(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
         import tvm
@@ -55,6 +66,9 @@ class CompiledModel:
             raise DataError(f"{self.path}: expects {len(self.input_names)} input(s) {self.input_names}, got {len(inputs)}")
         arrays = []
         for name, value in zip(self.input_names, inputs):
+            value = np.asarray(value)
+            if value.dtype.kind not in "biuf":
+                raise DataError(f"{self.path}: input {name} has dtype {value.dtype}; it must hold numbers")
             value = np.ascontiguousarray(value, dtype=np.float32)
             expected = list(self.meta["inputs"][name])
             if list(value.shape) != expected:
@@ -64,23 +78,105 @@ class CompiledModel:
         return arrays
 
 
-def _read_metadata(path: Path) -> dict:
+def read_metadata(path: Path) -> dict:
+    """The library's description ``LIBRARY.json``, every field checked; a ModelLoadError otherwise."""
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such compiled library")
-    with open(path, "rb") as f:
-        if f.read(4) != _LIBRARY_MAGIC:
-            raise ModelLoadError(f"{path}: not a compiled library (no shared-object header); recompile it")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read the compiled library ({e.strerror or e})") from e
+    if magic != _LIBRARY_MAGIC:
+        raise ModelLoadError(f"{path}: not a compiled library (no shared-object header); recompile it")
     meta_file = metadata_path(path)
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: its description {meta_file.name} is missing or unreadable ({e}); recompile") from e
-    if meta.get("format") != FORMAT_VERSION or not isinstance(meta.get("inputs"), dict):
-        raise ModelLoadError(f"{meta_file}: unknown format {meta.get('format')!r}; recompile with this version")
-    if meta.get("sha256") != file_digest(path):
-        raise ModelLoadError(f"{path}: the library is corrupt or was changed after compiling (checksum differs "
-                             f"from {meta_file.name}); recompile it")
+    problem = _metadata_problem(meta)
+    if problem:
+        raise ModelLoadError(f"{meta_file}: {problem}; recompile the model with this version")
     return meta
+
+
+def _metadata_problem(meta: object) -> str | None:
+    """What is wrong with a parsed description, or None."""
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, found {type(meta).__name__}"
+    if meta.get("format") != FORMAT_VERSION:
+        return f"unknown format {meta.get('format')!r}"
+    target = meta.get("target")
+    if not isinstance(target, str) or not target:
+        return "no target"
+    if target_kind(target) is None:
+        return f"malformed target {target[:80]!r}"
+    inputs = meta.get("inputs")
+    if not isinstance(inputs, dict) or not inputs:
+        return "no inputs"
+    for name, shape in inputs.items():
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            return f"input {name} has shape {shape!r}, not a list of positive integers"
+    outputs = meta.get("outputs")
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        return "outputs is not a list of names"
+    digest = meta.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        return "no sha256 checksum of the library"
+    return None
+
+
+def target_kind(target: str) -> str | None:
+    """``llvm``/``cuda``/... from a target string or JSON dict; None when the JSON is malformed."""
+    if not target.startswith("{"):
+        return target.split()[0] if target.split() else None
+    try:
+        kind = json.loads(target).get("kind")
+    except (ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def _copy_and_hash(source: Path, copy: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(source, "rb") as src, open(copy, "wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                digest.update(chunk)
+                dst.write(chunk)
+    except OSError as e:
+        raise ModelLoadError(f"{source}: cannot read the compiled library ({e.strerror or e})") from e
+    return digest.hexdigest()
+
+
+def check_elf(path: Path, label: Path) -> None:
+    """Refuse a shared object whose headers point past its end: ``dlopen`` maps such a file and the
+    process dies of SIGBUS on the first access to the missing part (a truncated library)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 52 or head[:4] != _LIBRARY_MAGIC or head[4] not in (1, 2) or head[5] not in (1, 2):
+            raise ModelLoadError(f"{label}: not a valid shared object (bad ELF header); recompile it")
+        wide, order = head[4] == 2, "<" if head[5] == 1 else ">"
+        if wide:
+            phoff, shoff = struct.unpack_from(order + "QQ", head, 32)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", head, 54)
+        else:
+            phoff, shoff = struct.unpack_from(order + "II", head, 28)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", head, 42)
+        if phoff + phentsize * phnum > size or (shnum and shoff + shentsize * shnum > size):
+            raise ModelLoadError(f"{label}: the library is truncated ({size} bytes); recompile it")
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    for i in range(phnum):
+        entry = table[i * phentsize:(i + 1) * phentsize]
+        if wide:
+            offset, filesz = struct.unpack_from(order + "Q", entry, 8)[0], struct.unpack_from(order + "Q", entry, 32)[0]
+        else:
+            offset, filesz = struct.unpack_from(order + "I", entry, 4)[0], struct.unpack_from(order + "I", entry, 16)[0]
+        if offset + filesz > size:
+            raise ModelLoadError(f"{label}: the library is truncated ({size} bytes, a segment ends at "
+                                 f"{offset + filesz}); recompile it")
 
 
 def load(path: str | os.PathLike, device: str | None = None) -> CompiledModel:

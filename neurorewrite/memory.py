@@ -1,0 +1,49 @@
+"""How much memory this machine has, and the refusal of options that could never fit in it.
+
+A command whose options need more memory than the machine has would run for minutes and then be
+killed (or ask numpy for hundreds of GiB); :func:`check_fits` refuses it up front with the figure.
+The comparison is against physical memory plus swap, not the memory free right now: a request that
+fits the machine is the user's to make.
+"""
+
+from __future__ import annotations
+
+import os
+
+from neurorewrite.errors import InvalidOptionError
+
+GIB = 1 << 30
+
+
+def machine_memory() -> int:
+    """Physical memory plus swap, in bytes (from /proc/meminfo; sysconf where it is missing)."""
+    total = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("MemTotal", "SwapTotal"):
+                    total += int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        total = 0
+    if total:
+        return total
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def gib(n: int | float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def check_fits(need: int, what: str, hint: str = "") -> None:
+    """Raise InvalidOptionError when ``need`` bytes exceed :func:`machine_memory` (unknown: no check).
+
+    ``what`` says what needs the memory, e.g. ``"--alpha 64 with --calibrate (a Gram matrix of ...)"``.
+    """
+    have = machine_memory()
+    if have and need > have:
+        tail = f"; {hint}" if hint else ""
+        raise InvalidOptionError(f"{what} needs about {gib(need)} of memory; this machine has {gib(have)}{tail}")
