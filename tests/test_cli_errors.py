@@ -72,7 +72,7 @@ CASES: dict[str, Case] = {
                                ["--calibrate", "garbage.npz"], [OUT]),
     "expand-npz-shape": case(["expand", "{in}/model.onnx", "--alpha", "2", "--calibrate", "{in}/wide.npz", "-o", OUT],
                              ["expects shape"], [OUT]),
-    "expand-output-is-input": case(["expand", "{in}/model.onnx", "--alpha", "2", "-o", "{in}/model.onnx"], ["is the input model"], []),
+    "expand-output-is-input": case(["expand", "{in}/model.onnx", "--alpha", "2", "-o", "{in}/model.onnx"], ["is the same file as the model", "never writes over its inputs"], []),
     "expand-output-folder-missing": case(["expand", "{in}/model.onnx", "--alpha", "2", "-o", "{out}/no/such/dir/m.onnx"],
                                          ["does not exist"], ["{out}/no"]),
     "expand-structured-sparse": case(["expand", "{in}/model.onnx", "--alpha", "2", "--structured", "--format", "sparse",
@@ -90,7 +90,7 @@ CASES: dict[str, Case] = {
     "finetune-lr": case(["finetune", "{in}/model.fpe.onnx", "--data", "{in}/train.npz", "--lr", "0", "-o", OUT], ["--lr"], [OUT]),
     "finetune-data-missing": case(["finetune", "{in}/model.fpe.onnx", "-o", OUT], ["--data"], [OUT]),
     "finetune-output-is-input": case(["finetune", "{in}/model.fpe.onnx", "--data", "{in}/train.npz", "-o",
-                                      "{in}/model.fpe.onnx"], ["is the input model"], []),
+                                      "{in}/model.fpe.onnx"], ["is the same file as the model", "never writes over its inputs"], []),
     "finetune-missing-model": case(["finetune", "{in}/nope.onnx", "--data", "{in}/train.npz", "-o", OUT], ["nope.onnx"], [OUT]),
     # analyze
     "analyze-no-block": case(["analyze", "{in}/plain.onnx", "--html", "{out}/r.html"], ["no MLP block"], ["{out}/r.html"]),

@@ -108,10 +108,11 @@ class PruneScales:
     in_rows: tuple[np.ndarray | None, ...] = ()  # per input-side matrix, (H,)
     out_columns: np.ndarray | None = None  # (H,)
 
-    def scores(self, magnitudes: np.ndarray, flat: np.ndarray, shape: tuple[int, int], matrix: int | None) -> np.ndarray:
-        """Scores of the entries ``flat`` (flat indices into a matrix of ``shape``) whose magnitudes are
-        given; ``matrix`` is the input-side matrix's position, or None for the output matrix."""
-        rows, cols = np.divmod(flat, shape[1])
+    def scores(self, magnitudes: np.ndarray, flat: np.ndarray | None, shape: tuple[int, int], matrix: int | None) -> np.ndarray:
+        """Scores of the entries ``flat`` (flat indices into a matrix of ``shape``; None: every entry in
+        order) whose magnitudes are given; ``matrix`` is the input-side matrix's position, or None for
+        the output matrix."""
+        rows, cols = np.divmod(np.arange(shape[0] * shape[1]) if flat is None else flat, shape[1])
         out = magnitudes.astype(np.float64)
         row = self.in_rows[matrix] if matrix is not None and matrix < len(self.in_rows) else None
         col = self.in_columns if matrix is not None else self.out_columns

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import tempfile
 import warnings
@@ -265,29 +266,33 @@ def _check_in_memory(model: onnx.ModelProto, label: str, full_check: bool = Fals
 
 
 def nonfinite_weights(model: onnx.ModelProto, label: str = "the model") -> list[tuple[str, int]]:
-    """``(tensor, count)`` for every float initializer or Constant holding NaN or infinite values.
+    """``(tensor, count)`` for every float initializer or Constant holding NaN or infinite values (a
+    scalar holding -inf or inf, the attention-mask idiom, counts only if NaN).
 
     Every tensor's data is also checked against its declared shape (a damaged file whose data does
     not fill its shape is a ModelLoadError naming ``label`` and the tensor).
     """
     found = []
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    for t in tensors:
+    tensors = [(t.name, t) for t in model.graph.initializer]
+    tensors += [(n.output[0], a.t) for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+                if a.name == "value"]  # a Constant's tensor is usually unnamed: name it by its output
+    for name, t in tensors:
         if t.data_location == onnx.TensorProto.EXTERNAL and not spilled(t):
             continue
         try:
             chunks = tensor_chunks(t)
             first = next(chunks, None)
         except Exception as e:  # noqa: BLE001  (onnx raises ValueError, TypeError, KeyError... for damaged tensors)
-            raise ModelLoadError(f"{label}: tensor {t.name}: its data does not match its type and shape "
+            raise ModelLoadError(f"{label}: tensor {name}: its data does not match its type and shape "
                                  f"{list(t.dims)} ({first_line(e)}); is the file damaged?") from e
         if t.data_type not in FLOAT_TYPES or first is None:
             continue
-        # in chunks: no full-size boolean mask, and a spilled tensor is read, not mapped whole
-        bad = sum(int(np.count_nonzero(~np.isfinite(c))) for c in itertools.chain([first], chunks))
+        # in chunks: no full-size boolean mask, and a spilled tensor is read, not mapped whole. A scalar
+        # -inf is the attention-mask idiom (Where(mask, x, -inf)): only NaN counts in a scalar
+        scalar = math.prod(t.dims) == 1
+        bad = sum(int(np.count_nonzero(np.isnan(c) if scalar else ~np.isfinite(c))) for c in itertools.chain([first], chunks))
         if bad:
-            found.append((t.name, bad))
+            found.append((name, bad))
     return found
 
 
