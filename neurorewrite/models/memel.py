@@ -37,9 +37,13 @@ not broadcast them; they stay equal across ranks because every rank merges the s
 moments. The hooked submodule must return a tensor, or a tuple/list whose first item is the tensor
 (as Hugging Face layers do); the activation's feature shape must stay fixed between batches.
 
-Cost: the per-step work is a dozen element-wise passes over the activation plus a few kernels on
-per-element vectors; the code reuses one scratch tensor and works in place where it can, because on
-CPU those passes and launches, not arithmetic, are what MEmeL costs (``benchmarks/memel.py``).
+Cost: on CPU float32 activations (contiguous once flattened) the step runs on a fused C kernel
+(:mod:`neurorewrite.models.memel_fused`, built on first use by :mod:`neurorewrite.models.memel_native`):
+one pass over the activation for the statistics, the score, the top-1 selection and the output copy,
+one C call for the merge, one copy backward. Everywhere else (GPU, bfloat16/float64, no C compiler,
+``NEUROREWRITE_MEMEL_KERNEL=0``) the eager torch code below runs: a dozen element-wise passes plus a
+few kernels on per-element vectors, in place where it can. Both give the same selections, values
+and gradients; the statistics agree to float32 rounding (``tests/models/test_memel_fused.py``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ import torch
 from torch import Tensor, nn
 
 from neurorewrite.errors import InvalidOptionError
+from neurorewrite.models.memel_fused import fused_kernel_for, fused_step
+from neurorewrite.models.memel_rd import reversed_deactivation
 from neurorewrite.models.memel_stats import batch_moments, merge_capped_, unbiased_variance
 
 __all__ = ["MEmeL", "find_memel", "first_argmax_", "insert_memel", "remove_memel", "reversed_deactivation"]
@@ -139,6 +145,11 @@ class MEmeL(nn.Module):
             return z
         z2d = self._flatten_checked(z)
         inhibit = self.batches_seen >= self.n_forget
+        kernel = fused_kernel_for(z2d, self.mean)
+        if kernel is not None:  # one C pass instead of the eager code below (memel_fused.py)
+            out, batch_count = fused_step(self, kernel, z2d, inhibit)
+            self.batches_seen += int(batch_count > 0)
+            return out if out.shape == z.shape else out.view_as(z)
         with torch.no_grad():
             # One centred tensor serves the batch sums and then, squared in place, phi: full-size
             # passes and fresh tensors are most of MEmeL's cost.
@@ -219,32 +230,6 @@ def first_argmax_(values: Tensor) -> Tensor:
     score = at_max.mul_(_countdown(width, values.dtype, values.device))
     # A row of zeros gives 0/0 and a NaN row stays NaN: the clamp turns both into index 0, the first.
     return (width - score.amax(dim=1, keepdim=True)).long().clamp_(0, width - 1)
-
-
-class _ReversedDeactivation(torch.autograd.Function):
-    """Selected elements: forward value ``mu``, gradient ``-delta`` times the upstream gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, z2d: Tensor, selected: Tensor, replacement: Tensor, delta: float) -> Tensor:
-        ctx.save_for_backward(selected)
-        ctx.delta = delta
-        return z2d.scatter(1, selected, replacement)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
-        (selected,) = ctx.saved_tensors
-        reversed_grad = grad_out.gather(1, selected) * (-ctx.delta)
-        return grad_out.scatter(1, selected, reversed_grad), None, None, None
-
-
-def reversed_deactivation(z2d: Tensor, selected: Tensor, replacement: Tensor, delta: float) -> Tensor:
-    """Reversed Deactivation ``z' = -D*z + (mu + D*z).detach()`` on the ``selected`` (batch x t) elements.
-
-    ``replacement`` holds ``mu`` at the selected positions (batch x t). Equal in value and gradient to
-    the formula (tests check it against the literal form), but the forward value is exactly ``mu``
-    and only one full-size copy is made each way: the cost of any element-wise op.
-    """
-    return _ReversedDeactivation.apply(z2d, selected, replacement, float(delta))
 
 
 class _MEmeLHook:
