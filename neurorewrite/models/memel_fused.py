@@ -16,6 +16,8 @@ one ``all_reduce`` between the pass and the merge, as in the eager code.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -26,7 +28,7 @@ from neurorewrite.models.memel_native import NativeKernel, native_kernel, usable
 from neurorewrite.models.memel_rd import reversed_deactivation
 from neurorewrite.models.memel_stats import distributed_active
 
-__all__ = ["FusedState", "fused_kernel_for", "fused_step"]
+__all__ = ["FusedState", "eager_only", "fused_kernel_for", "fused_step"]
 
 
 class FusedState(Protocol):
@@ -43,11 +45,24 @@ class FusedState(Protocol):
     def _scratch_like(self, shape: torch.Size) -> Tensor: ...
 
 
+_EAGER_ONLY = [False]  # set by eager_only(): benchmarks and tests compare the two paths in one process
+
+
 def fused_kernel_for(z2d: Tensor, statistics: Tensor) -> NativeKernel | None:
     """The kernel when it applies to this activation (CPU float32, contiguous), else None."""
-    if not usable_for(z2d, statistics):
+    if _EAGER_ONLY[0] or not usable_for(z2d, statistics):
         return None
     return native_kernel()
+
+
+@contextlib.contextmanager
+def eager_only() -> Iterator[None]:
+    """Within this block every MEmeL runs its eager torch code (not thread-safe; for comparisons)."""
+    previous, _EAGER_ONLY[0] = _EAGER_ONLY[0], True
+    try:
+        yield
+    finally:
+        _EAGER_ONLY[0] = previous
 
 
 class _FusedTopOne(torch.autograd.Function):

@@ -12,6 +12,7 @@ import torch
 
 import neurorewrite.models.memel as memel_module
 from neurorewrite.models.memel import MEmeL, first_argmax_
+from neurorewrite.models.memel_fused import eager_only
 from neurorewrite.models.memel_native import kernel_status, native_kernel
 
 KERNEL = native_kernel()
@@ -37,20 +38,16 @@ def _run(memel: MEmeL, batches: list[torch.Tensor]) -> list[dict[str, object]]:
     return record
 
 
-def _eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(memel_module, "fused_kernel_for", lambda *_: None)
-
-
 @needs_kernel
 @pytest.mark.parametrize("top_t, delta, shape", [(1, 1.0, (3, 7)), (1, -1.0, (2500,)), (3, 2.5, (6, 5))])
 def test_fused_and_eager_select_the_same_elements_with_the_same_values_and_gradients(
-    monkeypatch: pytest.MonkeyPatch, top_t: int, delta: float, shape: tuple[int, ...]
+    top_t: int, delta: float, shape: tuple[int, ...]
 ) -> None:
     # 2500 features: three column blocks of the kernel and a tail that is not a multiple of its 8 lanes.
     batches = _stream(0, [40] * 6 + [9, 40], shape)
     fused = _run(MEmeL(top_t=top_t, delta=delta, n_forget=3).train(), batches)
-    _eager(monkeypatch)
-    eager = _run(MEmeL(top_t=top_t, delta=delta, n_forget=3).train(), batches)
+    with eager_only():
+        eager = _run(MEmeL(top_t=top_t, delta=delta, n_forget=3).train(), batches)
     inhibited = 0
     for step, (a, b) in enumerate(zip(fused, eager)):
         selected = a["out"] != batches[step].reshape(a["out"].shape)
@@ -98,6 +95,8 @@ def test_non_contiguous_float64_and_bfloat16_activations_take_the_eager_path() -
     assert memel_module.fused_kernel_for(z.double(), statistics.double()) is None
     assert memel_module.fused_kernel_for(z.bfloat16(), statistics) is None
     assert memel_module.fused_kernel_for(z, statistics) is KERNEL
+    with eager_only():
+        assert memel_module.fused_kernel_for(z, statistics) is None
 
 
 def test_a_transposed_activation_gives_what_its_contiguous_copy_gives() -> None:
