@@ -1,9 +1,10 @@
 """Training with fixed FPE masks: ``finetune(model, loader, epochs)``.
 
-The loop is an ordinary supervised loop with one addition: the optimizer goes through
-:func:`neurorewrite.models.fpe.enforce_masks`, so pruned weights of every :class:`MaskedLinear` stay
-exactly zero whatever the optimizer does (momentum, weight decay, Adam moments). A model without
-masked layers just trains densely, which is how the benchmarks train their dense baselines.
+The loop is :func:`neurorewrite.models.masked_training.masked_train` with a supervised loss: the
+optimizer goes through :func:`neurorewrite.models.fpe.enforce_masks`, so pruned weights of every
+:class:`MaskedLinear` stay exactly zero whatever the optimizer does (momentum, weight decay, Adam
+moments), in one process or under DistributedDataParallel. A model without masked layers just trains
+densely, which is how the benchmarks train their dense baselines.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import torch
 from torch import nn
 
 from neurorewrite.errors import DataError, InvalidOptionError
-from neurorewrite.models.fpe import enforce_masks
+from neurorewrite.models.masked_training import Progress, masked_train
 
-Progress = Callable[[int, int, str], None]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -65,34 +65,20 @@ def finetune(
 
     ``optimizer`` defaults to Adam(lr); any torch optimizer works, the masks are enforced around its
     steps. ``loss`` defaults to :func:`default_loss` of the first batch's targets. The model is left in
-    eval mode.
+    eval mode. ``model`` may be a ``DistributedDataParallel`` wrapper: see
+    :func:`neurorewrite.models.masked_training.masked_train`, which this is.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise InvalidOptionError(f"--epochs must be an integer >= 0, got {epochs!r}")
     if optimizer is None:
         optimizer = make_optimizer(model, "adam", lr)
-    handles = enforce_masks(optimizer, model)
     result = FinetuneResult(loss_name="custom" if loss is not None else "")
-    try:
-        for epoch in range(epochs):
-            model.train()
-            total, count = 0.0, 0
-            for x, y in loader:
-                if loss is None:
-                    result.loss_name, loss = default_loss(y)
-                optimizer.zero_grad(set_to_none=True)
-                value = loss(model(x), y)
-                value.backward()
-                optimizer.step()
-                total += float(value.detach()) * len(x)
-                count += len(x)
-            if count == 0:
-                raise DataError("the training data is empty: the loader gave no batches")
-            result.epoch_losses.append(total / count)
-            if progress is not None:
-                progress(epoch + 1, epochs, f"loss {total / count:.4g}")
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.eval()
+    chosen: list[LossFn] = [] if loss is None else [loss]
+
+    def batch_loss(module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        if not chosen:
+            result.loss_name, picked = default_loss(y)
+            chosen.append(picked)
+        return chosen[0](module(x), y)
+
+    result.epoch_losses = masked_train(model, loader, batch_loss, epochs=epochs, optimizer=optimizer, progress=progress)
     return result
