@@ -6,6 +6,8 @@ training code runs in one process and under ``torchrun``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -14,7 +16,8 @@ from neurorewrite.errors import DataError
 from neurorewrite.models.memel_stats import distributed_active
 
 __all__ = [
-    "all_ranks_sum", "broadcast_tensor", "check_equal_counts", "distributed_active", "rank_and_world", "unwrap",
+    "RankShards", "all_ranks_sum", "broadcast_tensor", "check_equal_counts", "distributed_active", "rank_and_world",
+    "ranks_identical", "unwrap",
 ]
 
 
@@ -65,3 +68,48 @@ def broadcast_tensor(value: Tensor, source: int = 0) -> Tensor:
     if distributed_active():
         dist.broadcast(value, src=source)
     return value
+
+
+def ranks_identical(module: nn.Module) -> bool:
+    """True when every tensor of ``module``'s ``state_dict`` equals rank 0's exactly, on every rank
+    (always True alone). A check for examples and tests; it sends the whole state once."""
+    if not distributed_active():
+        return True
+    same = True
+    for value in unwrap(module).state_dict().values():
+        if isinstance(value, Tensor):
+            reference = value.detach().clone()
+            dist.broadcast(reference, src=0)
+            same = same and torch.equal(reference, value.detach())
+    flag = torch.tensor([0 if same else 1], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return int(flag) == 0
+
+
+class RankShards:
+    """This rank's share of shuffled global batches of ``tensors`` (all with the same first dimension).
+
+    Each pass (epoch) draws a new permutation from ``seed`` and the epoch number, the same on every
+    rank, cuts it into global batches of ``global_batch`` samples (a last, shorter batch is dropped),
+    and yields this rank's contiguous slice of each, ``global_batch // world`` samples. So every rank
+    gets the same number of batches and samples, and one process (world 1) iterating the same object
+    gets the global batches themselves: the comparison DDP's gradient average is exact against.
+    """
+
+    def __init__(self, tensors: tuple[Tensor, ...], global_batch: int, seed: int = 0) -> None:
+        self.rank, self.world = rank_and_world()
+        if global_batch % self.world:
+            raise DataError(f"the global batch ({global_batch}) must split evenly over {self.world} ranks")
+        self.tensors, self.global_batch, self.seed, self.epoch = tensors, global_batch, seed, 0
+
+    def __len__(self) -> int:
+        return self.tensors[0].shape[0] // self.global_batch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(self.tensors[0].shape[0], generator=generator)
+        share = self.global_batch // self.world
+        for start in range(0, len(self) * self.global_batch, self.global_batch):
+            rows = order[start + self.rank * share : start + (self.rank + 1) * share]
+            yield tuple(tensor[rows] for tensor in self.tensors)
