@@ -10,7 +10,8 @@ and the selections agree except between elements whose scores tie to within it.
 
 Per step: one C pass for ``top_t = 1`` (statistics, score, selection and the output copy), one C
 pass plus ``topk`` for larger ``top_t``, and one C call for the merge; the backward of ``top_t = 1``
-is one C copy. With ``torch.distributed`` the packed sums ``[count, sum1, sum2]`` (float64) go through
+is one C copy. A large activation's pass is split by columns over torch's intra-op thread count
+(:func:`threads_for`); the result does not depend on the split. With ``torch.distributed`` the packed sums ``[count, sum1, sum2]`` (float64) go through
 one ``all_reduce`` between the pass and the merge, as in the eager code.
 """
 
@@ -28,7 +29,7 @@ from neurorewrite.models.memel_native import NativeKernel, native_kernel, usable
 from neurorewrite.models.memel_rd import reversed_deactivation
 from neurorewrite.models.memel_stats import distributed_active
 
-__all__ = ["FusedState", "eager_only", "fused_kernel_for", "fused_step"]
+__all__ = ["FusedState", "eager_only", "fused_kernel_for", "fused_step", "threads_for"]
 
 
 class FusedState(Protocol):
@@ -45,6 +46,7 @@ class FusedState(Protocol):
     def _scratch_like(self, shape: torch.Size) -> Tensor: ...
 
 
+ELEMENTS_PER_THREAD = 1 << 17  # below this a thread's start costs more than its share of the pass
 _EAGER_ONLY = [False]  # set by eager_only(): benchmarks and tests compare the two paths in one process
 
 
@@ -53,6 +55,11 @@ def fused_kernel_for(z2d: Tensor, statistics: Tensor) -> NativeKernel | None:
     if _EAGER_ONLY[0] or not usable_for(z2d, statistics):
         return None
     return native_kernel()
+
+
+def threads_for(elements: int) -> int:
+    """Threads for the kernel's pass: torch's intra-op thread count, one per ELEMENTS_PER_THREAD elements."""
+    return max(1, min(torch.get_num_threads(), elements // ELEMENTS_PER_THREAD))
 
 
 @contextlib.contextmanager
@@ -74,7 +81,8 @@ class _FusedTopOne(torch.autograd.Function):
     ) -> Tensor:
         out = torch.empty_like(z2d)
         index = torch.empty(z2d.shape[0], dtype=torch.int64)
-        kernel.step(z2d, memel.mean, memel.m2, memel.count, packed, out=out, index=index, best=best)
+        threads = threads_for(z2d.numel())
+        kernel.step(z2d, memel.mean, memel.m2, memel.count, packed, out=out, index=index, best=best, threads=threads)
         ctx.save_for_backward(index)
         ctx.kernel, ctx.scale = kernel, -memel.delta
         return out
@@ -117,7 +125,8 @@ def fused_step(memel: FusedState, kernel: NativeKernel, z2d: Tensor, inhibit: bo
     else:
         with torch.no_grad():
             phi = memel._scratch_like(z2d.shape) if inhibit else None
-            kernel.step(z2d.detach(), memel.mean, memel.m2, memel.count, packed, phi=phi)
+            kernel.step(z2d.detach(), memel.mean, memel.m2, memel.count, packed, phi=phi,
+                        threads=threads_for(z2d.numel()))
             if phi is not None:
                 selected = phi.topk(memel.top_t, dim=1, sorted=False).indices
                 replacement = torch.take(memel.mean, selected)  # the running mean before the merge

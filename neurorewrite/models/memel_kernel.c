@@ -17,12 +17,15 @@
      are rounded as the eager code rounds them. */
 
 #include <float.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define COLUMN_BLOCK 1024 /* columns per block: its accumulators and scores stay in L1 */
 #define ROW_BLOCK 32      /* rows summed in float before the partial sums go into the double totals */
 #define VARIANCE_FLOOR_SHARE 0.01
+#define MAX_THREADS 64
 
 static double denominator_shift(const float *restrict m2, int64_t cols)
 {
@@ -98,41 +101,49 @@ static void top1_segment(const float *restrict zr, const float *restrict mu, con
     }
 }
 
-/* The batch sums (into sums[0:cols] and sums[cols:2*cols]) and, with `out` (rows x cols, may be NULL),
-   the top-1 selection and the forward's output; with `phi` (rows x cols, may be NULL) the scores of
-   every element, for a top-t selection done by the caller. `best` is a rows-long workspace. */
-void memel_step_f32(const float *restrict z, int64_t rows, int64_t cols, const float *restrict mean,
-                    const float *restrict m2, double count, double *restrict sums, float *restrict out,
-                    int64_t *restrict index, float *restrict phi, float *restrict best)
+/* What one thread of memel_step_f32 works on: the columns [begin, end) of every row. */
+struct step_task {
+    const float *z;
+    int64_t rows, cols, begin, end;
+    const float *mean, *m2;
+    double shift, floor;
+    double *sums;
+    float *out, *phi, *best;
+    int64_t *index;
+};
+
+/* The columns [begin, end): their sums (disjoint from other tasks'), their part of out or phi, and
+   each row's first maximum among them in best/index (this task's own arrays). */
+static void step_columns(const struct step_task *t)
 {
     float sum1[COLUMN_BLOCK], sum2[COLUMN_BLOCK], inverse[COLUMN_BLOCK];
-    const double shift = denominator_shift(m2, cols);
-    const double floor = (double)FLT_EPSILON * (count - 1.0 > 1.0 ? count - 1.0 : 1.0);
-    memset(sums, 0, (size_t)(2 * cols) * sizeof(double));
-    if (out != NULL) {
-        for (int64_t i = 0; i < rows; ++i) {
-            best[i] = -1.0f;
-            index[i] = 0;
+    const int64_t cols = t->cols;
+    if (t->out != NULL) {
+        for (int64_t i = 0; i < t->rows; ++i) {
+            t->best[i] = -1.0f;
+            t->index[i] = 0;
         }
     }
-    for (int64_t c0 = 0; c0 < cols; c0 += COLUMN_BLOCK) {
-        const int64_t width = cols - c0 < COLUMN_BLOCK ? cols - c0 : COLUMN_BLOCK;
-        const float *restrict mu = mean + c0;
+    for (int64_t c0 = t->begin; c0 < t->end; c0 += COLUMN_BLOCK) {
+        const int64_t width = t->end - c0 < COLUMN_BLOCK ? t->end - c0 : COLUMN_BLOCK;
+        const float *restrict mu = t->mean + c0;
         for (int64_t j = 0; j < width; ++j) {
             /* The eager code divides by the float32 denominator; the reciprocal is rounded once here. */
-            const float den = (float)(m2[c0 + j] + shift > floor ? m2[c0 + j] + shift : floor);
-            inverse[j] = 1.0f / den;
+            const double den = t->m2[c0 + j] + t->shift;
+            inverse[j] = 1.0f / (float)(den > t->floor ? den : t->floor);
         }
-        for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
-            const int64_t r1 = rows - r0 < ROW_BLOCK ? rows : r0 + ROW_BLOCK;
+        for (int64_t j = 0; j < width; ++j) t->sums[c0 + j] = t->sums[cols + c0 + j] = 0.0;
+        for (int64_t r0 = 0; r0 < t->rows; r0 += ROW_BLOCK) {
+            const int64_t r1 = t->rows - r0 < ROW_BLOCK ? t->rows : r0 + ROW_BLOCK;
             memset(sum1, 0, (size_t)width * sizeof(float));
             memset(sum2, 0, (size_t)width * sizeof(float));
             for (int64_t i = r0; i < r1; ++i) {
-                const float *restrict zr = z + i * cols + c0;
-                if (out != NULL) {
-                    top1_segment(zr, mu, inverse, width, c0, sum1, sum2, out + i * cols + c0, best + i, index + i);
-                } else if (phi != NULL) {
-                    float *restrict p = phi + i * cols + c0;
+                const float *restrict zr = t->z + i * cols + c0;
+                if (t->out != NULL) {
+                    top1_segment(zr, mu, inverse, width, c0, sum1, sum2, t->out + i * cols + c0, t->best + i,
+                                 t->index + i);
+                } else if (t->phi != NULL) {
+                    float *restrict p = t->phi + i * cols + c0;
                     #pragma omp simd
                     for (int64_t j = 0; j < width; ++j) {
                         const float s = zr[j] - mu[j];
@@ -151,14 +162,84 @@ void memel_step_f32(const float *restrict z, int64_t rows, int64_t cols, const f
                 }
             }
             for (int64_t j = 0; j < width; ++j) {
-                sums[c0 + j] += sum1[j];
-                sums[cols + c0 + j] += sum2[j];
+                t->sums[c0 + j] += sum1[j];
+                t->sums[cols + c0 + j] += sum2[j];
             }
         }
     }
+}
+
+static void *run_step_task(void *task)
+{
+    step_columns((const struct step_task *)task);
+    return NULL;
+}
+
+/* The batch sums (into sums[0:cols] and sums[cols:2*cols]) and, with `out` (rows x cols, may be NULL),
+   the top-1 selection and the forward's output; with `phi` (rows x cols, may be NULL) the scores of
+   every element, for a top-t selection done by the caller. `best` is a rows-long workspace.
+   `threads` > 1 splits the columns into that many ranges, one per thread (the caller's thread takes
+   the first); the row maxima of the ranges are merged in column order, so the result does not depend
+   on the number of threads. Returns 0, or -1 when memory or a thread could not be had (then the
+   outputs are not valid and the caller must fall back). */
+int memel_step_f32(const float *restrict z, int64_t rows, int64_t cols, const float *restrict mean,
+                   const float *restrict m2, double count, double *restrict sums, float *restrict out,
+                   int64_t *restrict index, float *restrict phi, float *restrict best, int64_t threads)
+{
+    const double shift = denominator_shift(m2, cols);
+    const double floor = (double)FLT_EPSILON * (count - 1.0 > 1.0 ? count - 1.0 : 1.0);
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > cols / LANES) threads = cols / LANES;
+    if (threads < 1) threads = 1;
+    struct step_task tasks[MAX_THREADS];
+    pthread_t handles[MAX_THREADS];
+    float *bests = NULL;
+    int64_t *indices = NULL;
+    if (threads > 1 && out != NULL) {
+        bests = malloc((size_t)(rows * (threads - 1)) * sizeof(float));
+        indices = malloc((size_t)(rows * (threads - 1)) * sizeof(int64_t));
+        if (bests == NULL || indices == NULL) {
+            free(bests);
+            free(indices);
+            return -1;
+        }
+    }
+    int64_t started = 0, failed = 0;
+    for (int64_t k = 0; k < threads; ++k) {
+        /* Range boundaries on multiples of the lane count keep every range's vectors whole. */
+        const int64_t begin = (cols * k / threads) / LANES * LANES;
+        const int64_t end = k + 1 == threads ? cols : (cols * (k + 1) / threads) / LANES * LANES;
+        tasks[k] = (struct step_task){z, rows, cols, begin, end, mean, m2, shift, floor, sums, out, phi,
+                                      k == 0 ? best : bests + rows * (k - 1), k == 0 ? index : indices + rows * (k - 1)};
+        if (k > 0) {
+            if (pthread_create(&handles[k], NULL, run_step_task, &tasks[k]) != 0) {
+                failed = 1;
+                break;
+            }
+            started = k;
+        }
+    }
+    if (!failed) step_columns(&tasks[0]);
+    for (int64_t k = 1; k <= started; ++k) pthread_join(handles[k], NULL);
+    if (failed) {
+        free(bests);
+        free(indices);
+        return -1;
+    }
     if (out != NULL) {
+        for (int64_t k = 1; k < threads; ++k) { /* later ranges hold higher columns: strict > keeps the first */
+            for (int64_t i = 0; i < rows; ++i) {
+                if (bests[rows * (k - 1) + i] > best[i]) {
+                    best[i] = bests[rows * (k - 1) + i];
+                    index[i] = indices[rows * (k - 1) + i];
+                }
+            }
+        }
         for (int64_t i = 0; i < rows; ++i) out[i * cols + index[i]] = mean[index[i]];
     }
+    free(bests);
+    free(indices);
+    return 0;
 }
 
 /* The capped Chan merge of memel_stats.merge_capped_ (with batch_moments folded in), in double:

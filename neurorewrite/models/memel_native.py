@@ -31,7 +31,9 @@ from torch import Tensor
 __all__ = ["NativeKernel", "kernel_status", "native_kernel", "usable_for"]
 
 SOURCE = Path(__file__).with_name("memel_kernel.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC")
+FLAGS = (
+    "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-pthread", "-shared", "-fPIC",
+)
 ENABLE_VARIABLE = "NEUROREWRITE_MEMEL_KERNEL"
 
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
@@ -42,8 +44,8 @@ class NativeKernel:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._step = library.memel_step_f32
-        self._step.argtypes = [_P, _I, _I, _P, _P, _D, _P, _P, _P, _P, _P]
-        self._step.restype = None
+        self._step.argtypes = [_P, _I, _I, _P, _P, _D, _P, _P, _P, _P, _P, _I]
+        self._step.restype = ctypes.c_int
         self._merge = library.memel_merge
         self._merge.argtypes = [_D, _D, _I, _P, _P, _P, _I]
         self._merge.restype = _D
@@ -54,16 +56,17 @@ class NativeKernel:
     def step(
         self, z2d: Tensor, mean: Tensor, m2: Tensor, count: float, packed: Tensor,
         out: Tensor | None = None, index: Tensor | None = None, phi: Tensor | None = None,
-        best: Tensor | None = None,
+        best: Tensor | None = None, threads: int = 1,
     ) -> None:
         """Fill ``packed[1:]`` (float64, ``[count, sum1, sum2]``; ``packed[0]`` is left alone) with the
         batch sums and, with ``out``/``index``/``best``, the top-1 output; with ``phi`` (batch x
-        features) the scores. Every tensor contiguous on CPU; z, mean, m2 float32."""
+        features) the scores. Every tensor contiguous on CPU; z, mean, m2 float32. ``threads`` splits
+        the columns over that many threads (same result for any count)."""
         rows, cols = z2d.shape
-        self._step(
-            z2d.data_ptr(), rows, cols, mean.data_ptr(), m2.data_ptr(), float(count), _sums_address(packed),
-            _address(out), _address(index), _address(phi), _address(best),
-        )
+        args = (z2d.data_ptr(), rows, cols, mean.data_ptr(), m2.data_ptr(), float(count), _sums_address(packed),
+                _address(out), _address(index), _address(phi), _address(best))
+        if self._step(*args, threads) != 0:  # no memory or no thread for the split: one thread needs neither
+            self._step(*args, 1)
 
     def merge(self, count: float, batch_count: float, n_forget: int, packed: Tensor, mean: Tensor, m2: Tensor) -> float:
         """Merge the batch sums in ``packed[1:]`` into ``mean`` and ``m2`` in place; returns the new count."""

@@ -115,3 +115,30 @@ def test_the_environment_variable_turns_the_kernel_off() -> None:
     env = {**os.environ, "NEUROREWRITE_MEMEL_KERNEL": "0"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.startswith("None eager torch (NEUROREWRITE_MEMEL_KERNEL=0)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("top_t", [1, 2])
+def test_the_kernel_gives_the_same_result_on_any_number_of_threads(top_t: int) -> None:
+    rows, cols = 9, 3000
+    z = torch.randn(rows, cols, generator=torch.Generator().manual_seed(4))
+    z[:, [100, 1600, 2999]] = 7.0  # every row's maximum ties across three thread ranges: the first wins
+    z[3, 2999] = 8.0
+    mean, m2 = torch.zeros(cols), torch.ones(cols)
+    results = []
+    for threads in (1, 2, 3, 7):
+        packed = torch.zeros(1 + 2 * cols, dtype=torch.float64)
+        out, index, best, phi = torch.empty_like(z), torch.empty(rows, dtype=torch.int64), torch.empty(rows), None
+        assert KERNEL is not None
+        if top_t == 1:
+            KERNEL.step(z, mean, m2, 20.0, packed, out=out, index=index, best=best, threads=threads)
+        else:
+            phi = torch.empty_like(z)
+            KERNEL.step(z, mean, m2, 20.0, packed, phi=phi, threads=threads)
+        results.append((packed, out if top_t == 1 else phi, index if top_t == 1 else None))
+    for packed, values, index in results[1:]:
+        assert torch.equal(packed, results[0][0]) and torch.equal(values, results[0][1])
+        if index is not None:
+            assert torch.equal(index, results[0][2])
+    if top_t == 1:
+        assert results[0][2].tolist() == [100, 100, 100, 2999, 100, 100, 100, 100, 100]
