@@ -31,8 +31,9 @@ module tree, parameter names and ``state_dict`` keys of the model stay exactly a
 exported model (export runs in eval mode, where the hook does nothing) has the same graph and node
 names as the plain model, and :func:`remove_memel` only deletes hooks. The hook follows the hooked
 module's train/eval flag. The price: the MEmeL statistics live outside the model's ``state_dict``
-(get the modules with :func:`find_memel`); after a restart they warm up again for ``n_forget``
-batches. Under ``DistributedDataParallel`` the MEmeL statistics are not model buffers, so DDP does
+(get the modules with :func:`find_memel`); a checkpoint carries them with one call beside it,
+:func:`neurorewrite.models.memel_checkpoint.memel_state_dict` (and ``load_memel_state_dict`` to
+resume without a second warm-up). Under ``DistributedDataParallel`` the MEmeL statistics are not model buffers, so DDP does
 not broadcast them; they stay equal across ranks because every rank merges the same all-reduced
 moments. The hooked submodule must return a tensor, or a tuple/list whose first item is the tensor
 (as Hugging Face layers do); the activation's feature shape must stay fixed between batches.
