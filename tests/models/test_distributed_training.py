@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from neurorewrite.models import MaskedLinear, finetune, fpe_expand
+from neurorewrite.models.distributed import RankShards
 from neurorewrite.models.masked_training import masked_train, teacher_loss
 from neurorewrite.models.senn import SelfExpandingMLP
 from neurorewrite.models.senn_config import SENNConfig
@@ -37,6 +38,10 @@ def _global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
     return [(torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator))
             for _ in range(BATCHES)]
+
+
+def _all_inputs() -> torch.Tensor:
+    return torch.cat([x for x, _ in _global_batches()])
 
 
 def _shard(batch: Any, rank: int) -> Any:
@@ -65,7 +70,7 @@ def _scenarios(rank: int) -> dict[str, Any]:
 
     student = fpe_expand(_mlp(), alpha=2, seed=1)
     wrapped = DistributedDataParallel(student)
-    inputs = [_shard(x, rank) for x, _ in _global_batches()]
+    inputs = RankShards((_all_inputs(),), GLOBAL_BATCH, seed=3)  # this rank's half of each shuffled global batch
     losses = masked_train(wrapped, inputs, teacher_loss(_mlp()), epochs=EPOCHS, optimizer=_optimizer(wrapped))
     out["distill"] = {"state": student.state_dict(), "losses": losses}
 
@@ -123,7 +128,7 @@ def test_masked_training_keeps_masks_and_identical_ranks_equal_to_one_process(
         losses = finetune(alone, _global_batches(), epochs=EPOCHS, optimizer=_optimizer(alone)).epoch_losses
     else:
         alone = fpe_expand(_mlp(), alpha=2, seed=1)
-        inputs = [x for x, _ in _global_batches()]
+        inputs = RankShards((_all_inputs(),), GLOBAL_BATCH, seed=3)  # one process: the global batches themselves
         losses = masked_train(alone, inputs, teacher_loss(_mlp()), epochs=EPOCHS, optimizer=_optimizer(alone))
     for key, value in alone.state_dict().items():  # the gradient mean over ranks rounds differently
         torch.testing.assert_close(ranks[0][scenario]["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
