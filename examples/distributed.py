@@ -61,7 +61,8 @@ def _save(path: Path | None, payload: Callable[[], dict[str, Any]]) -> None:
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.nn.Module]:
     x_train, x_test, y_train, y_test = load_data(0)
     dense = train_mlp(x_train, y_train, hidden=32, seed=0)  # the same on every rank (seeded, CPU)
-    return torch.from_numpy(x_train), torch.from_numpy(y_train), torch.from_numpy(x_test), torch.from_numpy(y_test), dense
+    as_tensors = (torch.from_numpy(a) for a in (x_train, y_train, x_test, y_test))
+    return (*as_tensors, dense)  # type: ignore[return-value]
 
 
 def run_finetune(args: argparse.Namespace) -> None:
@@ -70,7 +71,8 @@ def run_finetune(args: argparse.Namespace) -> None:
     bare = _accuracy(model, x_test, y_test)
     wrapped = _data_parallel(model)
     optimizer = torch.optim.Adam(wrapped.parameters(), lr=3e-3)
-    result = finetune(wrapped, RankShards((x_train, y_train), args.global_batch), epochs=args.epochs, optimizer=optimizer)
+    shards = RankShards((x_train, y_train), args.global_batch)
+    result = finetune(wrapped, shards, epochs=args.epochs, optimizer=optimizer)
     tuned = _accuracy(model, x_test, y_test)
     same = ranks_identical(model)
     _say(f"FPE alpha 4 on digits 64-32-10, {rank_and_world()[1]} rank(s): test accuracy dense"
@@ -91,7 +93,8 @@ def run_distill(args: argparse.Namespace) -> None:
         agree = float((student.eval()(x_test).argmax(1) == dense(x_test).argmax(1)).float().mean())
     same = ranks_identical(student)
     _say(f"distillation of digits 64-32-10 into FPE alpha 4, {rank_and_world()[1]} rank(s): test accuracy teacher"
-         f" {_accuracy(dense, x_test, y_test):.4f}, expanded {bare:.4f}, distilled {_accuracy(student, x_test, y_test):.4f};"
+         f" {_accuracy(dense, x_test, y_test):.4f}, expanded {bare:.4f},"
+         f" distilled {_accuracy(student, x_test, y_test):.4f};"
          f" agrees with the teacher on {agree:.4f}; last epoch MSE {losses[-1]:.4g}; pruned weights zero:"
          f" {_masks_hold(student)}; ranks identical: {same}")
     _save(args.checkpoint, lambda: {"fpe": fpe_state_dict(student), "optimizer": optimizer.state_dict()})

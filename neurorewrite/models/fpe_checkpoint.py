@@ -107,6 +107,7 @@ def load_fpe_state_dict(template: nn.Module, checkpoint: Mapping[str, Any]) -> n
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         detail = " ".join(str(error).split())  # torch's message spans lines; ours is one
-        raise InvalidOptionError(f"the FPE checkpoint does not fit the template {type(model).__name__}: {detail}") from error
+        template_name = type(model).__name__
+        raise InvalidOptionError(f"the FPE checkpoint does not fit the template {template_name}: {detail}") from error
     model.fpe_record = record
     return model

@@ -33,10 +33,11 @@ names as the plain model, and :func:`remove_memel` only deletes hooks. The hook 
 module's train/eval flag. The price: the MEmeL statistics live outside the model's ``state_dict``
 (get the modules with :func:`find_memel`); a checkpoint carries them with one call beside it,
 :func:`neurorewrite.models.memel_checkpoint.memel_state_dict` (and ``load_memel_state_dict`` to
-resume without a second warm-up). Under ``DistributedDataParallel`` the MEmeL statistics are not model buffers, so DDP does
-not broadcast them; they stay equal across ranks because every rank merges the same all-reduced
-moments. The hooked submodule must return a tensor, or a tuple/list whose first item is the tensor
-(as Hugging Face layers do); the activation's feature shape must stay fixed between batches.
+resume without a second warm-up). Under ``DistributedDataParallel`` the MEmeL statistics are not
+model buffers, so DDP does not broadcast them; they stay equal across ranks because every rank
+merges the same all-reduced moments. The hooked submodule must return a tensor, or a tuple/list
+whose first item is the tensor (as Hugging Face layers do); the activation's feature shape must stay
+fixed between batches.
 
 Cost: on CPU float32 activations (contiguous once flattened) the step runs on a fused C kernel
 (:mod:`neurorewrite.models.memel_fused`, built on first use by :mod:`neurorewrite.models.memel_native`):

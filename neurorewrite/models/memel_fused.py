@@ -11,8 +11,9 @@ and the selections agree except between elements whose scores tie to within it.
 Per step: one C pass for ``top_t = 1`` (statistics, score, selection and the output copy), one C
 pass plus ``topk`` for larger ``top_t``, and one C call for the merge; the backward of ``top_t = 1``
 is one C copy. A large activation's pass is split by columns over torch's intra-op thread count
-(:func:`threads_for`); the result does not depend on the split. With ``torch.distributed`` the packed sums ``[count, sum1, sum2]`` (float64) go through
-one ``all_reduce`` between the pass and the merge, as in the eager code.
+(:func:`threads_for`); the result does not depend on the split. With ``torch.distributed`` the
+packed sums ``[count, sum1, sum2]`` (float64) go through one ``all_reduce`` between the pass and the
+merge, as in the eager code.
 """
 
 from __future__ import annotations

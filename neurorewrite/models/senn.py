@@ -113,11 +113,12 @@ class SelfExpandingMLP(nn.Module):
         self._next_check = epoch + self.config.cooldown
         # Under torch.distributed every rank scores the same batch drawn from the union of the shards
         # and takes rank 0's decision (senn_distributed.py); alone, this is the plain subsample.
-        x, y = gather_scoring_batch(x, y, self.config.score_batch_size, self._generator)
+        sync = self.config.sync_ranks
+        x, y = gather_scoring_batch(x, y, self.config.score_batch_size, self._generator, sync)
         events = []
         for _ in range(self.config.max_additions):
             proposal = self.propose(x, y, allow_depth=all(event.kind != "depth" for event in events))
-            proposal = agree_on_proposal(proposal, [linear.in_features for linear in self.linears])
+            proposal = agree_on_proposal(proposal, [linear.in_features for linear in self.linears], sync)
             if proposal is None:
                 break
             self.apply(proposal)

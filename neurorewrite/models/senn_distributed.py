@@ -15,7 +15,7 @@ process holding all the data would take. Two steps give both:
    scores) to all ranks. With identical inputs every rank already computed it; the broadcast makes the
    decision identical by construction even where floating point differs between machines.
 
-Without a process group both are the single-process code path.
+Without a process group, or with ``SENNConfig(sync_ranks=False)``, both are the single-process code path.
 """
 
 from __future__ import annotations
@@ -33,9 +33,12 @@ __all__ = ["agree_on_proposal", "gather_scoring_batch"]
 KINDS = ("width", "depth")
 
 
-def gather_scoring_batch(x: Tensor, y: Tensor, limit: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """The scoring batch of the union of every rank's ``(x, y)`` (see the module docstring)."""
-    if not distributed_active():
+def gather_scoring_batch(
+    x: Tensor, y: Tensor, limit: int, generator: torch.Generator, sync_ranks: bool = True
+) -> tuple[Tensor, Tensor]:
+    """The scoring batch of the union of every rank's ``(x, y)`` (see the module docstring); of this
+    rank's own data alone without a process group or with ``sync_ranks=False``."""
+    if not (sync_ranks and distributed_active()):
         if x.shape[0] > limit:
             keep = torch.randperm(x.shape[0], generator=generator)[:limit]
             return x[keep], y[keep]
@@ -68,9 +71,10 @@ def gather_scoring_batch(x: Tensor, y: Tensor, limit: int, generator: torch.Gene
     return pieces[0], pieces[1]
 
 
-def agree_on_proposal(proposal: Proposal | None, input_width: list[int]) -> Proposal | None:
-    """Rank 0's ``proposal`` on every rank; ``input_width[layer]`` is the new neuron's input width."""
-    if not distributed_active():
+def agree_on_proposal(proposal: Proposal | None, input_width: list[int], sync_ranks: bool = True) -> Proposal | None:
+    """Rank 0's ``proposal`` on every rank (``input_width[layer]`` is the new neuron's input width);
+    ``proposal`` itself without a process group or with ``sync_ranks=False``."""
+    if not (sync_ranks and distributed_active()):
         return proposal
     header = torch.zeros(8, dtype=torch.float64)
     if proposal is not None:

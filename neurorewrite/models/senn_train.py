@@ -60,7 +60,7 @@ def mean_loss(net: SelfExpandingMLP, x: Tensor, y: Tensor) -> float:
 def _data_parallel(net: SelfExpandingMLP) -> nn.Module:
     """``net`` for the minibatch steps: wrapped in DistributedDataParallel under torch.distributed
     (rebuilt after every growth, which replaces parameters; construction broadcasts rank 0's weights)."""
-    return nn.parallel.DistributedDataParallel(net) if distributed_active() else net
+    return nn.parallel.DistributedDataParallel(net) if net.config.sync_ranks and distributed_active() else net
 
 
 def fit(
@@ -88,7 +88,8 @@ def fit(
     check_positive_int("batch_size", batch_size)
     check_nonnegative_float("lr", lr, strictly_positive=True)
     x, y = check_data(x, y, net.in_features, net.out_features, net.loss)
-    check_equal_counts(x.shape[0], "training samples")
+    if net.config.sync_ranks:
+        check_equal_counts(x.shape[0], "training samples")
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     start = 0
@@ -113,7 +114,9 @@ def fit(
             (batch_loss / batch.shape[0]).backward()
             optimizer.step()
             total += float(batch_loss.detach())
-        total, count = all_ranks_sum([total, float(x.shape[0])])
+        count = float(x.shape[0])
+        if net.config.sync_ranks:
+            total, count = all_ranks_sum([total, count])
         result.losses.append(total / count)
         if on_epoch is not None:
             on_epoch(FitState(epoch + 1, optimizer.state_dict(), generator.get_state()))

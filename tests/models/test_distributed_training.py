@@ -36,8 +36,10 @@ def _mlp() -> nn.Sequential:
 
 def _global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator))
-            for _ in range(BATCHES)]
+    return [
+        (torch.randn(GLOBAL_BATCH, 6, generator=generator), torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator))
+        for _ in range(BATCHES)
+    ]
 
 
 def _all_inputs() -> torch.Tensor:
@@ -65,7 +67,8 @@ def _scenarios(rank: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     tuned = fpe_expand(_mlp(), alpha=3, seed=4)
     wrapped = DistributedDataParallel(tuned)
-    result = finetune(wrapped, [_shard(b, rank) for b in _global_batches()], epochs=EPOCHS, optimizer=_optimizer(wrapped))
+    shards = [_shard(b, rank) for b in _global_batches()]
+    result = finetune(wrapped, shards, epochs=EPOCHS, optimizer=_optimizer(wrapped))
     out["finetune"] = {"state": tuned.state_dict(), "losses": result.epoch_losses}
 
     student = fpe_expand(_mlp(), alpha=2, seed=1)
@@ -75,9 +78,10 @@ def _scenarios(rank: int) -> dict[str, Any]:
     out["distill"] = {"state": student.state_dict(), "losses": losses}
 
     x, y = _regression()
-    for name, seed in (("senn", 0), ("senn_seeds_differ", rank)):
+    for name, seed, sync in (("senn", 0, True), ("senn_seeds_differ", rank, True), ("senn_own", 0, False)):
         torch.manual_seed(rank)  # different initial weights: DDP's broadcast must make them rank 0's
-        net = SelfExpandingMLP(2, 1, [], config=SENNConfig(**{**SENN_CONFIG.__dict__, "seed": seed}))
+        config = SENNConfig(**{**SENN_CONFIG.__dict__, "seed": seed, "sync_ranks": sync})
+        net = SelfExpandingMLP(2, 1, [], config=config)
         result = fit(net, x[rank * 48 : (rank + 1) * 48], y[rank * 48 : (rank + 1) * 48], epochs=6, batch_size=16)
         out[name] = {"state": net.state_dict(), "events": result.events, "losses": result.losses}
     return out
@@ -153,6 +157,18 @@ def test_senn_ranks_agree_even_when_their_generators_differ(ranks: list[dict[str
     for key, value in first["state"].items():
         if key != "growth_generator":  # the one thing that legitimately differs
             assert torch.equal(second["state"][key], value), key
+
+
+def test_senn_with_sync_ranks_off_keeps_each_ranks_network_its_own(ranks: list[dict[str, Any]]) -> None:
+    x, y = _regression()
+    for rank, record in enumerate(ranks):
+        torch.manual_seed(rank)
+        alone = SelfExpandingMLP(2, 1, [], config=SENNConfig(**{**SENN_CONFIG.__dict__, "sync_ranks": False}))
+        shard = slice(rank * 48, (rank + 1) * 48)
+        first = [event for event in record["senn_own"]["events"] if event.epoch == 0]
+        assert alone.maybe_grow(x[shard], y[shard], 0) == first and first
+    first, second = (rank["senn_own"]["state"]["linears.0.weight"] for rank in ranks)
+    assert not torch.equal(first, second)
 
 
 if not dist.is_available():  # pragma: no cover - every CPU build of torch here has gloo

@@ -111,7 +111,10 @@ def test_a_transposed_activation_gives_what_its_contiguous_copy_gives() -> None:
 
 
 def test_the_environment_variable_turns_the_kernel_off() -> None:
-    code = "from neurorewrite.models.memel_native import kernel_status, native_kernel; print(native_kernel(), kernel_status())"
+    code = (
+        "from neurorewrite.models.memel_native import kernel_status, native_kernel;"
+        " print(native_kernel(), kernel_status())"
+    )
     env = {**os.environ, "NEUROREWRITE_MEMEL_KERNEL": "0"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.startswith("None eager torch (NEUROREWRITE_MEMEL_KERNEL=0)")
