@@ -14,6 +14,12 @@ anything that maps a batch to a scalar trains through it. Invariants, with or wi
   averaged gradient is that of the global batch, so the run equals one process on the global
   batches (to floating-point rounding of the sum);
 - the reported epoch loss is the sample-weighted mean over all ranks.
+
+A distillation of an expanded ONNX model plugs in the same way: lift it into torch (its trainable
+linears as MaskedLinear, e.g. :class:`~neurorewrite.models.onnx_module.OnnxMLP`), wrap it in DDP, and
+call ``masked_train(ddp, RankShards((x,), global_batch), teacher_loss(teacher), ...)`` with the dense
+model (lifted, or any module giving its outputs) as the teacher; or, with the teacher's outputs
+computed beforehand, ``supervised_loss(mse_loss)`` over ``RankShards((x, teacher_outputs), ...)``.
 """
 
 from __future__ import annotations
