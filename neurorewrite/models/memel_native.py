@@ -93,7 +93,7 @@ def usable_for(z2d: Tensor, statistics: Tensor) -> bool:
     """True when the kernel can take this activation: float32, contiguous, on CPU, float32 statistics."""
     return (
         z2d.dtype == torch.float32 and statistics.dtype == torch.float32 and z2d.device.type == "cpu"
-        and z2d.is_contiguous() and statistics.device.type == "cpu"
+        and z2d.is_contiguous() and statistics.device.type == "cpu" and statistics.is_contiguous()
     )
 
 
