@@ -150,7 +150,8 @@ class MEmeL(nn.Module):
         kernel = fused_kernel_for(z2d, self.mean)
         if kernel is not None:  # one C pass instead of the eager code below (memel_fused.py)
             out, batch_count = fused_step(self, kernel, z2d, inhibit)
-            self.batches_seen += int(batch_count > 0)
+            # object.__setattr__: what nn.Module.__setattr__ does for an int, minus its checks (per step)
+            object.__setattr__(self, "batches_seen", self.batches_seen + int(batch_count > 0))
             return out if out.shape == z.shape else out.view_as(z)
         with torch.no_grad():
             # One centred tensor serves the batch sums and then, squared in place, phi: full-size
@@ -180,7 +181,10 @@ class MEmeL(nn.Module):
             )
         z2d = z if z.dim() == 2 else z.flatten(1)
         features = z2d.shape[1]
-        if self.mean.numel() == 0:
+        mean = self.mean  # a buffer: each self.mean goes through nn.Module.__getattr__, which this runs per step
+        if mean.numel() == features and mean.device == z.device and self.top_t <= features:
+            return z2d  # the common case, checked first
+        if mean.numel() == 0:
             dtype = torch.promote_types(z.dtype, torch.float32)
             self.mean = torch.zeros(features, dtype=dtype, device=z.device)
             self.m2 = torch.zeros(features, dtype=dtype, device=z.device)

@@ -10,7 +10,9 @@ and the selections agree except between elements whose scores tie to within it.
 
 Per step: one C pass for ``top_t = 1`` (statistics, score, selection and the output copy), one C
 pass plus ``topk`` for larger ``top_t``, and one C call for the merge; the backward of ``top_t = 1``
-is one C copy. A large activation's pass is split by columns over torch's intra-op thread count
+is one C copy. The output and the gradient come from per-module pools
+(:mod:`neurorewrite.models.memel_pool`), so a large activation's memory is not faulted in again every
+step. A large activation's pass is split by columns over torch's intra-op thread count
 (:func:`threads_for`); the result does not depend on the split. With ``torch.distributed`` the
 packed sums ``[count, sum1, sum2]`` (float64) go through one ``all_reduce`` between the pass and the
 merge, as in the eager code.
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from neurorewrite.models.memel_native import NativeKernel, native_kernel, usable_for
+from neurorewrite.models.memel_pool import BufferPool
 from neurorewrite.models.memel_rd import reversed_deactivation
 from neurorewrite.models.memel_stats import distributed_active
 
@@ -80,12 +83,13 @@ class _FusedTopOne(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, z2d: Tensor, kernel: NativeKernel, memel: FusedState, packed: Tensor, best: Tensor
     ) -> Tensor:
-        out = torch.empty_like(z2d)
+        outputs, gradients = _pools(memel)
+        out = outputs.empty(z2d.shape)  # reused memory once the previous step's output is gone
         index = torch.empty(z2d.shape[0], dtype=torch.int64)
         threads = threads_for(z2d.numel())
         kernel.step(z2d, memel.mean, memel.m2, memel.count, packed, out=out, index=index, best=best, threads=threads)
         ctx.save_for_backward(index)
-        ctx.kernel, ctx.scale = kernel, -memel.delta
+        ctx.kernel, ctx.scale, ctx.gradients = kernel, -memel.delta, gradients
         return out
 
     @staticmethod
@@ -95,9 +99,18 @@ class _FusedTopOne(torch.autograd.Function):
             column = index[:, None].to(grad_out.device)
             return grad_out.scatter(1, column, grad_out.gather(1, column) * ctx.scale), None, None, None, None
         grad_out = grad_out.contiguous()
-        grad_in = torch.empty_like(grad_out)
+        grad_in = ctx.gradients.empty(grad_out.shape)
         ctx.kernel.backward(grad_out, index, ctx.scale, grad_in)
         return grad_in, None, None, None, None
+
+
+def _pools(memel: FusedState) -> tuple[BufferPool, BufferPool]:
+    """The module's pools for forward outputs and backward gradients (memel_pool.py), made on first use."""
+    pools: tuple[BufferPool, BufferPool] | None = getattr(memel, "_pools", None)
+    if pools is None:
+        pools = (BufferPool(), BufferPool())
+        memel._pools = pools  # type: ignore[attr-defined]
+    return pools
 
 
 def _buffers(memel: FusedState, rows: int, features: int) -> tuple[Tensor, Tensor]:
@@ -121,21 +134,22 @@ def fused_step(memel: FusedState, kernel: NativeKernel, z2d: Tensor, inhibit: bo
     """
     rows, features = z2d.shape
     packed, best = _buffers(memel, rows, features)
+    mean, m2 = memel.mean, memel.m2  # buffers: one nn.Module.__getattr__ each, not one per use
     if inhibit and memel.top_t == 1:
         out = _FusedTopOne.apply(z2d, kernel, memel, packed, best)
     else:
         with torch.no_grad():
             phi = memel._scratch_like(z2d.shape) if inhibit else None
-            kernel.step(z2d.detach(), memel.mean, memel.m2, memel.count, packed, phi=phi,
-                        threads=threads_for(z2d.numel()))
+            kernel.step(z2d.detach(), mean, m2, memel.count, packed, phi=phi, threads=threads_for(z2d.numel()))
             if phi is not None:
                 selected = phi.topk(memel.top_t, dim=1, sorted=False).indices
-                replacement = torch.take(memel.mean, selected)  # the running mean before the merge
+                replacement = torch.take(mean, selected)  # the running mean before the merge
         out = reversed_deactivation(z2d, selected, replacement, memel.delta) if inhibit else z2d
     batch_count = float(rows)
     if memel.sync_ranks and distributed_active():
         packed[0] = batch_count
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         batch_count = float(packed[0])
-    memel.count = round(kernel.merge(memel.count, batch_count, memel.n_forget, packed, memel.mean, memel.m2))
+    count = round(kernel.merge(memel.count, batch_count, memel.n_forget, packed, mean, m2))
+    object.__setattr__(memel, "count", count)  # an int: nn.Module.__setattr__'s checks would find nothing
     return out, batch_count

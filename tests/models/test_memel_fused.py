@@ -145,3 +145,41 @@ def test_the_kernel_gives_the_same_result_on_any_number_of_threads(top_t: int) -
             assert torch.equal(index, results[0][2])
     if top_t == 1:
         assert results[0][2].tolist() == [100, 100, 100, 2999, 100, 100, 100, 100, 100]
+
+
+@needs_kernel
+def test_pooled_outputs_are_reused_only_when_nothing_holds_them() -> None:
+    memel = MEmeL(n_forget=1).train()
+    batches = _stream(5, [8] * 6, (40,))
+    memel(batches[0])
+    kept = memel(batches[1])  # the caller keeps this output: its memory must never be written again
+    kept_copy = kept.clone()
+    first = memel(batches[2]).data_ptr()
+    assert first != kept.data_ptr()
+    assert memel(batches[3]).data_ptr() == first  # the previous output is gone: its buffer comes back
+    assert torch.equal(kept, kept_copy)
+
+
+@needs_kernel
+def test_two_forwards_before_one_backward_match_the_eager_path() -> None:
+    """Gradient accumulation over two forwards: the first graph holds its pooled output meanwhile."""
+    batches = _stream(6, [12] * 5, (3, 9))
+
+    def run() -> list[torch.Tensor]:
+        memel = MEmeL(n_forget=2, delta=2.0).train()
+        grads = []
+        for batch in batches[:2]:
+            memel(batch)
+        inputs = [batch.clone().requires_grad_(True) for batch in batches[2:4]]
+        weights = [torch.linspace(-1, 1, 27).reshape(3, 9), torch.linspace(2, 0, 27).reshape(3, 9)]
+        loss = sum(((memel(z) * w) ** 2).sum() for z, w in zip(inputs, weights))
+        loss.backward()
+        grads += [z.grad for z in inputs if z.grad is not None]
+        return grads
+
+    fused = run()
+    with eager_only():
+        eager = run()
+    assert len(fused) == 2
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
