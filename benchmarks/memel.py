@@ -1,6 +1,6 @@
-"""MEmeL benchmark: what it does to accuracy and to the monosemantic scale, and what it costs per step.
+"""MEmeL benchmark: what it does to accuracy and to the monosemantic scale.
 
-Part 1, digits: a 64-64-64-10 ReLU MLP on sklearn's ``load_digits`` (75/25 stratified split, inputs
+Digits: a 64-64-64-10 ReLU MLP on sklearn's ``load_digits`` (75/25 stratified split, inputs
 standardised), Adam, trained with plain training and with MEmeL after both hidden ReLUs as naive (a)
 delta=0, naive (b) delta=-1 and RD delta=1 (top_t=1, n_forget=10), 5 seeds each (a seed fixes the
 initial weights and batch order for all variants, so differences are paired). Reported: test
@@ -9,18 +9,12 @@ monosemantic scale of the trained models' hidden layers on
 test data: phi of every test activation against the train-set mean and variance of that element
 (MEmeL's own formula, statistics from one pass over the train set).
 
-Part 2, cost: one training step (forward, cross entropy, backward, SGD) of a 4-layer MLP, width 512,
-batch 256, with and without MEmeL after each of the three hidden ReLUs (past warm-up, so inhibition
-runs). Interleaved repeats on one thread; the ratio is the median of per-repeat ratios, for the
-thread's CPU time (robust to other processes on a shared machine) and for wall time.
+What MEmeL costs per step (a 4-layer MLP and a transformer encoder layer) is ``benchmarks/memel_cost.py``.
 
 Run: ``.venv/bin/python -m benchmarks.memel`` from the repository root.
 """
 
 from __future__ import annotations
-
-import statistics
-import time
 
 import numpy as np
 import torch
@@ -126,51 +120,11 @@ def digits_table() -> None:
         print(f"| {label} | {' | '.join(cells)} |", flush=True)
 
 
-def _step_time(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int
-) -> tuple[float, float]:
-    """Seconds per step: (wall clock, CPU time of this thread). Torch runs on this one thread here,
-    so the CPU time is the work done, and unlike wall time it does not count other users' processes."""
-    wall, cpu = time.perf_counter(), time.thread_time()
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return (time.perf_counter() - wall) / steps, (time.thread_time() - cpu) / steps
-
-
-def cost_table(width: int = 512, batch: int = 256, repeats: int = 31, steps: int = 5) -> None:
-    torch.manual_seed(0)
-    x, y = torch.randn(batch, width), torch.randint(0, 10, (batch,))
-    plain = _mlp([width, width, width, width, 10])
-    with_memel = insert_memel(_mlp([width, width, width, width, 10]), after=["1", "3", "5"])
-    optimizers = {id(m): torch.optim.SGD(m.parameters(), lr=1e-3) for m in (plain, with_memel)}
-    for model in (plain, with_memel):  # warm-up past n_forget, so every timed MEmeL step inhibits
-        model.train()
-        _step_time(model, optimizers[id(model)], x, y, 12)
-    times: dict[str, list[tuple[float, float]]] = {"plain": [], "memel": []}
-    for repeat in range(repeats):
-        order = [("plain", plain), ("memel", with_memel)]
-        for label, model in order if repeat % 2 == 0 else order[::-1]:
-            times[label].append(_step_time(model, optimizers[id(model)], x, y, steps))
-    print(f"\ncost: 4-layer MLP width {width}, batch {batch}, MEmeL (top_t=1) after the 3 hidden ReLUs; one torch "
-          f"thread, {repeats} interleaved repeats x {steps} steps; medians, ratio = median of per-repeat ratios")
-    print("| clock | plain step ms | MEmeL step ms | ratio | target |")
-    print("|---|---|---|---|---|")
-    for column, clock in enumerate(("wall", "thread CPU time")):
-        plain_ms = [t[column] * 1e3 for t in times["plain"]]
-        memel_ms = [t[column] * 1e3 for t in times["memel"]]
-        ratio = statistics.median(m / p for m, p in zip(memel_ms, plain_ms))
-        print(f"| {clock} | {statistics.median(plain_ms):.2f} | {statistics.median(memel_ms):.2f} | {ratio:.3f} |"
-              " <= 1.15 |")
-
-
 def main() -> None:
     torch.set_num_threads(1)
     print(describe())
     digits_table()
-    cost_table()
+    print("\nstep cost: python -m benchmarks.memel_cost")
 
 
 if __name__ == "__main__":

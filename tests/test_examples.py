@@ -1,6 +1,11 @@
-"""The README's demo runs end to end (examples double as tests)."""
+"""The README's demo and torchrun examples run end to end (examples double as tests)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -33,3 +38,31 @@ def test_hugging_face_example_runs_end_to_end(tmp_path, capsys):
     assert numbers["error_after"] < numbers["error_before"], "distillation should bring the logits closer"
     for name in ("llama.onnx", "llama.fpe.onnx"):
         onnx.checker.check_model(str(tmp_path / name), full_check=True)
+
+
+@pytest.mark.parametrize("command", ["finetune", "distill", "senn"])
+def test_distributed_example_runs_in_one_process(command, tmp_path, capsys):
+    from examples.distributed import main
+
+    main([command, "--epochs", "6" if command == "senn" else "2", "--checkpoint", str(tmp_path / "c.pt")])
+    out = capsys.readouterr().out
+    assert "1 rank(s)" in out and "ranks identical: True" in out
+    assert command == "senn" or "pruned weights zero: True" in out
+    assert (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["finetune", "distill", "senn"])
+def test_distributed_example_under_torchrun_with_two_processes(command, tmp_path):
+    """The README's torchrun commands, as written (two gloo ranks on CPU)."""
+    root = Path(__file__).resolve().parents[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "examples.distributed", command,
+         "--checkpoint", str(tmp_path / "c.pt")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 rank(s)" in result.stdout and "ranks identical: True" in result.stdout
+    assert command == "senn" or "pruned weights zero: True" in result.stdout

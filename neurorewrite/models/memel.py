@@ -31,15 +31,21 @@ module tree, parameter names and ``state_dict`` keys of the model stay exactly a
 exported model (export runs in eval mode, where the hook does nothing) has the same graph and node
 names as the plain model, and :func:`remove_memel` only deletes hooks. The hook follows the hooked
 module's train/eval flag. The price: the MEmeL statistics live outside the model's ``state_dict``
-(get the modules with :func:`find_memel`); after a restart they warm up again for ``n_forget``
-batches. Under ``DistributedDataParallel`` the MEmeL statistics are not model buffers, so DDP does
-not broadcast them; they stay equal across ranks because every rank merges the same all-reduced
-moments. The hooked submodule must return a tensor, or a tuple/list whose first item is the tensor
-(as Hugging Face layers do); the activation's feature shape must stay fixed between batches.
+(get the modules with :func:`find_memel`); a checkpoint carries them with one call beside it,
+:func:`neurorewrite.models.memel_checkpoint.memel_state_dict` (and ``load_memel_state_dict`` to
+resume without a second warm-up). Under ``DistributedDataParallel`` the MEmeL statistics are not
+model buffers, so DDP does not broadcast them; they stay equal across ranks because every rank
+merges the same all-reduced moments. The hooked submodule must return a tensor, or a tuple/list
+whose first item is the tensor (as Hugging Face layers do); the activation's feature shape must stay
+fixed between batches.
 
-Cost: the per-step work is a dozen element-wise passes over the activation plus a few kernels on
-per-element vectors; the code reuses one scratch tensor and works in place where it can, because on
-CPU those passes and launches, not arithmetic, are what MEmeL costs (``benchmarks/memel.py``).
+Cost: on CPU float32 activations (contiguous once flattened) the step runs on a fused C kernel
+(:mod:`neurorewrite.models.memel_fused`, built on first use by :mod:`neurorewrite.models.memel_native`):
+one pass over the activation for the statistics, the score, the top-1 selection and the output copy,
+one C call for the merge, one copy backward. Everywhere else (GPU, bfloat16/float64, no C compiler,
+``NEUROREWRITE_MEMEL_KERNEL=0``) the eager torch code below runs: a dozen element-wise passes plus a
+few kernels on per-element vectors, in place where it can. Both give the same selections, values
+and gradients; the statistics agree to float32 rounding (``tests/models/test_memel_fused.py``).
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ import torch
 from torch import Tensor, nn
 
 from neurorewrite.errors import InvalidOptionError
+from neurorewrite.models.memel_fused import fused_kernel_for, fused_step
+from neurorewrite.models.memel_rd import reversed_deactivation
 from neurorewrite.models.memel_stats import batch_moments, merge_capped_, unbiased_variance
 
 __all__ = ["MEmeL", "find_memel", "first_argmax_", "insert_memel", "remove_memel", "reversed_deactivation"]
@@ -139,6 +147,12 @@ class MEmeL(nn.Module):
             return z
         z2d = self._flatten_checked(z)
         inhibit = self.batches_seen >= self.n_forget
+        kernel = fused_kernel_for(z2d, self.mean)
+        if kernel is not None:  # one C pass instead of the eager code below (memel_fused.py)
+            out, batch_count = fused_step(self, kernel, z2d, inhibit)
+            # object.__setattr__: what nn.Module.__setattr__ does for an int, minus its checks (per step)
+            object.__setattr__(self, "batches_seen", self.batches_seen + int(batch_count > 0))
+            return out if out.shape == z.shape else out.view_as(z)
         with torch.no_grad():
             # One centred tensor serves the batch sums and then, squared in place, phi: full-size
             # passes and fresh tensors are most of MEmeL's cost.
@@ -167,7 +181,10 @@ class MEmeL(nn.Module):
             )
         z2d = z if z.dim() == 2 else z.flatten(1)
         features = z2d.shape[1]
-        if self.mean.numel() == 0:
+        mean = self.mean  # a buffer: each self.mean goes through nn.Module.__getattr__, which this runs per step
+        if mean.numel() == features and mean.device == z.device and self.top_t <= features:
+            return z2d  # the common case, checked first
+        if mean.numel() == 0:
             dtype = torch.promote_types(z.dtype, torch.float32)
             self.mean = torch.zeros(features, dtype=dtype, device=z.device)
             self.m2 = torch.zeros(features, dtype=dtype, device=z.device)
@@ -219,32 +236,6 @@ def first_argmax_(values: Tensor) -> Tensor:
     score = at_max.mul_(_countdown(width, values.dtype, values.device))
     # A row of zeros gives 0/0 and a NaN row stays NaN: the clamp turns both into index 0, the first.
     return (width - score.amax(dim=1, keepdim=True)).long().clamp_(0, width - 1)
-
-
-class _ReversedDeactivation(torch.autograd.Function):
-    """Selected elements: forward value ``mu``, gradient ``-delta`` times the upstream gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, z2d: Tensor, selected: Tensor, replacement: Tensor, delta: float) -> Tensor:
-        ctx.save_for_backward(selected)
-        ctx.delta = delta
-        return z2d.scatter(1, selected, replacement)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
-        (selected,) = ctx.saved_tensors
-        reversed_grad = grad_out.gather(1, selected) * (-ctx.delta)
-        return grad_out.scatter(1, selected, reversed_grad), None, None, None
-
-
-def reversed_deactivation(z2d: Tensor, selected: Tensor, replacement: Tensor, delta: float) -> Tensor:
-    """Reversed Deactivation ``z' = -D*z + (mu + D*z).detach()`` on the ``selected`` (batch x t) elements.
-
-    ``replacement`` holds ``mu`` at the selected positions (batch x t). Equal in value and gradient to
-    the formula (tests check it against the literal form), but the forward value is exactly ``mu``
-    and only one full-size copy is made each way: the cost of any element-wise op.
-    """
-    return _ReversedDeactivation.apply(z2d, selected, replacement, float(delta))
 
 
 class _MEmeLHook:

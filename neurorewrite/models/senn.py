@@ -15,7 +15,8 @@ per-neuron rational activation of METHODS section 3; ``hidden`` may be empty (a 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.models.senn_config import IDENTITY_INIT, LOSSES, NONLINEAR_INIT, SENNConfig, check_positive_int
 from neurorewrite.models.senn_data import check_data
+from neurorewrite.models.senn_distributed import agree_on_proposal, gather_scoring_batch
 from neurorewrite.models.senn_grow import Proposal, propose
 from neurorewrite.models.senn_layers import (
     RationalActivation,
@@ -31,6 +33,7 @@ from neurorewrite.models.senn_layers import (
     identity_plus_rows,
 )
 from neurorewrite.models.senn_score import record_factors
+from neurorewrite.models.senn_state import GROWTH_KEYS, GrowthState, read_growth_state, shapes_in, write_growth_state
 
 
 @dataclass(frozen=True)
@@ -108,12 +111,14 @@ class SelfExpandingMLP(nn.Module):
         if epoch < self._next_check:
             return []
         self._next_check = epoch + self.config.cooldown
-        if x.shape[0] > self.config.score_batch_size:
-            keep = torch.randperm(x.shape[0], generator=self._generator)[: self.config.score_batch_size]
-            x, y = x[keep], y[keep]
+        # Under torch.distributed every rank scores the same batch drawn from the union of the shards
+        # and takes rank 0's decision (senn_distributed.py); alone, this is the plain subsample.
+        sync = self.config.sync_ranks
+        x, y = gather_scoring_batch(x, y, self.config.score_batch_size, self._generator, sync)
         events = []
         for _ in range(self.config.max_additions):
             proposal = self.propose(x, y, allow_depth=all(event.kind != "depth" for event in events))
+            proposal = agree_on_proposal(proposal, [linear.in_features for linear in self.linears], sync)
             if proposal is None:
                 break
             self.apply(proposal)
@@ -160,6 +165,36 @@ class SelfExpandingMLP(nn.Module):
         self.linears[layer] = add_zero_input_columns(self.linears[layer], count)
         self.linears.insert(layer, inserted)
         self.activations.insert(layer, activation)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        history = [asdict(event) for event in self.history]
+        write_growth_state(destination, prefix, GrowthState(self._next_check, self._generator.get_state(), history))
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        # A grown network's checkpoint has other widths (and maybe more layers) than this module: take
+        # the checkpoint's shape first, then load as usual (torch loads the children after this method).
+        dims, dtype = shapes_in(state_dict, prefix)
+        if dims and (dims[0], dims[-1]) != (self.in_features, self.out_features):
+            error_msgs.append(
+                f"the SENN checkpoint maps {dims[0]} -> {dims[-1]} features but this module maps {self.in_features} ->"
+                f" {self.out_features}"
+            )
+        elif dims and dims[1:-1] != self.widths:
+            self.linears = nn.ModuleList(nn.Linear(dims[i], dims[i + 1], dtype=dtype) for i in range(len(dims) - 1))
+            self.activations = nn.ModuleList(RationalActivation(w, self.activation_init) for w in dims[1:-1])
+        growth = read_growth_state(state_dict, prefix)
+        if growth is None:
+            missing_keys.extend(prefix + key for key in GROWTH_KEYS)
+        else:
+            self._next_check = growth.next_check
+            self._generator.set_state(growth.generator)
+            self.history = [GrowthEvent(**event) for event in growth.history]
+        own = {k: v for k, v in state_dict.items() if k[len(prefix):] not in GROWTH_KEYS}
+        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def _event(self, epoch: int, proposal: Proposal) -> GrowthEvent:
         return GrowthEvent(

@@ -56,7 +56,9 @@ class SENNConfig:
     squared error, ``diag(p) - pp^T`` for cross entropy); ``"empirical"`` from the observed gradients.
     ``g_damping`` (relative to mean diag G) is the METHODS damping; ``a_damping`` (relative to mean
     diag A) only keeps A invertible. Depth proposals must beat the best width proposal by
-    ``depth_margin`` (a new layer costs far more parameters than a neuron).
+    ``depth_margin`` (a new layer costs far more parameters than a neuron). ``sync_ranks`` (with a
+    ``torch.distributed`` process group): score on the union of the ranks' data and decide as rank 0
+    does, and train under DistributedDataParallel in ``fit``; False keeps every rank's network its own.
     """
 
     tau: float = 1.0
@@ -77,6 +79,7 @@ class SENNConfig:
     depth_margin: float = 2.0
     score_batch_size: int = 1024
     seed: int = 0
+    sync_ranks: bool = True
 
     def __post_init__(self) -> None:
         check_nonnegative_float("tau", self.tau)
@@ -93,6 +96,8 @@ class SENNConfig:
         check_positive_int("max_hidden_layers", self.max_hidden_layers, minimum=0)
         check_positive_int("score_batch_size", self.score_batch_size)
         check_positive_int("seed", self.seed, minimum=0)
+        if not isinstance(self.sync_ranks, bool):
+            raise InvalidOptionError(f"SENN option sync_ranks must be True or False, got {self.sync_ranks!r}")
         if self.fisher not in FISHERS:
             raise InvalidOptionError(f"SENN option fisher must be one of {FISHERS}, got {self.fisher!r}")
         if self.tau_reference not in TAU_REFERENCES:
