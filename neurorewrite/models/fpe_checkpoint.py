@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from neurorewrite.errors import InvalidOptionError
-from neurorewrite.fpe import FPEConfig
 from neurorewrite.models.distributed import unwrap
-from neurorewrite.models.fpe import FPERecord, MaskedLinear, TorchBlock
+from neurorewrite.models.fpe import MaskedLinear
 from neurorewrite.models.fpe_structured import TiedLinear
+from neurorewrite.rewriter.record import FPERecord
 
 __all__ = ["fpe_state_dict", "load_fpe_state_dict", "record_from_dict", "record_to_dict"]
 
@@ -41,19 +41,19 @@ FORMAT = 1
 
 
 def record_to_dict(record: FPERecord) -> dict[str, Any]:
-    """The whole record as plain data (unlike :meth:`FPERecord.to_dict`, which is the ONNX metadata form
-    and leaves ``groups`` out)."""
-    return {"config": asdict(record.config), "blocks": [asdict(b) for b in record.blocks],
-            "structured": record.structured}
+    """The whole record as plain data: the ONNX metadata form (:meth:`FPERecord.to_json`) plus the
+    ``groups`` of a ``groups`` split, which that form leaves out."""
+    groups = record.config.groups
+    return {**record.to_json(), "groups": None if groups is None else [list(g) for g in groups]}
 
 
 def record_from_dict(data: Mapping[str, Any]) -> FPERecord:
     """The inverse of :func:`record_to_dict`."""
-    config = dict(data["config"])
-    if config.get("groups") is not None:
-        config["groups"] = tuple(tuple(int(i) for i in group) for group in config["groups"])
-    blocks = [TorchBlock(**block) for block in data["blocks"]]
-    return FPERecord(FPEConfig(**config), blocks, bool(data.get("structured", False)))
+    record = FPERecord.from_json(dict(data), "the FPE checkpoint")
+    groups = data.get("groups")
+    if groups is None:
+        return record
+    return record.evolve(config=replace(record.config, groups=tuple(tuple(int(i) for i in g) for g in groups)))
 
 
 def fpe_state_dict(model: nn.Module) -> dict[str, Any]:
@@ -90,7 +90,7 @@ def load_fpe_state_dict(template: nn.Module, checkpoint: Mapping[str, Any]) -> n
     record = record_from_dict(checkpoint["record"])
     state: Mapping[str, torch.Tensor] = checkpoint["state_dict"]
     model = copy.deepcopy(unwrap(template))
-    paths = list(dict.fromkeys(path for block in record.blocks for path in (block.first, block.second)))
+    paths = list(dict.fromkeys(path for block in record.blocks for path in (block.first, block.up, block.second) if path))
     for path in paths:
         try:
             old = model.get_submodule(path)
