@@ -53,15 +53,28 @@ class CompiledModel:
             inputs = [inputs[n] for n in self.input_names]
         if len(inputs) != len(self.input_names):
             raise DataError(f"{self.path}: expects {len(self.input_names)} input(s) {self.input_names}, got {len(inputs)}")
-        arrays = []
+        arrays, sizes = [], {}  # sizes: the value each symbolic dimension takes in this call
         for name, value in zip(self.input_names, inputs):
             value = np.ascontiguousarray(value, dtype=np.float32)
             expected = list(self.meta["inputs"][name])
-            if list(value.shape) != expected:
+            if not _fits(list(value.shape), expected, sizes):
                 raise DataError(f"{self.path}: input {name} was compiled for shape {expected}, got {list(value.shape)}; "
-                                "recompile with --shape for other shapes")
+                                "recompile with --shape for other shapes (or without it for any batch)")
             arrays.append(value)
         return arrays
+
+
+def _fits(shape: list[int], expected: list, sizes: dict[str, int]) -> bool:
+    """Whether ``shape`` matches ``expected``, whose named (symbolic) dims take one size across inputs."""
+    if len(shape) != len(expected):
+        return False
+    for got, want in zip(shape, expected):
+        if isinstance(want, str):
+            if got < 1 or sizes.setdefault(want, got) != got:
+                return False
+        elif got != want:
+            return False
+    return True
 
 
 def _read_metadata(path: Path) -> dict:
