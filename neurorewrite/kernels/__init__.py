@@ -14,4 +14,4 @@ Importing this package imports tvm; :mod:`neurorewrite.runtime` only imports it 
 knows ONNX: kernels take numpy weights and shapes, tuning takes a Relax module.
 """
 
-from neurorewrite.kernels import blocked_rows, gather_gemv, labeled_tiles, sparse_linear  # noqa: F401  (register)
+from neurorewrite.kernels import blocked_rows, gather_gemv, group_gemv, labeled_tiles, sparse_linear  # noqa: F401  (register)

@@ -68,6 +68,7 @@ class KernelRecords:
         self.records[key] = record
         if self.path is None:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{RECORDS}.", dir=self.path.parent)
         with os.fdopen(fd, "w") as f:
             json.dump({"format": FORMAT, "records": self.records}, f, indent=1, sort_keys=True)

@@ -66,8 +66,8 @@ def compile(  # noqa: A001 (the public name the issue asks for)
     path, and the only one MetaSchedule can tune). ``kernel_choice``: ``measure`` times the candidate
     kernels of every sparse layer on this machine (when the target is this machine) and keeps the
     choice in the database; ``estimate`` ranks them by static costs.
-    The database (default: ``OUTPUT.tuning/`` beside the output) keeps the records; a later compile
-    with the same shapes and target reuses them without measuring again.
+    The database (default: ``OUTPUT.tuning/`` beside the output) keeps the records (MetaSchedule's and
+    the kernel choices); a later compile with the same shapes and target reuses them without measuring again.
     """
     from neurorewrite.kernels import tuning
     from neurorewrite.kernels.measure import KernelRecords
@@ -88,8 +88,10 @@ def compile(  # noqa: A001 (the public name the issue asks for)
         database = Path(str(output) + ".tuning")
     db = tuning.open_database(database, tvm_target) if database is not None else None
     fixed = all(is_static(shape) for shape in static.values())
+    # measured kernel choices are kept in the database folder (default: beside the output, as for --tune)
+    records_folder = database if database is not None else None if output is None else Path(str(output) + ".tuning")
     mod, kernels = import_model(proto, static, tvm_target, scheduled=db is None or not fixed,
-                                records=KernelRecords(database) if database is not None else None,
+                                records=None if records_folder is None else KernelRecords(records_folder),
                                 measure=kernel_choice == "measure")
     report = CompileReport(
         target=str(tvm_target), inputs=static, outputs=[o.name for o in proto.graph.output],

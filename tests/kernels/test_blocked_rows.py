@@ -11,7 +11,7 @@ pytest.importorskip("tvm")
 
 import tvm
 
-from neurorewrite.kernels.blocked_rows import Tile, blocked_ell_from_csr, blocked_rows_func, tiles_for
+from neurorewrite.kernels.blocked_rows import Tile, blocked_ell_from_csr, blocked_rows_func, grouped_fill, tiles_for
 from neurorewrite.ops import csr_arrays
 from neurorewrite.runtime import compile, load
 from neurorewrite.runtime.tvm_import import import_model
@@ -31,9 +31,9 @@ def test_packing_keeps_every_nonzero_in_its_tile_and_block(rows: int) -> None:
         for k in range(ell.tile_ptr[tile], ell.tile_ptr[tile + 1]):
             for r in range(rows):
                 col = int(ell.indices[k, r])
-                if ell.values[k, r] != 0:
+                if ell.values[k, r, 0] != 0:
                     assert col // 256 == block
-                dense[row_tile * rows + r, col] += ell.values[k, r]
+                dense[row_tile * rows + r, col] += ell.values[k, r, 0]
     np.testing.assert_array_equal(dense[:10], w)
 
 
@@ -89,3 +89,27 @@ def test_compiled_mlp_at_batch_16_uses_the_blocked_kernel(tmp_path: Path) -> Non
     compile(model, "llvm", output=tmp_path / "m.so", kernel_choice="estimate")
     x = rng.standard_normal((2, 8, 20)).astype(np.float32)
     np.testing.assert_allclose(load(tmp_path / "m.so")(x)[0], reference(x, w1, b1, w2, b2), rtol=1e-4, atol=1e-4)
+
+
+def untied_second_layer(rng: np.random.Generator, out: int, parents: int, alpha: int) -> np.ndarray:
+    """An untied FPE second layer: a row keeps all alpha child columns of a parent or none, values differ."""
+    keep = rng.random((out, parents)) < 0.4
+    w = (rng.standard_normal((out, parents * alpha)) * np.repeat(keep, alpha, axis=1)).astype(np.float32)
+    w[0, np.flatnonzero(w[0])[:1]] = 0.0  # one incomplete run: stored with a zero
+    return w
+
+
+@pytest.mark.parametrize("tile", [Tile(2, 4, 8, 256, 4), Tile(1, 2, 8, 64, 4)], ids=lambda t: t.label)
+def test_grouped_entries_read_runs_of_alpha_columns(tile: Tile) -> None:
+    rng = np.random.default_rng(tile.rows)
+    w, bias = untied_second_layer(rng, 13, 30, 4), rng.standard_normal(13).astype(np.float32)
+    csr = csr_arrays(w)
+    assert 0.95 < grouped_fill(csr[1], csr[2], 4) < 1.0 and grouped_fill(*csr_arrays(masked(rng, 13, 120, 0.3))[1:], 4) < 0.5
+    ell = blocked_ell_from_csr(*csr, in_features=120, index_type="int16", rows=tile.rows, column_block=tile.column_block,
+                               group=4)
+    assert ell.values.shape[2] == 4 and ell.values.shape[0] * tile.rows < (w != 0).sum()  # one index per run
+    lib = tvm.compile(tvm.IRModule({"k": blocked_rows_func(ell, tile).with_attr("global_symbol", "k")}),
+                      target=parse_target("llvm"))
+    for n in (1, 9, 40):
+        xt = rng.standard_normal((120, n)).astype(np.float32)
+        np.testing.assert_allclose(_run(lib, ell, xt, bias, 13), w @ xt + bias[:, None], rtol=1e-4, atol=1e-4)
