@@ -151,7 +151,7 @@ MAX_KERNELS_PER_LAYER = 2  # each kernel of a layer stores its own packing of th
 KEEP_WITHIN = 1.1  # the kernel of the previous batch range stays while it is this close to the fastest
 
 
-def choice_from_costs(costs: dict[str, dict[int, float]], source: str) -> Choice:
+def choice_from_costs(costs: dict[str, dict[int, float]], source: str, max_kernels: int = MAX_KERNELS_PER_LAYER) -> Choice:
     """The fastest candidate per probed batch size, at most :data:`MAX_KERNELS_PER_LAYER` distinct ones;
     a probe's winner serves batches from that probe up to the next. A kernel within
     :data:`KEEP_WITHIN` of the fastest keeps its range going (timing noise does not split ranges)."""
@@ -167,8 +167,8 @@ def choice_from_costs(costs: dict[str, dict[int, float]], source: str) -> Choice
         return out
 
     winners = winners_among(names)
-    if len(set(winners)) > MAX_KERNELS_PER_LAYER:
-        kept = sorted(set(winners), key=lambda name: (-winners.count(name), winners.index(name)))[:MAX_KERNELS_PER_LAYER]
+    if len(set(winners)) > max_kernels:
+        kept = sorted(set(winners), key=lambda name: (-winners.count(name), winners.index(name)))[:max_kernels]
         winners = winners_among(kept)
     ranges: list[tuple[int, str]] = []
     for n, name in zip(probes, winners):
@@ -177,9 +177,9 @@ def choice_from_costs(costs: dict[str, dict[int, float]], source: str) -> Choice
     return Choice(ranges, source, {name: dict(costs[name]) for name in set(winners)})
 
 
-def estimated_choice(candidates: list[Candidate], probes: list[int]) -> Choice:
+def estimated_choice(candidates: list[Candidate], probes: list[int], max_kernels: int = MAX_KERNELS_PER_LAYER) -> Choice:
     """The choice from the static estimates (targets this process cannot time)."""
-    return choice_from_costs({c.name: {n: c.estimate(n) for n in probes} for c in candidates}, "estimated")
+    return choice_from_costs({c.name: {n: c.estimate(n) for n in probes} for c in candidates}, "estimated", max_kernels)
 
 
 def simd_lanes(target: tvm.target.Target) -> int:

@@ -86,7 +86,9 @@ def choose(
     measure: bool = True,
 ) -> Choice:
     """The layer's kernel per batch size: recorded, else measured here (and recorded), else estimated."""
-    if not (measure and task.cpu and this_machine(task.target)) or task.nonzeros < MIN_MEASURED_NONZEROS:
+    if task.nonzeros < MIN_MEASURED_NONZEROS and measure and task.cpu:
+        return estimated_choice(candidates, list(probes), max_kernels=1)  # one kernel: its weights are few
+    if not (measure and task.cpu and this_machine(task.target)):
         return estimated_choice(candidates, list(probes))
     threads = pool_threads()
     key = record_key(task, probes, threads)

@@ -115,14 +115,9 @@ def compile(  # noqa: A001 (the public name the issue asks for)
 
 
 def _build(mod, target, db):  # noqa: ANN001, ANN202
-    import tvm
-
     from neurorewrite.kernels import tuning
 
-    if db is None:
-        return tvm.compile(mod, target=target)
-    with target:
-        return tuning.apply_database(mod, target, db)
+    return tuning.build(mod, target, db)
 
 
 def write_library(executable, report: CompileReport, output: str | os.PathLike) -> None:  # noqa: ANN001

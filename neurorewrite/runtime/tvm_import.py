@@ -5,7 +5,8 @@ converter: each SparseLinear node's CSR weight is checked (:func:`neurorewrite.o
 handed to the kernel registry (:mod:`neurorewrite.kernels.choice`), whose plan emits a ``call_tir`` of
 one of the project's kernels with the weights repacked as constants (the sparsity pattern is fixed,
 so every kernel is specialised on it). Which kernel runs when is the registry's business; the
-report names it per node.
+report names it per node. Between sparse layers activations stay feature-major
+(:mod:`neurorewrite.runtime.tvm_layout`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from neurorewrite.kernels.measure import PROBES, KernelRecords, choose
 from neurorewrite.kernels.transpose import emit_transpose
 from neurorewrite.ops import OP, check_csr
 from neurorewrite.rewriter.record import read_record
+from neurorewrite.runtime.tvm_layout import FeatureMajor
 
 SPARSE_OPS = (OP,)
 
@@ -41,6 +43,7 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         self._records = records
         self._measure = measure
         self.kernels: list[dict[str, object]] = []  # one row per SparseLinear: which kernel runs it
+        self._layout = FeatureMajor(self.bb, target.kind.name == "llvm")
 
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
         convert_map = onnx_frontend._get_convert_map()
@@ -54,7 +57,12 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
     def _convert_operator(self, op_name: str, inputs: list, attrs: dict, opset: int) -> relax.Expr:
         if op_name == OP:
             return self._sparse_linear(inputs, attrs)
-        return super()._convert_operator(op_name, inputs, attrs, opset)
+        out = super()._convert_operator(op_name, inputs, attrs, opset)
+
+        def convert(op: str, args: list) -> relax.Expr:
+            return super(_Importer, self)._convert_operator(op, args, attrs, opset)
+
+        return self._layout.propagate(op_name, inputs, attrs, out, convert)
 
     def _sparse_linear(self, inputs: list, attrs: dict) -> relax.Expr:
         name = attrs["tvm_custom"]["name"] or OP
@@ -76,12 +84,14 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         self.kernels.append({"node": name, "kernel": choice.describe(), "rows": n if isinstance(n, int) else str(n),
                              "in_features": d, "out_features": o, "nonzeros": csr.nonzeros, "choice": choice.source,
                              "timings_us": {k: {str(b): t for b, t in v.items()} for k, v in choice.timings_us.items()}})
-        cpu = self._target.kind.name == "llvm"
-        x2 = self.bb.emit(relax.op.reshape(x, (n, d)))
-        xt = emit_transpose(self.bb, x2, n, d, cpu)
+        twin = self._layout.get(x)
+        if twin is not None and twin.features == (d,):  # the previous layer's output, still feature-major
+            xt = twin.expr
+        else:
+            x2 = self.bb.emit(relax.op.reshape(x, (n, d)))
+            xt = emit_transpose(self.bb, x2, n, d, self._target.kind.name == "llvm")
         yt = emit_layer(self.bb, task, candidates, choice, xt, n, self._scheduled)
-        y = emit_transpose(self.bb, yt, o, n, cpu)
-        return relax.op.reshape(y, (*dims[:-1], o))
+        return self._layout.sparse_output(yt, o, tuple(dims[:-1]))
 
 
 def _constant(expr: relax.Expr, node: str, role: str) -> np.ndarray:
@@ -176,4 +186,6 @@ def import_model(
             raise
         except Exception as e:  # the frontend raises assorted TVM and Python errors on graphs it cannot take
             raise ModelLoadError(f"TVM could not import the model: {last_line(e)}") from e
+    # the row-major views of feature-major tensors that nothing reads (tvm_layout.py)
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)
     return mod, importer.kernels
