@@ -81,9 +81,15 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         candidates = candidates_for(task)
         probes = (n,) if isinstance(n, int) else PROBES
         choice = choose(task, candidates, probes, self._records, self._measure)
-        self.kernels.append({"node": name, "kernel": choice.describe(), "rows": n if isinstance(n, int) else str(n),
-                             "in_features": d, "out_features": o, "nonzeros": csr.nonzeros, "choice": choice.source,
-                             "timings_us": {k: {str(b): t for b, t in v.items()} for k, v in choice.timings_us.items()}})
+        by_name = {c.name: c for c in candidates}
+        self.kernels.append({
+            "node": name, "kernel": choice.describe(), "rows": n if isinstance(n, int) else str(n),
+            "in_features": d, "out_features": o, "nonzeros": csr.nonzeros, "choice": choice.source,
+            "ranges": [[start, kernel] for start, kernel in choice.ranges],
+            "timings_us": {k: {str(b): t for b, t in v.items()} for k, v in choice.timings_us.items()},
+            # what each chosen kernel reads per call: its packed weights (bytes) and stored entries
+            "weight_bytes": {k: sum(int(w.nbytes) for w in by_name[k].build()[1]) for k in choice.kernels},
+        })
         twin = self._layout.get(x)
         if twin is not None and twin.features == (d,):  # the previous layer's output, still feature-major
             xt = twin.expr
