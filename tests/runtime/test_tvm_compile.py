@@ -65,7 +65,7 @@ def test_cli_compiles_a_sparse_model_and_writes_library_and_description(tmp_path
          "-o", str(tmp_path / "m.so")], capture_output=True, text=True, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert "sparse kernels (2" in result.stdout
+    assert "sparse kernels (2" in result.stdout and "chosen by" in result.stdout and "estimated" in result.stdout
     x = np.random.default_rng(2).standard_normal((3, 2, 12)).astype(np.float32)
     np.testing.assert_allclose(load(tmp_path / "m.so")(x)[0], reference(x, w1, b1, w2, b2), rtol=1e-4, atol=1e-4)
     assert (tmp_path / "m.so.json").exists()
@@ -114,3 +114,20 @@ def test_symbolic_batch_and_sequence_of_an_expanded_model(exports, tmp_path: Pat
         x = np.random.default_rng(n).standard_normal((n, 16)).astype(np.float32)
         want = session.run(None, {"x": x})[0]
         np.testing.assert_allclose(compiled({"x": x})[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_an_fpe_block_is_transposed_once_in_and_once_out(exports) -> None:
+    """Between its two sparse layers the block stays feature-major: activation, children's sum and the
+    untied copies run on the kernels' (features, n) output, no transpose between them."""
+    from neurorewrite.api import expand
+    from neurorewrite.passes.prepare import prepare_for_runtime
+    from neurorewrite.runtime.tvm_import import import_model
+    from neurorewrite.runtime.tvm_target import parse_target
+
+    model, _ = expand(exports["torchscript_gemm"], alpha=4, split="random", seed=2, format="sparse")
+    prepared, report = prepare_for_runtime(model, "tvm")
+    assert report.folded  # the second layer reads the children's sum
+    mod, kernels = import_model(prepared, {"x": [16, 16]}, parse_target("llvm"), scheduled=True, measure=False)
+    text = mod["main"].script()
+    assert text.count("tiled_transpose") == 2 and len(kernels) >= 2
+    assert "R.sum(" in text
