@@ -1,16 +1,27 @@
-"""Deploy benchmark: original vs widened (alpha 4) models, side by side, interleaved.
+"""Deploy benchmark: original vs widened (alpha 4) models, each runtime as a user runs it, and side by side.
 
 Models: an FFN block 768 -> 3072 -> 768 (GELU) and a 2-layer torch TransformerEncoder (d_model 256,
 FFN 1024, sequence 16; exported with dynamo=True). Variants, one function each: the original; the FPE
 expansion as ``dense`` (zeros stored), ``grouped`` (shared split), ``structured`` (``--structured``:
 blocks split, tied outgoing weights, one MatMul per child), ``sparse`` (CSR SparseLinear) through
-both standard-op conversions, all in onnxruntime; and ``tvm``: the ``sparse`` file compiled by
-``neurorewrite compile`` with ``--tvm-trials`` MetaSchedule trials per batch.
-Prints the machine, then median latency and ratios against the original at batch 1 and 32, and each
-written model's bytes. Thread pools do not spin (see :mod:`neurorewrite.runtime.bench`).
+both standard-op conversions, all in onnxruntime; and three TVM libraries of the ``sparse`` file built
+by ``neurorewrite compile`` with the kernel choice measured on this machine: ``tvm`` (one library per
+batch, ``--shape``, tuned with ``--tvm-trials`` MetaSchedule trials), ``tvm any batch`` (one library
+without ``--shape``: symbolic batch, a kernel per call) and ``tvm untied`` (the sparse file with its
+children untied, as a calibrated or fine-tuned model has them: the pattern of the expansion, values
+perturbed by 1%; one library per batch, tuned).
 
-Run: ``.venv/bin/python -m benchmarks.deploy [--repeats N] [--threads T] [--tvm-trials N] [--variants ...]``
-from the repository root.
+Two harnesses (``--harness``): ``process`` (default; :mod:`neurorewrite.runtime.bench_process`: each
+model alone in its own process with its runtime's default thread pool, spinning included, ``--threads``
+threads, rounds alternating) and ``interleaved`` (:mod:`neurorewrite.runtime.bench`: all models in one
+process, alternating call by call, pools not spinning); ``both`` prints both tables.
+Per variant: the bytes of weights its runtime reads per call and the multiply-adds per input row of
+its linear layers (zeros a dense form stores count: its runtime multiplies them; attention products
+of the encoder not included), then median latency and ratio at batch 1 and 32. Prints the machine
+(CPU, SIMD width) and the load average before and after.
+
+Run: ``python -m benchmarks.deploy [--harness process|interleaved|both] [--threads T] [--tvm-trials N]
+[--variants ...] [--models ffn encoder]`` from the repository root.
 """
 
 from __future__ import annotations
@@ -19,21 +30,23 @@ import argparse
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
-from benchmarks.machine import describe
 from neurorewrite.api import expand
-from neurorewrite.runtime.bench import bench_sessions, file_bytes
+from neurorewrite.runtime.bench import BenchResult, bench_sessions, file_bytes
+from neurorewrite.runtime.bench_process import Worker, bench_processes
 from neurorewrite.runtime.ort import ort_session
 from neurorewrite.runtime.tvm_compile import DEFAULT_TRIALS
 from neurorewrite.table import format_table
 
 ALPHA = 4
-Variant = Callable[[Path, Path, argparse.Namespace], ort.InferenceSession | None]  # (original, folder, options)
+BATCHES = (1, 32)
 
 
 def export_ffn(folder: Path, activation: type[torch.nn.Module] = torch.nn.GELU) -> Path:
@@ -62,8 +75,19 @@ def _export(module: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def _session(path: Path, threads: int, method: str = "densify", spinning: bool = False) -> ort.InferenceSession:
-    return ort_session(path, providers=["CPUExecutionProvider"], threads=threads, sparse_method=method, spinning=spinning)
+@dataclass
+class Deployed:
+    """A variant ready to time: its worker (process harness), a factory for an in-process session
+    (interleaved harness), and per batch the weight bytes its runtime reads and its multiply-adds per row."""
+
+    worker: Worker
+    session: Callable[[], object]
+    weight_bytes: Callable[[int], float]
+    macs_per_row: Callable[[int], float]
+    file: Path | None = None
+
+
+Variant = Callable[[Path, Path, argparse.Namespace], Deployed]  # (original, folder, options)
 
 
 def _written_path(original: Path, folder: Path, name: str) -> Path:
@@ -78,112 +102,231 @@ def _written(original: Path, folder: Path, name: str, **options: object) -> Path
     return out
 
 
-def original_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
-    return _session(original, args.threads, spinning=args.spinning)
+def _untied(original: Path, folder: Path) -> Path:
+    """The ``sparse`` file with every stored weight scaled by its own ``1 + 0.01 N(0, 1)``: the children's
+    copies of a parent's outgoing weight differ, as after calibration or fine-tuning; the pattern is kept."""
+    out = _written_path(original, folder, "untied")
+    if not out.exists():
+        model = onnx.load(str(_written(original, folder, "sparse", split="random", format="sparse")))
+        rng = np.random.default_rng(0)
+        values = {n.input[1] for n in model.graph.node if n.op_type == "SparseLinear"}
+        for init in model.graph.initializer:
+            if init.name in values:
+                array = onnx.numpy_helper.to_array(init)
+                init.CopyFrom(onnx.numpy_helper.from_array(
+                    (array * (1 + 0.01 * rng.standard_normal(array.shape))).astype(np.float32), init.name))
+        onnx.save(model, str(out))
+    return out
 
 
-def dense_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
-    return _session(_written(original, folder, "dense", split="random"), args.threads, spinning=args.spinning)
+def ort_costs(path: Path, method: str = "densify") -> tuple[float, float]:
+    """(weight bytes, multiply-adds per row) of the linear layers onnxruntime runs for ``path``: MatMul and
+    Gemm with a constant weight, after the preparation ``ort_session`` applies (zeros included)."""
+    from neurorewrite.passes.prepare import prepare_for_runtime
+    from neurorewrite.rewriter.graph import GraphIndex
+
+    model, _ = prepare_for_runtime(onnx.load(str(path)), "onnxruntime", method)
+    index = GraphIndex.build(model.graph)
+    weights, macs = 0.0, 0.0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+            w = index.constant_value(node.input[1])
+            if w is not None and w.ndim >= 2:
+                weights += w.nbytes
+                macs += w.size
+        elif node.op_type == "Gather" and len(node.input) > 1:  # the ELL gather conversion: values read per row
+            w = index.constant_value(node.input[1])
+            macs += 0 if w is None else w.size
+    return weights, macs
 
 
-def grouped_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
-    return _session(_written(original, folder, "grouped", split="shared", format="grouped"), args.threads, spinning=args.spinning)
+def _ort(path: Path, args: argparse.Namespace, method: str = "densify") -> Deployed:
+    weights, macs = ort_costs(path, method)
+    return Deployed(
+        Worker("ort", str(path), threads=args.threads, sparse_method=method),
+        lambda: ort_session(path, providers=["CPUExecutionProvider"], threads=args.threads, sparse_method=method,
+                            spinning=False),
+        lambda n: weights, lambda n: macs, path,
+    )
 
 
-def structured_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
-    return _session(_written(original, folder, "structured", structured=True), args.threads, spinning=args.spinning)
+def original_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
+    return _ort(original, args)
 
 
-def sparse_densify_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
-    return _session(_written(original, folder, "sparse", split="random", format="sparse"), args.threads, "densify", args.spinning)
+def dense_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
+    return _ort(_written(original, folder, "dense", split="random"), args)
 
 
-def sparse_gather_variant(original: Path, folder: Path, args: argparse.Namespace) -> ort.InferenceSession:
-    return _session(_written(original, folder, "sparse", split="random", format="sparse"), args.threads, "gather", args.spinning)
+def grouped_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
+    return _ort(_written(original, folder, "grouped", split="shared", format="grouped"), args)
 
 
-def tvm_variant(original: Path, folder: Path, args: argparse.Namespace):  # noqa: ANN201 (a TvmSession, duck-typed)
-    """The ``sparse`` file compiled by neurorewrite's TVM path, one library per batch, tuned with
-    ``--tvm-trials`` MetaSchedule trials per batch (0: default schedules)."""
-    from neurorewrite.runtime.tvm_session import tvm_session
-
-    sparse = _written(original, folder, "sparse", split="random", format="sparse")
-    return tvm_session(sparse, (1, 32), args.threads, folder, tune=args.tvm_trials > 0, trials=args.tvm_trials,
-                       spinning=args.spinning)
+def structured_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
+    return _ort(_written(original, folder, "structured", structured=True), args)
 
 
-VARIANTS: dict[str, tuple[Variant, str | None]] = {  # label -> (builder, written file's name)
-    "original": (original_variant, None),
-    "dense": (dense_variant, "dense"),
-    "grouped": (grouped_variant, "grouped"),
-    "structured": (structured_variant, "structured"),
-    "sparse (densify)": (sparse_densify_variant, "sparse"),
-    "sparse (gather)": (sparse_gather_variant, "sparse"),
-    "tvm": (tvm_variant, None),
+def sparse_densify_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
+    return _ort(_written(original, folder, "sparse", split="random", format="sparse"), args, "densify")
+
+
+def sparse_gather_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
+    return _ort(_written(original, folder, "sparse", split="random", format="sparse"), args, "gather")
+
+
+def _tvm(path: Path, folder: Path, args: argparse.Namespace, symbolic: bool, tag: str) -> Deployed:
+    """``path`` compiled by ``neurorewrite compile`` (kernel choice measured here): one library for every
+    batch (``symbolic``) or one per batch, tuned with ``--tvm-trials`` trials."""
+    from neurorewrite.runtime.tvm_compile import compile
+    from neurorewrite.runtime.tvm_session import TvmSession, input_specs, set_threads, static_shape
+    from neurorewrite.runtime.tvm_run import CompiledModel
+
+    set_threads(args.threads, spinning=True)  # the kernel choice is timed with the deployed thread count
+    model = onnx.load(str(path))
+    specs = input_specs(model)
+    libraries, reports = {}, {}
+    for batch in [0] if symbolic else BATCHES:
+        lib = folder / f"{path.stem}.{tag}.{'any' if symbolic else f'b{batch}'}.so"
+        shapes = None if symbolic else {s.name: static_shape(s, batch) for s in specs}
+        tune = args.tvm_trials > 0 and not symbolic
+        _, reports[batch] = compile(model, "llvm", output=lib, shapes=shapes, tune=tune, trials=args.tvm_trials,
+                                    database=folder / f"{path.stem}.{tag}.tuning")
+        libraries[batch] = str(lib)
+    dense_weights, dense_macs = _dense_parts(path)
+
+    def layers(n: int) -> list[tuple[dict, str]]:
+        report = reports[0 if symbolic else n]
+        out = []
+        for k in report.sparse_kernels:
+            chosen = next((name for start, name in reversed(k["ranges"]) if n >= start), k["ranges"][0][1])
+            out.append((k, chosen))
+        return out
+
+    def weight_bytes(n: int) -> float:
+        return dense_weights + sum(k["weight_bytes"][chosen] for k, chosen in layers(n))
+
+    def macs(n: int) -> float:
+        return dense_macs + sum(k["nonzeros"] for k, _ in layers(n))
+
+    worker = Worker("tvm", libraries[0] if symbolic else "", threads=args.threads,
+                    libraries={} if symbolic else {b: libraries[b] for b in BATCHES})
+
+    def session() -> TvmSession:
+        set_threads(args.threads, spinning=False)
+        return TvmSession(specs, {b: CompiledModel(lib) for b, lib in libraries.items()})
+
+    return Deployed(worker, session, weight_bytes, macs, None)
+
+
+def _dense_parts(path: Path) -> tuple[float, float]:
+    """Weight bytes and multiply-adds per row of the standard MatMul/Gemm layers of a sparse file."""
+    from neurorewrite.rewriter.graph import GraphIndex
+
+    model = onnx.load(str(path))
+    index = GraphIndex.build(model.graph)
+    weights, macs = 0.0, 0.0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+            w = index.constant_value(node.input[1])
+            if w is not None and w.ndim >= 2:
+                weights += w.nbytes
+                macs += w.size
+    return weights, macs
+
+
+def tvm_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
+    return _tvm(_written(original, folder, "sparse", split="random", format="sparse"), folder, args, False, "fixed")
+
+
+def tvm_any_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
+    return _tvm(_written(original, folder, "sparse", split="random", format="sparse"), folder, args, True, "any")
+
+
+def tvm_untied_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
+    return _tvm(_untied(original, folder), folder, args, False, "fixed")
+
+
+VARIANTS: dict[str, Variant] = {
+    "original": original_variant,
+    "dense": dense_variant,
+    "grouped": grouped_variant,
+    "structured": structured_variant,
+    "sparse (densify)": sparse_densify_variant,
+    "sparse (gather)": sparse_gather_variant,
+    "tvm": tvm_variant,
+    "tvm any batch": tvm_any_variant,
+    "tvm untied": tvm_untied_variant,
 }
 
 
-def bench_model(original: Path, folder: Path, args: argparse.Namespace) -> list[tuple[str, ...]]:
-    variants = {label: v for label, v in VARIANTS.items() if label == "original" or label in args.variants}
-    sessions = {}
-    for label, (build, _) in variants.items():
-        session = build(original, folder, args)
-        if session is not None:
-            sessions[label] = session
-    # spinning pools need a few runs of their own before the timed ones count: bursts of 5
-    result = bench_sessions(sessions, (1, 32), repeats=args.repeats, burst=5 if args.spinning else 1)
+def bench_model(original: Path, folder: Path, args: argparse.Namespace, harness: str) -> list[tuple[str, ...]]:
+    chosen = ["original", *[v for v in VARIANTS if v in args.variants]]
+    deployed = {label: VARIANTS[label](original, folder, args) for label in chosen}
+    if harness == "process":
+        result: BenchResult = bench_processes({label: d.worker for label, d in deployed.items()}, BATCHES,
+                                              rounds=args.rounds, runs=args.runs)
+    else:
+        result = bench_sessions({label: d.session() for label, d in deployed.items()}, BATCHES, repeats=args.repeats)
     base_bytes = file_bytes(original)
     rows = []
-    for label, (_, written) in variants.items():
-        path = original if label == "original" else _written_path(original, folder, written) if written else None
-        size = f"{file_bytes(path) / base_bytes:.2f}x" if path is not None and path.exists() else "-"
-        if label not in result.labels:
-            rows.append((original.stem, label, size, "-", "-", "-", "-"))
-            continue
-        rows.append((
-            original.stem, label, size,
-            f"{result.median[(label, 1)] * 1e6:.0f}", f"{result.ratio(label, 1):.2f}x",
-            f"{result.median[(label, 32)] * 1e6:.0f}", f"{result.ratio(label, 32):.2f}x",
-        ))
+    for label, d in deployed.items():
+        size = f"{file_bytes(d.file) / base_bytes:.2f}x" if d.file is not None else "-"
+        row = [original.stem, label, size]
+        for n in BATCHES:
+            row += [f"{d.weight_bytes(n) / 1e6:.1f}", f"{d.macs_per_row(n) / 1e6:.2f}",
+                    f"{result.median[(label, n)] * 1e6:.0f}", f"{result.ratio(label, n):.2f}x"]
+        rows.append(tuple(row))
     return rows
 
 
 def check_outputs(original: Path, folder: Path, threads: int) -> str:
-    """Max relative difference of every lowered format against the ``dense`` file on one input."""
-    dense = _session(_written_path(original, folder, "dense"), threads)
+    """Max relative difference of the ``sparse`` file against the ``dense`` file (same expansion) on one input."""
+    dense = ort_session(_written_path(original, folder, "dense"), providers=["CPUExecutionProvider"], threads=threads)
     x = np.random.default_rng(0).standard_normal([2] + [d for d in dense.get_inputs()[0].shape[1:]]).astype(np.float32)
-    ref = _session(_written_path(original, folder, "sparse"), threads).run(None, {"x": x})[0]
-    want = dense.run(None, {"x": x})[0]
-    return f"{original.stem}: sparse vs dense (same expansion) max rel diff {np.abs(ref - want).max() / np.abs(want).max():.1e}"
+    ref = ort_session(_written_path(original, folder, "sparse"), providers=["CPUExecutionProvider"], threads=threads)
+    got, want = ref.run(None, {"x": x})[0], dense.run(None, {"x": x})[0]
+    return f"{original.stem}: sparse vs dense (same expansion) max rel diff {np.abs(got - want).max() / np.abs(want).max():.1e}"
 
 
 def main() -> None:
+    from benchmarks.peak import cpu_line, load_average
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--harness", choices=("process", "interleaved", "both"), default="process")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--spinning", action="store_true",
-                        help="let idle thread pools busy-wait (the runtimes' default), each model timed in bursts of 5 runs")
-    parser.add_argument("--tvm-trials", type=int, default=DEFAULT_TRIALS, help="MetaSchedule trials per batch for the tvm variant")
+    parser.add_argument("--rounds", type=int, default=5, help="process harness: rounds (a fresh process per model each)")
+    parser.add_argument("--runs", type=int, default=50, help="process harness: timed runs per process and batch")
+    parser.add_argument("--repeats", type=int, default=30, help="interleaved harness: timed runs per model and batch")
+    parser.add_argument("--tvm-trials", type=int, default=DEFAULT_TRIALS, help="MetaSchedule trials per batch for the fixed-shape tvm variants")
+    parser.add_argument("--models", nargs="+", choices=("ffn", "encoder"), default=["ffn", "encoder"])
     parser.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "original"],
-                        default=[v for v in VARIANTS if v != "original"],
-                        help="widened variants to time against the original (fewer: warmer caches)")
+                        default=[v for v in VARIANTS if v != "original"], help="widened variants to time against the original")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(describe())
-    print(f"onnxruntime {ort.__version__}, {args.threads} intra-op threads ({'spinning' if args.spinning else 'no spinning'}), alpha {ALPHA}, "
-          f"median of {args.repeats} interleaved runs; tvm: {args.tvm_trials} MetaSchedule trials per batch")
-    rows = []
+    print(cpu_line())
+    print(load_average())
+    exports = {"ffn": export_ffn, "encoder": export_encoder}
+    harnesses = ["process", "interleaved"] if args.harness == "both" else [args.harness]
+    tables: dict[str, list] = {h: [] for h in harnesses}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for export in (export_ffn, export_encoder):
-            original = export(folder)
-            rows += bench_model(original, folder, args)
+        for name in args.models:
+            original = exports[name](folder)
+            for harness in harnesses:
+                tables[harness] += bench_model(original, folder, args, harness)
             if {"dense", "sparse (densify)"} <= set(args.variants):
                 print(check_outputs(original, folder, args.threads))
-    print(format_table(
-        ("model", "variant", "bytes vs original", "batch 1 us", "batch 1 ratio", "batch 32 us", "batch 32 ratio"), rows,
-        title="\nlatency in onnxruntime (CPU) against the original model",
-    ))
+    headers = ["model", "variant", "file vs original"]
+    for n in BATCHES:
+        headers += [f"b{n} weight MB", f"b{n} M MAC/row", f"batch {n} us", f"batch {n} ratio"]
+    for harness in harnesses:
+        how = (f"each model alone in its own process, runtime defaults (pools spinning), {args.threads} threads, "
+               f"median over {args.rounds} alternating rounds of the median of {args.runs} runs") if harness == "process" else (
+               f"all models in one process, interleaved call by call, pools not spinning, {args.threads} threads, "
+               f"median of {args.repeats} runs")
+        print(format_table(headers, tables[harness], title=f"\nlatency against the original model ({harness} harness: {how}; "
+                                                            f"onnxruntime {ort.__version__}; tvm: {args.tvm_trials} MetaSchedule trials per batch)"))
+    print(load_average())
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""TVM deploy benchmark: an FFN block 768 -> 3072 -> 768 (ReLU), dense in onnxruntime vs FPE (alpha 4,
-random split, global prune) as SparseLinear compiled with the TVM kernels, untuned and tuned.
+"""TVM deploy benchmark: the paper-faithful FPE FFN compiled by ``neurorewrite compile`` against the dense original.
 
-The FFN is exported from torch (``benchmarks.deploy.export_ffn``) and widened by ``neurorewrite.expand``
-with ``format="sparse"``, so the benchmark times the file the tool writes. Per batch: compile with the
-default schedules; tune into a fresh database (``--trials``, timed); compile again from that database
-(the warm re-compile, timed); then time dense ORT, TVM default and TVM tuned interleaved (median of
-``--repeats``), with the same thread count on both sides (``--threads``).
-The error column compares TVM with onnxruntime running the same sparse model.
+FFN 768 -> 3072 -> 768 (ReLU) exported from torch (``benchmarks.deploy.export_ffn``), widened by
+``neurorewrite.expand`` (alpha 4, random split, global prune, ``format="sparse"``): the file the tool
+writes. TVM libraries, each with its kernels chosen by timing them on this machine (kept in the tuning
+database): ``tvm`` (one library per batch, ``--shape``, MetaSchedule ``--trials``), ``tvm any batch``
+(one library without ``--shape``: symbolic batch, a kernel per call), ``tvm untied`` (the children
+untied as by calibration: see ``benchmarks/deploy.py``). Printed: the kernel each sparse layer runs per
+batch, compile and tuning times (first compile, then the warm one that reads the database), the
+error against onnxruntime on the same file, then latency and ratios against the dense original in
+onnxruntime with both harnesses of ``benchmarks/deploy.py`` (per process with runtime defaults, and
+interleaved), with the threads given.
 
-Run: ``.venv/bin/python -m benchmarks.deploy_tvm [--trials N] [--batches 1 32] [--threads T]``.
+Run: ``python -m benchmarks.deploy_tvm [--trials N] [--threads T] [--harness process|interleaved|both]``.
 """
 
 from __future__ import annotations
@@ -20,74 +23,80 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
-from benchmarks.deploy import export_ffn
-from benchmarks.machine import describe
-from neurorewrite.api import expand
-from neurorewrite.progress import ProgressBar
-from neurorewrite.runtime.bench import bench_sessions
+from benchmarks.deploy import BATCHES, VARIANTS, _untied, _written, bench_model, export_ffn
+from benchmarks.peak import cpu_line, load_average
 from neurorewrite.runtime.ort import ort_session
 from neurorewrite.runtime.tvm_compile import DEFAULT_TRIALS, compile
 from neurorewrite.runtime.tvm_run import CompiledModel
-from neurorewrite.runtime.tvm_session import TvmSession, input_specs, set_threads
+from neurorewrite.runtime.tvm_session import set_threads
 from neurorewrite.table import format_table
 
-D, H, ALPHA = 768, 3072, 4
+TVM_VARIANTS = ["tvm", "tvm any batch", "tvm untied"]
 
 
-def bench_batch(n: int, sparse: onnx.ModelProto, dense: ort.InferenceSession, args: argparse.Namespace,
-                tmp: Path) -> tuple:
-    """One table row: compile (and tune) ``sparse`` for batch ``n`` and time it against ``dense``."""
-    shapes = {"x": [n, D]}
-    specs = input_specs(sparse)
-    compile(sparse, "llvm", output=tmp / f"default{n}.so", shapes=shapes)
-    sessions = {"dense ORT": dense, "TVM default": TvmSession(specs, {n: CompiledModel(tmp / f"default{n}.so")})}
-    tune_s = warm_s = float("nan")
-    if args.trials > 0:
-        lib, db = tmp / f"tuned{n}.so", tmp / f"db{n}"
+def compile_report(path: Path, folder: Path, args: argparse.Namespace) -> list[tuple]:
+    """Compile ``path`` per batch (tuned) and for any batch, twice each: chosen kernels, times, error."""
+    model = onnx.load(str(path))
+    session = ort_session(path, providers=["CPUExecutionProvider"], threads=1)
+    rows = []
+    for batch in (*BATCHES, None):
+        shapes = None if batch is None else {"x": [batch, 768]}
+        lib = folder / f"{path.stem}.report.{batch or 'any'}.so"
+        tune = args.trials > 0 and batch is not None
         start = time.monotonic()
-        compile(sparse, "llvm", output=lib, tune=True, trials=args.trials, database=db, shapes=shapes,
-                progress=ProgressBar(f"tune batch {n}", force=True))
-        tune_s = time.monotonic() - start
+        _, report = compile(model, "llvm", output=lib, shapes=shapes, tune=tune, trials=args.trials,
+                            database=folder / f"{path.stem}.report.tuning")
+        first = time.monotonic() - start
         start = time.monotonic()
-        compile(sparse, "llvm", output=lib, tune=True, trials=args.trials, database=db, shapes=shapes)
-        warm_s = time.monotonic() - start
-        sessions["TVM tuned"] = TvmSession(specs, {n: CompiledModel(lib)})
-    x = np.random.default_rng(1).standard_normal((n, D)).astype(np.float32)
-    want = ort_session(sparse, providers=["CPUExecutionProvider"], threads=1).run(None, {"x": x})[0]
-    err = max(float(np.abs(s.run(None, {"x": x})[0] - want).max() / np.abs(want).max())
-              for label, s in sessions.items() if label != "dense ORT")
-    result = bench_sessions(sessions, (n,), repeats=args.repeats)
-    ms = {label: result.median[(label, n)] * 1e3 for label in sessions}
-    tuned = ms.get("TVM tuned", float("nan"))
-    return (n, f"{ms['dense ORT']:.3f}", f"{ms['TVM default']:.3f}", f"{ms['TVM default'] / ms['dense ORT']:.2f}x",
-            f"{tuned:.3f}", f"{tuned / ms['dense ORT']:.2f}x", f"{tune_s:.0f}s", f"{warm_s:.1f}s", f"{err:.1e}")
+        compile(model, "llvm", output=lib, shapes=shapes, tune=tune, trials=args.trials,
+                database=folder / f"{path.stem}.report.tuning")
+        warm = time.monotonic() - start
+        compiled = CompiledModel(lib)
+        errors = []
+        for n in BATCHES if batch is None else (batch,):
+            x = np.random.default_rng(n).standard_normal((n, 768)).astype(np.float32)
+            want = session.run(None, {"x": x})[0]
+            errors.append(float(np.abs(compiled(x)[0] - want).max() / np.abs(want).max()))
+        kernels = "; ".join(f"{k['node'].split('/')[0]}{'/' + k['node'].split('/')[-1] if '/parents' in k['node'] else ''}: "
+                            f"{k['kernel']}" for k in report.sparse_kernels if k["nonzeros"] > 1)
+        rows.append((path.stem, batch or "any", kernels, f"{report.seconds_tune:.0f}s", f"{first:.0f}s", f"{warm:.1f}s",
+                     f"{max(errors):.1e}"))
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help="MetaSchedule trials per batch (0: none)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--harness", choices=("process", "interleaved", "both"), default="both")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    set_threads(args.threads, spinning=False)
     torch.set_num_threads(1)
-    print(describe())
+    set_threads(args.threads, spinning=True)
+    print(cpu_line())
+    print(load_average())
     with tempfile.TemporaryDirectory() as tmp:
-        original = export_ffn(Path(tmp), torch.nn.ReLU)
-        sparse, report = expand(original, alpha=ALPHA, split="random", prune="global", format="sparse")
-        print(f"FPE alpha={ALPHA}: " + "; ".join(
-            f"{b.name} width {b.width_before} -> {b.width_after}, nnz {b.nnz_before} -> {b.nnz_after}" for b in report.blocks))
-        dense = ort_session(original, providers=["CPUExecutionProvider"], threads=args.threads, spinning=False)
-        rows = [bench_batch(n, sparse, dense, args, Path(tmp)) for n in args.batches]
-    print(format_table(
-        ("batch", "dense ORT ms", "TVM default ms", "ratio", "TVM tuned ms", "ratio", "tune",
-         "warm compile", "max rel err vs ORT"), rows,
-        title=f"\nFFN {D}->{H}->{D}, trials={args.trials}, {args.threads} thread(s) each, median of {args.repeats} interleaved runs",
-    ))
+        folder = Path(tmp)
+        original = export_ffn(folder, torch.nn.ReLU)
+        sparse = _written(original, folder, "sparse", split="random", format="sparse")
+        rows = compile_report(sparse, folder, args) + compile_report(_untied(original, folder), folder, args)
+        print(format_table(("model", "batch", "kernels (measured choice)", "tune", "compile", "warm compile",
+                            "max rel err vs onnxruntime"), rows,
+                           title=f"\nFFN 768->3072->768 ReLU, alpha 4 (random split, global prune), {args.trials} trials per batch"))
+        options = argparse.Namespace(threads=args.threads, tvm_trials=args.trials, rounds=args.rounds, runs=args.runs,
+                                     repeats=args.repeats, variants=TVM_VARIANTS)
+        for harness in (["process", "interleaved"] if args.harness == "both" else [args.harness]):
+            table = bench_model(original, folder, options, harness)
+            headers = ["model", "variant", "file vs original"]
+            for n in BATCHES:
+                headers += [f"b{n} weight MB", f"b{n} M MAC/row", f"batch {n} us", f"batch {n} ratio"]
+            print(format_table(headers, table, title=f"\n{harness} harness, {args.threads} threads (original: dense in onnxruntime)"))
+    assert set(TVM_VARIANTS) <= set(VARIANTS)
+    print(load_average())
 
 
 if __name__ == "__main__":

@@ -27,7 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, default=None, help="measurement budget for --tune (default 128)")
     p.add_argument("--database", type=Path, help="tuning database folder (default: OUTPUT.tuning beside the output)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
-                   help="static shape for an input with symbolic dims (repeatable), e.g. --shape x=1,768")
+                   help="fix the shape of an input with symbolic dims (repeatable), e.g. --shape x=1,768: the fast "
+                   "path, and what --tune needs; without it the library keeps the symbolic dims and runs any batch, "
+                   "each sparse layer choosing its kernel per call")
+    p.add_argument("--kernel-choice", choices=("measure", "estimate"), default="measure",
+                   help="measure (default): time each sparse layer's candidate kernels on this machine once and keep "
+                   "the choice in the tuning database; estimate: rank them by static costs (used anyway for other targets)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=run)
 
@@ -55,14 +60,14 @@ def run(args: argparse.Namespace) -> int:
     _, report = compile(
         args.model, target=args.target, output=output, tune=args.tune,
         trials=DEFAULT_TRIALS if args.trials is None else args.trials, database=args.database,
-        shapes=parse_shapes(args.shape), progress=ProgressBar("tune"),
+        shapes=parse_shapes(args.shape), progress=ProgressBar("tune"), kernel_choice=args.kernel_choice,
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    rows = [(k["node"], k["in_features"], k["out_features"], k["rows"], k["nonzeros"], k["kernel"])
+    rows = [(k["node"], k["in_features"], k["out_features"], k["rows"], k["nonzeros"], k["kernel"], k["choice"])
             for k in report.sparse_kernels]
-    parts = [format_table(("node", "in", "out", "rows", "nonzeros", "kernel"), rows,
+    parts = [format_table(("node", "in", "out", "rows", "nonzeros", "kernel", "chosen by"), rows,
                           title=f"sparse kernels ({len(rows)}; none means a plain Relax import)")]
     if report.folded:
         folded = [(f["node"], f["nonzeros"], f["parent_nonzeros"], f["untied_nonzeros"]) for f in report.folded]
@@ -72,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
                ("tuned tasks", f"{report.tuned_tasks} ({report.trials} trials)" if args.tune else "not tuned"),
                ("database", report.database or "-"), ("tune time", f"{report.seconds_tune:.1f}s"),
                ("build time", f"{report.seconds_build:.1f}s")]
+    summary += [("note", note) for note in report.notes]
     parts.append(format_table(("", ""), summary, title=""))
     parts.append(f"\nwrote {report.output} and {report.output}.json")
     print("\n".join(parts))

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
-from tvm import relax, s_tir, te
+from tvm import s_tir, te
 
-from neurorewrite.kernels.choice import KernelPlan, SparseLinearTask, register_kernel
+from neurorewrite.kernels.choice import Candidate, SparseLinearTask, register_kernel
 from neurorewrite.kernels.ell import ell_from_csr
 
 RULE = "neurorewrite_ell_linear"
@@ -30,25 +30,31 @@ ROWS_LAYOUT_MIN = 8
 
 @dataclass(frozen=True)
 class EllShape:
-    """Everything a kernel is specialised on except the weights: tuning records are keyed by it."""
+    """Everything a kernel is specialised on except the weights: tuning records are keyed by it.
+    ``n`` None: a symbolic batch (one function for every batch size; then tuning cannot measure it)."""
 
-    n: int
+    n: int | None
     in_features: int
     out_features: int
     width: int
     index_dtype: str
+    layout_name: str | None = None  # "rows" / "cols"; default: by n
 
     @property
     def layout(self) -> str:
-        return "rows" if self.n >= ROWS_LAYOUT_MIN else "cols"
+        if self.layout_name is not None:
+            return self.layout_name
+        return "rows" if self.n is None or self.n >= ROWS_LAYOUT_MIN else "cols"
 
     def weight_shape(self) -> tuple[int, int]:
         return (self.out_features, self.width) if self.layout == "rows" else (self.width, self.out_features)
 
 
-def ell_linear_func(shape: EllShape) -> tvm.tirx.PrimFunc:
-    """``YT[o, b] = sum_j V[o, j] * XT[I[o, j], b]`` as a PrimFunc(XT, V, I, YT)."""
-    xt = te.placeholder((shape.in_features, shape.n), "float32", name="XT")
+def ell_linear_func(shape: EllShape, batch_dtype: str = "int64") -> tvm.tirx.PrimFunc:
+    """``YT[o, b] = sum_j V[o, j] * XT[I[o, j], b]`` as a PrimFunc(XT, V, I, YT); a symbolic batch is a
+    ``batch_dtype`` variable (int32 on CUDA, whose thread indexing overflows on int64 extents)."""
+    n = tvm.tirx.Var("n", batch_dtype) if shape.n is None else shape.n
+    xt = te.placeholder((shape.in_features, n), "float32", name="XT")
     values = te.placeholder(shape.weight_shape(), "float32", name="V")
     indices = te.placeholder(shape.weight_shape(), shape.index_dtype, name="I")
     j = te.reduce_axis((0, shape.width), name="j")
@@ -58,12 +64,15 @@ def ell_linear_func(shape: EllShape) -> tvm.tirx.PrimFunc:
     else:
         def body(o, b):
             return te.sum(values[j, o] * xt[indices[j, o].astype("int32"), b], axis=j)
-    yt = te.compute((shape.out_features, shape.n), body, name="YT", attrs={"schedule_rule": RULE})
+    yt = te.compute((shape.out_features, n), body, name="YT", attrs={"schedule_rule": RULE, "ell_layout": shape.layout})
     return te.create_prim_func([xt, values, indices, yt]).without_attr("global_symbol")
 
 
 def _split(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV, max_inner: int, fixed: int | None, sample: bool) -> list:
-    extent = int(sch.get(loop).extent)
+    extent = sch.get(loop).extent
+    if not isinstance(extent, tvm.tirx.IntImm):  # a symbolic batch: a fixed factor, the tail predicated
+        return sch.split(loop, factors=[None, fixed or max_inner])
+    extent = int(extent)
     if sample:
         factors = sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max_inner)
     else:
@@ -78,7 +87,7 @@ def schedule_cpu(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, sample: bo
     Row layout, tuning: two design spaces, the batch tile outside the nonzero loop (each index read
     once per lane tile) or inside it (the whole batch per index read, more accumulators).
     """
-    rows_layout = int(sch.get(sch.get_loops(block)[1]).extent) >= ROWS_LAYOUT_MIN
+    rows_layout = str(sch.get(block).annotations.get("ell_layout", "rows")) == "rows"
     if not rows_layout:
         _cols(sch, block, sample)
         return [sch]
@@ -157,26 +166,25 @@ def _register() -> None:
 _register()
 
 
-@register_kernel("TensorIR ELL", priority=100)
-def plan_ell_linear(task: SparseLinearTask) -> KernelPlan:
-    """Any layer, any target (CUDA, CPUs without gathers): the TensorIR ELL kernel, tuned by MetaSchedule
-    (or given the default schedule without a database), between two transposes, bias added after."""
-    ell = ell_from_csr(task.values, task.indices, task.indptr, task.in_features, where=f"SparseLinear {task.name}")
-    shape = EllShape(task.rows, task.in_features, task.out_features, ell.width, str(ell.indices.dtype))
-    if shape.layout == "cols":
-        ell = ell.transposed()
+@register_kernel("TensorIR ELL")
+def ell_candidates(task: SparseLinearTask) -> list[Candidate]:
+    """Any layer, any target (CUDA, CPUs without gathers): the TensorIR ELL kernel in both layouts, tuned
+    by MetaSchedule (static shapes) or given the default schedule; the bias is added after it."""
+    def candidate(layout: str) -> Candidate:
+        def pack() -> tuple[tvm.tirx.PrimFunc, list[np.ndarray]]:
+            ell = ell_from_csr(task.values, task.indices, task.indptr, task.in_features, where=f"SparseLinear {task.name}")
+            shape = EllShape(None, task.in_features, task.out_features, ell.width, str(ell.indices.dtype), layout)
+            if layout == "cols":
+                ell = ell.transposed()
+            return ell_linear_func(shape, "int64" if task.cpu else "int32"), [ell.values, ell.indices]
 
-    def emit(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
-        func = ell_linear_func(shape)
-        if task.scheduled:
-            func = schedule_default(func, task.target)
-        gv = bb.add_func(func, "ell_linear")
-        xt = bb.emit(relax.op.permute_dims(x))
-        yt = bb.emit(relax.call_tir(gv, [xt, relax.const(ell.values), relax.const(ell.indices)],
-                                    relax.TensorType((task.out_features, task.rows), "float32")))
-        y = bb.emit(relax.op.permute_dims(yt))
-        if task.bias is not None:
-            y = bb.emit(relax.op.add(y, relax.const(np.asarray(task.bias, dtype=np.float32))))
-        return y
+        def estimate(n: int) -> float:
+            width = int(np.diff(np.asarray(task.indptr, dtype=np.int64)).max(initial=1))
+            stored = task.out_features * width
+            fit = 1.0 if (layout == "rows") == (n >= ROWS_LAYOUT_MIN) else 3.0
+            return stored * 1.0 * max(1, n // 4) * fit + 1e6  # last resort on a CPU: always ranked behind
 
-    return KernelPlan(f"TensorIR ELL ({shape.layout})", emit)
+        return Candidate("TensorIR ELL", layout, pack, estimate, bias_inside=False,
+                         schedule=lambda func: schedule_default(func, task.target))
+
+    return [candidate("rows"), candidate("cols")]

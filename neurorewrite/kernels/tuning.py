@@ -218,21 +218,32 @@ def alloc_valid_arguments(device, args_info: list, alloc_repeat: int) -> list:
     return repeated
 
 
-def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database: ms.database.Database) -> relax.VMExecutable:
-    """Build ``mod`` with the tuned schedules from ``database``; a sparse kernel without a valid record
-    (tuning skipped, or every candidate failed) gets the untuned default schedule, never none."""
+def build(mod: tvm.IRModule, target: tvm.target.Target, database: ms.database.Database | None = None) -> relax.VMExecutable:
+    """Build ``mod``: fused as for tuning, the tuned schedules from ``database`` applied, and on a CPU
+    every function still unscheduled given the default parallel schedule (:mod:`.default_schedule`).
+    A TensorIR ELL kernel without a valid record (tuning skipped, or every candidate failed) gets its
+    untuned default schedule, never none."""
+    from neurorewrite.kernels.default_schedule import schedule_leftovers
     from neurorewrite.kernels.sparse_linear import RULE, schedule_default
 
-    updates = {}
-    for gv, func in mod.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or RULE not in func.script():
-            continue
-        record = database.query_tuning_record(tvm.IRModule({"main": func}), target, "main")
-        if record is None or not record.run_secs:
-            updates[gv] = schedule_default(func, target)
-    for gv, func in updates.items():
-        mod[gv] = func
-    return ms.relax_integration.compile_relax(database, mod, target, params=None)
+    if database is not None:
+        updates = {}
+        for gv, func in mod.functions.items():
+            if not isinstance(func, tvm.tirx.PrimFunc) or RULE not in func.script():
+                continue
+            record = database.query_tuning_record(tvm.IRModule({"main": func}), target, "main")
+            if record is None or not record.run_secs:
+                updates[gv] = schedule_default(func, target)
+        for gv, func in updates.items():
+            mod[gv] = func
+    with target:
+        mod = fuse_for_tuning(mod, target)
+        if database is not None:
+            with database:
+                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        if target.kind.name == "llvm":
+            mod = schedule_leftovers(mod)
+    return tvm.compile(mod, target=target)
 
 
 def _cores(target: tvm.target.Target) -> int:

@@ -34,7 +34,7 @@ class CompileReport:
     """What ``compile`` did: target, kernels, tuning, timings and where it wrote."""
 
     target: str
-    inputs: dict[str, list[int]]
+    inputs: dict[str, list[int | str]]  # a symbolic dimension (any size at run time) is its name
     outputs: list[str]
     sparse_kernels: list[dict[str, object]] = field(default_factory=list)
     folded: list[dict[str, object]] = field(default_factory=list)  # SparseLinear nodes that sum tied children
@@ -44,6 +44,8 @@ class CompileReport:
     seconds_tune: float = 0.0
     seconds_build: float = 0.0
     output: str | None = None
+    kernel_choice: str = "measure"  # measure: kernels timed on this machine (kept in the database); estimate
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -58,19 +60,28 @@ def compile(  # noqa: A001 (the public name the issue asks for)
     database: str | os.PathLike | None = None,
     shapes: Mapping[str, Sequence[int]] | None = None,
     progress: Progress | None = None,
+    kernel_choice: str = "measure",
 ):  # -> tuple[relax.VMExecutable, CompileReport]
     """Compile ``model`` for ``target``; with ``tune`` run up to ``trials`` MetaSchedule measurements.
 
-    The database (default: ``OUTPUT.tuning/`` beside the output) keeps the records; a later compile
-    with the same shapes and target reuses them without measuring again.
+    Without ``shapes`` for an input with symbolic dimensions the library keeps them symbolic: it runs
+    every batch size, each sparse layer choosing its kernel per call; ``shapes`` fixes them (the fast
+    path, and the only one MetaSchedule can tune). ``kernel_choice``: ``measure`` times the candidate
+    kernels of every sparse layer on this machine (when the target is this machine) and keeps the
+    choice in the database; ``estimate`` ranks them by static costs.
+    The database (default: ``OUTPUT.tuning/`` beside the output) keeps the records (MetaSchedule's and
+    the kernel choices); a later compile with the same shapes and target reuses them without measuring again.
     """
     from neurorewrite.kernels import tuning
+    from neurorewrite.kernels.measure import KernelRecords
     from neurorewrite.passes.prepare import prepare_for_runtime
-    from neurorewrite.runtime.tvm_import import import_model, input_shapes
+    from neurorewrite.runtime.tvm_import import import_model, input_shapes, is_static
     from neurorewrite.runtime.tvm_target import parse_target
 
     if trials < 0:
         raise InvalidOptionError(f"--trials must be >= 0, got {trials}")
+    if kernel_choice not in ("measure", "estimate"):
+        raise InvalidOptionError(f"--kernel-choice must be measure or estimate, got {kernel_choice!r}")
     if tune and database is None:
         if output is None:
             raise InvalidOptionError("tuning needs a --database folder (or an output path to put it beside)")
@@ -83,18 +94,26 @@ def compile(  # noqa: A001 (the public name the issue asks for)
         check_space(Path(output), weight_bytes(proto))
     static = input_shapes(proto, shapes)
     db = tuning.open_database(database, tvm_target) if database is not None else None
-    mod, kernels = import_model(proto, static, tvm_target, scheduled=db is None)
+    fixed = all(is_static(shape) for shape in static.values())
+    # measured kernel choices are kept in the database folder (default: beside the output, as for --tune)
+    records_folder = database if database is not None else None if output is None else Path(str(output) + ".tuning")
+    mod, kernels = import_model(proto, static, tvm_target, scheduled=db is None or not fixed,
+                                records=None if records_folder is None else KernelRecords(records_folder),
+                                measure=kernel_choice == "measure")
     report = CompileReport(
         target=str(tvm_target), inputs=static, outputs=[o.name for o in proto.graph.output],
         sparse_kernels=kernels, folded=prepared.folded,
         trials=trials if tune else 0, database=None if database is None else str(database),
+        kernel_choice=kernel_choice,
     )
     start = time.monotonic()
-    if db is not None and tune:
+    if db is not None and tune and not fixed:
+        report.notes.append("MetaSchedule tunes static shapes only: pass --shape to tune the dense operators")
+    elif db is not None and tune:
         report.tuned_tasks = tuning.tune(mod, tvm_target, db, trials, progress)
     report.seconds_tune = time.monotonic() - start
     start = time.monotonic()
-    executable = _build(mod, tvm_target, db)
+    executable = _build(mod, tvm_target, db if fixed else None)
     report.seconds_build = time.monotonic() - start
     if output is not None:
         write_library(executable, report, output)
@@ -103,14 +122,9 @@ def compile(  # noqa: A001 (the public name the issue asks for)
 
 
 def _build(mod, target, db):  # noqa: ANN001, ANN202
-    import tvm
-
     from neurorewrite.kernels import tuning
 
-    if db is None:
-        return tvm.compile(mod, target=target)
-    with target:
-        return tuning.apply_database(mod, target, db)
+    return tuning.build(mod, target, db)
 
 
 # what a tuning database folder holds: MetaSchedule's two files and kernels.tuning.MANIFEST

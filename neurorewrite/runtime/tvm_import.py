@@ -5,12 +5,12 @@ converter: each SparseLinear node's CSR weight is checked (:func:`neurorewrite.o
 handed to the kernel registry (:mod:`neurorewrite.kernels.choice`), whose plan emits a ``call_tir`` of
 one of the project's kernels with the weights repacked as constants (the sparsity pattern is fixed,
 so every kernel is specialised on it). Which kernel runs when is the registry's business; the
-report names it per node.
+report names it per node. Between sparse layers activations stay feature-major
+(:mod:`neurorewrite.runtime.tvm_layout`).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -22,20 +22,28 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from neurorewrite.errors import InvalidOptionError, ModelLoadError, last_line
-from neurorewrite.kernels.choice import SparseLinearTask, plan_sparse_linear
+from neurorewrite.kernels.choice import SparseLinearTask, candidates_for
+from neurorewrite.kernels.dispatch import emit_layer
+from neurorewrite.kernels.measure import PROBES, KernelRecords, choose
+from neurorewrite.kernels.transpose import emit_transpose
 from neurorewrite.ops import OP, check_csr
 from neurorewrite.rewriter.record import read_record
+from neurorewrite.runtime.tvm_layout import FeatureMajor
 
 SPARSE_OPS = (OP,)
 
 
 class _Importer(onnx_frontend.ONNXGraphImporter):
-    def __init__(self, shape_dict: dict, target: tvm.target.Target, scheduled: bool, alpha: int) -> None:
+    def __init__(self, shape_dict: dict, target: tvm.target.Target, scheduled: bool, alpha: int,
+                 records: KernelRecords | None, measure: bool) -> None:
         super().__init__(shape_dict, "float32")
         self._target = target
         self._scheduled = scheduled
         self._alpha = alpha  # the model's FPE alpha: rows in runs of alpha may be one parent's children
+        self._records = records
+        self._measure = measure
         self.kernels: list[dict[str, object]] = []  # one row per SparseLinear: which kernel runs it
+        self._layout = FeatureMajor(self.bb, target.kind.name == "llvm")
 
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
         convert_map = onnx_frontend._get_convert_map()
@@ -49,7 +57,12 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
     def _convert_operator(self, op_name: str, inputs: list, attrs: dict, opset: int) -> relax.Expr:
         if op_name == OP:
             return self._sparse_linear(inputs, attrs)
-        return super()._convert_operator(op_name, inputs, attrs, opset)
+        out = super()._convert_operator(op_name, inputs, attrs, opset)
+
+        def convert(op: str, args: list) -> relax.Expr:
+            return super(_Importer, self)._convert_operator(op, args, attrs, opset)
+
+        return self._layout.propagate(op_name, inputs, attrs, out, convert)
 
     def _sparse_linear(self, inputs: list, attrs: dict) -> relax.Expr:
         name = attrs["tvm_custom"]["name"] or OP
@@ -62,15 +75,29 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         d, o = int(attrs["in_features"]), int(attrs["out_features"])
         csr = check_csr(values, indices, indptr, d, o, bias, where=f"SparseLinear {name}")
         x = inputs[0]
-        dims = [_static_dim(v, name) for v in x.ty.shape]
-        n = math.prod(dims[:-1])
-        task = SparseLinearTask(name, n, d, o, csr.values, csr.indices, csr.indptr, bias, self._alpha,
-                                self._target, self._scheduled)
-        plan = plan_sparse_linear(task)
-        self.kernels.append({"node": name, "kernel": plan.kernel, "rows": n, "in_features": d, "out_features": o,
-                             "nonzeros": csr.nonzeros})
-        y = plan.emit(self.bb, self.bb.emit(relax.op.reshape(x, (n, d))))
-        return relax.op.reshape(y, (*dims[:-1], o))
+        dims = [_dim(v, name) for v in x.ty.shape]
+        n = _product(dims[:-1])
+        task = SparseLinearTask(name, d, o, csr.values, csr.indices, csr.indptr, bias, self._alpha, self._target)
+        candidates = candidates_for(task)
+        probes = (n,) if isinstance(n, int) else PROBES
+        choice = choose(task, candidates, probes, self._records, self._measure)
+        by_name = {c.name: c for c in candidates}
+        self.kernels.append({
+            "node": name, "kernel": choice.describe(), "rows": n if isinstance(n, int) else str(n),
+            "in_features": d, "out_features": o, "nonzeros": csr.nonzeros, "choice": choice.source,
+            "ranges": [[start, kernel] for start, kernel in choice.ranges],
+            "timings_us": {k: {str(b): t for b, t in v.items()} for k, v in choice.timings_us.items()},
+            # what each chosen kernel reads per call: its packed weights (bytes) and stored entries
+            "weight_bytes": {k: sum(int(w.nbytes) for w in by_name[k].build()[1]) for k in choice.kernels},
+        })
+        twin = self._layout.get(x)
+        if twin is not None and twin.features == (d,):  # the previous layer's output, still feature-major
+            xt = twin.expr
+        else:
+            x2 = self.bb.emit(relax.op.reshape(x, (n, d)))
+            xt = emit_transpose(self.bb, x2, n, d, self._target.kind.name == "llvm")
+        yt = emit_layer(self.bb, task, candidates, choice, xt, n, self._scheduled)
+        return self._layout.sparse_output(yt, o, tuple(dims[:-1]))
 
 
 def _constant(expr: relax.Expr, node: str, role: str) -> np.ndarray:
@@ -79,14 +106,28 @@ def _constant(expr: relax.Expr, node: str, role: str) -> np.ndarray:
     return expr.value.numpy()
 
 
-def _static_dim(value: object, node: str) -> int:
+def _dim(value: object, node: str) -> int | tvm.tirx.Expr:
+    """A static dimension as an int; a symbolic one (the batch of a library for any batch) as it is."""
     if isinstance(value, tvm.tirx.IntImm):
         return int(value)
-    raise InvalidOptionError(f"SparseLinear {node}: input dimension {value} is not static; pass --shape NAME=D0,D1,...")
+    if isinstance(value, tvm.tirx.Expr):
+        return value
+    raise ModelLoadError(f"SparseLinear {node}: input dimension {value} is unknown; pass --shape NAME=D0,D1,...")
 
 
-def input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
-    """Static shapes of the graph inputs: the model's own, with ``shapes`` filling symbolic dims."""
+def _product(dims: list) -> int | tvm.tirx.Expr:
+    out: int | tvm.tirx.Expr = 1
+    for d in dims:
+        out = out * d if not (isinstance(out, int) and out == 1) else d
+    return out
+
+
+Shape = list[int | str]  # a symbolic dimension is its name (ONNX dim_param)
+
+
+def input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, Shape]:
+    """Shapes of the graph inputs: ``shapes`` where given (static), else the model's own, whose
+    symbolic dimensions stay symbolic (named; an unnamed one becomes ``INPUT_dimK``)."""
     shapes = dict(shapes or {})
     initializers = {t.name for t in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -104,20 +145,45 @@ def input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | N
                 raise InvalidOptionError(f"--shape {i.name}={given} does not fit the model's shape {model_dims}")
             out[i.name] = given
             continue
-        if any(not d.HasField("dim_value") for d in dims):
-            raise InvalidOptionError(f"input {i.name} has a symbolic dimension; pass --shape {i.name}=D0,D1,... "
-                                     "(the kernels are specialised on static shapes)")
-        out[i.name] = [d.dim_value for d in dims]
+        out[i.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or f"{i.name}_dim{k}")
+                       for k, d in enumerate(dims)]
     return out
 
 
+def is_static(shape: Shape) -> bool:
+    return all(isinstance(d, int) for d in shape)
+
+
+def _symbolic_inputs(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> onnx.ModelProto:
+    """``model`` with every input's symbolic dims named as in ``shapes`` (the importer reads the names)."""
+    def unnamed(i: onnx.ValueInfoProto) -> bool:
+        dims = i.type.tensor_type.shape.dim
+        return any(not d.HasField("dim_value") and not d.dim_param for d in dims)
+
+    if not any(i.name in shapes and not is_static(shapes[i.name]) and unnamed(i) for i in model.graph.input):
+        return model
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    for i in named.graph.input:
+        if i.name in shapes and not is_static(shapes[i.name]):
+            for d, want in zip(i.type.tensor_type.shape.dim, shapes[i.name]):
+                if isinstance(want, str):
+                    d.dim_param = want
+
+
 def import_model(
-    model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], target: tvm.target.Target, scheduled: bool
+    model: onnx.ModelProto, shapes: Mapping[str, Shape], target: tvm.target.Target, scheduled: bool,
+    records: KernelRecords | None = None, measure: bool = True,
 ) -> tuple[tvm.IRModule, list[dict[str, object]]]:
-    """The Relax module of ``model``; ``scheduled`` applies the untuned kernel schedule (else left to tuning)."""
+    """The Relax module of ``model``; ``scheduled`` applies the untuned kernel schedule (else left to tuning).
+
+    ``records``: the tuning database's kernel records (read, and written with new measurements);
+    ``measure`` False: the kernels are chosen by the static estimates, nothing is timed."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     record = read_record(model)
-    importer = _Importer(dict(shapes), target, scheduled, 1 if record is None else max(1, record.alpha))
+    static = {name: list(shape) for name, shape in shapes.items() if is_static(shape)}
+    model = _symbolic_inputs(model, shapes)
+    importer = _Importer(static, target, scheduled, 1 if record is None else max(1, record.alpha), records, measure)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the frontend warns on every custom-domain node
         try:
@@ -126,4 +192,6 @@ def import_model(
             raise
         except Exception as e:  # the frontend raises assorted TVM and Python errors on graphs it cannot take
             raise ModelLoadError(f"TVM could not import the model: {last_line(e)}") from e
+    # the row-major views of feature-major tensors that nothing reads (tvm_layout.py)
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)
     return mod, importer.kernels

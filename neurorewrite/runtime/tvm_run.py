@@ -64,18 +64,31 @@ class CompiledModel:
             inputs = [inputs[n] for n in self.input_names]
         if len(inputs) != len(self.input_names):
             raise DataError(f"{self.path}: expects {len(self.input_names)} input(s) {self.input_names}, got {len(inputs)}")
-        arrays = []
+        arrays, sizes = [], {}  # sizes: the value each symbolic dimension takes in this call
         for name, value in zip(self.input_names, inputs):
             value = np.asarray(value)
             if value.dtype.kind not in "biuf":
                 raise DataError(f"{self.path}: input {name} has dtype {value.dtype}; it must hold numbers")
             value = np.ascontiguousarray(value, dtype=np.float32)
             expected = list(self.meta["inputs"][name])
-            if list(value.shape) != expected:
+            if not _fits(list(value.shape), expected, sizes):
                 raise DataError(f"{self.path}: input {name} was compiled for shape {expected}, got {list(value.shape)}; "
-                                "recompile with --shape for other shapes")
+                                "recompile with --shape for other shapes (or without it for any batch)")
             arrays.append(value)
         return arrays
+
+
+def _fits(shape: list[int], expected: list, sizes: dict[str, int]) -> bool:
+    """Whether ``shape`` matches ``expected``, whose named (symbolic) dims take one size across inputs."""
+    if len(shape) != len(expected):
+        return False
+    for got, want in zip(shape, expected):
+        if isinstance(want, str):
+            if got < 1 or sizes.setdefault(want, got) != got:
+                return False
+        elif got != want:
+            return False
+    return True
 
 
 def read_metadata(path: Path) -> dict:
@@ -115,8 +128,10 @@ def _metadata_problem(meta: object) -> str | None:
     if not isinstance(inputs, dict) or not inputs:
         return "no inputs"
     for name, shape in inputs.items():
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-            return f"input {name} has shape {shape!r}, not a list of positive integers"
+        # a dim is a positive size, or the name of a symbolic one (a library built for any batch)
+        if not isinstance(shape, list) or not all(
+                (isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and d) for d in shape):
+            return f"input {name} has shape {shape!r}, not a list of positive integers and dimension names"
     outputs = meta.get("outputs")
     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
         return "outputs is not a list of names"

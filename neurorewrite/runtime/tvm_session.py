@@ -1,7 +1,8 @@
 """An onnxruntime-session look-alike over TVM-compiled libraries, so TVM sits in the same benchmark harness.
 
-TVM libraries are specialised on static shapes; :func:`tvm_session` compiles one library per batch size
-and :class:`TvmSession` picks the one matching the batch of the inputs it is given. It offers the two
+:func:`tvm_session` compiles either one library per batch size (``--shape``: the fast path) or one
+library with the model's symbolic batch that runs them all (``symbolic=True``), and
+:class:`TvmSession` picks the library for the batch of the inputs it is given. It offers the two
 methods the harness uses: ``get_inputs()`` (name, shape with the symbolic batch, type) and
 ``run(None, feeds)``.
 """
@@ -30,6 +31,9 @@ class InputSpec:
     type: str = "tensor(float)"
 
 
+ANY_BATCH = 0  # the key of a library compiled with a symbolic batch
+
+
 class TvmSession:
     """``run(None, feeds)`` on the library compiled for the feeds' batch size."""
 
@@ -42,6 +46,8 @@ class TvmSession:
 
     def run(self, _output_names: object, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         batch = int(np.shape(feeds[self._inputs[0].name])[0])
+        if ANY_BATCH in self._libraries:
+            return self._libraries[ANY_BATCH](dict(feeds))
         if batch not in self._libraries:
             raise DataError(f"no TVM library compiled for batch {batch} (compiled: {sorted(self._libraries)})")
         return self._libraries[batch](dict(feeds))
@@ -75,19 +81,23 @@ def static_shape(spec: InputSpec, batch: int) -> list[int]:
 
 def tvm_session(
     model_path: str | os.PathLike, batches: Sequence[int], threads: int, folder: str | os.PathLike,
-    tune: bool = False, trials: int = 0, spinning: bool = False,
+    tune: bool = False, trials: int = 0, spinning: bool = False, symbolic: bool = False,
+    database: str | os.PathLike | None = None,
 ) -> TvmSession:
-    """Compile ``model_path`` for llvm once per batch size into ``folder`` and wrap the libraries for the
-    benchmark harness (by default idle workers do not spin, as in its onnxruntime sessions)."""
+    """Compile ``model_path`` for llvm into ``folder`` (once per batch size, or once for every batch with
+    ``symbolic``) and wrap the libraries for the benchmark harness (by default idle workers do not spin,
+    as in its onnxruntime sessions). The kernel choice is measured here and kept in ``database``
+    (default: one folder per library)."""
     from neurorewrite.runtime.tvm_compile import compile
 
     set_threads(threads, spinning=spinning)
     model = onnx.load(str(model_path))
     specs = input_specs(model)
     libraries = {}
-    for batch in batches:
-        lib = Path(folder) / f"{Path(model_path).stem}.b{batch}.so"
-        shapes = {s.name: static_shape(s, batch) for s in specs}
-        compile(model, "llvm", output=lib, shapes=shapes, tune=tune, trials=trials)
+    for batch in [ANY_BATCH] if symbolic else batches:
+        lib = Path(folder) / f"{Path(model_path).stem}.{'any' if batch == ANY_BATCH else f'b{batch}'}.so"
+        shapes = None if batch == ANY_BATCH else {s.name: static_shape(s, batch) for s in specs}
+        compile(model, "llvm", output=lib, shapes=shapes, tune=tune and batch != ANY_BATCH, trials=trials,
+                database=database if database is not None else Path(str(lib) + ".tuning"))
         libraries[batch] = CompiledModel(lib)
     return TvmSession(specs, libraries)

@@ -55,3 +55,21 @@ def test_kernel_matches_numpy(n: int) -> None:
     lib["ell_linear"](*(tvm.runtime.tensor(a) for a in (xt, ell.values, ell.indices)), out)
     np.testing.assert_allclose(out.numpy(), w @ xt, rtol=1e-4, atol=1e-5)
     assert shape.layout == ("rows" if n >= 8 else "cols")
+
+
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+def test_symbolic_batch_kernel_in_both_layouts(layout: str) -> None:
+    rng = np.random.default_rng(4)
+    w = _weight(rng, 48, 20, 0.3)
+    ell = ell_from_dense(w)
+    shape = EllShape(None, 20, 48, ell.width, str(ell.indices.dtype), layout)
+    if layout == "cols":
+        ell = ell.transposed()
+    target = parse_target("llvm")
+    func = schedule_default(ell_linear_func(shape), target).with_attr("global_symbol", "ell_linear")
+    lib = tvm.compile(tvm.IRModule({"ell_linear": func}), target=target)
+    for n in (1, 5, 19):
+        xt = rng.standard_normal((20, n)).astype(np.float32)
+        out = tvm.runtime.tensor(np.zeros((48, n), np.float32))
+        lib["ell_linear"](*(tvm.runtime.tensor(a) for a in (xt, ell.values, ell.indices)), out)
+        np.testing.assert_allclose(out.numpy(), w @ xt, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Labeled parent tiles: packing FPE children and the small-batch kernel against numpy."""
+"""Labeled parent tiles: packing FPE children (int8 labels or label bits), the small-batch kernels against numpy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ pytest.importorskip("tvm")
 import tvm
 
 from neurorewrite.fpe.block import scatter_children
-from neurorewrite.kernels.labeled_tiles import LANES, labeled_gemv_func, labeled_tiles_from_csr, prefer_labeled
+from neurorewrite.kernels.choice import SparseLinearTask
+from neurorewrite.kernels.labeled_tiles import labeled_candidates, labeled_gemv_func, labeled_tiles_from_csr, siblings_disjoint
 from neurorewrite.ops import csr_arrays
 from neurorewrite.runtime.tvm_target import parse_target
 
@@ -21,36 +22,57 @@ def _children(rng: np.random.Generator, parents: int, d: int, alpha: int) -> np.
     return scatter_children(w, rng.integers(0, alpha, (parents, d)), alpha)
 
 
-@pytest.mark.parametrize(("alpha", "n", "vector"), [(1, 1, 16), (1, 5, 16), (4, 1, 16), (4, 3, 8), (3, 5, 16)])
-def test_kernel_matches_numpy(alpha: int, n: int, vector: int) -> None:
-    rng = np.random.default_rng(alpha * 10 + n)
-    parents, d = 37, 50  # parents not a multiple of LANES: the last tile is padding
+@pytest.mark.parametrize(("alpha", "encoding", "lanes", "vector"), [
+    (1, "dense", 8, 8), (1, "dense", 32, 16), (4, "labels", 8, 8), (4, "labels", 32, 16), (3, "labels", 16, 8),
+    (4, "bits", 8, 8), (4, "bits", 16, 16), (3, "bits", 8, 8), (2, "bits", 16, 8),
+])
+def test_kernel_matches_numpy_at_every_batch(alpha: int, encoding: str, lanes: int, vector: int) -> None:
+    rng = np.random.default_rng(alpha * 10 + lanes)
+    parents, d = 37, 50  # parents not a multiple of the lanes: the last tile is padding
     w = _children(rng, parents, d, alpha)
     bias = rng.standard_normal(parents * alpha).astype(np.float32)
-    tiles = labeled_tiles_from_csr(*csr_arrays(w), in_features=d, alpha=alpha, bias=bias)
-    assert tiles is not None and tiles.tiles == -(-parents // LANES) and (tiles.labels is None) == (alpha == 1)
-    func = labeled_gemv_func(n, tiles, vector)
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=parse_target("llvm"))
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    arrays = [x, tiles.values] + ([] if tiles.labels is None else [tiles.labels]) + [tiles.bias]
-    args = [tvm.runtime.tensor(a) for a in [*arrays, np.zeros((n, tiles.rows), np.float32)]]
-    lib["main"](*args)
-    np.testing.assert_allclose(args[-1].numpy()[:, : parents * alpha], x @ w.T + bias, rtol=1e-5, atol=1e-5)
+    tiles = labeled_tiles_from_csr(*csr_arrays(w), in_features=d, alpha=alpha, bias=bias, lanes=lanes, encoding=encoding)
+    assert tiles is not None and tiles.tiles == -(-parents // lanes) and tiles.encoding == encoding
+    assert (tiles.labels is None) == (encoding != "labels")
+    target = parse_target("llvm") if vector == 8 else parse_target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 1})
+    lib = tvm.compile(tvm.IRModule({"main": labeled_gemv_func(tiles, vector).with_attr("global_symbol", "main")}), target=target)
+    for n in (1, 2, 5, 9):  # one sample, a pass of several, and the remainder
+        xt = rng.standard_normal((d, n)).astype(np.float32)
+        y = tvm.runtime.tensor(np.zeros((parents * alpha, n), np.float32))
+        lib["main"](*(tvm.runtime.tensor(a) for a in [xt, *tiles.arrays()]), y)
+        np.testing.assert_allclose(y.numpy(), w @ xt + bias[:, None], rtol=1e-5, atol=2e-5)
+
+
+def test_label_bits_move_each_weight_by_at_most_three_ulp() -> None:
+    rng = np.random.default_rng(0)
+    w = _children(rng, 40, 30, 4)
+    tiles = labeled_tiles_from_csr(*csr_arrays(w), in_features=30, alpha=4, lanes=8, encoding="bits")
+    plain = labeled_tiles_from_csr(*csr_arrays(w), in_features=30, alpha=4, lanes=8, encoding="labels")
+    moved = np.abs(tiles.values.view(np.int32) - plain.values.view(np.int32))
+    assert moved.max() <= 3 and (tiles.values.view(np.int32) & 3 == plain.labels).all()
+    assert (tiles.values[plain.values == 0] == 0).all()  # pruned entries stay exact zeros (label 0)
+    assert labeled_tiles_from_csr(*csr_arrays(_children(rng, 8, 30, 5)), in_features=30, alpha=5, encoding="bits") is None
 
 
 def test_siblings_that_share_an_input_are_not_packed() -> None:
     w = _children(np.random.default_rng(0), 8, 12, 2)
     w[1, 3] = w[0, 3] = 1.0  # children 0 and 1 of parent 0 both read input 3
+    assert not siblings_disjoint(*csr_arrays(w)[1:], in_features=12, alpha=2)
     assert labeled_tiles_from_csr(*csr_arrays(w), in_features=12, alpha=2) is None
     assert labeled_tiles_from_csr(*csr_arrays(w[:15]), in_features=12, alpha=2) is None  # odd row count
     assert labeled_tiles_from_csr(*csr_arrays(w), in_features=12, alpha=1) is not None
 
 
-def test_choice_follows_density() -> None:
-    # an FPE first layer keeps most parent entries: tiles; a 5%-dense layer: gathers
-    assert prefer_labeled(nnz=1_500_000, parents=3072, in_features=768, alpha=4)
-    assert prefer_labeled(nnz=800_000, parents=768, in_features=3072, alpha=1)
-    assert not prefer_labeled(nnz=100_000, parents=768, in_features=3072, alpha=1)
-    assert not prefer_labeled(nnz=300_000, parents=3072, in_features=768, alpha=4)
-    # an untied FPE second layer, 768 x 12288 zero-filled (38 MB), would stream from memory: gathers
-    assert not prefer_labeled(nnz=3_150_000, parents=768, in_features=12288, alpha=1)
+def test_candidates_follow_structure_and_density() -> None:
+    rng = np.random.default_rng(1)
+    target = parse_target("llvm")
+
+    def names(w: np.ndarray, alpha: int) -> set[str]:
+        task = SparseLinearTask("t", w.shape[1], w.shape[0], *csr_arrays(w), None, alpha, target)
+        return {c.kernel for c in labeled_candidates(task)}
+
+    children = _children(rng, 64, 40, 4)  # 17% dense as children, 70% as parents
+    assert names(children, 4) == {"labeled tiles x4"}
+    dense_enough = rng.standard_normal((64, 40)).astype(np.float32) * (rng.random((64, 40)) < 0.5)
+    assert names(dense_enough, 1) == {"dense tiles"}
+    assert names(dense_enough * (rng.random((64, 40)) < 0.2), 1) == set()  # 10% dense: gathers or blocks

@@ -21,3 +21,13 @@ def test_transpose_matches_numpy(rows: int, cols: int) -> None:
     y = tvm.runtime.tensor(np.zeros((cols, rows), np.float32))
     lib["main"](tvm.runtime.tensor(x), y)
     np.testing.assert_array_equal(y.numpy(), x.T)
+
+
+def test_one_symbolic_transpose_serves_every_batch() -> None:
+    func = transpose_func(None, 50)  # (batch, 50) -> (50, batch), batch symbolic
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=parse_target("llvm"))
+    for rows in (1, 17, 40):
+        x = np.random.default_rng(rows).standard_normal((rows, 50)).astype(np.float32)
+        y = tvm.runtime.tensor(np.zeros((50, rows), np.float32))
+        lib["main"](tvm.runtime.tensor(x), y)
+        np.testing.assert_array_equal(y.numpy(), x.T)

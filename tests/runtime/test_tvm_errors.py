@@ -30,11 +30,11 @@ def test_unknown_target_is_refused_and_nothing_written(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_symbolic_input_needs_a_shape(tmp_path: Path) -> None:
-    with pytest.raises(InvalidOptionError, match="--shape x="):
-        compile(_model(), "llvm", output=tmp_path / "m.so")
+def test_a_shape_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidOptionError, match="does not fit"):
-        compile(_model(), "llvm", shapes={"x": [2, 9]})
+        compile(_model(), "llvm", output=tmp_path / "m.so", shapes={"x": [2, 9]})
+    with pytest.raises(InvalidOptionError, match="--kernel-choice"):
+        compile(_model(), "llvm", output=tmp_path / "m.so", kernel_choice="guess")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -71,3 +71,8 @@ def test_wrong_input_shape_at_run_time_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no array for input"):
         model({"y": np.zeros((2, 8), np.float32)})
     assert model(np.ones((2, 8), np.float32))[0].shape == (2, 4)
+    compile(_model(), "llvm", output=tmp_path / "any.so", kernel_choice="estimate")  # symbolic batch
+    anybatch = load(tmp_path / "any.so")
+    assert anybatch(np.ones((5, 8), np.float32))[0].shape == (5, 4)
+    with pytest.raises(DataError, match=r"compiled for shape \['batch', 8\], got \[5, 9\]"):
+        anybatch(np.ones((5, 9), np.float32))

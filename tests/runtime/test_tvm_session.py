@@ -34,6 +34,19 @@ def test_one_library_per_batch_matches_the_reference_and_runs_in_the_harness(tmp
     assert result.median[("tvm", 9)] > 0
 
 
+def test_one_symbolic_library_serves_every_batch(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    w1, b1 = masked(rng, 40, 24, 0.3), rng.standard_normal(40).astype(np.float32)
+    w2, b2 = masked(rng, 12, 40, 0.3), rng.standard_normal(12).astype(np.float32)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(mlp(w1, b1, w2, b2, sparse=True).SerializeToString())
+    session = tvm_session(path, (1, 9), threads=1, folder=tmp_path, symbolic=True)
+    assert sorted(p.name for p in tmp_path.glob("*.so")) == ["m.any.so"]
+    for batch in (1, 4, 9, 33):
+        x = rng.standard_normal((batch, 24)).astype(np.float32)
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], reference(x, w1, b1, w2, b2), rtol=1e-4, atol=1e-4)
+
+
 def test_static_shape_fills_batch_then_sequence() -> None:
     model = mlp(*(np.ones(s, np.float32) for s in ((4, 3), (4,), (2, 4), (2,))), sparse=False, input_shape=["b", "s", 3])
     (spec,) = input_specs(model)
