@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -62,6 +61,7 @@ from torch import Tensor, nn
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.models.memel_fused import fused_kernel_for, fused_step
 from neurorewrite.models.memel_rd import reversed_deactivation
+from neurorewrite.checks import finite_number, integer_at_least
 from neurorewrite.models.memel_stats import batch_moments, merge_capped_, unbiased_variance
 
 __all__ = ["MEmeL", "find_memel", "first_argmax_", "insert_memel", "remove_memel", "reversed_deactivation"]
@@ -69,16 +69,6 @@ __all__ = ["MEmeL", "find_memel", "first_argmax_", "insert_memel", "remove_memel
 VARIANCE_FLOOR_SHARE = 0.01  # the paper's 0.01 * mean(s^2) added to every element's variance
 
 
-def _check_int(option: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidOptionError(f"MEmeL option {option} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_delta(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidOptionError(f"MEmeL option delta must be a finite number (1 = RD, 0 or -1 = naive), got {value!r}")
-    return float(value)
 
 
 class MEmeL(nn.Module):
@@ -91,9 +81,9 @@ class MEmeL(nn.Module):
         self, top_t: int = 1, delta: float = 1.0, n_forget: int = 10, sync_ranks: bool = True, name: str = "MEmeL"
     ) -> None:
         super().__init__()
-        self.top_t = _check_int("top_t", top_t, 1)
-        self.n_forget = _check_int("n_forget", n_forget, 1)
-        self.delta = _check_delta(delta)
+        self.top_t = integer_at_least("MEmeL option top_t", top_t, 1)
+        self.n_forget = integer_at_least("MEmeL option n_forget", n_forget, 1)
+        self.delta = finite_number("MEmeL option delta", delta, hint=" (1 = RD, 0 or -1 = naive)")
         self.sync_ranks = bool(sync_ranks)
         self.name = name
         self.count = 0  # samples the running statistics stand for (capped at n_forget batches)

@@ -8,9 +8,9 @@ options steer is in ``shared/METHODS.md`` section 3.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from neurorewrite.checks import finite_number, integer_at_least
 from neurorewrite.errors import InvalidOptionError
 
 FISHERS = ("gauss_newton", "empirical")
@@ -27,21 +27,12 @@ IDENTITY_INIT = (0.0, 0.0, 1.0)
 
 def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     """Return ``value`` as an int, or raise if it is not an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidOptionError(f"SENN option {name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise InvalidOptionError(f"SENN option {name} must be an integer >= {minimum}, got {value}")
-    return value
+    return integer_at_least(f"SENN option {name}", value, minimum)
 
 
 def check_nonnegative_float(name: str, value: object, strictly_positive: bool = False) -> float:
     """Return ``value`` as a finite float >= 0 (> 0 if ``strictly_positive``), or raise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise InvalidOptionError(f"SENN option {name} must be a finite number, got {value!r}")
-    if float(value) < 0 or (strictly_positive and float(value) == 0):
-        bound = "> 0" if strictly_positive else ">= 0"
-        raise InvalidOptionError(f"SENN option {name} must be {bound}, got {value}")
-    return float(value)
+    return finite_number(f"SENN option {name}", value, minimum=0.0, strictly_positive=strictly_positive)
 
 
 @dataclass(frozen=True)
