@@ -36,7 +36,9 @@ from neurorewrite.fpe.block import (
     expand_bias,
     expand_block,
     expand_gated_block,
+    join_fused,
     scatter_children,
+    split_fused,
 )
 from neurorewrite.fpe.prune import PruneScales, choose_pruned, kth_weighted_value, smallest_by_count
 from neurorewrite.fpe.split import (
@@ -54,6 +56,6 @@ from neurorewrite.fpe.split import (
 __all__ = [
     "BIAS_MODES", "ONE_PARTITION_SPLITS", "PRUNE_MODES", "SPLITS", "BlockExpansion", "PruneScales", "FPEConfig", "GatedExpansion", "balanced_labels", "block_nnz",
     "block_seed", "check_alpha", "check_groups", "choose_pruned", "cluster_features", "copy_outputs",
-    "expand_bias", "expand_block", "expand_gated_block", "kth_weighted_value", "scatter_children", "smallest_by_count",
-    "split_blocks", "split_feature", "split_groups", "split_neurons", "split_random", "split_shared", "structured_split",
+    "expand_bias", "expand_block", "expand_gated_block", "join_fused", "kth_weighted_value", "scatter_children", "smallest_by_count",
+    "split_blocks", "split_feature", "split_fused", "split_groups", "split_neurons", "split_random", "split_shared", "structured_split",
 ]

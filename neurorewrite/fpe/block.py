@@ -155,3 +155,21 @@ def _expand(
 
 def _nnz(a: np.ndarray | None) -> int:
     return 0 if a is None else int(np.count_nonzero(a))
+
+
+Weights = tuple[np.ndarray, np.ndarray | None]
+
+
+def split_fused(w: np.ndarray, b: np.ndarray | None, gate_half: int) -> tuple[Weights, Weights]:
+    """(gate, up) weights of a fused gate/up projection whose output is cut in two halves; the gate's
+    rows are half ``gate_half`` (0: the first)."""
+    h = w.shape[0] // 2
+    parts = [(w[:h], None if b is None else b[:h]), (w[h:], None if b is None else b[h:])]
+    return (parts[0], parts[1]) if gate_half == 0 else (parts[1], parts[0])
+
+
+def join_fused(gate: Weights, up: Weights, gate_half: int) -> Weights:
+    """The inverse of :func:`split_fused`: the fused projection's weights, the gate's rows in ``gate_half``."""
+    first, second = (gate, up) if gate_half == 0 else (up, gate)
+    b = None if first[1] is None or second[1] is None else np.concatenate([first[1], second[1]])
+    return np.vstack([first[0], second[0]]), b

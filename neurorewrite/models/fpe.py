@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from neurorewrite.errors import NoBlocksError
-from neurorewrite.fpe import FPEConfig, block_seed, check_alpha, expand_block, expand_gated_block
+from neurorewrite.fpe import FPEConfig, block_seed, check_alpha, expand_block, expand_gated_block, join_fused, split_fused
 from neurorewrite.models.fpe_structured import TiedLinear, structured_config
 from neurorewrite.models.module_blocks import ModuleSearch, SkippedModule, find_module_blocks
 from neurorewrite.models.trace_ops import is_conv1d, trace_ops
@@ -252,23 +252,6 @@ def fpe_expand(
     return new
 
 
-Weights = tuple[np.ndarray, np.ndarray | None]
-
-
-def _halves(w: np.ndarray, b: np.ndarray | None, gate_half: int) -> tuple[Weights, Weights]:
-    """(gate, up) weights of a fused projection whose output ``chunk(2)`` cuts in two."""
-    h = w.shape[0] // 2
-    parts = [(w[:h], None if b is None else b[:h]), (w[h:], None if b is None else b[h:])]
-    return (parts[0], parts[1]) if gate_half == 0 else (parts[1], parts[0])
-
-
-def _join(gate: Weights, up: Weights, gate_half: int) -> Weights:
-    """The fused projection's weights again: the gate's rows in ``gate_half``."""
-    first, second = (gate, up) if gate_half == 0 else (up, gate)
-    b = None if first[1] is None else np.concatenate([first[1], second[1]])  # type: ignore[list-item]
-    return np.vstack([first[0], second[0]]), b
-
-
 def _expand_blocks(
     model: nn.Module, search: ModuleSearch, config: FPEConfig
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray | None]], ModuleExpandReport]:
@@ -289,12 +272,12 @@ def _expand_blocks(
             width_after, before, after = exp.w1.shape[0], exp.nnz_before, exp.nnz_after
         else:
             if block.gate_half is not None:  # gate and up fused: the halves of one linear (chunk(2))
-                (wg, bg), (wu, bu) = _halves(w1, b1, block.gate_half)
+                (wg, bg), (wu, bu) = split_fused(w1, b1, block.gate_half)
             else:
                 (wg, bg), (wu, bu) = (w1, b1), arrays(block.up)  # type: ignore[arg-type]
             gated = expand_gated_block(wg, bg, wu, bu, w2, b2, cfg)
             if block.gate_half is not None:
-                current[block.first] = _join((gated.wg, gated.bg), (gated.wu, gated.bu), block.gate_half)
+                current[block.first] = join_fused((gated.wg, gated.bg), (gated.wu, gated.bu), block.gate_half)
             else:
                 current[block.first], current[block.up] = (gated.wg, gated.bg), (gated.wu, gated.bu)  # type: ignore[index]
             current[block.second] = (gated.wd, gated.bd)

@@ -30,7 +30,8 @@ import numpy as np
 import onnx
 
 from neurorewrite.errors import NoBlocksError
-from neurorewrite.fpe import FPEConfig, PruneScales, block_seed, expand_block, expand_gated_block
+from neurorewrite.fpe import FPEConfig, PruneScales, block_seed, expand_block, expand_gated_block, join_fused, split_fused
+from neurorewrite.fpe.block import Weights
 from neurorewrite.rewriter.blocks import MLPBlock, Skipped, find_blocks, select_blocks
 from neurorewrite.rewriter.editor import GraphEditor
 from neurorewrite.rewriter.graph import GraphIndex
@@ -39,7 +40,6 @@ from neurorewrite.rewriter.record import BlockRecord, FPERecord, write_record
 from neurorewrite.rewriter.widen import widen_shapes
 
 Progress = Callable[[int, int, str], None]
-Weights = tuple[np.ndarray, np.ndarray | None]
 
 
 @dataclass
@@ -101,18 +101,6 @@ class _Current:
             editor.set_weights(lin, w, None if keep_bias else b)
 
 
-def _halves(w: np.ndarray, b: np.ndarray | None, gate_half: int) -> tuple[Weights, Weights]:
-    h = w.shape[0] // 2
-    parts = [(w[:h], None if b is None else b[:h]), (w[h:], None if b is None else b[h:])]
-    return (parts[0], parts[1]) if gate_half == 0 else (parts[1], parts[0])
-
-
-def _join(gate: Weights, up: Weights, gate_half: int) -> Weights:
-    first, second = (gate, up) if gate_half == 0 else (up, gate)
-    b = None if first[1] is None else np.concatenate([first[1], second[1]])
-    return np.vstack([first[0], second[0]]), b
-
-
 def _expand_one(current: _Current, block: MLPBlock, cfg: FPEConfig,
                 scales: PruneScales | None = None) -> tuple[int, int, int, int]:
     """Expand one block into ``current``; returns (width before, after, nonzeros before, after)."""
@@ -124,14 +112,14 @@ def _expand_one(current: _Current, block: MLPBlock, cfg: FPEConfig,
         current.set(block.second, exp.w2, exp.b2, False)
         return w1.shape[0], exp.w1.shape[0], exp.nnz_before, exp.nnz_after
     if block.split is not None:
-        (wg, bg), (wu, bu) = _halves(*current.get(block.first), block.split.gate_half)
+        (wg, bg), (wu, bu) = split_fused(*current.get(block.first), block.split.gate_half)
     elif block.up is not None:
         (wg, bg), (wu, bu) = current.get(block.first), current.get(block.up)
     else:
         raise ValueError(f"gated block {block.name} has neither an up projection nor a fused cut")
     g = expand_gated_block(wg, bg, wu, bu, wd, bd, cfg, _fit_scales(scales, wg.shape[1]))
     if block.split is not None:
-        current.set(block.first, *_join((g.wg, g.bg), (g.wu, g.bu), block.split.gate_half), True)
+        current.set(block.first, *join_fused((g.wg, g.bg), (g.wu, g.bu), block.split.gate_half), True)
     else:
         current.set(block.first, g.wg, g.bg, True)
         current.set(block.up, g.wu, g.bu, True)  # type: ignore[arg-type]  (not None: see above)

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from google.protobuf.message import Message
 from onnx import helper
 
 from neurorewrite.external_data import make_tensor
+from neurorewrite.external_data.common import _copy_fields
 from neurorewrite.rewriter.graph import GraphIndex, names_used_in
 from neurorewrite.rewriter.linear import Linear
 from neurorewrite.rewriter.record import FPERecord, write_record
@@ -50,18 +50,6 @@ def unique_name(base: str, taken: set[str]) -> str:
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's default-domain opset version (which operator signatures the graph may use)."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-
-
-def _copy_fields(src: Message, dst: Message, skip: tuple[str, ...]) -> None:
-    for desc, value in src.ListFields():
-        if desc.name in skip:
-            continue
-        if desc.is_repeated:
-            getattr(dst, desc.name).extend(value)
-        elif desc.message_type is not None:
-            getattr(dst, desc.name).CopyFrom(value)
-        else:
-            setattr(dst, desc.name, value)
 
 
 def model_shell(model: onnx.ModelProto) -> onnx.ModelProto:
