@@ -125,7 +125,7 @@ def expand(
     if sample is not None and bad_weights:
         raise InvalidOptionError("--calibrate: " + nonfinite_message(where, bad_weights).replace(
             "outputs that depend on it are not finite", "a refit on them would be NaN; repair the model first"))
-    _check_memory(original, layers, alpha, sample, structured)
+    _check_memory(original, layers, alpha, sample, structured, calibrate_options)
     steps = _pipeline(original, cfg, layers, progress, where, structured, sample, format, prune_by, calibrate_options)
     new, report = run_passes(original, steps)
     assert report is not None  # the pipeline always starts with expand
@@ -167,14 +167,14 @@ def check_no_new_nonfinite(model: onnx.ModelProto, input_had_any: bool, command:
 
 def _check_memory(
     model: onnx.ModelProto, layers: Sequence[str] | None, alpha: int,
-    sample: Mapping[str, np.ndarray] | None, tied: bool,
+    sample: Mapping[str, np.ndarray] | None, tied: bool, options: CalibrateOptions | None = None,
 ) -> None:
     """Refuse an expansion (and calibration) that cannot fit this machine, with the figure.
 
     A lower bound, not a forecast: the expanded weights of every selected block held at once, and for
-    calibration the least-squares system of the widest refit layer as ``passes.calibrate.refit_rows``
-    builds it: the ``(H'+1)^2`` float64 Gram matrix plus the ``rows x H'`` hidden activations
-    (float32 from onnxruntime, float64 in the fit), ``H' = alpha * H`` (``H`` when children are tied).
+    a calibration that refits W2 the system of the widest refit layer as ``passes.calibrate`` streams
+    it: the ``(H'+1)^2`` float64 Gram matrix plus one chunk of hidden activations (float32, and float64
+    in the accumulation), ``H' = alpha * H``, or ``H`` when children are tied or refit per parent.
     """
     blocks, _ = select_blocks(find_blocks(model), list(layers) if layers else None)
     if not blocks:
@@ -185,12 +185,17 @@ def _check_memory(
                "use a smaller --alpha or --layers")
     if sample is None:
         return
+    options = options or _default_calibrate_options()  # imports torch: only with a sample
+    if options.refit == "none":
+        return
     rows = max((a.size // max(1, a.shape[-1]) if a.ndim else 1) for a in sample.values())
     widest = max(blocks, key=lambda b: b.width)
-    refit = widest.width * (1 if tied else alpha)
-    need = 8 * (refit + 1) ** 2 + 12 * rows * refit
+    per_parent = tied or options.refit_per == "parent"
+    refit = widest.width * (1 if per_parent else alpha)
+    need = 8 * (refit + 1) ** 2 + 12 * min(rows, options.chunk_rows) * widest.width * alpha
+    hint = "use a smaller --alpha, --structured, --layers" + ("" if per_parent else ", or --refit-per parent")
     check_fits(need, f"--alpha {alpha} with --calibrate (block {widest.name}: a least-squares fit over {refit} "
-               f"hidden units and {rows} sample rows)", "use a smaller --alpha, --structured, or --layers")
+               f"hidden units and {rows} sample rows)", hint + " (or --refit none: the sample then only informs the prune)")
 
 
 def _pipeline(

@@ -76,8 +76,19 @@ def test_calibration_too_big_for_the_machine_is_refused_with_the_figure(work: Pa
     line = assert_one_line_error(cli("expand", "wide.onnx", "--alpha", "64", "--calibrate", "s.npz", "-o", "o.onnx",
                                      cwd=work), "--alpha 64 with --calibrate", "needs about", "this machine has 1.0 GiB")
     assert "2.0 GiB" in line  # (64 * 256 + 1)^2 float64 entries: the Gram matrix alone
+    assert "--refit-per parent" in line  # the way out the message names
     assert tree(work) == before
     assert cli("expand", "wide.onnx", "--alpha", "2", "--calibrate", "s.npz", "-o", "o.onnx", cwd=work).code == 0
+
+
+def test_the_memory_check_follows_the_refit_options(work: Path, monkeypatch) -> None:
+    """Per child, alpha 2 of 256 units is a 513^2 float64 Gram (2.1 MB); per parent 257^2 (0.5 MB)."""
+    onnx.save(mlp_model(d=6, h=256, o=3), str(work / "wide.onnx"))
+    monkeypatch.setattr(neurorewrite.memory, "machine_memory", lambda: 3 << 19)  # 1.5 MiB
+    base = ("expand", "wide.onnx", "--alpha", "2", "--calibrate", "s.npz")
+    assert_one_line_error(cli(*base, "-o", "c.onnx", cwd=work), "over 512 hidden units", "this machine has")
+    assert cli(*base, "--refit-per", "parent", "-o", "p.onnx", cwd=work).code == 0
+    assert cli(*base, "--refit", "none", "-o", "n.onnx", cwd=work).code == 0
 
 
 def test_expansion_too_big_for_the_machine_is_refused(work: Path, monkeypatch) -> None:
