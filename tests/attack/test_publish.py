@@ -124,8 +124,10 @@ def test_two_writers_on_one_output_never_mix(tmp_path: Path) -> None:
         try:  # a reader that takes no lock may find the data of the model it read removed, but never a mix
             y = ort.InferenceSession(str(out)).run(None, x)[0]
             assert any(np.array_equal(y, e) for e in expected.values()), "onnxruntime read a mixed pair"
+        # failing to open is allowed (docs/robustness.md); seen as Fail, NoSuchFile, InvalidProtobuf, or
+        # InvalidArgument "SystemError : 2" when the data file goes between the header read and the data read
         except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.NoSuchFile,
-                ort.capi.onnxruntime_pybind11_state.InvalidProtobuf):
+                ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, ort.capi.onnxruntime_pybind11_state.InvalidArgument):
             plain_errors += 1
     assert [w.returncode for w in writers] == [0, 0], [w.stderr.read() for w in writers]
     assert which(out) in (2, 3) and seen <= {1, 2, 3}
