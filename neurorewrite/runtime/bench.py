@@ -69,10 +69,16 @@ def concrete_shape(shape: Sequence[int | str | None], batch: int) -> list[int]:
 
 
 def file_bytes(path: str | os.PathLike) -> int:
-    """Size of a model file plus its external data file, if any."""
+    """Size of a model file plus the external data files it names, if any (``save_model`` gives each
+    write its own ``<model>.<hex>.data``, so the name is read from the model, not guessed)."""
+    import onnx
+
     size = os.path.getsize(path)
-    data = f"{path}.data"
-    return size + (os.path.getsize(data) if os.path.exists(data) else 0)
+    header = onnx.load(str(path), load_external_data=False)
+    names = {e.value for t in header.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+             for e in t.external_data if e.key == "location"}
+    folder = os.path.dirname(os.path.abspath(path))
+    return size + sum(os.path.getsize(os.path.join(folder, n)) for n in names if os.path.exists(os.path.join(folder, n)))
 
 
 def bench_sessions(
