@@ -1,7 +1,13 @@
 """What the other modules of this room share: copying a message's fields, a tensor's size and its
-external-data entry."""
+external-data entry, removing the folders of dead writers."""
 
 from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from collections.abc import Callable
 
 import onnx
 from google.protobuf.message import Message
@@ -53,3 +59,23 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
+
+
+def remove_dead_folders(root: str | os.PathLike, wanted: Callable[[os.DirEntry], bool]) -> None:
+    """Remove the folders under ``root`` that ``wanted`` picks and whose owner has died: each live owner
+    holds an exclusive ``flock`` on its folder, so a lock that can be taken is a dead owner's."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            if not wanted(entry) or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(entry.path, ignore_errors=True)
+            except OSError:
+                pass  # a live owner holds it
+            finally:
+                os.close(fd)

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from neurorewrite.external_data.common import COPY_CHUNK, _DATA_FIELDS, _copy_fields, _external, _external_info, _nbytes
+from neurorewrite.external_data.common import COPY_CHUNK, remove_dead_folders, _DATA_FIELDS, _copy_fields, _external, _external_info, _nbytes
 
 SPILL_THRESHOLD = 64 << 20  # bytes: a pass's new tensor this big goes to a spill file, not into protobuf
 SPILL_PREFIX = "neurorewrite-spill."
@@ -69,22 +69,7 @@ _SPILL = _SpillFolder()
 
 def _remove_dead_spills() -> None:
     """Remove spill folders of processes that died without cleaning up (their lock is free)."""
-    root = Path(tempfile.gettempdir())
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(root):
-            if not entry.name.startswith(SPILL_PREFIX) or not entry.is_dir(follow_symlinks=False):
-                continue
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(entry.path, ignore_errors=True)
-            except OSError:
-                pass  # alive
-            finally:
-                os.close(fd)
+    remove_dead_folders(tempfile.gettempdir(), lambda entry: entry.name.startswith(SPILL_PREFIX))
 
 
 def make_tensor(value: np.ndarray, name: str) -> onnx.TensorProto:

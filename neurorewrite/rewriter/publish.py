@@ -36,6 +36,7 @@ import onnx
 
 from neurorewrite.errors import ModelLoadError, OutputError, VerificationError, first_line
 from neurorewrite.external_data import folder_lock, fsync_folder, has_spilled, locations, write_pair, write_proto, write_split
+from neurorewrite.external_data.common import remove_dead_folders
 from neurorewrite.paths import check_output_target
 from neurorewrite.rewriter.io import (
     EXTERNAL_DATA_THRESHOLD,
@@ -181,20 +182,5 @@ def _publish(tmp: Path, folder: Path, name: str, data_name: str | None, sync: bo
 def _remove_dead_writers(folder: Path, name: str, own: Path) -> None:
     """Remove temporary folders of earlier writes of ``name`` whose writer has died (lock free)."""
     prefix = f".{name}."
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(folder):
-            if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")) or entry.path == str(own):
-                continue
-            if not entry.is_dir(follow_symlinks=False):
-                continue
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                continue  # a live writer holds it
-            shutil.rmtree(entry.path, ignore_errors=True)
-            os.close(fd)
+    remove_dead_folders(folder, lambda entry: entry.name.startswith(prefix) and entry.name.endswith(".tmp")
+                        and entry.path != str(own))
