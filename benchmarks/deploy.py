@@ -123,21 +123,9 @@ def ort_costs(path: Path, method: str = "densify") -> tuple[float, float]:
     """(weight bytes, multiply-adds per row) of the linear layers onnxruntime runs for ``path``: MatMul and
     Gemm with a constant weight, after the preparation ``ort_session`` applies (zeros included)."""
     from neurorewrite.passes.prepare import prepare_for_runtime
-    from neurorewrite.rewriter.graph import GraphIndex
 
     model, _ = prepare_for_runtime(onnx.load(str(path)), "onnxruntime", method)
-    index = GraphIndex.build(model.graph)
-    weights, macs = 0.0, 0.0
-    for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
-            w = index.constant_value(node.input[1])
-            if w is not None and w.ndim >= 2:
-                weights += w.nbytes
-                macs += w.size
-        elif node.op_type == "Gather" and len(node.input) > 1:  # the ELL gather conversion: values read per row
-            w = index.constant_value(node.input[1])
-            macs += 0 if w is None else w.size
-    return weights, macs
+    return _linear_costs(model, gathers=True)
 
 
 def _ort(path: Path, args: argparse.Namespace, method: str = "densify") -> Deployed:
@@ -220,9 +208,14 @@ def _tvm(path: Path, folder: Path, args: argparse.Namespace, symbolic: bool, tag
 
 def _dense_parts(path: Path) -> tuple[float, float]:
     """Weight bytes and multiply-adds per row of the standard MatMul/Gemm layers of a sparse file."""
+    return _linear_costs(onnx.load(str(path)), gathers=False)
+
+
+def _linear_costs(model: onnx.ModelProto, gathers: bool) -> tuple[float, float]:
+    """(weight bytes, multiply-adds per row) of the MatMul/Gemm layers with a constant weight (zeros
+    included); with ``gathers``, also the values each Gather reads per row (the ELL gather conversion)."""
     from neurorewrite.rewriter.graph import GraphIndex
 
-    model = onnx.load(str(path))
     index = GraphIndex.build(model.graph)
     weights, macs = 0.0, 0.0
     for node in model.graph.node:
@@ -231,6 +224,9 @@ def _dense_parts(path: Path) -> tuple[float, float]:
             if w is not None and w.ndim >= 2:
                 weights += w.nbytes
                 macs += w.size
+        elif gathers and node.op_type == "Gather" and len(node.input) > 1:
+            w = index.constant_value(node.input[1])
+            macs += 0 if w is None else w.size
     return weights, macs
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 import neurorewrite
 from benchmarks.machine import describe
-from examples.digits import export, load_data
+from examples.digits import export, fit_full_batch, load_data
 from neurorewrite.table import format_table
 
 
@@ -38,14 +38,7 @@ def train_gated(x: np.ndarray, y: np.ndarray, hidden: int, seed: int, epochs: in
             return self.down(torch.nn.functional.silu(self.gate(v)) * self.up(v))
 
     torch.manual_seed(seed)
-    model = Gated()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(epochs):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(xt), yt).backward()
-        opt.step()
-    return model.eval()
+    return fit_full_batch(Gated(), x, y, epochs)
 
 
 def logits(model, x: np.ndarray) -> np.ndarray:
