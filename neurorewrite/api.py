@@ -16,6 +16,7 @@ import onnx
 from neurorewrite.errors import InvalidOptionError, VerificationError, first_line
 from neurorewrite.external_data import materialize
 from neurorewrite.fpe import FPEConfig, block_nnz, check_alpha, structured_split
+from neurorewrite.fpe.refit import CHUNK_ELEMENTS
 from neurorewrite.memory import check_fits
 from neurorewrite.passes.expand_blocks import ExpandReport, Progress, expand_model
 from neurorewrite.passes.lower import check_format, lower_model
@@ -173,8 +174,11 @@ def _check_memory(
 
     A lower bound, not a forecast: the expanded weights of every selected block held at once, and for
     a calibration that refits W2 the system of the widest refit layer as ``passes.calibrate`` streams
-    it: the ``(H'+1)^2`` float64 Gram matrix plus one chunk of hidden activations (float32, and float64
-    in the accumulation), ``H' = alpha * H``, or ``H`` when children are tied or refit per parent.
+    it, ``H' = alpha * H`` inputs wide (``H`` when children are tied or refit per parent): one chunk of
+    hidden activations (float32, and float64 in the accumulation), the solver's working copies of W2'
+    (float32), and either the ``(H'+1)^2`` float64 Gram matrix or, for a sample of ``n`` rows with
+    ``n (n + 1) / 2 <= H'``, the rows themselves and the row-space solve's chunks
+    (:mod:`neurorewrite.fpe.refit`).
     """
     blocks, _ = select_blocks(find_blocks(model), list(layers) if layers else None)
     if not blocks:
@@ -188,11 +192,19 @@ def _check_memory(
     options = options or _default_calibrate_options()  # imports torch: only with a sample
     if options.refit == "none":
         return
-    rows = max((a.size // max(1, a.shape[-1]) if a.ndim else 1) for a in sample.values())
+    # rows at a block: every position of integer (token) inputs, every vector of float ones
+    rows = max((a.size if a.dtype.kind in "iub" else a.size // max(1, a.shape[-1]) if a.ndim else 1)
+               for a in sample.values())
     widest = max(blocks, key=lambda b: b.width)
     per_parent = tied or options.refit_per == "parent"
     refit = widest.width * (1 if per_parent else alpha)
-    need = 8 * (refit + 1) ** 2 + 12 * min(rows, options.chunk_rows) * widest.width * alpha
+    out, pairs = widest.out_features, rows * (rows + 1) // 2
+    if pairs <= refit:  # the rows, centred and not, and three working chunks of the row-space solve
+        system = 16 * rows * refit + 3 * 8 * min(CHUNK_ELEMENTS, out * max(pairs, rows * rows, refit))
+        copies = 2 * 4 * out * refit
+    else:
+        system, copies = 8 * (refit + 1) ** 2, 7 * 4 * out * refit  # CG: iterate, residual, direction, ...
+    need = system + copies + 12 * min(rows, options.chunk_rows) * widest.width * alpha
     hint = "use a smaller --alpha, --structured, --layers" + ("" if per_parent else ", or --refit-per parent")
     check_fits(need, f"--alpha {alpha} with --calibrate (block {widest.name}: a least-squares fit over {refit} "
                f"hidden units and {rows} sample rows)", hint + " (or --refit none: the sample then only informs the prune)")

@@ -1,9 +1,14 @@
-"""Streaming second moments for a least-squares refit: Gram and cross terms, one chunk of rows at a time.
+"""The statistics of a least-squares refit, one chunk of rows at a time: the rows themselves while they
+are few, their second moments (Gram and cross terms) once they are many.
 
 Memory is that of the statistics (``width x width`` and ``width x outputs``), whatever the number of
 rows. Rows are accumulated shifted by the first chunk's means (``G = sum (h - c)(h - c)^T``), so the
 centred Gram at the end does not lose its digits to large activation means (GELU outputs are mostly
 positive: summing ``h h^T`` and subtracting ``n mu mu^T`` would cancel most of them in float32).
+
+:class:`FitAccumulator` keeps the rows (:class:`Rows`) as long as ``n (n + 1) / 2 <= width``: a sample
+that small is solved in the ``n``-dimensional row space (:mod:`neurorewrite.fpe.refit`), with memory
+``n x width`` instead of the ``width^2`` Gram (a 65,536-wide layer and 64 rows: 32 MB, not 16 GiB).
 """
 
 from __future__ import annotations
@@ -82,3 +87,60 @@ class GramAccumulator:
         ss = self.ss_t - self.n * dt**2
         return Moments(self.gram, self.cross, self.shift_h.astype(np.float64) + dh,
                        self.shift_t.astype(np.float64) + dt, np.maximum(ss, 0.0), self.n)
+
+
+@dataclass
+class Rows:
+    """The ``n`` rows themselves (``h (n, width)``, ``t (n, outputs)``, float64), for a sample too small
+    for the Gram matrix to be worth its memory; same ``n`` and :meth:`error` as :class:`Moments`."""
+
+    h: np.ndarray
+    t: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.h.shape[0])
+
+    def error(self, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+        """Per output row, the sum of squared errors of ``t ~ w h + b`` over the rows (float64)."""
+        out = np.empty(w.shape[0])
+        step = max(1, (1 << 22) // max(1, w.shape[1]))  # output rows at a time: no float64 copy of all of w
+        for lo in range(0, w.shape[0], step):
+            pred = self.h @ w[lo:lo + step].astype(np.float64).T
+            if b is not None:
+                pred += b[lo:lo + step].astype(np.float64)
+            out[lo:lo + step] = ((self.t[:, lo:lo + step] - pred) ** 2).sum(axis=0)
+        return out
+
+
+class FitAccumulator:
+    """Adds chunks of rows like :class:`GramAccumulator`; keeps them as :class:`Rows` while
+    ``n (n + 1) / 2 <= width`` (the row-space solve is then cheaper than one CG iteration on the Gram,
+    and smaller), and folds them into a Gram accumulator beyond that."""
+
+    def __init__(self, width: int, outputs: int, dtype: type = np.float32) -> None:
+        self.width, self.outputs, self.dtype = width, outputs, dtype
+        self.h: list[np.ndarray] = []
+        self.t: list[np.ndarray] = []
+        self.n = 0
+        self.gram: GramAccumulator | None = None
+
+    def add(self, h: np.ndarray, t: np.ndarray) -> None:
+        self.n += h.shape[0]
+        if self.gram is None and self.n * (self.n + 1) // 2 > self.width:
+            self.gram = GramAccumulator(self.width, self.outputs, self.dtype)
+            for kept_h, kept_t in zip(self.h, self.t):
+                self.gram.add(kept_h, kept_t)
+            self.h, self.t = [], []
+        if self.gram is not None:
+            self.gram.add(h, t)
+        else:
+            self.h.append(np.asarray(h, np.float64))
+            self.t.append(np.asarray(t, np.float64))
+
+    def finish(self) -> Moments | Rows:
+        if self.gram is not None:
+            return self.gram.finish()
+        if not self.h:
+            return Rows(np.zeros((0, self.width)), np.zeros((0, self.outputs)))
+        return Rows(np.concatenate(self.h), np.concatenate(self.t))

@@ -92,6 +92,9 @@ def _flat_below(m: np.ndarray, t: np.floating, chunk: int = 1 << 24) -> np.ndarr
     return np.concatenate(parts) if parts else np.empty(0, dtype)
 
 
+SCORE_CHUNK = 1 << 22  # listed entries scored at a time: their row and column indices are 16 bytes each
+
+
 @dataclass(frozen=True)
 class PruneScales:
     """Factors that turn a block's weight magnitudes into importance scores (all entries >= 0).
@@ -112,14 +115,25 @@ class PruneScales:
         """Scores of the entries ``flat`` (flat indices into a matrix of ``shape``; None: every entry in
         order) whose magnitudes are given; ``matrix`` is the input-side matrix's position, or None for
         the output matrix."""
-        rows, cols = np.divmod(np.arange(shape[0] * shape[1]) if flat is None else flat, shape[1])
         out = magnitudes.astype(np.float64)
         row = self.in_rows[matrix] if matrix is not None and matrix < len(self.in_rows) else None
         col = self.in_columns if matrix is not None else self.out_columns
-        if row is not None:
-            out *= np.asarray(row, np.float64)[rows]
-        if col is not None:
-            out *= np.asarray(col, np.float64)[cols]
+        row = None if row is None else np.asarray(row, np.float64)
+        col = None if col is None else np.asarray(col, np.float64)
+        if flat is None:  # every entry in order: broadcast, no index arrays (24 bytes per weight on a 2 GiB layer)
+            grid = out.reshape(shape)
+            if row is not None:
+                grid *= row[:, None]
+            if col is not None:
+                grid *= col[None, :]
+            return out
+        step = SCORE_CHUNK
+        for lo in range(0, flat.size, step):  # the row and column of each listed entry, a chunk at a time
+            rows, cols = np.divmod(flat[lo:lo + step], shape[1])
+            if row is not None:
+                out[lo:lo + step] *= row[rows]
+            if col is not None:
+                out[lo:lo + step] *= col[cols]
         return out
 
 

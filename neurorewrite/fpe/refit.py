@@ -1,10 +1,13 @@
 """Masked ridge least squares for every output row at once: the refit behind calibration.
 
-Given the :class:`~neurorewrite.fpe.gram.Moments` of a layer's inputs ``h`` and targets ``t``, find for
-every output row ``o`` the weights on that row's support ``S_o`` (its nonzero pattern, which must not
-change) minimising ``||t_o - h_S w - b_o||^2 + lam ||w||^2``; ``lam = ridge * mean(diag(G))``. A row
-with a bias (nonzero ``b_o``) gets its bias refit in closed form (the centred problem); a row without
-keeps it at zero (the uncentred problem, a rank-one change of the operator).
+Given the statistics of a layer's inputs ``h`` and targets ``t`` (:class:`~neurorewrite.fpe.gram.Moments`,
+or the :class:`~neurorewrite.fpe.gram.Rows` themselves when they are few), find for every output row
+``o`` the weights on that row's support ``S_o`` (its nonzero pattern, which must not change) minimising
+``||t_o - h_S w - b_o||^2 + lam ||w - w0||^2``; ``lam = ridge * mean(diag(G))``. The ridge pulls
+towards the current (expanded) weights, not towards zero: where the sample cannot determine a weight
+(fewer rows than inputs), it keeps its expanded value instead of being shrunk. A row with a bias
+(nonzero ``b_o``) gets its bias refit in closed form (the centred problem); a row without keeps it at
+zero (the uncentred problem, a rank-one change of the operator).
 
 Solvers:
 
@@ -15,6 +18,10 @@ Solvers:
   masked to the row's support; with ``groups=1`` it is Jacobi.
 - ``exact``: a dense solve per row on its support, ``O(rows x support^3)``: the reference, and
   fine for small layers.
+- ``rows``, whenever the statistics are :class:`~neurorewrite.fpe.gram.Rows` (``n`` rows, ``n << width``):
+  the same minimiser in the row space, ``w = w0 + m * (X^T (X_S X_S^T + lam I)^-1 (y - X w0))``, one
+  ``n x n`` system per output row. Its cost, ``O(outputs x width x n^2 / 2)``, is below one CG
+  iteration's when ``n (n + 1) / 2 <= width``, which is when the accumulator keeps rows.
 
 A fitted weight that comes out exactly 0.0 is nudged to the smallest normal float, so the nonzero
 count cannot drop.
@@ -27,9 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from neurorewrite.errors import InvalidOptionError
-from neurorewrite.fpe.gram import Moments
+from neurorewrite.fpe.gram import Moments, Rows
 
-SOLVERS = ("cg", "exact")
+SOLVERS = ("cg", "exact")  # what a user chooses for Moments; Rows are always solved in the row space
+CHUNK_ELEMENTS = 1 << 23  # float64 elements (64 MB) per working array of the row-space solve
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class RefitInfo:
 
 
 def refit_masked(
-    moments: Moments, w0: np.ndarray, b0: np.ndarray | None, ridge: float = 1e-4, solver: str = "cg",
+    moments: Moments | Rows, w0: np.ndarray, b0: np.ndarray | None, ridge: float = 1e-4, solver: str = "cg",
     groups: int = 1, max_iters: int = 50, tol: float = 1e-3,
 ) -> tuple[np.ndarray, np.ndarray | None, RefitInfo]:
     """Refit ``w0 (O, width)`` (and ``b0``) on its support; see the module docstring. The inputs are not
@@ -50,18 +58,24 @@ def refit_masked(
         raise InvalidOptionError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     mask = w0 != 0
     has_bias = np.zeros(w0.shape[0], bool) if b0 is None else b0 != 0
-    g = moments.gram
-    lam = ridge * float(np.mean(np.diag(g))) if g.size else ridge
-    lam = lam if lam > 0 else ridge
-    mu, tbar, n = moments.mean_h, moments.mean_t, moments.n
-    # right-hand side per row: centred for rows with a bias, uncentred for the others
-    rhs = moments.cross.T.astype(np.float64)
-    rhs[~has_bias] += n * np.outer(tbar[~has_bias], mu)
-    if solver == "exact":
-        w, iters, res = _exact(g, rhs, mask, has_bias, mu, n, lam), 0, 0.0
+    if isinstance(moments, Rows):
+        mu, tbar = moments.h.mean(axis=0), moments.t.mean(axis=0)
+        lam = _ridge(ridge, float(((moments.h - mu) ** 2).sum()) / max(1, mask.shape[1]))
+        w, iters, res, solver = _rows(moments, mu, tbar, mask, has_bias, lam, w0), 0, 0.0, "rows"
     else:
-        w, iters, res = _cg(g, rhs, mask, has_bias, mu, n, lam, w0, groups, max_iters, tol)
-    new_w = w.astype(w0.dtype)
+        g = moments.gram
+        lam = _ridge(ridge, float(np.mean(np.diag(g))) if g.size else 1.0)
+        mu, tbar, n = moments.mean_h, moments.mean_t, moments.n
+        # right-hand side per row: centred for rows with a bias, uncentred for the others; the ridge
+        # pulls towards w0
+        rhs = moments.cross.T.astype(np.float64)
+        rhs[~has_bias] += n * np.outer(tbar[~has_bias], mu)
+        rhs += lam * (w0 * mask)
+        if solver == "exact":
+            w, iters, res = _exact(g, rhs, mask, has_bias, mu, n, lam), 0, 0.0
+        else:
+            w, iters, res = _cg(g, rhs, mask, has_bias, mu, n, lam, w0, groups, max_iters, tol)
+    new_w = w.astype(w0.dtype, copy=False)
     tiny = np.finfo(w0.dtype).tiny
     new_w[mask & (new_w == 0)] = tiny
     new_b = None
@@ -71,6 +85,45 @@ def refit_masked(
         fitted[fitted == 0] = np.finfo(b0.dtype).tiny
         new_b[has_bias] = fitted[has_bias]
     return new_w, new_b, RefitInfo(solver, iters, res, lam)
+
+
+def _ridge(ridge: float, mean_diagonal: float) -> float:
+    lam = ridge * mean_diagonal
+    return lam if lam > 0 else ridge
+
+
+def _rows(rows: Rows, mu: np.ndarray, tbar: np.ndarray, mask: np.ndarray, has_bias: np.ndarray, lam: float,
+          w0: np.ndarray) -> np.ndarray:
+    """The row-space solve (module docstring), in chunks of output rows and of inputs so no working
+    array exceeds ``CHUNK_ELEMENTS``; rows with a bias use the centred rows, the others the raw ones."""
+    n, width = rows.h.shape
+    w = np.where(mask, w0, 0).astype(w0.dtype, copy=False)  # in w0's type: a float64 copy of a wide W2' is GiBs
+    upper = np.triu_indices(n)
+    pairs = len(upper[0])
+    step_o = max(1, CHUNK_ELEMENTS // max(pairs, n * n, width))
+    step_j = max(1, CHUNK_ELEMENTS // max(pairs, step_o))
+    for centred in (True, False):
+        which = np.flatnonzero(has_bias == centred)
+        if which.size == 0:
+            continue
+        x = rows.h - mu if centred else rows.h
+        y = rows.t - tbar if centred else rows.t
+        for lo in range(0, which.size, step_o):
+            sel = which[lo:lo + step_o]
+            m = mask[sel].astype(np.float64)
+            # K_o = X diag(m_o) X^T for every row o at once, as m @ (pairwise products of X's columns)
+            packed = np.zeros((sel.size, pairs))
+            for j in range(0, width, step_j):
+                cols = x[:, j:j + step_j]
+                packed += m[:, j:j + step_j] @ (cols[upper[0]] * cols[upper[1]]).T
+            k = np.zeros((sel.size, n, n))
+            k[:, upper[0], upper[1]] = packed
+            k[:, upper[1], upper[0]] = packed
+            k[:, np.arange(n), np.arange(n)] += lam
+            r = y[:, sel].T - w[sel].astype(np.float64) @ x.T  # (rows of W, n): what the current weights miss
+            coef = np.linalg.solve(k, r[:, :, None])[:, :, 0]
+            w[sel] += (coef @ x) * m
+    return w
 
 
 def _exact(g: np.ndarray, rhs: np.ndarray, mask: np.ndarray, has_bias: np.ndarray, mu: np.ndarray, n: int,
@@ -138,7 +191,7 @@ def _cg(g: np.ndarray, rhs: np.ndarray, mask: np.ndarray, has_bias: np.ndarray, 
         z = np.matmul(inv, r.reshape(o, width // groups, groups, 1))
         return z.reshape(o, width)
 
-    b = (rhs * mask).astype(dtype)
+    b = (rhs * mask).astype(dtype)  # rhs already holds lam * w0
     x = (w0 * mask).astype(dtype)
     r = b - apply(x)
     bnorm = np.maximum(np.linalg.norm(b, axis=1), 1e-30)

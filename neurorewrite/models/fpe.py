@@ -42,18 +42,21 @@ class MaskedLinear(nn.Linear):
     (the nonzero pattern at expansion time); :func:`enforce_masks` keeps everything outside it zero.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None) -> None:
-        super().__init__(in_features, out_features, bias=bias, dtype=dtype)
-        self.register_buffer("weight_mask", torch.ones(out_features, in_features, dtype=torch.bool))
-        self.register_buffer("bias_mask", torch.ones(out_features, dtype=torch.bool) if bias else None)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype, device=device)
+        self.register_buffer("weight_mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
+        self.register_buffer("bias_mask", torch.ones(out_features, dtype=torch.bool, device=device) if bias else None)
 
     @classmethod
     def from_arrays(cls, w: np.ndarray, b: np.ndarray | None) -> MaskedLinear:
         """A layer holding ``w`` (out, in) and ``b``, masked to their nonzero entries."""
         weight = torch.from_numpy(np.array(w))  # a copy: the caller's array may be read-only or reused
-        layer = cls(w.shape[1], w.shape[0], bias=b is not None, dtype=weight.dtype)
+        # no random initialisation to overwrite, and the copy itself becomes the parameter: one weight-sized
+        # allocation, not two (a 2 GiB layer)
+        layer = nn.utils.skip_init(cls, w.shape[1], w.shape[0], bias=b is not None, dtype=weight.dtype)
         with torch.no_grad():
-            layer.weight.copy_(weight)
+            layer.weight = nn.Parameter(weight)
             layer.weight_mask.copy_(weight != 0)
             if b is not None:
                 layer.bias.copy_(torch.from_numpy(np.array(b)))

@@ -18,7 +18,8 @@ How (``docs/methods.md`` 1.7): the original and the expanded model are lifted in
 (:class:`~neurorewrite.models.onnx_module.OnnxGraph`) and the sample runs through both in chunks
 (:mod:`neurorewrite.passes.sample_chunks`: padding positions are not rows; a share of the samples is
 held out and only scored). Each chunk's run stops before the next block; the block's statistics are
-streamed into a Gram matrix (:mod:`neurorewrite.fpe.gram`, memory ``width^2``, not ``rows x width``),
+streamed into a Gram matrix (:mod:`neurorewrite.fpe.gram`, memory ``width^2``, not ``rows x width``;
+a sample of ``n`` rows with ``n (n + 1) / 2 <= width`` is kept as rows instead, memory ``n x width``),
 solved for all output rows at once (:mod:`neurorewrite.fpe.refit`), and the runs go on with the new
 weights, so every block sees the already calibrated earlier ones. In a chain (``L1 -> act -> L2 -> act
 -> L3``) only the last linear is refit. With ``tied`` (``--structured``) the fit is on each parent's
@@ -43,7 +44,7 @@ from torch.nn import functional as F
 
 from neurorewrite.errors import DataError, InvalidOptionError
 from neurorewrite.fpe import copy_outputs
-from neurorewrite.fpe.gram import GramAccumulator
+from neurorewrite.fpe.gram import FitAccumulator
 from neurorewrite.fpe.refit import SOLVERS, refit_masked
 from neurorewrite.models.onnx_module import Cursor, OnnxGraph
 from neurorewrite.passes.block_fit import fit_block
@@ -187,7 +188,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     block_steps = exp.steps_of_nodes(block.nodes)
     residual = _residual_operand(index, lin2.output) if options.target == "residual" else None
     width, outputs = lin2.in_features // alpha, lin2.out_features
-    acc = GramAccumulator(width, outputs)
+    acc = FitAccumulator(width, outputs)
     targets: list[torch.Tensor] = []  # per chunk, the target rows (outputs wide, not hidden wide)
     reservoir_x: list[torch.Tensor] = []
     reservoir_t: list[torch.Tensor] = []
@@ -226,7 +227,8 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         b0 = None if b_now is None else b_now.numpy()
         before[False] = float(moments.error(w0, b0).sum())
         tick = time.process_time()
-        new_w, new_b, info = refit_masked(moments, w0, b0, options.ridge, options.solver, groups=1 if tied else children,
+        # the preconditioner groups a parent's children; fit per parent there are none to group
+        new_w, new_b, info = refit_masked(moments, w0, b0, options.ridge, options.solver, groups=1 if alpha > 1 else children,
                                           max_iters=options.max_iters, tol=options.tol)
         if alpha > 1:
             new_w = copy_outputs(new_w, alpha)

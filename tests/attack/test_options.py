@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -68,12 +70,19 @@ def test_bad_option_is_one_line_and_writes_nothing(extras: Path, case: str) -> N
     assert tree(extras) == before
 
 
+def many_rows(work: Path, rows: int = 200) -> str:
+    """A sample with enough rows that the refit streams a Gram matrix (``n (n + 1) / 2`` > the width)."""
+    np.savez(work / "many.npz", x=np.random.default_rng(0).standard_normal((rows, 6)).astype(np.float32))
+    return "many.npz"
+
+
 def test_calibration_too_big_for_the_machine_is_refused_with_the_figure(work: Path, monkeypatch) -> None:
     """The issue's --alpha 64 --calibrate asked numpy for 288 GiB; here the machine is made small."""
     onnx.save(mlp_model(d=6, h=256, o=3), str(work / "wide.onnx"))
+    sample = many_rows(work)
     monkeypatch.setattr(neurorewrite.memory, "machine_memory", lambda: 1 << 30)
     before = tree(work)
-    line = assert_one_line_error(cli("expand", "wide.onnx", "--alpha", "64", "--calibrate", "s.npz", "-o", "o.onnx",
+    line = assert_one_line_error(cli("expand", "wide.onnx", "--alpha", "64", "--calibrate", sample, "-o", "o.onnx",
                                      cwd=work), "--alpha 64 with --calibrate", "needs about", "this machine has 1.0 GiB")
     assert "2.0 GiB" in line  # (64 * 256 + 1)^2 float64 entries: the Gram matrix alone
     assert "--refit-per parent" in line  # the way out the message names
@@ -84,11 +93,22 @@ def test_calibration_too_big_for_the_machine_is_refused_with_the_figure(work: Pa
 def test_the_memory_check_follows_the_refit_options(work: Path, monkeypatch) -> None:
     """Per child, alpha 2 of 256 units is a 513^2 float64 Gram (2.1 MB); per parent 257^2 (0.5 MB)."""
     onnx.save(mlp_model(d=6, h=256, o=3), str(work / "wide.onnx"))
-    monkeypatch.setattr(neurorewrite.memory, "machine_memory", lambda: 3 << 19)  # 1.5 MiB
-    base = ("expand", "wide.onnx", "--alpha", "2", "--calibrate", "s.npz")
+    base = ("expand", "wide.onnx", "--alpha", "2", "--calibrate", many_rows(work))
+    monkeypatch.setattr(neurorewrite.memory, "machine_memory", lambda: 5 << 19)  # 2.5 MiB
     assert_one_line_error(cli(*base, "-o", "c.onnx", cwd=work), "over 512 hidden units", "this machine has")
     assert cli(*base, "--refit-per", "parent", "-o", "p.onnx", cwd=work).code == 0
     assert cli(*base, "--refit", "none", "-o", "n.onnx", cwd=work).code == 0
+
+
+def test_a_small_sample_is_solved_in_its_rows_where_the_gram_would_not_fit(work: Path, monkeypatch) -> None:
+    """16 rows for 512 inputs: the refit keeps the rows (16 x 512), not a 513^2 Gram, and the check knows."""
+    onnx.save(mlp_model(d=6, h=256, o=3), str(work / "wide.onnx"))
+    monkeypatch.setattr(neurorewrite.memory, "machine_memory", lambda: 3 << 19)  # 1.5 MiB
+    run = cli("expand", "wide.onnx", "--alpha", "2", "--calibrate", "s.npz", "-o", "c.onnx", "--json", cwd=work)
+    assert run.code == 0, run.err
+    notes = json.loads(run.out)["calibration"]
+    assert [n["solver"] for n in notes] == ["rows"] and notes[0]["width"] == 512
+    assert notes[0]["rmse_after"] < notes[0]["rmse_before"]
 
 
 def test_expansion_too_big_for_the_machine_is_refused(work: Path, monkeypatch) -> None:

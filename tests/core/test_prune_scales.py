@@ -77,3 +77,22 @@ def test_gated_blocks_take_scales_too():
     plain = expand_gated_block(wg, None, wu, None, wd, None, FPEConfig(alpha=2, seed=0))
     assert np.count_nonzero(exp.wg[:, 3]) + np.count_nonzero(exp.wu[:, 3]) < \
         np.count_nonzero(plain.wg[:, 3]) + np.count_nonzero(plain.wu[:, 3])
+
+
+@pytest.mark.parametrize("matrix", [0, None])
+def test_scores_of_listed_entries_are_the_entries_scores(matrix, monkeypatch):
+    """A matrix with zeros lists its candidates by flat index (read in chunks); each score must be the
+    one the dense grid gives at that position: |w| * row factor * column factor."""
+    from neurorewrite.fpe import prune
+
+    rng = np.random.default_rng(7)
+    shape = (5, 9)
+    mags = rng.random(shape[0] * shape[1])
+    scales = PruneScales(rng.random(shape[1]), (rng.random(shape[0]),), rng.random(shape[1]))
+    row = scales.in_rows[0] if matrix == 0 else np.ones(shape[0])
+    col = scales.in_columns if matrix == 0 else scales.out_columns
+    expected = mags.reshape(shape) * row[:, None] * col[None, :]
+    np.testing.assert_allclose(scales.scores(mags, None, shape, matrix), expected.ravel(), rtol=1e-12)
+    flat = np.array([44, 0, 13, 9, 30, 8])
+    monkeypatch.setattr(prune, "SCORE_CHUNK", 4)  # more than one chunk
+    np.testing.assert_allclose(scales.scores(mags[flat], flat, shape, matrix), expected.ravel()[flat], rtol=1e-12)
