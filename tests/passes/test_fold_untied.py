@@ -112,3 +112,34 @@ def test_an_initializer_shared_with_another_node_survives_the_fold(sparse_model,
     feeds = sample_for(exports["torchscript_gemm"], batch=3)
     for got, want in zip(plain_ort(folded, feeds), plain_ort(model, feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_untied_copies_over_many_columns_keep_their_column_indices(tmp_path) -> None:
+    """The untied part indexes the children it gathers with the narrowest integer type; with 129
+    gathered columns the local indices reach 128, one past int8: the type must follow the largest index."""
+    import torch
+    from torch import nn
+
+    from tests.conftest import export_torch
+
+    torch.manual_seed(0)
+    path = export_torch(nn.Sequential(nn.Linear(16, 40), nn.ReLU(), nn.Linear(40, 8)), torch.randn(3, 16),
+                        tmp_path / "wide.onnx")
+    model, _ = expand(path, alpha=ALPHA, seed=0, format="sparse", prune="layer")
+    node, w = second_layer(model)
+    runs = w.reshape(w.shape[0], -1, ALPHA)
+    parents = [next((r, p) for r in range(w.shape[0]) if (runs[r, p] != 0).all()) for p in range(runs.shape[1])
+               if (runs[:, p] != 0).all(axis=1).any()]
+    assert len(parents) >= 33
+    for k, (row, parent) in enumerate(parents[:33]):
+        if k < 30:
+            runs[row, parent, 1] *= 1.5  # moved apart: 4 children gathered
+        else:
+            runs[row, parent, 2] = 0.0  # one copy pruned: the other 3 gathered
+    moved = with_second_layer(model, w)
+    folded, report = fold_tied_children(moved)
+    (row,) = report.folded
+    assert row["untied_nonzeros"] == 30 * ALPHA + 3 * (ALPHA - 1) == 129
+    x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
+    want = plain_ort(moved, {"x": x})[0]
+    np.testing.assert_allclose(plain_ort(folded, {"x": x})[0], want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
