@@ -14,7 +14,10 @@ reads ``alpha`` times fewer second-layer weights. The file on disk keeps the ful
 fold is the first step of the runtime preparation (:mod:`neurorewrite.passes.prepare`).
 
 Invariant: the outputs are those of the input model up to float summation order (tests: onnxruntime,
-1e-5 relative); a node whose columns are not tied exactly is left as it is. The input is not modified.
+1e-5 relative). A node folds when at least half of its nonzeros are tied runs (below that the sum does not
+pay for itself); the copies of a run that is not tied exactly are kept as they are, beside the fold.
+Everything the fold writes is named after the node it replaces, so a profile or a viewer leads back to
+the layer. The input is not modified.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def split_tied(values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_in
 
 
 def fold_tied_children(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
-    """Rewrite every SparseLinear whose entries are mostly tied child copies to sum the children first;
+    """Rewrite every SparseLinear whose entries are at least half tied child copies to sum the children first;
     see the module docstring. Returns the input object itself when nothing folds."""
     record = read_record(model)
     report = FoldReport(None if record is None else record.alpha)

@@ -100,3 +100,66 @@ def test_models_without_a_record_or_sparse_op_pass_through(exports) -> None:
     folded, report = fold_tied_children(dense)
     assert folded is dense and report.alpha == 2 and not report.folded
     assert Counter(n.op_type for n in folded.graph.node) == Counter(n.op_type for n in dense.graph.node)
+
+
+def test_split_tied_of_a_matrix_without_entries() -> None:
+    """A layer whose every weight was pruned: both parts empty, integer-typed, with a zero row pointer."""
+    values, indices, indptr = csr_arrays(np.zeros((4, 6), np.float32))
+    for part, n_in in zip(split_tied(values, indices, indptr, 6, 3), (2, 6)):
+        v, i, p = part
+        assert v.size == 0 and i.size == 0
+        np.testing.assert_array_equal(p, np.zeros(5))
+        assert i.dtype.kind == "i" and p.dtype.kind == "i" and v.dtype == np.float32, n_in
+
+
+def _with_tied_share(share: float) -> tuple[onnx.ModelProto, int]:
+    """A one-node sparse model (alpha 2, 8 rows x 20 inputs, 40 nonzeros) where ``share`` of the
+    nonzeros are tied pairs of child copies and the rest single, untied copies."""
+    from onnx import helper
+
+    from neurorewrite.ops import sparse_linear_node
+    from neurorewrite.fpe import FPEConfig
+    from neurorewrite.rewriter.record import FPERecord, write_record
+
+    w = np.zeros((8, 20), np.float32)
+    tied_pairs = int(round(40 * share / 2))
+    flat = w.reshape(-1, 2)  # (80, 2): a row's 10 parents with their 2 children
+    flat[:tied_pairs] = np.arange(1, tied_pairs + 1)[:, None]  # equal copies
+    singles = 40 - 2 * tied_pairs
+    flat[tied_pairs:tied_pairs + singles, 0] = 0.5  # one copy of the pair left
+    values, indices, indptr = csr_arrays(w)
+    inits = [onnx.numpy_helper.from_array(a, n) for a, n in zip((values, indices, indptr), ("v", "i", "p"))]
+    node = sparse_linear_node(["x", "v", "i", "p"], "y", "layer", 20, 8)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 20])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    write_record(model, FPERecord(FPEConfig(alpha=2)))
+    return model, np.count_nonzero(w)
+
+
+@pytest.mark.parametrize("share, folds", [(0.4, False), (0.5, True), (0.6, True)])
+def test_a_node_folds_when_at_least_half_its_entries_are_tied(share: float, folds: bool) -> None:
+    model, nonzeros = _with_tied_share(share)
+    assert nonzeros == 40
+    folded, report = fold_tied_children(model)
+    assert bool(report.folded) == folds, report
+    if not folds:
+        assert folded is model and report.kept[0]["reason"] == "columns are not tied in runs of 2"
+
+
+def test_what_the_fold_writes_is_named_after_the_node_it_replaces(exports) -> None:
+    """Nodes and initializers the fold adds carry the replaced node's name, so a profile or a viewer
+    leads back to the layer; the untied path (a Gather and a second SparseLinear) included."""
+    model, _ = _with_tied_share(0.6)
+    folded, report = fold_tied_children(model)
+    (row,) = report.folded
+    label = row["node"]
+    assert row["untied_nonzeros"] > 0
+    old_inits = {t.name for t in model.graph.initializer}
+    new_nodes = [n for n in folded.graph.node]
+    assert {n.op_type for n in new_nodes} >= {"Reshape", "ReduceSum", OP, "Gather", "Add"}
+    for n in new_nodes:
+        assert n.name.startswith((label + "/", label + ".")), n.name
+    for t in folded.graph.initializer:
+        assert t.name in old_inits or t.name.startswith((label + "/", label + ".")), t.name
+    assert len({n.name for n in new_nodes}) == len(new_nodes)
