@@ -163,3 +163,13 @@ def test_what_the_fold_writes_is_named_after_the_node_it_replaces(exports) -> No
     for t in folded.graph.initializer:
         assert t.name in old_inits or t.name.startswith((label + "/", label + ".")), t.name
     assert len({n.name for n in new_nodes}) == len(new_nodes)
+
+
+def test_split_tied_tells_runs_apart_across_an_empty_row() -> None:
+    """Row 0 ends with parent 1's run, row 1 is empty, row 2 starts with parent 0's run: two runs, both tied."""
+    w = np.zeros((3, 4), np.float32)
+    w[0, 2:4] = 3.0
+    w[2, 0:2] = 5.0
+    (pv, pi, pp), (rv, _, _) = split_tied(*csr_arrays(w), 4, 2)
+    np.testing.assert_array_equal(_dense(pv, pi, pp, 2), [[0, 3], [0, 0], [5, 0]])
+    assert rv.size == 0
