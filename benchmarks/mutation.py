@@ -65,7 +65,8 @@ MODULES: dict[str, Module] = {
     )),
     "models_fpe": Module(("neurorewrite/models/fpe.py",), (
         "tests/models/test_fpe_torch.py", "tests/models/test_fpe_structured.py", "tests/models/test_finetune_masks.py",
-        "tests/models/test_mask_enforcement.py",
+        "tests/models/test_mask_enforcement.py", "tests/models/test_fpe_layer_promises.py",
+        "tests/models/test_fpe_gated_torch.py", "tests/models/test_fpe_hf.py", "tests/models/test_module_blocks.py",
     )),
     "memel": Module(("neurorewrite/models/memel*.py",), (
         "tests/models/test_memel.py", "tests/models/test_memel_insert.py", "tests/models/test_memel_distributed.py",
