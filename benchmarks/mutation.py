@@ -73,7 +73,7 @@ MODULES: dict[str, Module] = {
     )),
     "io": Module(("neurorewrite/rewriter/io.py",), (
         "tests/rewriter/test_io_save.py", "tests/test_cli_expand.py", "tests/test_cli_errors.py",
-        "tests/attack/test_corrupt_inputs.py", "tests/attack/test_nonfinite.py",
+        "tests/attack/test_corrupt_inputs.py", "tests/attack/test_nonfinite.py", "tests/rewriter/test_io_checks.py",
         "tests/passes/test_expand.py::test_external_data_models_round_trip",
     )),
 }
