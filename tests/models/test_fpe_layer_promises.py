@@ -98,3 +98,47 @@ def test_fpe_expand_defaults_and_what_it_attaches() -> None:
 def test_fpe_expand_keeps_the_layers_dtype() -> None:
     new = fpe_expand(mlp().to(torch.bfloat16), alpha=2)
     assert {p.dtype for p in new.parameters()} == {torch.bfloat16}
+
+
+def test_counts_repr_and_apply_masks() -> None:
+    w = np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0]], np.float32)
+    layer = MaskedLinear.from_arrays(w, np.array([0.0, 4.0], np.float32))
+    assert layer.nonzeros() == 4 + 1
+    assert MaskedLinear.from_arrays(w, None).nonzeros() == 4
+    assert "kept=4/6" in repr(layer)
+    with torch.no_grad():
+        layer.weight.fill_(7.0)
+        layer.bias.fill_(7.0)
+    from neurorewrite.models.fpe import apply_masks
+
+    apply_masks(nn.Sequential(nn.ReLU(), layer))
+    np.testing.assert_array_equal(layer.weight.detach().numpy(), np.where(w != 0, 7.0, 0.0))
+    assert layer.bias.tolist() == [0.0, 7.0]
+
+
+def test_a_frozen_layer_does_not_stop_the_hooks_of_the_layers_after_it() -> None:
+    frozen = MaskedLinear.from_arrays(np.ones((3, 3), np.float32), np.ones(3, np.float32)).requires_grad_(False)
+    trained = MaskedLinear.from_arrays(np.eye(3, dtype=np.float32), np.array([0.0, 1.0, 1.0], np.float32))
+    module = nn.Sequential(frozen, trained)
+    handles = enforce_masks(torch.optim.SGD(trained.parameters(), lr=0.1), module)
+    assert len(handles) == 2 + 2  # the trained layer's weight and bias hooks, the two step hooks
+    module(torch.ones(2, 3)).sum().backward()
+    assert trained.weight.grad[0, 1].item() == 0.0 and trained.bias.grad[0].item() == 0.0
+
+
+class SwiGLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 6)
+
+    def forward(self, x):  # noqa: ANN001, ANN202
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def test_a_gated_block_is_reported_with_its_widths_and_names() -> None:
+    torch.manual_seed(0)
+    new = fpe_expand(SwiGLU(), alpha=2)
+    (row,) = new.fpe_report.blocks
+    assert (row.name, row.first, row.up, row.second) == ("gate", "gate", "up", "down")
+    assert (row.in_features, row.width_before, row.width_after, row.out_features) == (6, 8, 16, 6)
+    assert row.nnz_before == row.nnz_after
