@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neurorewrite.api import expand
-from neurorewrite.errors import NoBlocksError, UnsupportedModelError
+from neurorewrite.errors import InvalidOptionError, NoBlocksError, UnsupportedModelError
 from neurorewrite.models import MaskedLinear, export_onnx, fpe_expand
 from neurorewrite.models.fpe import find_blocks_in_module
 from neurorewrite.models.module_blocks import ModuleBlock
@@ -260,3 +260,33 @@ def test_skipped_blocks_stay_in_the_report_next_to_expanded_ones():
     assert [(w.module, w.side, w.before, w.after) for w in new.fpe_report.widened] == [
         ("good.fc1", "outputs", 20, 40), ("good.fc2", "inputs", 20, 40),
     ]
+
+
+def test_the_no_blocks_message_lists_the_first_five_near_misses():
+    class SixMisses(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.parts = nn.ModuleList([NormInside() for _ in range(6)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return sum(p(x) for p in self.parts)
+
+    model = SixMisses()
+    skipped = find_blocks_in_module(model).skipped
+    assert len(skipped) == 6
+    head = ("SixMisses: no Linear -> activation -> Linear pair to expand (fpe_expand follows the forward's data flow, "
+            "traced with torch.fx, for linear layers joined by elementwise activations, or gated act(gate(x)) * up(x) -> down")
+    with pytest.raises(NoBlocksError) as info:
+        fpe_expand(model, alpha=2)
+    assert str(info.value) == head + "; near misses: " + "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) + ")"
+    with pytest.raises(NoBlocksError) as info:
+        fpe_expand(nn.Sequential(nn.Linear(4, 3)), alpha=2)
+    assert str(info.value) == head.replace("SixMisses", "Sequential") + ")"
+
+
+def test_a_config_is_checked_like_the_alpha_option():
+    from neurorewrite.fpe import FPEConfig
+
+    with pytest.raises(InvalidOptionError, match="alpha"):
+        fpe_expand(NormInside(), config=FPEConfig(alpha=1))
+    assert fpe_expand(Custom("relu_method"), config=FPEConfig(alpha=2)).fpe_record.alpha == 2
