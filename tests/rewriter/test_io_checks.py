@@ -42,6 +42,8 @@ def test_the_in_memory_check(monkeypatch, through_a_file: bool) -> None:
     check_in_memory(good, full_check=True)
     with pytest.raises(ModelLoadError, match="^the label: the ONNX checker rejects this model"):
         check_in_memory(undefined_input(good), "the label")
+    with pytest.raises(ModelLoadError, match="^<in-memory model>: the ONNX checker rejects this model: .*nowhere"):
+        check_in_memory(undefined_input(good))  # the default label, and the checker's own reason
     check_in_memory(misfit_gemm())  # the plain checker does not infer shapes
     with pytest.raises(ModelLoadError, match="^the label: the ONNX checker rejects"):
         check_in_memory(misfit_gemm(), "the label", full_check=True)
