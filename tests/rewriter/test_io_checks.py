@@ -13,7 +13,15 @@ from onnx import TensorProto, helper
 
 from neurorewrite.errors import ModelLoadError
 from neurorewrite.rewriter import io
-from neurorewrite.rewriter.io import check_in_memory, checkable_in_memory, load_model, model_files, nonfinite_message, save_model
+from neurorewrite.rewriter.io import (
+    check_in_memory,
+    checkable_in_memory,
+    load_model,
+    model_files,
+    nonfinite_message,
+    nonfinite_weights,
+    save_model,
+)
 from tests.builders import mlp_model
 
 
@@ -104,3 +112,36 @@ def test_a_model_with_spilled_tensors_is_checked_through_a_written_copy(tmp_path
     check_in_memory(model, "spilled", full_check=True)
     with pytest.raises(ModelLoadError, match="^spilled: the ONNX checker rejects"):
         check_in_memory(undefined_input(model), "spilled")
+
+
+def graph_with(initializers: list[TensorProto], constants: dict[str, np.ndarray]) -> onnx.ModelProto:
+    nodes = [helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(v)) for name, v in constants.items()]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in constants]
+                              or [helper.make_tensor_value_info(initializers[0].name, TensorProto.FLOAT, None)], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_non_finite_weights_are_found_in_initializers_and_constants_by_name() -> None:
+    clean = onnx.numpy_helper.from_array(np.ones(4, np.float32), "clean")
+    bad = onnx.numpy_helper.from_array(np.array([np.nan, 1, np.inf, 2], np.float32), "bad")
+    shape = onnx.numpy_helper.from_array(np.array([2, 2], np.int64), "shape")  # not a float: passed over
+    model = graph_with([shape, clean, bad], {
+        "c_ok": np.ones(3, np.float32),
+        "c_bad": np.array([1, np.inf, np.nan], np.float32),  # named by its output: Constant tensors are unnamed
+        "mask_fill": np.array(-np.inf, np.float32),  # the attention-mask idiom: a scalar infinity is fine
+        "scalar_nan": np.array([np.nan], np.float32),  # a one-element NaN is not
+    })
+    assert nonfinite_weights(model) == [("bad", 2), ("c_bad", 2), ("scalar_nan", 1)]
+
+
+def test_a_tensor_whose_data_does_not_fill_its_shape_is_a_damaged_file() -> None:
+    short = onnx.numpy_helper.from_array(np.ones(4, np.float32), "short")
+    short.raw_data = short.raw_data[:6]
+    with pytest.raises(ModelLoadError, match=r"^m\.onnx: tensor short: its data does not match its type and shape \[4\]"):
+        nonfinite_weights(graph_with([short], {}), "m.onnx")
+
+
+def test_external_tensors_not_loaded_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    save_model(mlp_model(d=32, h=64, o=8), path, external_data=True)
+    assert nonfinite_weights(io.read_header(path)) == []  # the header alone: nothing to read, nothing refused
