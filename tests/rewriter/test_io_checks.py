@@ -145,3 +145,32 @@ def test_external_tensors_not_loaded_are_skipped(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     save_model(mlp_model(d=32, h=64, o=8), path, external_data=True)
     assert nonfinite_weights(io.read_header(path)) == []  # the header alone: nothing to read, nothing refused
+
+
+def test_model_files_does_not_read_a_model_over_the_scan_limit(tmp_path: Path, monkeypatch) -> None:
+    """Finding the data files reads the model's protobuf; a file over the limit (inline weights of
+    GiBs) is listed alone rather than read whole."""
+    path = tmp_path / "m.onnx"
+    save_model(mlp_model(d=32, h=64, o=8), path, external_data=True)
+    assert len(model_files(path)) == 2
+    monkeypatch.setattr(io, "HEADER_SCAN_LIMIT", path.stat().st_size - 1)
+    assert model_files(path) == [("the model", path)]
+    monkeypatch.setattr(io, "HEADER_SCAN_LIMIT", path.stat().st_size)  # at the limit: still read
+    assert len(model_files(path)) == 2
+
+
+def test_the_non_finite_warning_names_the_file_and_points_at_the_caller(tmp_path: Path) -> None:
+    bad = onnx.numpy_helper.from_array(np.array([np.nan, 1.0], np.float32), "bad")
+    model = graph_with([bad], {})
+    with pytest.warns(Warning) as caught:
+        io.warn_nonfinite(model, "m.onnx")
+    (w,) = caught
+    assert str(w.message).startswith("m.onnx: weight bad holds 1 NaN")
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    with pytest.warns(Warning) as caught:
+        load_model(tmp_path / "m.onnx", check=False)  # load_model -> warn_nonfinite -> warnings.warn
+    assert Path(caught[0].filename).resolve() == Path(__file__).resolve()  # the line that loaded it
+    short = onnx.numpy_helper.from_array(np.ones(4, np.float32), "short")
+    short.raw_data = short.raw_data[:6]
+    with pytest.raises(ModelLoadError, match="^m.onnx: tensor short"):
+        io.warn_nonfinite(graph_with([short], {}), "m.onnx")
