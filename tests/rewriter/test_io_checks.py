@@ -169,7 +169,10 @@ def test_the_non_finite_warning_names_the_file_and_points_at_the_caller(tmp_path
     onnx.save(model, str(tmp_path / "m.onnx"))
     with pytest.warns(Warning) as caught:
         load_model(tmp_path / "m.onnx", check=False)  # load_model -> warn_nonfinite -> warnings.warn
-    assert Path(caught[0].filename).resolve() == Path(__file__).resolve()  # the line that loaded it
+    where = Path(caught[0].filename).resolve()
+    assert where != Path(io.__file__).resolve()  # not the line inside io that warns
+    if where.name != "trampoline.py":  # mutmut's mutated copies put a frame of their own in between
+        assert where == Path(__file__).resolve()  # the line that loaded it
     short = onnx.numpy_helper.from_array(np.ones(4, np.float32), "short")
     short.raw_data = short.raw_data[:6]
     with pytest.raises(ModelLoadError, match="^m.onnx: tensor short"):
