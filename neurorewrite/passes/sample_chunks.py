@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from onnx import helper
 
-from neurorewrite.errors import DataError, InvalidOptionError
+from neurorewrite.errors import DataError, InvalidOptionError, UnsupportedModelError
 from neurorewrite.models.onnx_module import InputSpec
 
 MASK_INPUT = "attention_mask"
@@ -62,8 +62,12 @@ class SampleChunks:
         return [c for c in self.chunks if c.holdout]
 
 
-def _np_dtype(spec: InputSpec) -> np.dtype:
-    return np.dtype(helper.tensor_dtype_to_np_dtype(spec.elem_type))
+def _np_dtype(spec: InputSpec, where: str) -> np.dtype:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(spec.elem_type))
+    except (KeyError, TypeError, ValueError):  # 0 (undefined) or a number onnx does not know: a damaged file
+        raise UnsupportedModelError(f"{where}: model input {spec.name} declares element type {spec.elem_type}, "
+                                    "which no sample array can be converted to; is the model file damaged?") from None
 
 
 def check_sample(inputs: list[InputSpec], sample: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
@@ -86,7 +90,7 @@ def check_sample(inputs: list[InputSpec], sample: Mapping[str, np.ndarray], wher
                 rows = np.flatnonzero(bad)
                 raise DataError(f"{where}: input {spec.name} has NaN or infinite values in sample row(s) "
                                 f"{', '.join(map(str, rows[:5]))}{' ...' if rows.size > 5 else ''}; remove those rows")
-        arrays[spec.name] = value.astype(_np_dtype(spec), copy=False)
+        arrays[spec.name] = value.astype(_np_dtype(spec, where), copy=False)
     counts = {name: (len(a) if a.ndim else 0) for name, a in arrays.items()}
     if len(set(counts.values())) > 1:
         raise DataError(f"{where}: the inputs hold different numbers of samples (axis 0): "

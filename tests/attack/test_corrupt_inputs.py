@@ -102,3 +102,13 @@ def test_bench_refuses_input_types_it_cannot_feed(work: Path) -> None:
     x = np.zeros((2, 6), np.float32)
     assert cli("bench", "m.onnx", "--repeats", "1", "--batch", "1", cwd=work).code == 0
     assert x.shape == (2, 6)
+
+
+@pytest.mark.parametrize("command", ["calibrate", "finetune", "analyze"])
+def test_an_input_without_an_element_type_is_one_line(work: Path, command: str) -> None:
+    """Found by test_damaged_model_file: one byte set to 0 makes the input's element type UNDEFINED, which
+    the ONNX checker accepts; the sample's conversion then failed with an internal KeyError."""
+    model = onnx.load(str(work / "m.onnx"))
+    model.graph.input[0].type.tensor_type.elem_type = 0
+    onnx.save(model, str(work / "bad.onnx"))
+    check(work, command, m="bad.onnx")
