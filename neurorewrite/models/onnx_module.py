@@ -27,7 +27,7 @@ from onnx import helper
 from torch import nn
 from torch.nn import functional as F
 
-from neurorewrite.errors import NoBlocksError, UnsupportedModelError
+from neurorewrite.errors import NoBlocksError, UnsupportedModelError, first_line
 from neurorewrite.models.fpe import MaskedLinear, linear_arrays
 from neurorewrite.models.onnx_ops import OPS
 from neurorewrite.rewriter.graph import GraphIndex, node_label
@@ -132,6 +132,9 @@ class OnnxGraph(nn.Module):
         self._constants: dict[str, str] = {}
         self._lift_constants(index)
         self.steps = self._plan(model, index, lifted, where)
+        self._where = where
+        self._labels = {step.node: node_label(model.graph.node[step.node], step.node) for step in self.steps
+                        if step.node >= 0}
         self._last_use = self._liveness()
 
     # --- building -------------------------------------------------------------------------------
@@ -249,6 +252,15 @@ class OnnxGraph(nn.Module):
         return [k for k, step in enumerate(self.steps) if step.node in wanted]
 
     def _execute(self, step: _Step, env: dict[str, torch.Tensor | None]) -> None:
+        try:
+            self._compute(step, env)
+        except RuntimeError as e:  # torch refuses the op: the graph's own types or shapes do not fit together
+            raise UnsupportedModelError(
+                f"{self._where}: node {self._labels.get(step.node, step.kind)} ({step.kind}) cannot run on these "
+                f"inputs: {first_line(e)}; do the model's declared types and shapes fit its nodes (is the file damaged?)"
+            ) from e
+
+    def _compute(self, step: _Step, env: dict[str, torch.Tensor | None]) -> None:
         if step.kind == "linear":
             layer = self.layers[step.layer]
             x, axis = env[step.inputs[0]], step.attrs["axis"]

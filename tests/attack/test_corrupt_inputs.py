@@ -112,3 +112,13 @@ def test_an_input_without_an_element_type_is_one_line(work: Path, command: str) 
     model.graph.input[0].type.tensor_type.elem_type = 0
     onnx.save(model, str(work / "bad.onnx"))
     check(work, command, m="bad.onnx")
+
+
+@pytest.mark.parametrize("command", ["calibrate", "finetune", "analyze"])
+def test_an_input_whose_type_does_not_fit_its_nodes_is_one_line(work: Path, command: str) -> None:
+    """Also found by test_damaged_model_file: a byte flip made the float input uint8 (the plain ONNX
+    checker does not check the Gemm's type constraint); running the sample through it failed inside torch."""
+    model = onnx.load(str(work / "m.onnx"))
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    onnx.save(model, str(work / "bad.onnx"))
+    check(work, command, m="bad.onnx")
