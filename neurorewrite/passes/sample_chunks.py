@@ -64,10 +64,13 @@ class SampleChunks:
 
 def _np_dtype(spec: InputSpec, where: str) -> np.dtype:
     try:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(spec.elem_type))
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(spec.elem_type))
+        if dtype.kind in "biufc":  # what torch can hold (strings are objects)
+            return dtype
     except (KeyError, TypeError, ValueError):  # 0 (undefined) or a number onnx does not know: a damaged file
-        raise UnsupportedModelError(f"{where}: model input {spec.name} declares element type {spec.elem_type}, "
-                                    "which no sample array can be converted to; is the model file damaged?") from None
+        pass
+    raise UnsupportedModelError(f"{where}: model input {spec.name} declares element type {spec.elem_type}, "
+                                "which no sample array can be converted to; is the model file damaged?")
 
 
 def check_sample(inputs: list[InputSpec], sample: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:

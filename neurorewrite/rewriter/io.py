@@ -84,8 +84,9 @@ def model_files(path: str | os.PathLike, label: str = "the model") -> list[tuple
         header = read_header(path) if Path(path).is_file() and _small_enough_to_scan(path) else None
     except ModelLoadError:
         header = None
-    if header is not None:
-        out += [(f"the external data of {label} {os.fspath(path)}:", f) for f in data_files(header, path)]
+    if header is not None:  # a damaged name (a NUL byte) is no path to compare: loading refuses it
+        out += [(f"the external data of {label} {os.fspath(path)}:", f) for f in data_files(header, path)
+                if "\x00" not in str(f)]
     return out
 
 
@@ -202,6 +203,9 @@ def check_data_files(header: onnx.ModelProto, path: str | os.PathLike) -> None:
             continue
         info = {e.key: e.value for e in t.external_data}
         location = info.get("location", "")
+        if "\x00" in location:
+            raise ModelLoadError(f"{path}: tensor {t.name} names external data {location!r}, which is not a file "
+                                 "name; is the file damaged?")
         if not location or os.path.isabs(location) or ".." in Path(location).parts:
             raise ModelLoadError(f"{path}: tensor {t.name} names external data {location!r} outside the model's folder")
         data = folder / location

@@ -104,12 +104,13 @@ def test_bench_refuses_input_types_it_cannot_feed(work: Path) -> None:
     assert x.shape == (2, 6)
 
 
+@pytest.mark.parametrize("elem_type", [0, onnx.TensorProto.STRING], ids=["undefined", "string"])
 @pytest.mark.parametrize("command", ["calibrate", "finetune", "analyze"])
-def test_an_input_without_an_element_type_is_one_line(work: Path, command: str) -> None:
-    """Found by test_damaged_model_file: one byte set to 0 makes the input's element type UNDEFINED, which
-    the ONNX checker accepts; the sample's conversion then failed with an internal KeyError."""
+def test_an_input_without_a_numeric_element_type_is_one_line(work: Path, command: str, elem_type: int) -> None:
+    """Found by test_damaged_model_file: one byte set to 0 (or 8) makes the input's element type UNDEFINED
+    (or STRING), which the ONNX checker accepts; the sample's conversion then failed with an internal error."""
     model = onnx.load(str(work / "m.onnx"))
-    model.graph.input[0].type.tensor_type.elem_type = 0
+    model.graph.input[0].type.tensor_type.elem_type = elem_type
     onnx.save(model, str(work / "bad.onnx"))
     check(work, command, m="bad.onnx")
 
@@ -122,3 +123,16 @@ def test_an_input_whose_type_does_not_fit_its_nodes_is_one_line(work: Path, comm
     model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
     onnx.save(model, str(work / "bad.onnx"))
     check(work, command, m="bad.onnx")
+
+
+@pytest.mark.parametrize("command", ["inspect", "expand", "calibrate"])
+def test_an_external_data_name_with_a_nul_byte_is_one_line(work: Path, command: str) -> None:
+    """Found by test_damaged_external_data_or_header: a flipped byte put a NUL into the data file's name,
+    and the check that no output overwrites an input failed on it (ValueError: embedded null byte)."""
+    header = onnx.load(str(work / "e.onnx"), load_external_data=False)
+    for t in header.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "e.onnx\x00data"
+    onnx.save(header, str(work / "nul.onnx"))
+    check(work, command, m="nul.onnx")
