@@ -177,3 +177,33 @@ def test_the_non_finite_warning_names_the_file_and_points_at_the_caller(tmp_path
     short.raw_data = short.raw_data[:6]
     with pytest.raises(ModelLoadError, match="^m.onnx: tensor short"):
         io.warn_nonfinite(graph_with([short], {}), "m.onnx")
+
+
+def test_load_model_defaults_and_labels(tmp_path: Path, monkeypatch) -> None:
+    import neurorewrite.external_data.spill as spill_files
+    from neurorewrite.external_data import has_spilled
+
+    load_model(misfit_gemm())  # no strict shape inference unless asked
+    nan = graph_with([onnx.numpy_helper.from_array(np.array([np.nan, 1.0], np.float32), "bad")], {})
+    with pytest.warns(Warning, match="^the model: weight bad holds 1 NaN"):
+        load_model(nan, check=False)
+    path = tmp_path / "m.onnx"
+    save_model(mlp_model(d=32, h=64, o=8), path, external_data=True)
+    monkeypatch.setattr(spill_files, "SPILL_THRESHOLD", 0)
+    assert not has_spilled(load_model(path))  # spilled only when asked
+    assert not io.uses_external_data(mlp_model())  # an inline model
+    assert io.uses_external_data(io.read_header(path))
+
+
+def test_the_scan_covers_every_tensor_and_every_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    save_model(mlp_model(d=32, h=64, o=8), path, external_data=True)
+    header = io.read_header(path)  # its tensors are external and not loaded: passed over
+    big = np.ones(1 << 24 | 7, np.float32)
+    big[-1] = np.nan  # in the tensor's second chunk
+    header.graph.initializer.append(onnx.numpy_helper.from_array(big, "late"))
+    assert nonfinite_weights(header) == [("late", 1)]
+    short = onnx.numpy_helper.from_array(np.ones(4, np.float32), "short")
+    short.raw_data = short.raw_data[:6]
+    with pytest.raises(ModelLoadError, match=r"^the model: tensor short: .*\(buffer size"):
+        nonfinite_weights(graph_with([short], {}))  # the default label, and onnx's own reason
