@@ -255,6 +255,8 @@ class OnnxGraph(nn.Module):
         try:
             self._compute(step, env)
         except RuntimeError as e:  # torch refuses the op: the graph's own types or shapes do not fit together
+            if isinstance(e, torch.OutOfMemoryError) or "not enough memory" in str(e):
+                raise  # the machine, not the model
             raise UnsupportedModelError(
                 f"{self._where}: node {self._labels.get(step.node, step.kind)} ({step.kind}) cannot run on these "
                 f"inputs: {first_line(e)}; do the model's declared types and shapes fit its nodes (is the file damaged?)"
