@@ -16,6 +16,7 @@ import onnx
 from neurorewrite.errors import InvalidOptionError, VerificationError, first_line
 from neurorewrite.external_data import materialize
 from neurorewrite.fpe import FPEConfig, block_nnz, check_alpha, structured_split
+from neurorewrite.fpe.gram import keeps_rows
 from neurorewrite.fpe.refit import CHUNK_ELEMENTS
 from neurorewrite.memory import check_fits
 from neurorewrite.passes.expand_blocks import ExpandReport, Progress, expand_model
@@ -199,7 +200,7 @@ def _check_memory(
     per_parent = tied or options.refit_per == "parent"
     refit = widest.width * (1 if per_parent else alpha)
     out, pairs = widest.out_features, rows * (rows + 1) // 2
-    if pairs <= refit:  # the rows, centred and not, and three working chunks of the row-space solve
+    if keeps_rows(rows, refit):  # the rows, centred and not, and three working chunks of the row-space solve
         system = 16 * rows * refit + 3 * 8 * min(CHUNK_ELEMENTS, out * max(pairs, rows * rows, refit))
         copies = 2 * 4 * out * refit
     else:

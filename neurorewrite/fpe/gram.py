@@ -113,10 +113,15 @@ class Rows:
         return out
 
 
+def keeps_rows(n: int, width: int) -> bool:
+    """Whether ``n`` rows of ``width`` inputs are solved as rows rather than through the Gram matrix:
+    ``n (n + 1) / 2 <= width`` (the row-space solve is then cheaper than one CG iteration, and smaller)."""
+    return n * (n + 1) // 2 <= width
+
+
 class FitAccumulator:
     """Adds chunks of rows like :class:`GramAccumulator`; keeps them as :class:`Rows` while
-    ``n (n + 1) / 2 <= width`` (the row-space solve is then cheaper than one CG iteration on the Gram,
-    and smaller), and folds them into a Gram accumulator beyond that."""
+    :func:`keeps_rows`, and folds them into a Gram accumulator beyond that."""
 
     def __init__(self, width: int, outputs: int, dtype: type = np.float32) -> None:
         self.width, self.outputs, self.dtype = width, outputs, dtype
@@ -127,7 +132,7 @@ class FitAccumulator:
 
     def add(self, h: np.ndarray, t: np.ndarray) -> None:
         self.n += h.shape[0]
-        if self.gram is None and self.n * (self.n + 1) // 2 > self.width:
+        if self.gram is None and not keeps_rows(self.n, self.width):
             self.gram = GramAccumulator(self.width, self.outputs, self.dtype)
             for kept_h, kept_t in zip(self.h, self.t):
                 self.gram.add(kept_h, kept_t)

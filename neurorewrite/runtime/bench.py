@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from neurorewrite.errors import DataError, ModelLoadError, NeurorewriteError, UnsupportedModelError, first_line
 from neurorewrite.executor import DTYPES, match_inputs
-from neurorewrite.rewriter.io import check_model_file
+from neurorewrite.rewriter.io import check_model_file, data_files, read_header
 from neurorewrite.runtime.ort import ort_session
 
 SEQUENCE = 16  # length used for every symbolic dimension after the batch dimension
@@ -71,14 +71,7 @@ def concrete_shape(shape: Sequence[int | str | None], batch: int) -> list[int]:
 def file_bytes(path: str | os.PathLike) -> int:
     """Size of a model file plus the external data files it names, if any (``save_model`` gives each
     write its own ``<model>.<hex>.data``, so the name is read from the model, not guessed)."""
-    import onnx
-
-    size = os.path.getsize(path)
-    header = onnx.load(str(path), load_external_data=False)
-    names = {e.value for t in header.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-             for e in t.external_data if e.key == "location"}
-    folder = os.path.dirname(os.path.abspath(path))
-    return size + sum(os.path.getsize(os.path.join(folder, n)) for n in names if os.path.exists(os.path.join(folder, n)))
+    return os.path.getsize(path) + sum(f.stat().st_size for f in data_files(read_header(path), path) if f.is_file())
 
 
 def bench_sessions(
