@@ -71,10 +71,12 @@ MODULES: dict[str, Module] = {
     )),
     "memel": Module(("neurorewrite/models/memel*.py",), (
         "tests/models/test_memel.py", "tests/models/test_memel_insert.py", "tests/models/test_memel_distributed.py",
+        "tests/models/test_memel_fused.py", "tests/models/test_checkpoints.py",
     )),
     "io": Module(("neurorewrite/rewriter/io.py",), (
         "tests/rewriter/test_io_save.py", "tests/test_cli_expand.py", "tests/test_cli_errors.py",
         "tests/attack/test_corrupt_inputs.py", "tests/attack/test_nonfinite.py", "tests/rewriter/test_io_checks.py",
+        "tests/rewriter/test_io_errors.py",
         "tests/passes/test_expand.py::test_external_data_models_round_trip",
     )),
 }

@@ -126,7 +126,7 @@ def load_model(source: ModelLike, check: bool = True, warn: bool = True, full_ch
             warn_nonfinite(source, "the model")
         return source
     path = Path(source)
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent  # Path("m.onnx").parent is Path(".")
     with folder_lock(folder, shared=True):
         model = check_model_file(path, check, full_check)
         if uses_external_data(model):
@@ -140,7 +140,8 @@ def load_model(source: ModelLike, check: bool = True, warn: bool = True, full_ch
                         load_external_data_for_tensor(t, str(folder))
                         t.data_location = onnx.TensorProto.DEFAULT
                         del t.external_data[:]
-            except (OSError, ValueError, RuntimeError) as e:
+            except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
+                # onnx refuses some files the size checks pass (a symbolic link) with a ValidationError
                 raise ModelLoadError(f"{path}: cannot read its external data ({first_line(e)})") from e
     if warn:
         warn_nonfinite(model, str(path))
@@ -239,7 +240,7 @@ def _declared_bytes(t: onnx.TensorProto) -> int:
     return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-def _check_path(path: Path, label: str, full_check: bool = False) -> None:
+def _check_path(path: Path, label: str, full_check: bool) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=full_check)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError, OSError) as e:
