@@ -55,6 +55,7 @@ MODULES: dict[str, Module] = {
         "tests/passes/test_expand.py", "tests/passes/test_expand_values.py", "tests/core/test_fpe_gated.py",
         "tests/families/test_families_expand.py",  # gated ONNX blocks (split and separate up projections)
         "tests/passes/test_expand_report.py",
+        "tests/passes/test_expand_inputs.py",  # gated biases, prune scales, a shared down bias
     )),
     "calibrate": Module(("neurorewrite/passes/calibrate.py",), (
         "tests/passes/test_calibrate.py", "tests/passes/test_calibrate_real_output.py",
