@@ -187,11 +187,11 @@ def _fit_scales(scales: PruneScales | None, inputs: int) -> PruneScales | None:
 
 
 def _widened_tensors(model: onnx.ModelProto, block: MLPBlock) -> set[str]:
-    """Tensors whose width changes: the outputs of the first (and up) linear, the region, the cut."""
+    """Tensors whose width changes: the region's (with a fused gate/up, its output and the cut's outputs
+    too: :class:`~neurorewrite.rewriter.blocks.MLPBlock` lists them) and every output of the first (and
+    up) linear's nodes (a MatMul's output before its bias Add)."""
     names = set(block.region_tensors)
     for lin in (block.first, block.up):
         for i in () if lin is None else lin.nodes:
             names |= set(model.graph.node[i].output)
-    for i in () if block.split is None else block.split.nodes:
-        names |= set(model.graph.node[i].output)
     return names

@@ -94,9 +94,12 @@ def the_block_name(model: onnx.ModelProto, position: int = 0) -> str:
 @pytest.mark.parametrize("alpha", [2, 3])
 def test_gated_biases_reach_the_core_and_the_graph(fused: bool, alpha: int, down_beta: float | None) -> None:
     w = gated_weights()
-    model = gated_model(w, fused, down_beta=down_beta)
+    # with every intermediate shape recorded: the widened ones (the cut's outputs too) must not keep the old width
+    model = onnx.shape_inference.infer_shapes(gated_model(w, fused, down_beta=down_beta), strict_mode=True)
+    assert {"g", "u", "h"} <= {v.name for v in model.graph.value_info}
     cfg = FPEConfig(alpha=alpha, seed=11, bias="split")  # split biases: every child's share differs from the parent's
     new, report = expand_model(model, cfg)
+    onnx.checker.check_model(new, full_check=True)
     every = sum(int(np.count_nonzero(v)) for v in w.values())  # weights and biases of gate, up and down
     assert report.blocks[0].nnz_after == report.blocks[0].nnz_before == every
     x = RNG.standard_normal((5, D)).astype(np.float32)
@@ -157,6 +160,12 @@ def test_plain_and_chained_blocks_prune_by_the_given_scales() -> None:
         return h2 @ second.w2.T.astype(np.float64) + second.b2
 
     want, plain = reference(True), reference(False)
+    # scales without input columns (only the hidden side measured) pass through the chain unchanged
+    only_out = [PruneScales(out_columns=s.out_columns) for s in scales]
+    partly, _ = expand_model(model, cfg, scales=dict(zip(names, only_out)))
+    first = expand_block(*ws[0], *ws[1], replace_seed(cfg, 0), only_out[0])
+    (w1,) = [numpy_helper.to_array(t) for t in partly.graph.initializer if t.name.startswith("w0")]
+    np.testing.assert_array_equal(w1, first.w1)
     assert np.abs(want - plain).max() > 1e-2
     np.testing.assert_allclose(run_model(new, {"x": RNG_X})[0], want, rtol=1e-4, atol=1e-4)
 
