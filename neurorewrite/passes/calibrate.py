@@ -176,7 +176,7 @@ def calibrate_model(
 def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: int, tied: bool,
                      options: CalibrateOptions) -> dict:
     """Stream one block's statistics over the sample, refit it, run the sample on past it."""
-    start, cpu = time.perf_counter(), {"gram": 0.0, "solve": 0.0, "block": 0.0}
+    start, gram_cpu = time.perf_counter(), []  # process CPU seconds of each chunk's accumulation
     # one weight per parent (tied, or --refit-per parent): fit on each parent's summed children
     alpha = children if tied or options.refit_per == "parent" else 1
     exp, orig = runs.expanded, runs.original
@@ -192,7 +192,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     targets: list[torch.Tensor] = []  # per chunk, the target rows (outputs wide, not hidden wide)
     reservoir_x: list[torch.Tensor] = []
     reservoir_t: list[torch.Tensor] = []
-    before = {False: 0.0, True: 0.0}
+    holdout_sse_before: list[float] = []  # per held-out chunk: the bare block's squared error
     with torch.no_grad():
         w_now, b_now = layer2.weight.detach().clone(), None if layer2.bias is None else layer2.bias.detach().clone()
         for chunk, ocur, ecur in zip(runs.sample.chunks, runs.orig_cursors, runs.exp_cursors):
@@ -208,7 +208,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             targets.append(t)
             if chunk.holdout:  # the fit rows' error before comes from the moments, at a fraction of the cost
                 y_now = chunk.rows(exp.run_steps(env, block_steps[-1:])[lin2.output], outputs, lin2.feature_axis)
-                before[True] += float((y_now - t).pow(2).sum())
+                holdout_sse_before.append(float((y_now - t).pow(2).sum()))
                 continue
             h_full = env[lin2.data_input]
             h = chunk.rows(h_full, lin2.in_features, lin2.feature_axis)
@@ -216,7 +216,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
                 h = h.reshape(len(h), width, alpha).sum(dim=-1)
             tick = time.process_time()
             acc.add(h.numpy(), t.numpy())
-            cpu["gram"] += time.process_time() - tick
+            gram_cpu.append(time.process_time() - tick)
             if options.refit == "block" and sum(len(r) for r in reservoir_x) < options.block_rows:
                 reservoir_x.append(chunk.rows(x, lin1.in_features, lin1.feature_axis))
                 reservoir_t.append(t)
@@ -225,7 +225,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             raise DataError(f"the sample gives {moments.n} row(s) to fit {lin2.name}; it needs at least 2")
         w0 = w_now.numpy()[:, ::alpha] if alpha > 1 else w_now.numpy()
         b0 = None if b_now is None else b_now.numpy()
-        before[False] = float(moments.error(w0, b0).sum())
+        sse_before = float(moments.error(w0, b0).sum())
         tick = time.process_time()
         # the preconditioner groups a parent's children; fit per parent there are none to group
         new_w, new_b, info = refit_masked(moments, w0, b0, options.ridge, options.solver, groups=1 if alpha > 1 else children,
@@ -238,14 +238,14 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         layer2.weight.copy_(torch.from_numpy(new_w))
         if new_b is not None and layer2.bias is not None:
             layer2.bias.copy_(torch.from_numpy(new_b))
-        cpu["solve"] = time.process_time() - tick
+        solve_cpu = time.process_time() - tick
     block_fit = None
     tick = time.process_time()
     if options.refit == "block" and not tied:  # training the block would untie the shared columns
         x_rows, t_rows = torch.cat(reservoir_x)[: options.block_rows], torch.cat(reservoir_t)[: options.block_rows]
         block_fit = fit_block(exp, block_steps, [key1, key2], lin1.data_input, lin2.output, x_rows, t_rows,
                               options.block_steps, options.block_lr, options.block_batch, options.seed)
-    cpu["block"] = time.process_time() - tick
+    block_cpu = time.process_time() - tick
     after = {False: 0.0, True: 0.0}
     with torch.no_grad():
         for chunk, ecur, t in zip(runs.sample.chunks, runs.exp_cursors, targets):
@@ -255,12 +255,13 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     return {
         "block": block.name, "layer": lin2.name, "rows": rows[False], "holdout_rows": rows[True],
         "width": width, "target": "residual" if residual is not None else "output", "refit": options.refit,
-        "rmse_before": _rmse(before[False], rows[False] * outputs), "rmse_after": _rmse(after[False], rows[False] * outputs),
-        "holdout_rmse_before": _rmse(before[True], rows[True] * outputs),
+        "rmse_before": _rmse(sse_before, rows[False] * outputs), "rmse_after": _rmse(after[False], rows[False] * outputs),
+        "holdout_rmse_before": _rmse(sum(holdout_sse_before), rows[True] * outputs),
         "holdout_rmse_after": _rmse(after[True], rows[True] * outputs),
         "solver": info.solver, "iterations": info.iterations, "residual": info.residual,
         "block_mse": None if block_fit is None else list(block_fit),
         "seconds": time.perf_counter() - start,
-        "cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},  # process CPU time (all threads) of the parts
+        # process CPU time (all threads) of the parts
+        "cpu_seconds": {"gram": round(sum(gram_cpu), 2), "solve": round(solve_cpu, 2), "block": round(block_cpu, 2)},
     }
 

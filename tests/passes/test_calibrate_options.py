@@ -1,0 +1,139 @@
+"""The calibration pass's options judged against independent references: the W2' a per-child and a
+per-parent refit write is the masked least-squares solution numpy computes from the hidden activations;
+``--target output`` fits the block's own output even where a residual Add follows it; ``--refit block``
+trains W1' too with the pattern kept; which Add counts as the residual stream; the report's CPU split."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from neurorewrite.api import expand
+from neurorewrite.passes.calibrate import CalibrateOptions, _residual_operand
+from neurorewrite.rewriter.blocks import find_blocks
+from neurorewrite.rewriter.graph import GraphIndex
+from neurorewrite.rewriter.linear import read_weights
+from tests.builders import mlp_model
+from tests.conftest import run_model
+
+D, H, O = 6, 8, 3
+
+
+def block_weights(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    (block,) = find_blocks(model).blocks
+    index = GraphIndex.build(model.graph)
+    (w1, b1), (w2, b2) = read_weights(index, block.first), read_weights(index, block.second)
+    return w1, b1, w2, b2
+
+
+def masked_lstsq(h: np.ndarray, t: np.ndarray, w0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per output row, least squares with an intercept over the columns where ``w0`` is nonzero only, with a
+    tiny ridge towards ``w0`` (float64): a column the sample never activates keeps its weight."""
+    w = np.zeros(w0.shape)
+    b = np.zeros(len(w0))
+    lam = 1e-6 * len(h)
+    for o in range(len(w0)):
+        cols = np.flatnonzero(w0[o])
+        a = np.vstack([np.column_stack([h[:, cols], np.ones(len(h))]),
+                       np.column_stack([np.sqrt(lam) * np.eye(len(cols)), np.zeros(len(cols))])])
+        sol = np.linalg.lstsq(a, np.concatenate([t[:, o], np.sqrt(lam) * w0[o, cols]]), rcond=None)[0]
+        w[o, cols], b[o] = sol[:-1], sol[-1]
+    return w, b
+
+
+@pytest.mark.parametrize("alpha, per", [(2, "child"), (2, "parent"), (3, "child")])
+def test_the_refit_is_the_masked_least_squares_solution(alpha: int, per: str) -> None:
+    model = mlp_model(d=D, h=H, o=O, seed=3)
+    x = np.random.default_rng(0).standard_normal((600, D)).astype(np.float32)
+    target = run_model(model, {"x": x})[0].astype(np.float64)
+    kw = {"alpha": alpha, "seed": 1, "prune_by": "magnitude"}  # the bare expansion's prune, so W1' is the same
+    bare, _ = expand(model, **kw)
+    options = CalibrateOptions(holdout=0.0, solver="exact", ridge=1e-9, refit_per=per)
+    calibrated, report = expand(model, calibrate={"x": x}, calibrate_options=options, **kw)
+    w1, b1, w2_bare, _ = block_weights(bare)
+    w1_cal, _, w2, b2 = block_weights(calibrated)
+    np.testing.assert_array_equal(w1_cal, w1)  # only W2' (and b2) is refit
+    hidden = np.maximum(x.astype(np.float64) @ w1.T.astype(np.float64) + b1, 0)
+    if per == "child":
+        want_w, want_b = masked_lstsq(hidden, target, w2_bare.astype(np.float64))
+    else:  # one weight per parent (its first child's copy): fit on each parent's summed children, copied to every kept child
+        parents = hidden.reshape(len(hidden), H, alpha).sum(axis=-1)
+        per_parent, want_b = masked_lstsq(parents, target, w2_bare[:, ::alpha].astype(np.float64))
+        want_w = np.where(w2_bare != 0, np.repeat(per_parent, alpha, axis=1), 0)
+    # float32 activations and the pass's own (relative) ridge against a float64 reference: a wrong support,
+    # grouping or target moves weights by tenths
+    np.testing.assert_allclose(w2, want_w, rtol=5e-3, atol=5e-3)
+    np.testing.assert_allclose(b2, want_b, rtol=5e-3, atol=5e-3)
+    assert np.count_nonzero(w2) == np.count_nonzero(w2_bare)
+    (note,) = report.calibration
+    assert set(note["cpu_seconds"]) == {"gram", "solve", "block"}
+    assert note["width"] == (H if per == "parent" else alpha * H) and note["rows"] == len(x)
+
+
+def residual_mlp() -> onnx.ModelProto:
+    """``y = x + fc2(relu(fc1(x)))``, the transformer FFN's residual form."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((H, D)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal(H).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.standard_normal((D, H)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(D).astype(np.float32), "b2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["a"], transB=1, name="fc1"), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["f"], transB=1, name="fc2"),
+             helper.make_node("Add", ["x", "f"], ["y"], name="residual")]  # the block's output is the Add's SECOND input
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", D])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("target", ["output", "residual"])
+def test_the_target_option_is_followed_where_a_residual_add_follows(target: str) -> None:
+    """Before any other block there is no drift in the residual stream, so both targets fit the block's
+    output here; what must hold is that ``output`` is not overridden by the Add that is present."""
+    x = np.random.default_rng(5).standard_normal((400, D)).astype(np.float32)
+    _, report = expand(residual_mlp(), alpha=2, calibrate={"x": x}, calibrate_options=CalibrateOptions(target=target))
+    (note,) = report.calibration
+    assert note["target"] == target
+
+
+def test_which_add_is_the_residual_stream() -> None:
+    def index_of(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray] | None = None, outputs=("z",)) -> GraphIndex:
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("a", "r")],
+                                  [helper.make_tensor_value_info(o, TensorProto.FLOAT, [2]) for o in outputs],
+                                  [numpy_helper.from_array(v, k) for k, v in (inits or {}).items()])
+        return GraphIndex.build(graph)
+
+    add = helper.make_node
+    assert _residual_operand(index_of([add("Add", ["a", "r"], ["z"])]), "a") == "r"
+    assert _residual_operand(index_of([add("Add", ["r", "a"], ["z"])]), "a") == "r"  # either operand order
+    assert _residual_operand(index_of([add("Add", ["a", "r"], ["z"], domain="ai.onnx")]), "a") == "r"
+    assert _residual_operand(index_of([add("Add", ["a", "a"], ["z"])]), "a") is None  # doubling, no other stream
+    assert _residual_operand(index_of([add("Mul", ["a", "r"], ["z"])]), "a") is None
+    assert _residual_operand(index_of([add("Add", ["a", "r"], ["z"], domain="com.example")]), "a") is None
+    assert _residual_operand(index_of([add("Add", ["a", "c"], ["z"])], {"c": np.ones(2, np.float32)}), "a") is None
+    constant = add("Constant", [], ["c"], value=numpy_helper.from_array(np.ones(2, np.float32)))
+    assert _residual_operand(index_of([constant, add("Add", ["a", "c"], ["z"])]), "a") is None
+    two_readers = [add("Add", ["a", "r"], ["z"]), add("Relu", ["a"], ["q"])]
+    assert _residual_operand(index_of(two_readers, outputs=("z", "q")), "a") is None
+    assert _residual_operand(index_of([add("Add", ["a", "r"], ["z"])], outputs=("z", "a")), "a") is None  # a graph output
+
+
+def test_block_refit_trains_the_first_layer_with_the_pattern_kept() -> None:
+    model = mlp_model(d=D, h=H, o=O, seed=3)
+    x = np.random.default_rng(6).standard_normal((500, D)).astype(np.float32)
+    kw = {"alpha": 2, "seed": 1, "prune_by": "magnitude"}
+    w2_only, _ = expand(model, calibrate={"x": x}, calibrate_options=CalibrateOptions(holdout=0.0), **kw)
+    block, report = expand(model, calibrate={"x": x}, calibrate_options=CalibrateOptions(
+        holdout=0.0, refit="block", block_steps=60, block_lr=1e-3, block_rows=300), **kw)
+    (note,) = report.calibration
+    assert note["refit"] == "block" and note["block_mse"] is not None
+    assert note["block_mse"][-1] < note["block_mse"][0]  # the reconstruction trained
+    w1_a, _, w2_a, _ = block_weights(w2_only)
+    w1_b, _, w2_b, _ = block_weights(block)
+    np.testing.assert_array_equal(w1_b != 0, w1_a != 0)  # same pattern, first and second layer
+    np.testing.assert_array_equal(w2_b != 0, w2_a != 0)
+    assert not np.array_equal(w1_b, w1_a)  # the first layer was trained too
+    target = run_model(model, {"x": x})[0]
+    rmse = float(np.sqrt(np.mean((run_model(block, {"x": x})[0] - target) ** 2)))
+    assert rmse == pytest.approx(note["rmse_after"], rel=1e-2)  # the report states the written model's error
