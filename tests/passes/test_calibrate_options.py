@@ -43,7 +43,8 @@ def masked_lstsq(h: np.ndarray, t: np.ndarray, w0: np.ndarray) -> tuple[np.ndarr
     return w, b
 
 
-@pytest.mark.parametrize("alpha, per", [(2, "child"), (2, "parent"), (3, "child")])
+# at alpha 4 one parent's first copy is pruned while another copy is kept: the kept copy must stay nonzero
+@pytest.mark.parametrize("alpha, per", [(2, "child"), (2, "parent"), (3, "child"), (4, "parent")])
 def test_the_refit_is_the_masked_least_squares_solution(alpha: int, per: str) -> None:
     model = mlp_model(d=D, h=H, o=O, seed=3)
     x = np.random.default_rng(0).standard_normal((600, D)).astype(np.float32)
@@ -70,6 +71,7 @@ def test_the_refit_is_the_masked_least_squares_solution(alpha: int, per: str) ->
     (note,) = report.calibration
     assert set(note["cpu_seconds"]) == {"gram", "solve", "block"}
     assert note["width"] == (H if per == "parent" else alpha * H) and note["rows"] == len(x)
+    assert note["block_mse"] is None and note["refit"] == "w2"
 
 
 def residual_mlp() -> onnx.ModelProto:
@@ -242,3 +244,16 @@ def test_a_conv_blocks_held_out_error_before_is_the_bare_models() -> None:
     held = sorted(holdout_indices(len(x), 0.2))
     error = run_model(bare, {"x": x[held]})[0] - run_model(model, {"x": x[held]})[0]
     assert report.calibration[0]["holdout_rmse_before"] == pytest.approx(float(np.sqrt(np.mean(error ** 2))), rel=1e-3)
+
+
+def test_two_fit_rows_are_enough_and_one_is_refused() -> None:
+    from neurorewrite.errors import DataError
+
+    model = mlp_model(d=D, h=H, o=O, seed=3)
+    x = np.random.default_rng(14).standard_normal((3, D)).astype(np.float32)
+    with pytest.warns(Warning, match="fc2 was fit on 2 rows for 16 inputs"):
+        _, report = expand(model, alpha=2, calibrate={"x": x}, calibrate_options=CalibrateOptions(holdout=0.34))
+    assert (report.calibration[0]["rows"], report.calibration[0]["holdout_rows"]) == (2, 1)
+    with pytest.raises(DataError) as caught:  # two samples, one held out: one row left to fit
+        expand(model, alpha=2, calibrate={"x": x[:2]}, calibrate_options=CalibrateOptions(holdout=0.5))
+    assert str(caught.value) == "the sample gives 1 row(s) to fit fc2; it needs at least 2"
