@@ -223,7 +223,10 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         moments = acc.finish()
         if moments.n < 2:
             raise DataError(f"the sample gives {moments.n} row(s) to fit {lin2.name}; it needs at least 2")
-        w0 = w_now.numpy()[:, ::alpha] if alpha > 1 else w_now.numpy()
+        w0 = w_now.numpy().reshape(outputs, -1)
+        if alpha > 1:  # a parent's weight is the value its kept copies share (a pruned copy is zero)
+            copies = w0.reshape(outputs, width, alpha)
+            w0 = np.take_along_axis(copies, np.abs(copies).argmax(axis=-1)[..., None], axis=-1)[..., 0]
         b0 = None if b_now is None else b_now.numpy()
         sse_before = float(moments.error(w0, b0).sum())
         tick = time.process_time()
@@ -232,12 +235,11 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
                                           max_iters=options.max_iters, tol=options.tol)
         if alpha > 1:
             new_w = copy_outputs(new_w, alpha)
-            if not tied:  # the FPE pattern stays: pruned copies stay zero
-                new_w = np.where(w_now.numpy() != 0, new_w, 0).astype(new_w.dtype)
-                new_w[(w_now.numpy() != 0) & (new_w == 0)] = np.finfo(new_w.dtype).tiny
         layer2.weight.copy_(torch.from_numpy(new_w))
         if new_b is not None and layer2.bias is not None:
             layer2.bias.copy_(torch.from_numpy(new_b))
+        if not tied:  # pruned copies stay zero before the sample runs on (OnnxGraph.weights restores the support)
+            layer2.apply_mask()
         solve_cpu = time.process_time() - tick
     block_fit = None
     tick = time.process_time()
