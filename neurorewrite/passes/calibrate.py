@@ -248,18 +248,19 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         block_fit = fit_block(exp, block_steps, [key1, key2], lin1.data_input, lin2.output, x_rows, t_rows,
                               options.block_steps, options.block_lr, options.block_batch, options.seed)
     block_cpu = time.process_time() - tick
-    after = {False: 0.0, True: 0.0}
+    sse_after: dict[bool, list[float]] = {False: [], True: []}  # per chunk, by whether it is held out
     with torch.no_grad():
         for chunk, ecur, t in zip(runs.sample.chunks, runs.exp_cursors, targets):
             exp.advance(ecur, s2 + 1)
-            after[chunk.holdout] += float((chunk.rows(ecur.env[lin2.output], outputs, lin2.feature_axis) - t).pow(2).sum())
+            y = chunk.rows(ecur.env[lin2.output], outputs, lin2.feature_axis)
+            sse_after[chunk.holdout].append(float((y - t).pow(2).sum()))
     rows = {h: sum(len(t) for c, t in zip(runs.sample.chunks, targets) if c.holdout == h) for h in (False, True)}
     return {
         "block": block.name, "layer": lin2.name, "rows": rows[False], "holdout_rows": rows[True],
         "width": width, "target": "residual" if residual is not None else "output", "refit": options.refit,
-        "rmse_before": _rmse(sse_before, rows[False] * outputs), "rmse_after": _rmse(after[False], rows[False] * outputs),
+        "rmse_before": _rmse(sse_before, rows[False] * outputs), "rmse_after": _rmse(sum(sse_after[False]), rows[False] * outputs),
         "holdout_rmse_before": _rmse(sum(holdout_sse_before), rows[True] * outputs),
-        "holdout_rmse_after": _rmse(after[True], rows[True] * outputs),
+        "holdout_rmse_after": _rmse(sum(sse_after[True]), rows[True] * outputs),
         "solver": info.solver, "iterations": info.iterations, "residual": info.residual,
         "block_mse": None if block_fit is None else list(block_fit),
         "seconds": time.perf_counter() - start,
