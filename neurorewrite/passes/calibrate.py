@@ -40,7 +40,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 import torch
-from torch.nn import functional as F
 
 from neurorewrite.errors import DataError, InvalidOptionError
 from neurorewrite.fpe import copy_outputs
@@ -129,7 +128,7 @@ def calibrate_model(
 ) -> tuple[onnx.ModelProto, ExpandReport]:
     """Refit the last linear (or the whole block) of every expanded chain; see the module docstring."""
     if report.alpha == 1:  # the expansion is the original model: nothing to win back, nothing to change
-        return expanded, replace(report, calibration=[])
+        return expanded, report
     ends = chain_ends(blocks_by_output(expanded, {b.output_tensor for b in report.blocks}))
     train = {lin.name for b in ends for lin in (b.first, b.second)}
     index = GraphIndex.build(expanded.graph)
@@ -157,12 +156,7 @@ def calibrate_model(
         progress(len(ends), len(ends), "writing")
     refit_layers = train if options.refit == "block" else {b.second.name for b in ends}
     keys = {lifted.key_of(name) for name in refit_layers}
-    updates = []
-    for lin, w, b in lifted.weights(keys):
-        if tied and lin.name in {e.second.name for e in ends}:
-            w = copy_outputs(w[:, :: report.alpha], report.alpha)
-        updates.append(NewWeights(lin, w, b))
-    model = replace_weights(expanded, updates)
+    model = replace_weights(expanded, [NewWeights(lin, w, b) for lin, w, b in lifted.weights(keys)])
     record = read_record(model)
     if record is not None:
         write_record(model, record.evolve(calibrated=tuple(str(n["layer"]) for n in notes)))
