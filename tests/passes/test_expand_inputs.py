@@ -102,6 +102,7 @@ def test_gated_biases_reach_the_core_and_the_graph(fused: bool, alpha: int, down
     onnx.checker.check_model(new, full_check=True)
     every = sum(int(np.count_nonzero(v)) for v in w.values())  # weights and biases of gate, up and down
     assert report.blocks[0].nnz_after == report.blocks[0].nnz_before == every
+    assert report.blocks[0].up == (None if fused else "up")  # the record names a separate up projection
     x = RNG.standard_normal((5, D)).astype(np.float32)
     np.testing.assert_allclose(run_model(new, {"x": x})[0], gated_reference(w, cfg, x), rtol=1e-4, atol=1e-4)
 
@@ -142,13 +143,15 @@ def test_plain_and_chained_blocks_prune_by_the_given_scales() -> None:
     ws = [(RNG.standard_normal((H, D)).astype(np.float32), RNG.standard_normal(H).astype(np.float32)),
           (RNG.standard_normal((H, H)).astype(np.float32), RNG.standard_normal(H).astype(np.float32)),
           (RNG.standard_normal((O, H)).astype(np.float32), RNG.standard_normal(O).astype(np.float32))]
-    model = chain_model(ws)
+    # every intermediate shape recorded: both blocks' widened tensors must be refreshed, not only the last one's
+    model = onnx.shape_inference.infer_shapes(chain_model(ws), strict_mode=True)
     names = [the_block_name(model, 0), the_block_name(model, 1)]
     scales = [PruneScales(in_columns=10 ** RNG.uniform(-2, 2, D), out_columns=10 ** RNG.uniform(-2, 2, H)),
               PruneScales(in_columns=10 ** RNG.uniform(-2, 2, H), out_columns=10 ** RNG.uniform(-2, 2, H))]
     alpha = 2
     cfg = FPEConfig(alpha=alpha, seed=5)
     new, _ = expand_model(model, cfg, scales=dict(zip(names, scales)))
+    onnx.checker.check_model(new, full_check=True)
 
     def reference(use_scales: bool) -> np.ndarray:
         first = expand_block(*ws[0], *ws[1], replace_seed(cfg, 0), scales[0] if use_scales else None)
@@ -178,7 +181,9 @@ def test_a_down_bias_other_nodes_read_stays_shared_and_unchanged() -> None:
     keeps reading the same tensor (no private copy is made)."""
     w = gated_weights()
     model = gated_model(w, fused=False, down_bias_read_elsewhere=True)
-    new, _ = expand_model(model, FPEConfig(alpha=2, seed=1))
+    new, report = expand_model(model, FPEConfig(alpha=2, seed=1))
+    notes = find_blocks(model).blocks[0].notes
+    assert notes and report.blocks[0].notes == notes and any("bd" in n for n in notes)  # the sharing is reported
     readers = {n.name: list(n.input) for n in new.graph.node if n.name in ("down_bias", "side")}
     assert readers["down_bias"][1] == "bd" and readers["side"] == ["bd"]
     assert [t.name for t in new.graph.initializer].count("bd") == 1
