@@ -110,3 +110,29 @@ def test_option_errors_name_the_option_and_the_choices(field: str, value: object
     with pytest.raises(InvalidOptionError) as caught:
         CalibrateOptions(**{field: value})
     assert str(caught.value) == message
+
+
+def with_custom_op_before_the_block(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with an op torch cannot run (a custom domain) between the input and the first linear."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        node.input[:] = ["x_custom" if i == "x" else i for i in node.input]
+    out.graph.node.insert(0, helper.make_node("Mystery", ["x"], ["x_custom"], domain="com.example", name="mystery"))
+    out.opset_import.append(helper.make_opsetid("com.example", 1))
+    return out
+
+
+@pytest.mark.parametrize("which", ["original", "expanded"])
+def test_a_model_that_cannot_be_lifted_is_named(which: str) -> None:
+    from neurorewrite.errors import UnsupportedModelError
+
+    model = mlp_model(d=D, h=H, o=O, seed=3)
+    expanded, report = expand_model(model, FPEConfig(alpha=2, seed=1))
+    if which == "original":
+        model = with_custom_op_before_the_block(model)
+    else:
+        expanded = with_custom_op_before_the_block(expanded)
+    x = np.random.default_rng(0).standard_normal((50, D)).astype(np.float32)
+    with pytest.raises(UnsupportedModelError, match=f"^the {which} model: cannot lift into torch: unsupported node.*mystery"):
+        calibrate_model(model, expanded, report, {"x": x})
