@@ -1,7 +1,9 @@
-"""MEmeL under torch.distributed: two gloo ranks on shards of each batch act like one process on it."""
+"""MEmeL under torch.distributed: two gloo ranks on shards of each batch act like one process on it, on
+the fused C kernel's path and on the eager torch path (each reduces the batch sums its own way)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from neurorewrite.models.memel import MEmeL
+from neurorewrite.models.memel_fused import eager_only
 
 BATCHES, BATCH, SHARDS = 8, 16, (10, 6)  # unequal shards: the count must be summed too
 
@@ -38,28 +41,35 @@ def _shard(batch: torch.Tensor, rank: int) -> torch.Tensor:
     return batch[start : start + SHARDS[rank]]
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+def _path(name: str) -> contextlib.AbstractContextManager:
+    return eager_only() if name == "eager" else contextlib.nullcontext()
+
+
+def _worker(rank: int, init_file: str, out_dir: str, path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(SHARDS))
     try:
         shards = [_shard(batch, rank) for batch in _stream()]
-        synced = _run(MEmeL(top_t=2, n_forget=3).train(), shards)
-        local = _run(MEmeL(top_t=2, n_forget=3, sync_ranks=False).train(), shards)
+        with _path(path):
+            synced = _run(MEmeL(top_t=2, n_forget=3).train(), shards)
+            local = _run(MEmeL(top_t=2, n_forget=3, sync_ranks=False).train(), shards)
         torch.save({"synced": synced, "local": local}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, list[torch.Tensor]]]]:
-    """What each of the two gloo ranks recorded (one spawn for the whole file)."""
-    folder = tmp_path_factory.mktemp("memel_dist")
-    mp.spawn(_worker, args=(str(folder / "init"), str(folder)), nprocs=len(SHARDS), join=True)
-    return [torch.load(folder / f"rank{rank}.pt") for rank in range(len(SHARDS))]
+@pytest.fixture(scope="module", params=["fused", "eager"])
+def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict]]:
+    """The path and what each of the two gloo ranks recorded on it (one spawn per path)."""
+    folder = tmp_path_factory.mktemp(f"memel_dist_{request.param}")
+    mp.spawn(_worker, args=(str(folder / "init"), str(folder), request.param), nprocs=len(SHARDS), join=True)
+    return request.param, [torch.load(folder / f"rank{rank}.pt") for rank in range(len(SHARDS))]
 
 
-def test_two_ranks_on_shards_match_one_process_on_the_whole_batch(ranks: list[dict]) -> None:
-    whole = _run(MEmeL(top_t=2, n_forget=3).train(), _stream())
+def test_two_ranks_on_shards_match_one_process_on_the_whole_batch(ranks: tuple[str, list[dict]]) -> None:
+    path, ranks = ranks
+    with _path(path):
+        whole = _run(MEmeL(top_t=2, n_forget=3).train(), _stream())
     inhibited_steps = 0
     for step in range(BATCHES):
         for key in ("mean", "variance"):
@@ -73,10 +83,12 @@ def test_two_ranks_on_shards_match_one_process_on_the_whole_batch(ranks: list[di
     assert inhibited_steps == BATCHES - 3
 
 
-def test_sync_ranks_false_keeps_per_rank_statistics(ranks: list[dict]) -> None:
+def test_sync_ranks_false_keeps_per_rank_statistics(ranks: tuple[str, list[dict]]) -> None:
+    path, ranks = ranks
     for rank in range(len(SHARDS)):
         local = ranks[rank]["local"]
-        alone = _run(MEmeL(top_t=2, n_forget=3).train(), [_shard(batch, rank) for batch in _stream()])
+        with _path(path):
+            alone = _run(MEmeL(top_t=2, n_forget=3).train(), [_shard(batch, rank) for batch in _stream()])
         for key in ("mean", "variance", "out", "grad"):
             torch.testing.assert_close(torch.stack(local[key]), torch.stack(alone[key]))
         assert local["count"][0].item() == SHARDS[rank]
