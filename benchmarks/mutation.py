@@ -74,6 +74,7 @@ MODULES: dict[str, Module] = {
     "memel": Module(("neurorewrite/models/memel*.py",), (
         "tests/models/test_memel.py", "tests/models/test_memel_insert.py", "tests/models/test_memel_distributed.py",
         "tests/models/test_memel_fused.py", "tests/models/test_checkpoints.py", "tests/models/test_memel_native.py",
+        "tests/models/test_memel_parts.py",
     )),
     "io": Module(("neurorewrite/rewriter/io.py",), (
         "tests/rewriter/test_io_save.py", "tests/test_cli_expand.py", "tests/test_cli_errors.py",

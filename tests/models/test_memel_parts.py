@@ -1,0 +1,98 @@
+"""MEmeL's small parts against plain references: batch moments and the capped merge against numpy's
+mean and sum of squares over the samples merged, the sample variance, the buffer pool's reuse and
+slots, and the checkpoint loader's message when the places do not match."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from neurorewrite.errors import InvalidOptionError
+from neurorewrite.models import insert_memel
+from neurorewrite.models.memel_checkpoint import load_memel_state_dict, memel_state_dict
+from neurorewrite.models.memel_pool import BufferPool
+from neurorewrite.models.memel_stats import batch_moments, merge_capped_, unbiased_variance
+
+
+def moments_of(z: np.ndarray, mu: np.ndarray) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """What batch_moments returns for the batch ``z`` around the running mean ``mu``."""
+    d = torch.tensor(z - mu, dtype=torch.float64)
+    return batch_moments(d.sum(0), d.pow(2).sum(0), len(z), sync_ranks=False)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_batch_moments_are_the_batch_mean_offset_and_sum_of_squares(rows: int) -> None:
+    rng = np.random.default_rng(rows)
+    z = 3.0 + 0.1 * rng.standard_normal((rows, 4))  # a small spread: m2 well below one
+    mu = np.array([2.9, 3.0, 3.1, 3.2])
+    count, offset, m2 = moments_of(z, mu)
+    assert count == rows
+    np.testing.assert_allclose(offset.numpy(), z.mean(0) - mu, rtol=1e-12)
+    np.testing.assert_allclose(m2.numpy(), ((z - z.mean(0)) ** 2).sum(0), rtol=1e-9, atol=1e-15)
+
+
+def test_merging_without_forgetting_gives_the_statistics_of_all_samples() -> None:
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((n, 3)) + 1.0 for n in (1, 1, 4, 0, 2)]  # single samples and an empty batch
+    mean, m2, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0.0
+    seen = np.empty((0, 3))
+    for z in batches:
+        before = count
+        count = merge_capped_(count, mean, m2, moments_of(z, mean.numpy().copy()), n_forget=1000)
+        seen = np.concatenate([seen, z])
+        assert count == before + len(z)
+        np.testing.assert_allclose(mean.numpy(), seen.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(m2.numpy(), ((seen - seen.mean(0)) ** 2).sum(0), rtol=1e-9, atol=1e-12)
+
+
+def test_the_merge_caps_the_old_statistics_at_n_forget_minus_one_batches() -> None:
+    mean, m2 = torch.tensor([1.0], dtype=torch.float64), torch.tensor([8.0], dtype=torch.float64)  # 4 samples, spread 2
+    z = np.array([[3.0], [5.0]])
+    count = merge_capped_(4.0, mean, m2, moments_of(z, mean.numpy().copy()), n_forget=2)
+    # the old statistics are worth one batch (2 samples) now: mean 1 and per-sample spread 2 on 2 samples
+    old = np.array([1.0 - np.sqrt(2), 1.0 + np.sqrt(2)])  # two samples with that mean and spread
+    both = np.concatenate([old, z[:, 0]])
+    assert count == 4.0
+    np.testing.assert_allclose(mean.numpy(), [both.mean()], rtol=1e-12)
+    np.testing.assert_allclose(m2.numpy(), [((both - both.mean()) ** 2).sum()], rtol=1e-12)
+
+
+def test_the_sample_variance_divides_by_count_minus_one_and_keeps_m2_below_two_samples() -> None:
+    m2 = torch.tensor([6.0])
+    assert unbiased_variance(2.0, m2).item() == 6.0
+    assert unbiased_variance(4.0, m2).item() == 2.0
+    assert unbiased_variance(1.0, m2).item() == 6.0 and unbiased_variance(0.0, m2).item() == 6.0
+
+
+def test_the_pool_reuses_free_buffers_keeps_two_and_replaces_one_of_another_size() -> None:
+    pool = BufferPool()
+    held = [pool.empty(torch.Size([4, 5])) for _ in range(3)]  # all in use: the third is not pooled
+    assert [a.size for a in pool._arrays] == [20, 20]
+    pointers = {t.data_ptr() for t in held[:2]}
+    del held
+    again = [pool.empty(torch.Size([5, 4])) for _ in range(2)]  # free now: the same memory, any shape of that size
+    assert {t.data_ptr() for t in again} == pointers and all(t.shape == (5, 4) for t in again)
+    del again
+    other = pool.empty(torch.Size([3, 3]))  # the batch size changed: a free buffer is replaced
+    assert sorted(a.size for a in pool._arrays) == [9, 20]
+    pointer = other.data_ptr()
+    del other
+    assert pool.empty(torch.Size([9])).data_ptr() == pointer
+
+
+def test_loading_memel_state_into_other_places_names_both_sides() -> None:
+    def mlp() -> torch.nn.Sequential:
+        return torch.nn.Sequential(*(torch.nn.Linear(4, 4) if i % 2 == 0 else torch.nn.ReLU() for i in range(6)))
+
+    state = memel_state_dict(insert_memel(mlp(), after=["1", "3"]))
+    other = insert_memel(mlp(), after=["5"])
+    with pytest.raises(InvalidOptionError) as caught:
+        load_memel_state_dict(other, state)
+    assert str(caught.value) == (
+        "load_memel_state_dict: saved for '1', '3' but the model has no MEmeL there; the model's MEmeL after '5' "
+        "has no saved state (insert_memel after the same submodules before loading)")
+    with pytest.raises(InvalidOptionError) as caught:
+        load_memel_state_dict(insert_memel(mlp(), after=["1", "3", "5"]), state)
+    assert str(caught.value) == ("load_memel_state_dict: the model's MEmeL after '5' has no saved state "
+                                 "(insert_memel after the same submodules before loading)")
