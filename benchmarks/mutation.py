@@ -103,10 +103,12 @@ class ModuleResult:
 
     @property
     def score(self) -> float:
-        """Killed (a test failed) or timed out (a test ran past mutmut's limit: an endless loop is caught
-        too), out of every mutant, including those no selected test reaches."""
+        """Killed (a test failed), timed out (a test ran past mutmut's limit: an endless loop is caught
+        too) or crashed (the test process died of a signal, e.g. a segfault in the C kernel: the test run
+        fails), out of every mutant, including those no selected test reaches."""
         total = sum(self.counts.values())
-        return (self.counts.get("killed", 0) + self.counts.get("timeout", 0)) / total if total else float("nan")
+        detected = sum(self.counts.get(k, 0) for k in ("killed", "timeout", "crashed"))
+        return detected / total if total else float("nan")
 
 
 def repo_files() -> list[Path]:
@@ -162,7 +164,10 @@ def collect(scratch: Path, result: ModuleResult) -> None:
         source = meta.relative_to(scratch / "mutants").with_suffix("")  # neurorewrite/fpe/split.py
         data = json.loads(meta.read_text())
         for name, code in sorted(data.get("exit_code_by_key", {}).items()):
+            # a test process killed by a signal (not mutmut's timeout) is a failed test run, not a survivor
             status = status_by_exit_code[code]
+            if code is not None and code < 0 and status != "timeout":
+                status = "crashed"
             result.counts[status] = result.counts.get(status, 0) + 1
             if status == "survived":
                 survivors.append((name, str(source)))
@@ -214,18 +219,19 @@ def render(results: list[ModuleResult], machine: str, command: str, note: str = 
     lines = [
         "# Mutation testing (mutmut)", "",
         f"Produced by `{command}` on {machine}.", *([note] if note else []), "",
-        "detected % = (killed + timeout) / mutants: a timeout is a mutant whose tests ran past mutmut's limit (an",
-        "endless loop is caught too). No tests: no selected test calls the mutated function.", "",
-        "| module | mutants | killed | survived | no tests | timeout | other | detected % | explained survivors | minutes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "detected % = (killed + timeout + crashed) / mutants: a timeout is a mutant whose tests ran past mutmut's",
+        "limit (an endless loop is caught too); crashed: the test process died of a signal (a segfault or abort",
+        "in the C kernel), so the test run fails. No tests: no selected test calls the mutated function.", "",
+        "| module | mutants | killed | survived | no tests | timeout | crashed | other | detected % | explained survivors | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         c = r.counts
-        other = sum(v for k, v in c.items() if k not in ("killed", "survived", "no tests", "timeout"))
+        other = sum(v for k, v in c.items() if k not in ("killed", "survived", "no tests", "timeout", "crashed"))
         n_expl = sum(explanation(n, d, explained) is not None for n, d in r.survivors)
         lines.append(
             f"| {r.name} | {sum(c.values())} | {c.get('killed', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} "
-            f"| {c.get('timeout', 0)} | {other} | {100 * r.score:.1f} | {n_expl}/{len(r.survivors)} "
+            f"| {c.get('timeout', 0)} | {c.get('crashed', 0)} | {other} | {100 * r.score:.1f} | {n_expl}/{len(r.survivors)} "
             f"| {'-' if r.seconds != r.seconds else f'{r.seconds / 60:.1f}'} |"
         )
     for r in results:
