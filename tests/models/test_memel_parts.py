@@ -96,3 +96,99 @@ def test_loading_memel_state_into_other_places_names_both_sides() -> None:
         load_memel_state_dict(insert_memel(mlp(), after=["1", "3", "5"]), state)
     assert str(caught.value) == ("load_memel_state_dict: the model's MEmeL after '5' has no saved state "
                                  "(insert_memel after the same submodules before loading)")
+
+
+class Pair(torch.nn.Module):
+    """A submodule returning a tuple: the activation first, two other values after it."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+        return torch.relu(x), x.sum(), "tag"
+
+
+class Words(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> str:
+        return "not a tensor"
+
+
+def test_insert_memel_defaults_and_options_reach_every_memel() -> None:
+    from neurorewrite.models.memel import find_memel
+
+    model = insert_memel(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU()), after="1")
+    (memel,) = find_memel(model).values()
+    assert (memel.top_t, memel.delta, memel.n_forget, memel.sync_ranks) == (1, 1.0, 10, True)
+    model = insert_memel(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU()), after=["1"], top_t=2, delta=0.5,
+                         n_forget=4, sync_ranks=False)
+    (memel,) = find_memel(model).values()
+    assert (memel.top_t, memel.delta, memel.n_forget, memel.sync_ranks) == (2, 0.5, 4, False)
+
+
+def test_insert_memel_messages() -> None:
+    def mlp() -> torch.nn.Sequential:
+        return torch.nn.Sequential(*(torch.nn.Linear(4, 4) if i % 2 == 0 else torch.nn.ReLU() for i in range(20)))
+
+    from collections import OrderedDict
+
+    named = torch.nn.Sequential(OrderedDict([("stem", torch.nn.Linear(4, 4))] + [(f"block{i}", torch.nn.ReLU()) for i in range(10)]))
+    with pytest.raises(InvalidOptionError) as caught:  # the three closest names, each once
+        insert_memel(named, after=["stem", "blockx", "blocky"])
+    assert str(caught.value) == ("insert_memel: Sequential has no submodule named 'blockx', 'blocky'; valid names include "
+                                 "'block9', 'block8', 'block7'")
+    cases = [
+        (["1", "31", "x"], "insert_memel: Sequential has no submodule named '31', 'x'; valid names include '3', '1'"),
+        ([], "insert_memel: `after` is empty; name submodules such as '0', '1', '2', '3', '4', '5', '6', '7'"),
+        (["1", "3", "1"], "insert_memel: MEmeL would follow '1' twice; name each submodule once (call remove_memel "
+                          "first to re-insert with other options)"),
+    ]
+    for after, message in cases:
+        with pytest.raises(InvalidOptionError) as caught:
+            insert_memel(mlp(), after=after)
+        assert str(caught.value) == message
+
+
+def test_the_hook_follows_the_module_and_keeps_a_tuples_other_values() -> None:
+    from neurorewrite.models.memel import find_memel
+
+    model = insert_memel(torch.nn.Sequential(torch.nn.Linear(3, 5), Pair()), after="1")
+    (memel,) = find_memel(model).values()
+    memel.eval()
+    x = torch.randn(4, 3)
+    model.train()
+    out = model(x)
+    assert memel.training and memel.count == 4  # it followed the module into training and saw the batch
+    assert out[1] is not None and out[2] == "tag" and len(out) == 3
+    torch.testing.assert_close(out[1], model[0](x).sum())
+    model.eval()
+    model(x)
+    assert memel.count == 4  # an evaluation pass is not a training batch
+    broken = insert_memel(torch.nn.Sequential(Words()), after="0").train()
+    with pytest.raises(InvalidOptionError) as caught:
+        broken(x)
+    assert str(caught.value) == ("MEmeL after '0': that submodule returns str, not a tensor or a tuple starting with "
+                                 "one; insert MEmeL after a submodule that returns the activation tensor")
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_batch_of_one_sample_counts_as_a_batch(eager: bool) -> None:
+    import contextlib
+
+    from neurorewrite.models.memel import MEmeL
+    from neurorewrite.models.memel_fused import eager_only
+
+    memel = MEmeL(n_forget=3).train()
+    with eager_only() if eager else contextlib.nullcontext():
+        for _ in range(3):
+            memel(torch.rand(1, 6))
+    assert memel.get_extra_state() == {"count": 3, "batches_seen": 3}
+
+
+def test_the_eager_path_replaces_top_t_elements_per_row() -> None:
+    from neurorewrite.models.memel import MEmeL
+    from neurorewrite.models.memel_fused import eager_only
+
+    memel = MEmeL(top_t=2, n_forget=1).train()
+    g = torch.Generator().manual_seed(3)
+    with eager_only():
+        for _ in range(3):
+            z = torch.rand(8, 10, generator=g) * 4
+            out = memel(z)
+    assert ((out != z).sum(dim=1) == 2).all()
