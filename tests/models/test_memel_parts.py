@@ -192,3 +192,57 @@ def test_the_eager_path_replaces_top_t_elements_per_row() -> None:
             z = torch.rand(8, 10, generator=g) * 4
             out = memel(z)
     assert ((out != z).sum(dim=1) == 2).all()
+
+
+def test_activation_shape_errors_and_the_statistics_dtype() -> None:
+    from neurorewrite.models.memel import MEmeL
+
+    memel = MEmeL(top_t=3, name="act").train()
+    with pytest.raises(InvalidOptionError) as caught:
+        memel(torch.rand(5))
+    assert str(caught.value) == ("MEmeL after 'act' got an activation of shape (5,); it needs (batch, features...): insert "
+                                 "it after a layer whose output has a feature dimension")
+    memel(torch.rand(4, 3))  # top_t equal to the features: allowed
+    memel(torch.rand(4, 3))
+    assert memel.count == 8  # the statistics are kept, not started again
+    with pytest.raises(InvalidOptionError) as caught:
+        memel(torch.rand(4, 2, 2))
+    assert str(caught.value) == (
+        "MEmeL after 'act': the activation has 4 elements per sample but earlier batches had 3; MEmeL keeps statistics "
+        "per element, so the feature shape must stay fixed (pad sequences to one length, or insert MEmeL after another layer)")
+    with pytest.raises(InvalidOptionError) as caught:
+        MEmeL(top_t=3, name="act").train()(torch.rand(4, 2))
+    assert str(caught.value) == "MEmeL option top_t=3 exceeds the 2 elements per sample after 'act'"
+    wide = MEmeL().train()
+    wide(torch.rand(4, 3, dtype=torch.float64))
+    assert wide.mean.dtype == wide.m2.dtype == torch.float64  # never below the activation's precision
+    narrow = MEmeL().train()
+    narrow(torch.rand(4, 3, dtype=torch.float16))
+    assert narrow.mean.dtype == torch.float32  # never below float32 either
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_an_empty_batch_is_not_a_batch_seen(eager: bool) -> None:
+    import contextlib
+
+    from neurorewrite.models.memel import MEmeL
+    from neurorewrite.models.memel_fused import eager_only
+
+    memel = MEmeL().train()
+    with eager_only() if eager else contextlib.nullcontext():
+        memel(torch.rand(3, 6))
+        out = memel(torch.rand(0, 6))
+    assert out.shape == (0, 6) and memel.get_extra_state() == {"count": 3, "batches_seen": 1}
+
+
+def test_statistics_load_into_a_fresh_memel_with_their_dtype() -> None:
+    from neurorewrite.models.memel import MEmeL
+
+    trained = MEmeL().train()
+    for _ in range(3):
+        trained(torch.rand(4, 3, dtype=torch.float64))
+    fresh = MEmeL()
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.mean.dtype == fresh.m2.dtype == torch.float64
+    assert torch.equal(fresh.mean, trained.mean) and torch.equal(fresh.m2, trained.m2)
+    assert fresh.get_extra_state() == trained.get_extra_state() == {"count": 12, "batches_seen": 3}
