@@ -160,9 +160,11 @@ def calibrate_model(
     record = read_record(model)
     if record is not None:
         write_record(model, record.evolve(calibrated=tuple(str(n["layer"]) for n in notes)))
-    summary = {"samples": chunks.samples, "holdout_samples": chunks.holdout_samples, "positions": chunks.positions,
-               "rows": chunks.real_positions, "computed_positions": chunks.computed_positions,
-               "mask_input": chunks.mask_input, **{k: v for k, v in options.__dict__.items()}}
+    # the options first: the mask input the sample actually used (None where the model has no such input)
+    # replaces the option's name
+    summary = {**options.__dict__, "samples": chunks.samples, "holdout_samples": chunks.holdout_samples,
+               "positions": chunks.positions, "rows": chunks.real_positions,
+               "computed_positions": chunks.computed_positions, "mask_input": chunks.mask_input}
     return model, replace(report, calibration=notes, calibration_summary=summary,
                           warnings=[*report.warnings, *warnings])
 
