@@ -121,3 +121,44 @@ print(kernel_status())
     assert result.returncode == 0, result.stderr[-2000:]
     (library,) = tmp_path.glob("memel_kernel-*.so")
     assert result.stdout.strip() == f"fused C kernel ({library.name}, built by {Path(COMPILER).name})"
+
+
+@needs_compiler
+def test_a_freshly_declared_kernel_runs_memel_in_this_process(monkeypatch, tmp_path: Path) -> None:
+    """The ctypes declarations of a newly loaded library, used by MEmeL's fused steps in this process: a
+    missing or wrong declaration raises or changes a result here."""
+    import ctypes
+
+    import torch
+
+    from neurorewrite.models.memel import MEmeL
+    from neurorewrite.models.memel_fused import eager_only
+
+    monkeypatch.setenv("NEUROREWRITE_CACHE", str(tmp_path))
+    fresh = NativeKernel(ctypes.CDLL(str(native._build(COMPILER))))
+    monkeypatch.setattr(native, "_load", lambda: (fresh, "fresh"))
+    assert native.native_kernel() is fresh and native.kernel_status() == "fresh"
+
+    def run(memel: MEmeL) -> list[tuple[torch.Tensor, ...]]:
+        g = torch.Generator().manual_seed(0)
+        rows = []
+        for _ in range(5):
+            z = (torch.randn(12, 30, generator=g) + 3).requires_grad_(True)
+            out = memel(z)
+            (out * torch.randn(out.shape, generator=g)).sum().backward()
+            rows.append((out.detach(), z.grad, memel.mean.clone(), memel.m2.clone()))
+        return rows
+
+    fused = run(MEmeL(n_forget=2).train())
+    with eager_only():
+        eager = run(MEmeL(n_forget=2).train())
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-6)
+        assert torch.equal(a[1], b[1])
+        torch.testing.assert_close(a[2], b[2], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a[3], b[3], rtol=1e-5, atol=1e-4)
+
+
+def test_the_status_is_the_loaders_reason() -> None:
+    status = native.kernel_status()
+    assert status == native._load()[1] and status.startswith(("fused C kernel (", "eager torch ("))

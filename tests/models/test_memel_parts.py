@@ -83,7 +83,7 @@ def test_the_pool_reuses_free_buffers_keeps_two_and_replaces_one_of_another_size
 
 def test_loading_memel_state_into_other_places_names_both_sides() -> None:
     def mlp() -> torch.nn.Sequential:
-        return torch.nn.Sequential(*(torch.nn.Linear(4, 4) if i % 2 == 0 else torch.nn.ReLU() for i in range(6)))
+        return torch.nn.Sequential(*(torch.nn.Linear(4, 4) if i % 2 == 0 else torch.nn.ReLU() for i in range(8)))
 
     state = memel_state_dict(insert_memel(mlp(), after=["1", "3"]))
     other = insert_memel(mlp(), after=["5"])
@@ -93,8 +93,8 @@ def test_loading_memel_state_into_other_places_names_both_sides() -> None:
         "load_memel_state_dict: saved for '1', '3' but the model has no MEmeL there; the model's MEmeL after '5' "
         "has no saved state (insert_memel after the same submodules before loading)")
     with pytest.raises(InvalidOptionError) as caught:
-        load_memel_state_dict(insert_memel(mlp(), after=["1", "3", "5"]), state)
-    assert str(caught.value) == ("load_memel_state_dict: the model's MEmeL after '5' has no saved state "
+        load_memel_state_dict(insert_memel(mlp(), after=["1", "3", "5", "7"]), state)
+    assert str(caught.value) == ("load_memel_state_dict: the model's MEmeL after '5', '7' has no saved state "
                                  "(insert_memel after the same submodules before loading)")
 
 
@@ -136,8 +136,8 @@ def test_insert_memel_messages() -> None:
     cases = [
         (["1", "31", "x"], "insert_memel: Sequential has no submodule named '31', 'x'; valid names include '3', '1'"),
         ([], "insert_memel: `after` is empty; name submodules such as '0', '1', '2', '3', '4', '5', '6', '7'"),
-        (["1", "3", "1"], "insert_memel: MEmeL would follow '1' twice; name each submodule once (call remove_memel "
-                          "first to re-insert with other options)"),
+        (["1", "3", "1", "3"], "insert_memel: MEmeL would follow '1', '3' twice; name each submodule once (call "
+                               "remove_memel first to re-insert with other options)"),
     ]
     for after, message in cases:
         with pytest.raises(InvalidOptionError) as caught:
@@ -246,3 +246,22 @@ def test_statistics_load_into_a_fresh_memel_with_their_dtype() -> None:
     assert fresh.mean.dtype == fresh.m2.dtype == torch.float64
     assert torch.equal(fresh.mean, trained.mean) and torch.equal(fresh.m2, trained.m2)
     assert fresh.get_extra_state() == trained.get_extra_state() == {"count": 12, "batches_seen": 3}
+
+
+def test_phi_follows_the_papers_formula_with_its_floor() -> None:
+    """phi = (z - mean)^2 / (s^2 + 0.01 mean(s^2)), s^2 the sample variance, floored at epsilon for a layer
+    that has been constant so far."""
+    from neurorewrite.models.memel import MEmeL
+
+    two = MEmeL(n_forget=100).train()
+    two(torch.tensor([[1.0, 5.0], [3.0, 5.0]]))  # two samples: mean (2, 5), sample variance (2, 0)
+    phi = two.monosemantic_scale(torch.tensor([[4.0, 6.0]]))
+    torch.testing.assert_close(phi, torch.tensor([[4.0 / 2.01, 1.0 / 0.01]]), rtol=1e-5, atol=0.0)
+    one = MEmeL(n_forget=100).train()
+    one(torch.tensor([[1.0], [3.0], [8.0]]))  # one feature: mean(s^2) is its own s^2 = 13
+    torch.testing.assert_close(one.monosemantic_scale(torch.tensor([[0.0]])), torch.tensor([[16.0 / (13.0 * 1.01)]]),
+                               rtol=1e-5, atol=0.0)
+    dead = MEmeL(n_forget=100).train()
+    dead(torch.tensor([[2.0], [2.0]]))  # constant so far: the denominator is the floor, epsilon per unit of variance
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(dead.monosemantic_scale(torch.tensor([[3.0]])), torch.tensor([[1.0 / eps]]), rtol=1e-5, atol=0.0)
