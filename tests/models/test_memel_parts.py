@@ -181,13 +181,16 @@ def test_a_batch_of_one_sample_counts_as_a_batch(eager: bool) -> None:
     assert memel.get_extra_state() == {"count": 3, "batches_seen": 3}
 
 
-def test_the_eager_path_replaces_top_t_elements_per_row() -> None:
+@pytest.mark.parametrize("eager", [False, True])
+def test_top_t_elements_are_replaced_per_row(eager: bool) -> None:
+    import contextlib
+
     from neurorewrite.models.memel import MEmeL
     from neurorewrite.models.memel_fused import eager_only
 
     memel = MEmeL(top_t=2, n_forget=1).train()
     g = torch.Generator().manual_seed(3)
-    with eager_only():
+    with eager_only() if eager else contextlib.nullcontext():
         for _ in range(3):
             z = torch.rand(8, 10, generator=g) * 4
             out = memel(z)
@@ -265,3 +268,16 @@ def test_phi_follows_the_papers_formula_with_its_floor() -> None:
     dead(torch.tensor([[2.0], [2.0]]))  # constant so far: the denominator is the floor, epsilon per unit of variance
     eps = torch.finfo(torch.float32).eps
     torch.testing.assert_close(dead.monosemantic_scale(torch.tensor([[3.0]])), torch.tensor([[1.0 / eps]]), rtol=1e-5, atol=0.0)
+
+
+def test_threads_for_splits_by_whole_threads() -> None:
+    from neurorewrite.models.memel_fused import ELEMENTS_PER_THREAD, threads_for
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        counts = [threads_for(n) for n in (0, ELEMENTS_PER_THREAD - 1, ELEMENTS_PER_THREAD * 3 // 2, 2 * ELEMENTS_PER_THREAD,
+                                           100 * ELEMENTS_PER_THREAD)]
+    finally:
+        torch.set_num_threads(before)
+    assert counts == [1, 1, 1, 2, 2] and all(type(c) is int for c in counts)
