@@ -281,3 +281,20 @@ def test_threads_for_splits_by_whole_threads() -> None:
     finally:
         torch.set_num_threads(before)
     assert counts == [1, 1, 1, 2, 2] and all(type(c) is int for c in counts)
+
+
+def test_memel_defaults_option_errors_and_unshaped_statistics() -> None:
+    from neurorewrite.models.memel import MEmeL
+
+    memel = MEmeL()
+    assert (memel.top_t, memel.delta, memel.n_forget, memel.sync_ranks, memel.name) == (1, 1.0, 10, True, "MEmeL")
+    assert {k: tuple(v.shape) for k, v in memel.state_dict().items() if isinstance(v, torch.Tensor)} == {
+        "mean": (0,), "m2": (0,)}  # shaped by the first activation
+    for options, message in (
+        ({"top_t": 0}, "MEmeL option top_t must be an integer >= 1, got 0"),
+        ({"n_forget": 0}, "MEmeL option n_forget must be an integer >= 1, got 0"),
+        ({"delta": float("nan")}, "MEmeL option delta must be a finite number (1 = RD, 0 or -1 = naive), got nan"),
+    ):
+        with pytest.raises(InvalidOptionError) as caught:
+            MEmeL(**options)
+        assert str(caught.value) == message
