@@ -57,6 +57,27 @@ def test_the_kernel_is_built_once_per_source_flags_and_cpu_without_temporaries(m
     NativeKernel(__import__("ctypes").CDLL(str(other)))  # a loadable library with the three entry points
 
 
+def assert_fused_matches_eager() -> None:
+    """MEmeL's fused steps on whatever kernel this process loads give the eager code's outputs, gradients,
+    statistics and counts (also run in a fresh process by the test below)."""
+    import torch
+
+    from neurorewrite.models.memel import MEmeL
+    from neurorewrite.models.memel_fused import eager_only
+    from tests.models.test_memel_fused import _run, _stream
+
+    batches = _stream(0, [12] * 5, (30,))
+    fused = _run(MEmeL(n_forget=2).train(), batches)
+    with eager_only():
+        eager = _run(MEmeL(n_forget=2).train(), batches)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a["out"], b["out"], rtol=1e-6, atol=1e-6)
+        assert torch.equal(a["grad"], b["grad"])
+        torch.testing.assert_close(a["mean"], b["mean"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a["m2"], b["m2"], rtol=1e-5, atol=1e-4)
+        assert a["extra"] == b["extra"]
+
+
 def failing_compiler(folder: Path) -> str:
     script = folder / "broken-cc"
     script.write_text("#!/bin/sh\necho 'first line' >&2\necho 'broken-cc: the last word' >&2\nexit 1\n")
@@ -91,29 +112,10 @@ def test_a_freshly_built_kernel_is_loaded_and_agrees_with_the_eager_code(tmp_pat
     (statistics, selection, output, gradient) match the eager code. A broken ctypes declaration may crash
     the process, hence the subprocess."""
     code = """
-import torch
-from neurorewrite.models.memel import MEmeL
-from neurorewrite.models.memel_fused import eager_only
 from neurorewrite.models.memel_native import kernel_status, native_kernel
+from tests.models.test_memel_native import assert_fused_matches_eager
 assert native_kernel() is not None, kernel_status()
-def run(memel):
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(6):
-        z = (torch.randn(16, 40, generator=g) + 3).requires_grad_(True)
-        out = memel(z)
-        (out * torch.randn(out.shape, generator=g)).sum().backward()
-        rows.append((out.detach(), z.grad, memel.mean.clone(), memel.m2.clone(), memel.get_extra_state()))
-    return rows
-fused = run(MEmeL(top_t=1, n_forget=3).train())
-with eager_only():
-    eager = run(MEmeL(top_t=1, n_forget=3).train())
-for a, b in zip(fused, eager):
-    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-6)
-    assert torch.equal(a[1], b[1])
-    torch.testing.assert_close(a[2], b[2], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(a[3], b[3], rtol=1e-5, atol=1e-4)
-    assert a[4] == b[4]
+assert_fused_matches_eager()
 print(kernel_status())
 """
     env = {**os.environ, "NEUROREWRITE_CACHE": str(tmp_path), "NEUROREWRITE_MEMEL_KERNEL": "1"}
@@ -129,34 +131,11 @@ def test_a_freshly_declared_kernel_runs_memel_in_this_process(monkeypatch, tmp_p
     missing or wrong declaration raises or changes a result here."""
     import ctypes
 
-    import torch
-
-    from neurorewrite.models.memel import MEmeL
-    from neurorewrite.models.memel_fused import eager_only
-
     monkeypatch.setenv("NEUROREWRITE_CACHE", str(tmp_path))
     fresh = NativeKernel(ctypes.CDLL(str(native._build(COMPILER))))
     monkeypatch.setattr(native, "_load", lambda: (fresh, "fresh"))
     assert native.native_kernel() is fresh and native.kernel_status() == "fresh"
-
-    def run(memel: MEmeL) -> list[tuple[torch.Tensor, ...]]:
-        g = torch.Generator().manual_seed(0)
-        rows = []
-        for _ in range(5):
-            z = (torch.randn(12, 30, generator=g) + 3).requires_grad_(True)
-            out = memel(z)
-            (out * torch.randn(out.shape, generator=g)).sum().backward()
-            rows.append((out.detach(), z.grad, memel.mean.clone(), memel.m2.clone()))
-        return rows
-
-    fused = run(MEmeL(n_forget=2).train())
-    with eager_only():
-        eager = run(MEmeL(n_forget=2).train())
-    for a, b in zip(fused, eager):
-        torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-6)
-        assert torch.equal(a[1], b[1])
-        torch.testing.assert_close(a[2], b[2], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(a[3], b[3], rtol=1e-5, atol=1e-4)
+    assert_fused_matches_eager()
 
 
 def test_the_status_is_the_loaders_reason() -> None:
