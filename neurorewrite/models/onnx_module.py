@@ -135,7 +135,8 @@ class OnnxGraph(nn.Module):
         self._where = where
         self._labels = {step.node: node_label(model.graph.node[step.node], step.node) for step in self.steps
                         if step.node >= 0}
-        self._last_use = self._liveness()
+        self._last_read = self._reads()
+        self._last_use = {**self._last_read, **{name: len(self.steps) for name in self.output_names}}
 
     # --- building -------------------------------------------------------------------------------
 
@@ -195,14 +196,12 @@ class OnnxGraph(nn.Module):
             )
         return steps
 
-    def _liveness(self) -> dict[str, int]:
-        """The last step that reads each computed tensor (graph outputs live to the end)."""
+    def _reads(self) -> dict[str, int]:
+        """The last step that reads each tensor."""
         last: dict[str, int] = {}
         for k, step in enumerate(self.steps):
             for name in step.inputs:
                 last[name] = k
-        for name in self.output_names:
-            last[name] = len(self.steps)
         return last
 
     # --- running --------------------------------------------------------------------------------
@@ -227,6 +226,13 @@ class OnnxGraph(nn.Module):
                     del env[name]
         cursor.position = max(cursor.position, stop)
         return cursor
+
+    def release(self, cursor: Cursor) -> None:
+        """Drop from ``cursor`` the tensors no step from its position on reads, graph outputs included:
+        for a caller that reads the outputs as they are written (calibration reads each block's output
+        at its block; kept to the end, they add up to a residual stream per block and chunk)."""
+        for name in [n for n in cursor.env if self._last_read.get(n, -1) < cursor.position]:
+            del cursor.env[name]
 
     def run_steps(self, env: dict[str, torch.Tensor | None], steps: list[int],
                   keep: Collection[str] | None = None) -> dict[str, torch.Tensor | None]:

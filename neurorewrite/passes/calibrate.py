@@ -202,6 +202,8 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             else:
                 residual = None
             targets.append(t)
+            exp.release(ecur)  # what is read: the earlier blocks' outputs, this one's residual operand
+            orig.release(ocur)
             if chunk.holdout:  # the fit rows' error before comes from the moments, at a fraction of the cost
                 y_now = chunk.rows(exp.run_steps(env, block_steps[-1:])[lin2.output], outputs, lin2.feature_axis)
                 holdout_sse_before.append(float((y_now - t).pow(2).sum()))
@@ -249,6 +251,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         for chunk, ecur, t in zip(runs.sample.chunks, runs.exp_cursors, targets):
             exp.advance(ecur, s2 + 1)
             y = chunk.rows(ecur.env[lin2.output], outputs, lin2.feature_axis)
+            exp.release(ecur)
             sse_after[chunk.holdout].append(float((y - t).pow(2).sum()))
     rows = {h: sum(len(t) for c, t in zip(runs.sample.chunks, targets) if c.holdout == h) for h in (False, True)}
     return {

@@ -42,6 +42,25 @@ def test_a_run_in_stretches_equals_one_run(bert_onnx):
     torch.testing.assert_close(cursor.env["embedding"], whole)
 
 
+def test_release_drops_outputs_already_read_and_keeps_what_later_steps_read(bert_onnx):
+    # calibration asks for every block's output and reads each at its block: kept to the end of the
+    # run, they would add up to one residual stream per block and chunk
+    blocks = find_blocks(bert_onnx).blocks
+    outputs = [b.second.output for b in blocks]
+    graph = OnnxGraph(bert_onnx, outputs=outputs)
+    feeds = {k: torch.from_numpy(v) for k, v in token_sample(4).items()}
+    cursor = graph.start(feeds)
+    graph.advance(cursor, graph.step_of(blocks[1].first.output))
+    assert outputs[0] in cursor.env  # an output lives on until released
+    graph.release(cursor)
+    assert outputs[0] not in cursor.env
+    assert blocks[1].first.data_input in cursor.env  # the next step still reads it
+    graph.advance(cursor)
+    assert outputs[1] in cursor.env  # and the run goes on to the end
+    graph.release(cursor)
+    assert not cursor.env
+
+
 def test_only_the_nodes_the_outputs_need_are_lifted(bert_onnx):
     block = find_blocks(bert_onnx).blocks[0]
     graph = OnnxGraph(bert_onnx, outputs=[block.second.output])
