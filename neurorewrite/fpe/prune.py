@@ -156,7 +156,9 @@ def choose_pruned(
     # a matrix without zeros (the usual dense layer) needs no index array: 8 bytes per weight saved
     nonzero = [None if np.count_nonzero(w) == w.size else np.flatnonzero(w) for w in (*inputs, w_out)]
     mags = [np.abs(w.ravel() if i is None else w.ravel()[i]) for w, i in zip((*inputs, w_out), nonzero)]
-    mags[-1] = mags[-1].astype(mags[0].dtype, copy=False)
+    # one type to compare in (a float16 W1 beside a float32 W2 must not round W2's magnitudes)
+    common = np.result_type(*mags)
+    mags = [m.astype(common, copy=False) for m in mags]
     if scales is not None:
         positions: list[int | None] = [*range(len(inputs)), None]
         mags = [scales.scores(m, i, w.shape, p) for m, i, w, p in zip(mags, nonzero, (*inputs, w_out), positions)]

@@ -54,8 +54,8 @@ def cluster_features(w1: np.ndarray, alpha: int, rng: np.random.Generator, iters
     unit = cols / np.where(norms > 0, norms, 1.0)
     capacity = np.bincount(balanced_labels(d, alpha), minlength=alpha)
     centers = unit[:, rng.choice(d, size=alpha, replace=False)]
-    labels = balanced_labels(d, alpha)
-    for _ in range(iters):
+    labels = np.full(d, -1, dtype=np.int64)  # no assignment yet: the first one always moves the centres
+    for _ in range(max(iters, 1)):
         score = np.abs(unit.T @ centers)  # (d, alpha)
         order = np.argsort(-score, axis=None, kind="stable")
         new = np.full(d, -1, dtype=np.int64)
