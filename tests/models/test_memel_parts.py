@@ -265,7 +265,8 @@ def test_phi_follows_the_papers_formula_with_its_floor() -> None:
     torch.testing.assert_close(one.monosemantic_scale(torch.tensor([[0.0]])), torch.tensor([[16.0 / (13.0 * 1.01)]]),
                                rtol=1e-5, atol=0.0)
     dead = MEmeL(n_forget=100).train()
-    dead(torch.tensor([[2.0], [2.0]]))  # constant so far: the denominator is the floor, epsilon per unit of variance
+    # constant over four samples so far: the denominator is the floor, epsilon per unit of variance (3 units)
+    dead(torch.tensor([[2.0], [2.0], [2.0], [2.0]]))
     eps = torch.finfo(torch.float32).eps
     torch.testing.assert_close(dead.monosemantic_scale(torch.tensor([[3.0]])), torch.tensor([[1.0 / eps]]), rtol=1e-5, atol=0.0)
 
@@ -298,3 +299,36 @@ def test_memel_defaults_option_errors_and_unshaped_statistics() -> None:
         with pytest.raises(InvalidOptionError) as caught:
             MEmeL(**options)
         assert str(caught.value) == message
+
+
+def test_work_tensors_are_kept_between_steps_of_one_shape() -> None:
+    """MEmeL's cost promise rests on not allocating per step: the eager code's centred-values tensor and
+    the fused step's packed sums, row workspace and buffer pools are made once and reused while the batch
+    shape allows (a fresh tensor costs page faults); a wider batch gets a workspace that fits."""
+    from neurorewrite.models.memel import MEmeL
+    from neurorewrite.models.memel_fused import eager_only
+    from neurorewrite.models.memel_native import kernel_status, native_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    batch = lambda rows: torch.randn(rows, 16, generator=gen) + 2.0  # noqa: E731
+
+    eager = MEmeL().train()
+    with eager_only():
+        eager(batch(8))
+        scratch = eager._scratch
+        eager(batch(8))
+        assert eager._scratch is scratch
+        eager(batch(4))  # another shape: a tensor of that shape
+        assert eager._scratch.shape == (4, 16)
+
+    if native_kernel() is None:
+        pytest.skip(f"the fused step needs the native kernel; MEmeL runs {kernel_status()}")
+    fused = MEmeL(n_forget=2).train()
+    for _ in range(3):  # past n_forget batches: the steps inhibit and use the pools
+        fused(batch(8))
+    kept = (fused._packed_sums, fused._row_best, fused._pools)
+    fused(batch(8))
+    fused(batch(5))  # fewer rows fit the workspace
+    assert all(now is before for now, before in zip((fused._packed_sums, fused._row_best, fused._pools), kept))
+    fused(batch(12))
+    assert fused._row_best.numel() >= 12 and fused._packed_sums is kept[0] and fused._pools is kept[2]
