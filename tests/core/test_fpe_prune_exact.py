@@ -15,6 +15,7 @@ import pytest
 
 from neurorewrite.fpe import FPEConfig, expand_block, expand_gated_block, kth_weighted_value, smallest_by_count
 from neurorewrite.fpe import prune as prune_module
+from tests.core.argsort_spy import record_argsort_sizes
 
 # candidates above this many are bracketed by a strided sample
 SAMPLE_SIZE = inspect.signature(kth_weighted_value).parameters["sample_size"].default
@@ -211,21 +212,10 @@ def test_a_block_that_exactly_absorbs_the_copies_is_expanded(prune) -> None:
 def test_large_blocks_sort_only_a_sample_and_the_bracket(monkeypatch) -> None:
     """docs/methods.md 1.3: the threshold of a large block is found without sorting it: only a strided
     sample and the few entries inside the bracket are sorted (a spy on the module's argsort records sizes)."""
-    sorted_sizes: list[int] = []
-
-    class Spy:
-        def __getattr__(self, name: str):  # noqa: ANN204
-            return getattr(np, name)
-
-        @staticmethod
-        def argsort(a, *args, **kwargs):  # noqa: ANN001, ANN205
-            sorted_sizes.append(int(np.size(a)))
-            return np.argsort(a, *args, **kwargs)
-
     rng = np.random.default_rng(1)
     parts = [(rng.random(2_000_000).astype(np.float32), 1), (rng.random(200_000).astype(np.float32), 4)]
     total = 2_000_000 + 4 * 200_000
-    monkeypatch.setattr(prune_module, "np", Spy())
+    sorted_sizes = record_argsort_sizes(monkeypatch, prune_module)
     for k in (1, total // 3, total - 5):
         sorted_sizes.clear()
         t = kth_weighted_value(parts, k)

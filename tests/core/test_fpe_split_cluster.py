@@ -10,6 +10,7 @@ import pytest
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.fpe import balanced_labels, cluster_features
 from neurorewrite.fpe import split as split_module
+from tests.core.argsort_spy import record_argsort_sizes
 
 
 def partition(labels: np.ndarray) -> list[tuple[int, ...]]:
@@ -71,20 +72,9 @@ def test_exact_ties_go_in_index_order_to_the_lowest_cluster(seed) -> None:
 def test_the_clustering_stops_once_an_assignment_repeats(monkeypatch) -> None:
     """Balanced k-means to a fixed point: clearly separated clusters settle in a few rounds (one sort of
     the scores each) and the remaining ``iters`` rounds are not run."""
-    sorts: list[int] = []
-
-    class Spy:
-        def __getattr__(self, name: str):  # noqa: ANN204
-            return getattr(np, name)
-
-        @staticmethod
-        def argsort(a, *args, **kwargs):  # noqa: ANN001, ANN205
-            sorts.append(1)
-            return np.argsort(a, *args, **kwargs)
-
     rng = np.random.default_rng(3)
     w1 = np.kron(np.eye(3), np.ones((4, 3))) * rng.uniform(0.8, 1.2, (12, 9))  # three blocks of three features
-    monkeypatch.setattr(split_module, "np", Spy())
+    sorts = record_argsort_sizes(monkeypatch, split_module)  # one entry per round's sort
     labels = cluster_features(w1, 3, np.random.default_rng(0), iters=20)
     assert partition(labels) == [(0, 1, 2), (3, 4, 5), (6, 7, 8)]
     assert len(sorts) <= 4, f"{len(sorts)} rounds for three separated clusters"
