@@ -12,13 +12,16 @@ average is printed, since a loaded machine inflates wall time).
 
 Methods (each a set of ``neurorewrite expand`` / ``finetune`` options):
   bare          expand --alpha A (magnitude prune, no sample)
-  w2-output     --calibrate S --prune-by magnitude --refit w2 --target output  (the W2 refit alone)
-  w2            --calibrate S --prune-by magnitude --refit w2                  (+ residual target)
+  w2-output     --calibrate S --prune-by magnitude --refit w2 --target output --support kept (the W2 refit alone)
+  w2            --calibrate S --prune-by magnitude --refit w2 --support kept    (+ residual target)
   act-prune     --calibrate S --prune-by activation --refit none               (activation-aware prune alone)
-  act-w2        --calibrate S --prune-by activation --refit w2                 (both)
+  act-w2        --calibrate S --prune-by activation --refit w2 --support kept   (both)
   act-w2-parent --calibrate S --prune-by activation --refit w2 --refit-per parent (one W2 weight per parent)
-  act-block     --calibrate S --prune-by activation --refit block              (+ block-wise reconstruction)
+  act-block     --calibrate S --prune-by activation --refit block --support kept (+ block-wise reconstruction)
+  hessian-w2    --calibrate S (the defaults: activation prune, W2 refit per child on supports chosen
+                again by second-order saliency, --support hessian)
   distil        act-w2, then finetune --teacher ORIGINAL --data S              (times add up)
+  hessian-distil hessian-w2, then finetune --teacher ORIGINAL --data S
   distil-bare   bare, then finetune --teacher ORIGINAL --data S
 """
 
@@ -38,13 +41,15 @@ from neurorewrite.table import format_table
 
 METHODS = {
     "bare": {},
-    "w2-output": {"prune_by": "magnitude", "refit": "w2", "target": "output"},
-    "w2": {"prune_by": "magnitude", "refit": "w2"},
+    "w2-output": {"prune_by": "magnitude", "refit": "w2", "target": "output", "support": "kept"},
+    "w2": {"prune_by": "magnitude", "refit": "w2", "support": "kept"},
     "act-prune": {"prune_by": "activation", "refit": "none"},
-    "act-w2": {"prune_by": "activation", "refit": "w2"},
+    "act-w2": {"prune_by": "activation", "refit": "w2", "support": "kept"},
     "act-w2-parent": {"prune_by": "activation", "refit": "w2", "refit_per": "parent"},
-    "act-block": {"prune_by": "activation", "refit": "block"},
-    "distil": {"prune_by": "activation", "refit": "w2", "distil": True},
+    "act-block": {"prune_by": "activation", "refit": "block", "support": "kept"},
+    "hessian-w2": {"prune_by": "activation", "refit": "w2", "support": "hessian"},
+    "distil": {"prune_by": "activation", "refit": "w2", "support": "kept", "distil": True},
+    "hessian-distil": {"prune_by": "activation", "refit": "w2", "support": "hessian", "distil": True},
     "distil-bare": {"distil": True},
 }
 
@@ -67,7 +72,7 @@ def run_method(name: str, alpha: int, original: Path, sample: dict, out: Path, e
     path = out / f"{name}.a{alpha}.onnx"
     if "refit" in spec:
         options = CalibrateOptions(refit=spec["refit"], target=spec.get("target", "residual"),
-                                   refit_per=spec.get("refit_per", "child"))
+                                   refit_per=spec.get("refit_per", "child"), support=spec.get("support", "hessian"))
         _, report = expand(original, alpha=alpha, calibrate=sample, prune_by=spec["prune_by"], calibrate_options=options,
                            output=path)
         for n in report.calibration:

@@ -72,6 +72,24 @@ def test_calibrate_from_the_command_line(capsys, model_path, tmp_path):
     code, out, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "--calibrate", sample)
     assert code == 0, err
     assert "calibration" in out and "fc2" in out
+    header = next(line for line in out.splitlines() if "refit layer" in line)
+    assert "support" in header and any("fc2" in line and "hessian" in line for line in out.splitlines())
+
+
+@pytest.mark.parametrize("support", ["hessian", "kept"])
+def test_the_support_option_reaches_the_refit(capsys, model_path, tmp_path, support):
+    sample = tmp_path / "sample.npz"
+    np.savez(sample, x=np.random.default_rng(0).standard_normal((200, 10)).astype(np.float32))
+    code, out, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "--calibrate", sample, "--support", support,
+                             "--json", "-o", tmp_path / f"{support}.onnx")
+    assert code == 0, err
+    assert [n["support"] for n in json.loads(out)["calibration"]] == [support]
+
+
+def test_the_support_option_needs_a_sample(capsys, model_path, tmp_path):
+    code, _, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "--support", "kept", "-o", tmp_path / "o.onnx")
+    assert_one_line_error(code, err, "--support", "give --calibrate SAMPLE.npz")
+    assert not (tmp_path / "o.onnx").exists()
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:

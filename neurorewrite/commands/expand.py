@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refit-per", choices=("child", "parent"), default="child",
                    help="W2 refit: a weight per child (default), or one per parent shared by its children (a Gram "
                    "alpha^2 times smaller: for wide models)")
+    p.add_argument("--support", choices=("hessian", "kept"), default="hessian",
+                   help="W2 refit per child: which weights each row keeps, same count per row: chosen again from the "
+                   "sample's second moments (hessian, default: OBS saliency) or the prune's (kept)")
     p.add_argument("--target", choices=("residual", "output"), default="residual",
                    help="what a block is fit to: the original block's output, plus (residual, default) the drift "
                    "of the residual stream it adds to")
@@ -86,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
         from neurorewrite.passes.calibrate import CalibrateOptions
 
         options = CalibrateOptions(refit=args.refit or DEFAULT_REFIT, target=args.target, holdout=args.holdout,
-                                   solver=args.solver, refit_per=args.refit_per)
-    elif args.refit or args.holdout != 0.2 or args.target != "residual" or args.solver != "cg" or args.refit_per != "child":
-        raise InvalidOptionError("--refit, --refit-per, --target, --holdout and --solver set up --calibrate: "
+                                   solver=args.solver, refit_per=args.refit_per, support=args.support)
+    elif (args.refit or args.holdout != 0.2 or args.target != "residual" or args.solver != "cg" or args.refit_per != "child"
+          or args.support != "hessian"):
+        raise InvalidOptionError("--refit, --refit-per, --support, --target, --holdout and --solver set up --calibrate: "
                                  "give --calibrate SAMPLE.npz")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
@@ -120,13 +124,13 @@ def render_report(report: ExpandReport, output: Path) -> str:
         )
     ]
     if report.calibration:
-        cal = [(c["layer"], f"{c['rows']} + {c['holdout_rows']}", f"{c['rmse_before']:.4g} -> {c['rmse_after']:.4g}",
+        cal = [(c["layer"], f"{c['rows']} + {c['holdout_rows']}", c["support"], f"{c['rmse_before']:.4g} -> {c['rmse_after']:.4g}",
                 f"{c['holdout_rmse_before']:.4g} -> {c['holdout_rmse_after']:.4g}", f"{c['seconds']:.1f}s")
                for c in report.calibration]
         summary = report.calibration_summary
         title = (f"\ncalibration: refit={summary.get('refit')} target={report.calibration[0]['target']} "
                  f"solver={summary.get('solver')}; rows are positions that are not padding")
-        parts.append(format_table(("refit layer", "rows fit + held out", "RMSE vs target (fit rows)",
+        parts.append(format_table(("refit layer", "rows fit + held out", "support", "RMSE vs target (fit rows)",
                                    "RMSE (held-out rows)", "time"), cal, title=title))
     if report.warnings:
         parts.append("\n" + "\n".join(f"warning: {w}" for w in report.warnings))

@@ -3,8 +3,11 @@
 Replaces, block by block in graph order, the outgoing weights ``W2'`` (and ``b2``) of each expanded
 chain's last linear with the ridge least-squares fit, on the kept support only, of the block's target
 from its hidden activations on the sample; with ``refit="block"`` it then trains the whole block
-(``W1', b1', W2', b2``, masks fixed) on the same target (:mod:`neurorewrite.passes.block_fit`). The
-sparsity pattern is kept, so the nonzero count does not change; pruned weights stay exactly zero.
+(``W1', b1', W2', b2``, masks fixed) on the same target (:mod:`neurorewrite.passes.block_fit`). Every
+row keeps its nonzero count, so the model's count does not change; pruned weights stay exactly zero. Per
+child (``support="hessian"``, the default) each row of ``W2'`` first chooses again which weights it keeps,
+as many as before, by their second-order saliency on the sample (:mod:`neurorewrite.fpe.support`); with
+``support="kept"``, and per parent or tied, the pattern is the prune's.
 
 A gated block's down projection is refit the same way (its input is the gated product); a 1x1-Conv
 block is read along its channel axis.
@@ -43,8 +46,9 @@ import torch
 
 from neurorewrite.errors import DataError, InvalidOptionError
 from neurorewrite.fpe import copy_outputs
-from neurorewrite.fpe.gram import FitAccumulator
+from neurorewrite.fpe.gram import FitAccumulator, Moments
 from neurorewrite.fpe.refit import SOLVERS, refit_masked
+from neurorewrite.fpe.support import choose_support
 from neurorewrite.models.onnx_module import Cursor, OnnxGraph
 from neurorewrite.passes.block_fit import fit_block
 from neurorewrite.passes.expand_blocks import ExpandReport
@@ -57,6 +61,7 @@ from neurorewrite.rewriter.record import read_record, write_record
 REFITS = ("w2", "block", "none")  # none: the sample only informs the prune (--prune-by activation)
 REFIT_PER = ("child", "parent")  # W2': a weight per child, or one per parent shared by its children
 TARGETS = ("residual", "output")
+SUPPORTS = ("hessian", "kept")  # W2' per child: rows' supports chosen again from the Gram (fpe/support.py), or the prune's
 Progress = Callable[[int, int, str], None]
 
 
@@ -66,6 +71,7 @@ class CalibrateOptions:
 
     refit: str = "w2"
     refit_per: str = "child"
+    support: str = "hessian"
     target: str = "residual"
     holdout: float = 0.2  # share of the samples that is only scored, never fit
     solver: str = "cg"
@@ -82,7 +88,8 @@ class CalibrateOptions:
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("refit", self.refit, REFITS), ("target", self.target, TARGETS),
-                                     ("solver", self.solver, SOLVERS), ("refit-per", self.refit_per, REFIT_PER)):
+                                     ("solver", self.solver, SOLVERS), ("refit-per", self.refit_per, REFIT_PER),
+                                     ("support", self.support, SUPPORTS)):
             if value not in allowed:
                 raise InvalidOptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0.0 <= self.holdout < 1.0:
@@ -228,6 +235,13 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         b0 = None if b_now is None else b_now.numpy()
         sse_before = float(moments.error(w0, b0).sum())
         tick = time.process_time()
+        # per child only: per parent (and tied) a row's support is a set of parents whose copies share one weight
+        support = "hessian" if options.support == "hessian" and alpha == 1 and isinstance(moments, Moments) else "kept"
+        if support == "hessian":
+            w0 = choose_support(moments, w0)
+            layer2.weight_mask.copy_(torch.from_numpy(w0 != 0).reshape(layer2.weight_mask.shape))
+        support_cpu = time.process_time() - tick
+        tick = time.process_time()
         # the preconditioner groups a parent's children; fit per parent there are none to group
         new_w, new_b, info = refit_masked(moments, w0, b0, options.ridge, options.solver, groups=1 if alpha > 1 else children,
                                           max_iters=options.max_iters, tol=options.tol)
@@ -256,7 +270,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     rows = {h: sum(len(t) for c, t in zip(runs.sample.chunks, targets) if c.holdout == h) for h in (False, True)}
     return {
         "block": block.name, "layer": lin2.name, "rows": rows[False], "holdout_rows": rows[True],
-        "width": width, "target": "residual" if residual is not None else "output", "refit": options.refit,
+        "width": width, "target": "residual" if residual is not None else "output", "refit": options.refit, "support": support,
         "rmse_before": _rmse(sse_before, rows[False] * outputs), "rmse_after": _rmse(sum(sse_after[False]), rows[False] * outputs),
         "holdout_rmse_before": _rmse(sum(holdout_sse_before), rows[True] * outputs),
         "holdout_rmse_after": _rmse(sum(sse_after[True]), rows[True] * outputs),
@@ -264,6 +278,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         "block_mse": None if block_fit is None else list(block_fit),
         "seconds": time.perf_counter() - start,
         # process CPU time (all threads) of the parts
-        "cpu_seconds": {"gram": round(sum(gram_cpu), 2), "solve": round(solve_cpu, 2), "block": round(block_cpu, 2)},
+        "cpu_seconds": {"gram": round(sum(gram_cpu), 2), "support": round(support_cpu, 2), "solve": round(solve_cpu, 2),
+                        "block": round(block_cpu, 2)},
     }
 

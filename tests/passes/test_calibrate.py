@@ -1,4 +1,5 @@
-"""The calibration pass: counts and sparsity pattern kept, output error reduced, accuracy recovered."""
+"""The calibration pass: counts kept (and the pattern, but for the rows a per-child refit chooses again),
+output error reduced, accuracy recovered."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import neurorewrite
 from examples.digits import accuracy, export, load_data, recovered, train_mlp
 from neurorewrite.errors import DataError
+from neurorewrite.passes.calibrate import CalibrateOptions
 from neurorewrite.rewriter.blocks import find_blocks
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import read_weights
@@ -20,19 +22,29 @@ def weights(model: onnx.ModelProto):
     out = []
     for block in find_blocks(model).blocks:
         for lin in (block.first, block.second):
-            out.append(read_weights(index, lin))
+            out.append((lin.name, *read_weights(index, lin)))
     return out
 
 
+@pytest.mark.parametrize("support", ["hessian", "kept"])
 @pytest.mark.parametrize("name", ["torchscript_gemm", "gelu_silu_chain", "transformer", "sklearn_mlp"])
-def test_calibration_keeps_the_pattern_and_lowers_the_error(exports, name):
+def test_calibration_keeps_the_counts_and_lowers_the_error(exports, name, support):
     rng_feeds = sample_for(exports[name], batch=64)
     bare, _ = neurorewrite.expand(exports[name], alpha=3, seed=1)
-    cal, report = neurorewrite.expand(exports[name], alpha=3, seed=1, calibrate=rng_feeds, prune_by="magnitude")
-    for (w_bare, b_bare), (w_cal, b_cal) in zip(weights(bare), weights(cal)):
-        np.testing.assert_array_equal(w_bare != 0, w_cal != 0)
+    cal, report = neurorewrite.expand(exports[name], alpha=3, seed=1, calibrate=rng_feeds, prune_by="magnitude",
+                                      calibrate_options=CalibrateOptions(support=support))
+    # a sample of so few rows that they are kept as rows (no Gram matrix) is fit on the prune's support
+    chosen = {c["layer"] for c in report.calibration if c["support"] == "hessian"}
+    assert not chosen if support == "kept" else chosen or name == "transformer"
+    moved = set()
+    for (layer, w_bare, b_bare), (_, w_cal, b_cal) in zip(weights(bare), weights(cal)):
+        # every row keeps its count; only the rows of a layer whose support was chosen again move
+        np.testing.assert_array_equal(np.count_nonzero(w_bare, axis=-1), np.count_nonzero(w_cal, axis=-1))
+        if not np.array_equal(w_bare != 0, w_cal != 0):
+            moved.add(layer)
         if b_bare is not None:
             np.testing.assert_array_equal(b_bare != 0, b_cal != 0)
+    assert moved == chosen
     assert [b.nnz_after for b in report.blocks] == [b.nnz_before for b in report.blocks]
     assert report.calibration and all(c["rmse_after"] < c["rmse_before"] for c in report.calibration)
     # the model's final output is closer to the original's after calibration

@@ -27,9 +27,10 @@ def test_defaults_progress_record_and_summary() -> None:
     calls: list[tuple[int, int, str]] = []
     calibrated, out = calibrate_model(model, expanded, report, {"x": x}, progress=lambda *c: calls.append(c))
     assert calls == [(0, 1, "fc1"), (1, 1, "writing")]
-    # untied by default: the per-child fit keeps the expanded pattern and count exactly
-    assert (block_weights(calibrated)[2] != 0).sum() == (block_weights(expanded)[2] != 0).sum()
-    np.testing.assert_array_equal(block_weights(calibrated)[2] != 0, block_weights(expanded)[2] != 0)
+    # untied by default: the per-child fit keeps every row's count exactly, on a support it chose again
+    assert out.calibration[0]["support"] == "hessian"
+    np.testing.assert_array_equal((block_weights(calibrated)[2] != 0).sum(axis=1), (block_weights(expanded)[2] != 0).sum(axis=1))
+    assert not np.array_equal(block_weights(calibrated)[2] != 0, block_weights(expanded)[2] != 0)
     assert read_record(calibrated).calibrated == ("fc2",)
     assert read_record(expanded).calibrated == ()
     summary = out.calibration_summary
@@ -103,6 +104,7 @@ def test_padding_is_left_out_unless_the_mask_option_is_off() -> None:
     ("target", "logits", "--target must be one of residual, output, got 'logits'"),
     ("solver", "lu", "--solver must be one of cg, exact, got 'lu'"),
     ("refit_per", "layer", "--refit-per must be one of child, parent, got 'layer'"),
+    ("support", "wanda", "--support must be one of hessian, kept, got 'wanda'"),
     ("holdout", 1.0, "--holdout must be in [0, 1), got 1.0"),
     ("holdout", 1.5, "--holdout must be in [0, 1), got 1.5"),
     ("holdout", -0.1, "--holdout must be in [0, 1), got -0.1"),

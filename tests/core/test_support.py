@@ -1,0 +1,79 @@
+"""Choosing a pruned row's support again from the sample's Gram matrix (fpe/support.py): counts kept
+exactly, the inputs the target needs found where magnitudes and sibling copies mislead."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from neurorewrite.fpe.gram import GramAccumulator
+from neurorewrite.fpe.refit import refit_masked
+from neurorewrite.fpe.support import choose_support
+
+
+def moments_of(h: np.ndarray, t: np.ndarray):
+    acc = GramAccumulator(h.shape[1], t.shape[1])
+    acc.add(h, t)
+    return acc.finish()
+
+
+def test_every_row_keeps_its_count_and_every_kept_weight_is_nonzero() -> None:
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((400, 12)).astype(np.float32)
+    h[:, 5] = 0.0  # an input the sample never moves: its dense weight is exactly 0 where it must be kept
+    t = h @ rng.standard_normal((12, 4)).astype(np.float32)
+    w0 = np.zeros((4, 12), np.float32)
+    w0[0, :3] = 1.0  # three kept
+    w0[2, :] = 2.0  # all kept: input 5 included
+    w0[3, 7] = -1.0  # one kept; row 1 keeps none
+    before = w0.copy()
+    out = choose_support(moments_of(h, t), w0)
+    np.testing.assert_array_equal(w0, before)  # the input is not modified
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(np.count_nonzero(out, axis=1), [3, 0, 12, 1])
+    assert out[2, 5] == np.finfo(np.float32).tiny  # kept, and nonzero although its fit is 0.0
+
+
+def test_the_target_inputs_are_found_where_a_sibling_copy_was_kept() -> None:
+    """t = h0 + h2 + h4, with h1 a near copy of h0 (a parent's children are correlated): the prune kept
+    {0, 1, 2}; the second-order choice keeps {0, 2, 4} and the refit on it fits the target exactly."""
+    rng = np.random.default_rng(1)
+    h = rng.standard_normal((2000, 6))
+    h[:, 1] = h[:, 0] + 0.05 * rng.standard_normal(2000)
+    t = (h[:, 0] + h[:, 2] + h[:, 4])[:, None]
+    moments = moments_of(h.astype(np.float32), t.astype(np.float32))
+    w0 = np.array([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0]], np.float32)
+    chosen = choose_support(moments, w0)
+    assert set(np.flatnonzero(chosen[0])) == {0, 2, 4}
+    w_chosen, _, _ = refit_masked(moments, chosen, None, solver="exact")
+    w_kept, _, _ = refit_masked(moments, w0, None, solver="exact")
+    np.testing.assert_allclose(w_chosen[0, [0, 2, 4]], 1.0, atol=1e-3)
+    assert moments.error(w_chosen, None)[0] < 1e-3 * moments.error(w_kept, None)[0]
+
+
+def test_the_saliency_weighs_a_weight_by_how_much_its_input_moves() -> None:
+    """Independent inputs: the saliency is w*^2 / [H^-1]_jj ~ w*^2 var_j. A weight of 1 on an input of
+    variance 100 costs more to remove than a weight of 2 on one of variance 1; magnitude says otherwise."""
+    rng = np.random.default_rng(2)
+    h = rng.standard_normal((5000, 2)) * np.array([10.0, 1.0])
+    t = (h @ np.array([1.0, 2.0]))[:, None]
+    w0 = np.array([[0.0, 2.0]], np.float32)  # the magnitude choice: the larger weight
+    chosen = choose_support(moments_of(h.astype(np.float32), t.astype(np.float32)), w0)
+    assert np.flatnonzero(chosen[0]).tolist() == [0]
+    np.testing.assert_allclose(chosen[0, 0], 1.0, rtol=1e-2)  # valued by the dense fit (the damping shrinks it by 0.5%)
+
+
+def test_the_inverse_is_the_damped_grams_and_a_gram_rounding_made_indefinite_gets_more_damping() -> None:
+    from neurorewrite.fpe.support import damped_inverse
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((50, 8))
+    gram = (a.T @ a).astype(np.float32)
+    want = np.linalg.inv(gram.astype(np.float64) + 0.01 * np.mean(np.diag(gram)) * np.eye(8))
+    np.testing.assert_allclose(damped_inverse(gram), want, rtol=1e-4)
+    # one eigenvalue at -0.05 of the mean diagonal: 0.01 of it is not enough, 0.1 is
+    q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    values = np.array([-0.05, 1, 1, 1, 1, 1, 1, 1.05])
+    indefinite = (q * values) @ q.T
+    scale = np.mean(np.diag(indefinite))
+    np.testing.assert_allclose(damped_inverse(indefinite.astype(np.float32)),
+                               np.linalg.inv(indefinite + 0.1 * scale * np.eye(8)), rtol=1e-4)
