@@ -5,7 +5,7 @@ The prune at expand time picks ``W2'``'s support from magnitudes (times activati
 (:mod:`neurorewrite.fpe.refit`) then moves only the weights it kept. Both scores ignore that the
 inputs are correlated: the ``alpha`` children of one parent are parts of one pre-activation, so when a
 row keeps all four, three of them add little the fourth does not already carry. With the Gram matrix
-``G`` of the row's inputs, ``H = G + damping * mean(diag G) * I`` and the row's unconstrained
+``G`` of the row's inputs, ``H = G + damping * mean(diag G) * I`` (damping 0.1) and the row's unconstrained
 least-squares weights ``w* = H^-1 c``, the saliency of weight ``j`` is ``w*_j^2 / [H^-1]_jj``: the
 increase of the squared error when ``w*_j`` is removed and every other weight compensates (OBS). Keeping
 the largest per row spreads a row's weights over more parents.
@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from neurorewrite.errors import DataError
 from neurorewrite.fpe.gram import Moments
 
-DAMPING = 0.01  # of the mean diagonal: keeps H^-1 well conditioned where the sample barely moves an input
+# of the mean diagonal: keeps H^-1 well conditioned where the sample barely moves an input, and the dense fit
+# w* that ranks the weights from fitting the sample's noise (MiniLM, 512 sentences: at alpha 2 mean cosine
+# 0.914 with 0.01, 0.919 with 0.1, 0.914 with 1.0; at alpha 4 0.899 with 0.01, 0.898 with 0.1)
+DAMPING = 0.1
 
 
 def choose_support(moments: Moments, w0: np.ndarray, damping: float = DAMPING) -> np.ndarray:
@@ -50,13 +54,18 @@ def damped_inverse(gram: np.ndarray, damping: float = DAMPING) -> np.ndarray:
     grows tenfold until it is."""
     import torch  # torch's Cholesky inverse: 3 s for a 6144-wide Gram where numpy's LU inverse takes 15 s
 
+    if not np.isfinite(gram).all():
+        raise DataError("the sample's hidden activations overflow float32 (their Gram matrix is not finite); "
+                        "scale the sample's inputs down, or use --support kept")
     diagonal = np.diag(gram).astype(np.float64)
     scale = float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
     info = torch.empty((), dtype=torch.int32)
-    while True:
+    for _ in range(30):  # a finite Gram damped by a large enough multiple of its mean diagonal is positive definite
         h = torch.from_numpy(np.array(gram, dtype=np.float32))  # a copy, factored in place
         h.diagonal().add_(damping * scale)
         torch.linalg.cholesky_ex(h, out=(h, info))
         if int(info) == 0:
             return torch.cholesky_inverse(h).numpy()
         damping *= 10
+    raise DataError("the Gram matrix of the sample's hidden activations stays indefinite however it is damped; "
+                    "use --support kept")

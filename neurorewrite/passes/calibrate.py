@@ -151,7 +151,7 @@ def calibrate_model(
     for position, block in enumerate(ends):
         if progress is not None:
             progress(position, len(ends), block.name)
-        note = _calibrate_block(runs, block, index, report.alpha, tied, options)
+        note = _calibrate_block(runs, block, index, report.alpha, tied, options, where)
         notes.append(note)
         if note["rows"] < note["width"]:
             warnings.append(
@@ -177,7 +177,7 @@ def calibrate_model(
 
 
 def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: int, tied: bool,
-                     options: CalibrateOptions) -> dict:
+                     options: CalibrateOptions, where: str = "--calibrate") -> dict:
     """Stream one block's statistics over the sample, refit it, run the sample on past it."""
     start, gram_cpu = time.perf_counter(), []  # process CPU seconds of each chunk's accumulation
     # one weight per parent (tied, or --refit-per parent): fit on each parent's summed children
@@ -238,7 +238,10 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         # per child only: per parent (and tied) a row's support is a set of parents whose copies share one weight
         support = "hessian" if options.support == "hessian" and alpha == 1 and isinstance(moments, Moments) else "kept"
         if support == "hessian":
-            w0 = choose_support(moments, w0)
+            try:
+                w0 = choose_support(moments, w0)
+            except DataError as error:
+                raise DataError(f"{where}: {lin2.name}: {error}") from None
             layer2.weight_mask.copy_(torch.from_numpy(w0 != 0).reshape(layer2.weight_mask.shape))
         support_cpu = time.process_time() - tick
         tick = time.process_time()

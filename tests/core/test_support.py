@@ -7,7 +7,7 @@ import numpy as np
 
 from neurorewrite.fpe.gram import GramAccumulator
 from neurorewrite.fpe.refit import refit_masked
-from neurorewrite.fpe.support import choose_support
+from neurorewrite.fpe.support import DAMPING, choose_support
 
 
 def moments_of(h: np.ndarray, t: np.ndarray):
@@ -59,7 +59,10 @@ def test_the_saliency_weighs_a_weight_by_how_much_its_input_moves() -> None:
     w0 = np.array([[0.0, 2.0]], np.float32)  # the magnitude choice: the larger weight
     chosen = choose_support(moments_of(h.astype(np.float32), t.astype(np.float32)), w0)
     assert np.flatnonzero(chosen[0]).tolist() == [0]
-    np.testing.assert_allclose(chosen[0, 0], 1.0, rtol=1e-2)  # valued by the dense fit (the damping shrinks it by 0.5%)
+    moments = moments_of(h.astype(np.float32), t.astype(np.float32))
+    damped = moments.gram.astype(np.float64) + DAMPING * np.mean(np.diag(moments.gram)) * np.eye(2)
+    dense_fit = np.linalg.solve(damped, moments.cross.astype(np.float64))[:, 0]  # valued by the damped dense fit
+    np.testing.assert_allclose(chosen[0, 0], dense_fit[0], rtol=1e-4)
 
 
 def test_the_inverse_is_the_damped_grams_and_a_gram_rounding_made_indefinite_gets_more_damping() -> None:
@@ -68,12 +71,24 @@ def test_the_inverse_is_the_damped_grams_and_a_gram_rounding_made_indefinite_get
     rng = np.random.default_rng(3)
     a = rng.standard_normal((50, 8))
     gram = (a.T @ a).astype(np.float32)
-    want = np.linalg.inv(gram.astype(np.float64) + 0.01 * np.mean(np.diag(gram)) * np.eye(8))
+    want = np.linalg.inv(gram.astype(np.float64) + DAMPING * np.mean(np.diag(gram)) * np.eye(8))
     np.testing.assert_allclose(damped_inverse(gram), want, rtol=1e-4)
-    # one eigenvalue at -0.05 of the mean diagonal: 0.01 of it is not enough, 0.1 is
+    # one eigenvalue at -0.5 (the mean diagonal is 0.82): a damping of 0.1 of it is not enough, 1.0 is
     q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
-    values = np.array([-0.05, 1, 1, 1, 1, 1, 1, 1.05])
+    values = np.array([-0.5, 1, 1, 1, 1, 1, 1, 1.05])
     indefinite = (q * values) @ q.T
     scale = np.mean(np.diag(indefinite))
     np.testing.assert_allclose(damped_inverse(indefinite.astype(np.float32)),
-                               np.linalg.inv(indefinite + 0.1 * scale * np.eye(8)), rtol=1e-4)
+                               np.linalg.inv(indefinite + 10 * DAMPING * scale * np.eye(8)), rtol=1e-4)
+
+
+def test_a_gram_that_is_not_finite_is_a_data_error_not_an_endless_damping() -> None:
+    import pytest
+
+    from neurorewrite.errors import DataError
+    from neurorewrite.fpe.support import damped_inverse
+
+    gram = np.eye(4, dtype=np.float32)
+    gram[1, 2] = gram[2, 1] = np.inf
+    with pytest.raises(DataError, match="overflow float32.*--support kept"):
+        damped_inverse(gram)

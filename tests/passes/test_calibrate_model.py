@@ -139,3 +139,13 @@ def test_a_model_that_cannot_be_lifted_is_named(which: str) -> None:
     x = np.random.default_rng(0).standard_normal((50, D)).astype(np.float32)
     with pytest.raises(UnsupportedModelError, match=f"^the {which} model: cannot lift into torch: unsupported node.*mystery"):
         calibrate_model(model, expanded, report, {"x": x})
+
+
+def test_hidden_activations_that_overflow_the_gram_are_a_data_error_naming_the_layer() -> None:
+    """Finite inputs of 1e19 give finite activations whose squares overflow float32: the support choice
+    refuses the Gram matrix (it would never factor) and says where and what to do."""
+    model = mlp_model(d=D, h=H, o=O, seed=3)
+    expanded, report = expand_model(model, FPEConfig(alpha=2, seed=1))
+    x = 1e19 * np.random.default_rng(0).standard_normal((50, D)).astype(np.float32)
+    with pytest.raises(DataError, match=r"^--calibrate: fc2: the sample's hidden activations overflow float32.*--support kept"):
+        calibrate_model(model, expanded, report, {"x": x})
