@@ -5,7 +5,7 @@ The prune at expand time picks ``W2'``'s support from magnitudes (times activati
 (:mod:`neurorewrite.fpe.refit`) then moves only the weights it kept. Both scores ignore that the
 inputs are correlated: the ``alpha`` children of one parent are parts of one pre-activation, so when a
 row keeps all four, three of them add little the fourth does not already carry. With the Gram matrix
-``G`` of the row's inputs, ``H = G + damping * mean(diag G) * I`` (damping 0.1) and the row's unconstrained
+``G`` of the row's inputs, ``H = G + damping * mean(diag G) * I`` (damping 0.01) and the row's unconstrained
 least-squares weights ``w* = H^-1 c``, the saliency of weight ``j`` is ``w*_j^2 / [H^-1]_jj``: the
 increase of the squared error when ``w*_j`` is removed and every other weight compensates (OBS). Keeping
 the largest per row spreads a row's weights over more parents.
@@ -14,7 +14,8 @@ Invariant: every row keeps exactly the number of nonzero weights it had, so the 
 (and the model's) does not change; the returned weights are ``w*`` on the chosen support, every one of
 them nonzero (an exact 0.0 is nudged to the smallest normal float, as the refit does).
 
-Cost: one ``width x width`` inverse (float32) and one ``(O, width) x (width, width)`` product per layer.
+Cost: one ``width x width`` inverse (float32, in one array beside the Gram) and one ``(O, width) x
+(width, width)`` product per layer.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from neurorewrite.errors import DataError
 from neurorewrite.fpe.gram import Moments
 
 # of the mean diagonal: keeps H^-1 well conditioned where the sample barely moves an input, and the dense fit
-# w* that ranks the weights from fitting the sample's noise (MiniLM, 512 sentences: at alpha 2 mean cosine
-# 0.914 with 0.01, 0.919 with 0.1, 0.914 with 1.0; at alpha 4 0.899 with 0.01, 0.898 with 0.1)
-DAMPING = 0.1
+# w* that ranks the weights from fitting the sample's noise. Mean cosine on MiniLM (benchmarks.recover_minilm,
+# 512 or 2048 fitting sentences) with 0.01 / 0.1: alpha 4, 512: 0.899 / 0.898; alpha 4, 2048: 0.940 / 0.933;
+# alpha 2, 512: 0.914 / 0.919 (1.0: 0.914). Alpha 4 is where the support matters most.
+DAMPING = 0.01
 
 
 def choose_support(moments: Moments, w0: np.ndarray, damping: float = DAMPING) -> np.ndarray:
@@ -65,7 +67,7 @@ def damped_inverse(gram: np.ndarray, damping: float = DAMPING) -> np.ndarray:
         h.diagonal().add_(damping * scale)
         torch.linalg.cholesky_ex(h, out=(h, info))
         if int(info) == 0:
-            return torch.cholesky_inverse(h).numpy()
+            return torch.cholesky_inverse(h, out=h).numpy()  # in place: one width^2 array beside the Gram, not two
         damping *= 10
     raise DataError("the Gram matrix of the sample's hidden activations stays indefinite however it is damped; "
                     "use --support kept")

@@ -78,8 +78,8 @@ def test_the_inverse_is_the_damped_grams_and_a_gram_rounding_made_indefinite_get
     values = np.array([-0.5, 1, 1, 1, 1, 1, 1, 1.05])
     indefinite = (q * values) @ q.T
     scale = np.mean(np.diag(indefinite))
-    np.testing.assert_allclose(damped_inverse(indefinite.astype(np.float32)),
-                               np.linalg.inv(indefinite + 10 * DAMPING * scale * np.eye(8)), rtol=1e-4)
+    np.testing.assert_allclose(damped_inverse(indefinite.astype(np.float32), damping=0.1),
+                               np.linalg.inv(indefinite + 1.0 * scale * np.eye(8)), rtol=1e-4)
 
 
 def test_a_gram_that_is_not_finite_is_a_data_error_not_an_endless_damping() -> None:
