@@ -90,5 +90,54 @@ def test_a_gram_that_is_not_finite_is_a_data_error_not_an_endless_damping() -> N
 
     gram = np.eye(4, dtype=np.float32)
     gram[1, 2] = gram[2, 1] = np.inf
-    with pytest.raises(DataError, match="overflow float32.*--support kept"):
+    with pytest.raises(DataError) as caught:
         damped_inverse(gram)
+    assert str(caught.value) == ("the sample's hidden activations overflow float32 (their Gram matrix is not finite); "
+                                 "scale the sample's inputs down, or use --support kept")
+
+
+def test_a_gram_no_damping_makes_definite_ends_in_a_data_error() -> None:
+    """Not a Gram any sample gives (a Gram is positive semi-definite), but the loop must end: an
+    off-diagonal of 1e30 over a zero diagonal needs more than 30 tenfold steps from 0.01."""
+    import pytest
+
+    from neurorewrite.errors import DataError
+    from neurorewrite.fpe.support import damped_inverse
+
+    with pytest.raises(DataError) as caught:
+        damped_inverse(np.array([[0.0, 1e30], [1e30, 0.0]], np.float32))
+    assert str(caught.value) == ("the Gram matrix of the sample's hidden activations stays indefinite however it is "
+                                 "damped; use --support kept")
+
+
+def test_a_zero_gram_is_damped_by_the_damping_itself() -> None:
+    """Hidden units the sample never activates: a zero Gram, whose mean diagonal gives no scale; the
+    damping then applies as it is, so the inverse is I / damping."""
+    from neurorewrite.fpe.support import damped_inverse
+
+    np.testing.assert_allclose(damped_inverse(np.zeros((3, 3), np.float32)), np.eye(3) / DAMPING, rtol=1e-6)
+    np.testing.assert_allclose(damped_inverse(np.zeros((3, 3), np.float32), damping=0.5), np.eye(3) / 0.5, rtol=1e-6)
+
+
+def test_each_row_keeps_its_largest_saliencies_whatever_their_sign_and_the_damping() -> None:
+    """Many inputs and rows, weights of both signs: the chosen set is exactly each row's top count of
+    ``w*^2 / [H^-1]_jj`` (module docstring), with ``w*`` and ``H`` from the damping asked for."""
+    rng = np.random.default_rng(4)
+    width, outputs = 300, 5
+    h = rng.standard_normal((3000, width)) * rng.uniform(0.2, 3.0, width) + rng.standard_normal((3000, 1))
+    t = h @ rng.standard_normal((width, outputs))
+    moments = moments_of(h.astype(np.float32), t.astype(np.float32))
+    w0 = np.zeros((outputs, width), np.float32)
+    counts = [1, 37, 150, 299, 300]
+    for o, k in enumerate(counts):
+        w0[o, rng.choice(width, k, replace=False)] = 1.0
+    for damping in (DAMPING, 0.5):
+        chosen = choose_support(moments, w0, damping=damping)
+        g = moments.gram.astype(np.float64)
+        h_inverse = np.linalg.inv(g + damping * np.mean(np.diag(g)) * np.eye(width))
+        dense_fit = moments.cross.T.astype(np.float64) @ h_inverse
+        saliency = dense_fit**2 / np.diag(h_inverse)
+        for o, k in enumerate(counts):
+            assert set(np.flatnonzero(chosen[o])) == set(np.argsort(-saliency[o])[:k].tolist())
+        kept = chosen != 0
+        np.testing.assert_allclose(chosen[kept], dense_fit[kept], rtol=2e-3, atol=1e-4)
