@@ -4,10 +4,12 @@ exactly, the inputs the target needs found where magnitudes and sibling copies m
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from neurorewrite.errors import DataError
 from neurorewrite.fpe.gram import GramAccumulator
 from neurorewrite.fpe.refit import refit_masked
-from neurorewrite.fpe.support import DAMPING, choose_support
+from neurorewrite.fpe.support import DAMPING, choose_support, damped_inverse
 
 
 def moments_of(h: np.ndarray, t: np.ndarray):
@@ -66,8 +68,6 @@ def test_the_saliency_weighs_a_weight_by_how_much_its_input_moves() -> None:
 
 
 def test_the_inverse_is_the_damped_grams_and_a_gram_rounding_made_indefinite_gets_more_damping() -> None:
-    from neurorewrite.fpe.support import damped_inverse
-
     rng = np.random.default_rng(3)
     a = rng.standard_normal((50, 8))
     gram = (a.T @ a).astype(np.float32)
@@ -83,11 +83,6 @@ def test_the_inverse_is_the_damped_grams_and_a_gram_rounding_made_indefinite_get
 
 
 def test_a_gram_that_is_not_finite_is_a_data_error_not_an_endless_damping() -> None:
-    import pytest
-
-    from neurorewrite.errors import DataError
-    from neurorewrite.fpe.support import damped_inverse
-
     gram = np.eye(4, dtype=np.float32)
     gram[1, 2] = gram[2, 1] = np.inf
     with pytest.raises(DataError) as caught:
@@ -99,11 +94,6 @@ def test_a_gram_that_is_not_finite_is_a_data_error_not_an_endless_damping() -> N
 def test_a_gram_no_damping_makes_definite_ends_in_a_data_error() -> None:
     """Not a Gram any sample gives (a Gram is positive semi-definite), but the loop must end: an
     off-diagonal of 1e30 over a zero diagonal needs more than 30 tenfold steps from 0.01."""
-    import pytest
-
-    from neurorewrite.errors import DataError
-    from neurorewrite.fpe.support import damped_inverse
-
     with pytest.raises(DataError) as caught:
         damped_inverse(np.array([[0.0, 1e30], [1e30, 0.0]], np.float32))
     assert str(caught.value) == ("the Gram matrix of the sample's hidden activations stays indefinite however it is "
@@ -113,8 +103,6 @@ def test_a_gram_no_damping_makes_definite_ends_in_a_data_error() -> None:
 def test_a_zero_gram_is_damped_by_the_damping_itself() -> None:
     """Hidden units the sample never activates: a zero Gram, whose mean diagonal gives no scale; the
     damping then applies as it is, so the inverse is I / damping."""
-    from neurorewrite.fpe.support import damped_inverse
-
     np.testing.assert_allclose(damped_inverse(np.zeros((3, 3), np.float32)), np.eye(3) / DAMPING, rtol=1e-6)
     np.testing.assert_allclose(damped_inverse(np.zeros((3, 3), np.float32), damping=0.5), np.eye(3) / 0.5, rtol=1e-6)
 
