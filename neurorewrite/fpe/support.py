@@ -28,7 +28,7 @@ from neurorewrite.fpe.gram import Moments
 # of the mean diagonal: keeps H^-1 well conditioned where the sample barely moves an input, and the dense fit
 # w* that ranks the weights from fitting the sample's noise. Mean cosine on MiniLM (benchmarks.recover_minilm,
 # 512 or 2048 fitting sentences) with 0.01 / 0.1: alpha 4, 512: 0.899 / 0.898; alpha 4, 2048: 0.940 / 0.933;
-# alpha 2, 512: 0.914 / 0.919 (1.0: 0.914). Alpha 4 is where the support matters most.
+# alpha 2, 512: 0.914 / 0.919. Alpha 4 is where the support matters most.
 DAMPING = 0.01
 
 
