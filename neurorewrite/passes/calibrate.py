@@ -46,7 +46,7 @@ import torch
 
 from neurorewrite.errors import DataError, InvalidOptionError
 from neurorewrite.fpe import copy_outputs
-from neurorewrite.fpe.gram import FitAccumulator, Moments
+from neurorewrite.fpe.gram import FitAccumulator, Moments, Scratch
 from neurorewrite.fpe.refit import SOLVERS, refit_masked
 from neurorewrite.fpe.support import choose_support
 from neurorewrite.models.onnx_module import Cursor, OnnxGraph
@@ -105,6 +105,7 @@ class _Runs:
     sample: SampleChunks
     orig_cursors: list[Cursor]
     exp_cursors: list[Cursor]
+    scratch: Scratch  # the Gram and the support's factor, one array each, lent to every block in turn
 
 
 def _residual_operand(index: GraphIndex, output: str) -> str | None:
@@ -146,7 +147,7 @@ def calibrate_model(
     chunks = chunk_sample_for(lifted_original, lifted.inputs, sample, where, options.holdout, options.chunk_rows,
                               options.mask_input)
     runs = _Runs(lifted_original, lifted, chunks, [lifted_original.start(c.feeds) for c in chunks.chunks],
-                 [lifted.start(c.feeds) for c in chunks.chunks])
+                 [lifted.start(c.feeds) for c in chunks.chunks], Scratch())
     notes, warnings = [], []
     for position, block in enumerate(ends):
         if progress is not None:
@@ -191,7 +192,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     block_steps = exp.steps_of_nodes(block.nodes)
     residual = _residual_operand(index, lin2.output) if options.target == "residual" else None
     width, outputs = lin2.in_features // alpha, lin2.out_features
-    acc = FitAccumulator(width, outputs)
+    acc = FitAccumulator(width, outputs, scratch=runs.scratch)
     targets: list[torch.Tensor] = []  # per chunk, the target rows (outputs wide, not hidden wide)
     reservoir_x: list[torch.Tensor] = []
     reservoir_t: list[torch.Tensor] = []
@@ -239,7 +240,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         support = "hessian" if options.support == "hessian" and alpha == 1 and isinstance(moments, Moments) else "kept"
         if support == "hessian":
             try:
-                w0 = choose_support(moments, w0)
+                w0 = choose_support(moments, w0, scratch=runs.scratch)
             except DataError as error:
                 raise DataError(f"{where}: {lin2.name}: {error}") from None
             layer2.weight_mask.copy_(torch.from_numpy(w0 != 0).reshape(layer2.weight_mask.shape))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neurorewrite.fpe.gram import FitAccumulator, GramAccumulator, Moments, Rows, keeps_rows
+from neurorewrite.fpe.gram import FitAccumulator, GramAccumulator, Moments, Rows, Scratch, keeps_rows
 
 
 def centred(a: np.ndarray) -> np.ndarray:
@@ -147,3 +147,42 @@ def test_the_rows_error_covers_every_output_when_it_works_in_slices():
     acc.add(h, t)
     expected = ((t - h @ w.T.astype(np.float64)) ** 2).sum(0)
     np.testing.assert_allclose(acc.finish().error(w, None), expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_gram_wider_than_one_strip_is_whole_and_symmetric(dtype):
+    """The Gram is accumulated in one triangle and mirrored a strip of 512 rows at a time: at width 1100
+    (two whole strips and a partial one) every entry, above and below the diagonal, is the centred one."""
+    rng = np.random.default_rng(7)
+    h = (rng.standard_normal((300, 1100)) + 3.0).astype(np.float32)
+    t = rng.standard_normal((300, 2)).astype(np.float32)
+    moments = accumulate(h, t, [100, 1, 199], dtype)
+    want = centred(h).T @ centred(h)
+    assert moments.gram.dtype == dtype
+    np.testing.assert_array_equal(moments.gram, moments.gram.T)
+    np.testing.assert_allclose(moments.gram, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+
+
+def test_the_scratch_lends_the_same_array_zeroed_and_a_new_one_for_another_shape():
+    scratch = Scratch()
+    first = scratch.zeros("gram", (3, 3), np.float32)
+    first += 5
+    again = scratch.zeros("gram", (3, 3), np.float32)
+    assert again is first
+    np.testing.assert_array_equal(again, 0)
+    assert scratch.zeros("factor", (3, 3), np.float32) is not first  # another name, another array
+    wider = scratch.zeros("gram", (4, 4), np.float32)
+    assert wider.shape == (4, 4) and not np.shares_memory(wider, first)
+    assert scratch.zeros("gram", (4, 4), np.float64).dtype == np.float64
+
+
+def test_two_layers_accumulated_in_one_scratch_each_get_their_own_moments():
+    rng = np.random.default_rng(8)
+    scratch = Scratch()
+    for layer in range(2):
+        h = (rng.standard_normal((50, 6)) * (layer + 1)).astype(np.float32)
+        t = rng.standard_normal((50, 2)).astype(np.float32)
+        acc = FitAccumulator(6, 2, scratch=scratch)
+        acc.add(h, t)
+        moments = acc.finish()
+        np.testing.assert_allclose(moments.gram, centred(h).T @ centred(h), rtol=1e-4, atol=1e-4)
