@@ -177,8 +177,10 @@ def test_the_scratch_lends_the_same_array_zeroed_and_a_new_one_for_another_shape
 
 
 def test_two_layers_accumulated_in_one_scratch_each_get_their_own_moments():
+    """... in the same array: the second layer's Gram is the first one's, zeroed and filled again."""
     rng = np.random.default_rng(8)
     scratch = Scratch()
+    grams = []
     for layer in range(2):
         h = (rng.standard_normal((50, 6)) * (layer + 1)).astype(np.float32)
         t = rng.standard_normal((50, 2)).astype(np.float32)
@@ -186,3 +188,5 @@ def test_two_layers_accumulated_in_one_scratch_each_get_their_own_moments():
         acc.add(h, t)
         moments = acc.finish()
         np.testing.assert_allclose(moments.gram, centred(h).T @ centred(h), rtol=1e-4, atol=1e-4)
+        grams.append(moments.gram)
+    assert grams[1] is grams[0]

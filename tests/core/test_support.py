@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from neurorewrite.errors import DataError
-from neurorewrite.fpe.gram import GramAccumulator
+from neurorewrite.fpe.gram import GramAccumulator, Scratch
 from neurorewrite.fpe.refit import refit_masked
 from neurorewrite.fpe.support import DAMPING, choose_support, inverse_factor
 
@@ -147,3 +147,20 @@ def test_the_factor_of_a_gram_wider_than_one_strip_is_lower_triangular_and_exact
     gram = (a.T @ a).astype(np.float32)
     want = np.linalg.inv(gram.astype(np.float64) + DAMPING * np.mean(np.diag(gram)) * np.eye(1100))
     np.testing.assert_allclose(damped_inverse(gram), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_a_scratch_lends_the_factor_and_changes_nothing_chosen() -> None:
+    """With a scratch the factor is one array lent to every layer in turn (the calibration's memory):
+    the same factor, the same support and weights as without one."""
+    rng = np.random.default_rng(6)
+    h = rng.standard_normal((500, 40)) + rng.standard_normal((500, 1))
+    moments = moments_of(h.astype(np.float32), (h @ rng.standard_normal((40, 3))).astype(np.float32))
+    w0 = np.zeros((3, 40), np.float32)
+    w0[:, ::3] = 1.0
+    scratch = Scratch()
+    lent = inverse_factor(moments.gram, scratch=scratch)
+    np.testing.assert_array_equal(lent, inverse_factor(moments.gram))
+    lent[:] = np.nan  # a stale factor left in the scratch must not leak into the next layer's choice
+    np.testing.assert_array_equal(choose_support(moments, w0, scratch=scratch), choose_support(moments, w0))
+    np.testing.assert_array_equal(lent, inverse_factor(moments.gram))  # choose_support factored into the lent array
+    assert inverse_factor(moments.gram, scratch=scratch) is lent
