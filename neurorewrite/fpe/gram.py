@@ -117,22 +117,25 @@ class GramAccumulator:
         dh, dt = self.sum_h / self.n, self.sum_t / self.n  # mean of the shifted rows
         syr = blas.ssyr if self.dtype == np.float32 else blas.dsyr
         syr(-float(self.n), dh.astype(self.dtype), a=self.gram.T, lower=0, overwrite_a=1)
-        _mirror_lower(self.gram)
+        set_upper_triangle(self.gram, mirror=True)
         self.cross -= (self.n * np.outer(dh, dt)).astype(self.dtype)
         ss = self.ss_t - self.n * dt**2
         return Moments(self.gram, self.cross, self.shift_h.astype(np.float64) + dh,
                        self.shift_t.astype(np.float64) + dt, np.maximum(ss, 0.0), self.n)
 
 
-def _mirror_lower(a: np.ndarray, block: int = 512) -> None:
-    """Copy the lower triangle of the square ``a`` onto its upper one, in place, a strip of rows at a time
-    (``np.tril(a) + np.tril(a, -1).T`` would make three temporaries of the Gram's size)."""
+def set_upper_triangle(a: np.ndarray, mirror: bool, block: int = 512) -> None:
+    """Overwrite what lies above the diagonal of the square ``a``, in place, a strip of rows at a time:
+    with the lower triangle's mirror image (``mirror``, a Gram accumulated in one triangle), or with zeros
+    (a triangular factor). The whole-array forms (``np.tril(a) + np.tril(a, -1).T``, ``np.tril(a)``) make
+    temporaries of the Gram's size."""
     width = a.shape[0]
     for lo in range(0, width, block):
         hi = min(lo + block, width)
         diagonal = a[lo:hi, lo:hi]
-        diagonal[np.triu_indices(hi - lo, 1)] = diagonal.T[np.triu_indices(hi - lo, 1)]
-        a[lo:hi, hi:] = a[hi:, lo:hi].T
+        above = np.triu_indices(hi - lo, 1)
+        diagonal[above] = diagonal.T[above] if mirror else 0
+        a[lo:hi, hi:] = a[hi:, lo:hi].T if mirror else 0
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 from scipy.linalg import blas, lapack
 
 from neurorewrite.errors import DataError
-from neurorewrite.fpe.gram import Moments, Scratch
+from neurorewrite.fpe.gram import Moments, Scratch, set_upper_triangle
 
 # of the mean diagonal: keeps H^-1 well conditioned where the sample barely moves an input, and the dense fit
 # w* that ranks the weights from fitting the sample's noise. Mean cosine on MiniLM (benchmarks.recover_minilm,
@@ -76,19 +76,9 @@ def inverse_factor(gram: np.ndarray, damping: float = DAMPING, scratch: Scratch 
         _, info = lapack.spotrf(h.T, lower=0, clean=0, overwrite_a=1)
         if info == 0:
             lapack.strtri(h.T, lower=0, overwrite_c=1)  # cannot fail: potrf left a positive diagonal
-            _zero_upper(h)
+            set_upper_triangle(h, mirror=False)  # potrf and trtri left the Gram's values there
             return h
         damping *= 10
     raise DataError("the Gram matrix of the sample's hidden activations stays indefinite however it is damped; "
                     "use --support kept")
 
-
-def _zero_upper(a: np.ndarray, block: int = 512) -> None:
-    """Zero what lies above the diagonal of the square ``a``, in place, a strip of rows at a time (the
-    factorisation left the Gram's values there)."""
-    width = a.shape[0]
-    for lo in range(0, width, block):
-        hi = min(lo + block, width)
-        a[lo:hi, hi:] = 0
-        diagonal = a[lo:hi, lo:hi]
-        diagonal[np.triu_indices(hi - lo, 1)] = 0

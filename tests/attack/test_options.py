@@ -84,8 +84,8 @@ def test_calibration_too_big_for_the_machine_is_refused_with_the_figure(work: Pa
     before = tree(work)
     line = assert_one_line_error(cli("expand", "wide.onnx", "--alpha", "64", "--calibrate", sample, "-o", "o.onnx",
                                      cwd=work), "--alpha 64 with --calibrate", "needs about", "this machine has 1.0 GiB")
-    # (64 * 256 + 1)^2 float64 entries, the Gram matrix, and 16384^2 float32, the damped Gram's factor and
-    # then inverse that choose the support (2.0 GiB + 1.0 GiB)
+    # (64 * 256 + 1)^2 float64 entries, the Gram matrix, and 16384^2 float32, the damped Gram's inverse
+    # Cholesky factor that chooses the support (2.0 GiB + 1.0 GiB)
     assert "3.0 GiB" in line
     assert "--refit-per parent" in line  # the way out the message names
     kept = assert_one_line_error(cli("expand", "wide.onnx", "--alpha", "64", "--calibrate", sample, "--support", "kept",
