@@ -18,8 +18,12 @@ Methods (each a set of ``neurorewrite expand`` / ``finetune`` options):
   act-w2        --calibrate S --prune-by activation --refit w2 --support kept   (both)
   act-w2-parent --calibrate S --prune-by activation --refit w2 --refit-per parent (one W2 weight per parent)
   act-block     --calibrate S --prune-by activation --refit block --support kept (+ block-wise reconstruction)
-  hessian-w2    --calibrate S (the defaults: activation prune, W2 refit per child on supports chosen
-                again by second-order saliency, --support hessian)
+  hessian-w2    --calibrate S --split random (the defaults before the tiered split: activation prune,
+                W2 refit per child on supports chosen again by second-order saliency, --support hessian)
+  tiered-w2     --calibrate S (the defaults: --split tiered, each parent's inputs dealt to its children
+                in tiers by |w| x rms(x); magnitude prune; the W2 refit per child on the hessian support)
+  tiered-act-w2 --calibrate S --split tiered --prune-by activation
+  tiered-w2-parent --calibrate S --refit-per parent (the tiered split, one W2 weight per parent)
   distil        act-w2, then finetune --teacher ORIGINAL --data S              (times add up)
   hessian-distil hessian-w2, then finetune --teacher ORIGINAL --data S
   distil-bare   bare, then finetune --teacher ORIGINAL --data S
@@ -48,6 +52,9 @@ METHODS = {
     "act-w2-parent": {"prune_by": "activation", "refit": "w2", "refit_per": "parent"},
     "act-block": {"prune_by": "activation", "refit": "block", "support": "kept"},
     "hessian-w2": {"prune_by": "activation", "refit": "w2", "support": "hessian"},
+    "tiered-w2": {"prune_by": "magnitude", "split": "tiered", "refit": "w2", "support": "hessian"},
+    "tiered-act-w2": {"prune_by": "activation", "split": "tiered", "refit": "w2", "support": "hessian"},
+    "tiered-w2-parent": {"prune_by": "magnitude", "split": "tiered", "refit": "w2", "refit_per": "parent"},
     "distil": {"prune_by": "activation", "refit": "w2", "support": "kept", "distil": True},
     "hessian-distil": {"prune_by": "activation", "refit": "w2", "support": "hessian", "distil": True},
     "distil-bare": {"distil": True},
@@ -76,7 +83,7 @@ def run_method(name: str, alpha: int, original: Path, sample: dict, out: Path, e
                                    refit_per=spec.get("refit_per", "child"), support=spec.get("support", "hessian"),
                                    **({} if max_iters is None else {"max_iters": max_iters}))
         _, report = expand(original, alpha=alpha, calibrate=sample, prune_by=spec["prune_by"], calibrate_options=options,
-                           output=path)
+                           split=spec.get("split", "random"), output=path)
         for n in report.calibration:
             print(f"  {n['layer']}: {n['seconds']:.0f}s (CPU s {n['cpu_seconds']}), {n['iterations']} CG iterations, "
                   f"held-out RMSE {n['holdout_rmse_before']:.4f} -> {n['holdout_rmse_after']:.4f}", flush=True)

@@ -1,7 +1,7 @@
 """How far can a W2' refit go? The first FFN block of all-MiniLM-L6-v2, expanded, refit every way (issue 11).
 
-    python -m benchmarks.refit_ceiling [--fit 512] [--held 256] [--alpha 4] [--prune global] [--split random]
-                                       [--bias split]
+    python -m benchmarks.refit_ceiling [--fit 512] [--held 256] [--alpha 4] [--prune global] [--split S]
+                                       [--bias split] [--prune-by activation]
 
 The calibration refits ``W2'`` on the expanded block's hidden activations; the hidden activations
 themselves (``act`` of each child's partial pre-activation) are fixed by the split and the prune. This
@@ -68,8 +68,9 @@ def main() -> None:
     parser.add_argument("--held", type=int, default=256, help="held-out sentences (other fitting-corpus sentences)")
     parser.add_argument("--alpha", type=int, default=4)
     parser.add_argument("--prune", default="global", help="expand's --prune")
-    parser.add_argument("--split", default="random", help="expand's --split")
+    parser.add_argument("--split", default=None, help="expand's --split (default: expand's with a sample)")
     parser.add_argument("--bias", default="split", help="expand's --bias")
+    parser.add_argument("--prune-by", default=None, help="expand's --prune-by (default: expand's with a sample)")
     args = parser.parse_args()
     from neurorewrite.api import expand
     from neurorewrite.fpe.gram import GramAccumulator
@@ -86,16 +87,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         original = minilm.export(Path(tmp) / "minilm.onnx")
         expanded = Path(tmp) / "expanded.onnx"
-        # the sample informs the prune only (--prune-by activation, the default with a sample); nothing is refit
-        expand(original, alpha=args.alpha, calibrate=fit, prune_by="activation", prune=args.prune, split=args.split,
-               bias=args.bias, calibrate_options=CalibrateOptions(refit="none"), output=expanded)
+        # the sample informs the prune and the split (as expand's defaults with a sample would); nothing is refit
+        _, report = expand(original, alpha=args.alpha, calibrate=fit, prune_by=args.prune_by, prune=args.prune, split=args.split,
+                           bias=args.bias, calibrate_options=CalibrateOptions(refit="none"), output=expanded)
         hidden, h_name, w2 = tapped(expanded, lambda n: n.input[0])
         target, t_name, _ = tapped(original, lambda n: n.output[0])
         h, t = rows(hidden, h_name, fit), rows(target, t_name, fit)
         h_held, t_held = rows(hidden, h_name, held), rows(target, t_name, held)
     w0 = np.ascontiguousarray(w2.T)  # (outputs, alpha * H)
     counts = np.count_nonzero(w0, axis=1)
-    print(f"block 0 ({NODE}), alpha {args.alpha}, prune {args.prune}, split {args.split}, bias {args.bias}: "
+    print(f"block 0 ({NODE}), alpha {args.alpha}, prune {args.prune}, split {report.split}, bias {args.bias}, "
+          f"prune-by {args.prune_by or 'default'}: "
           f"{len(h)} fit rows, {len(h_held)} held-out rows, {w0.shape[1]} children, "
           f"W2' keeps {counts.mean():.0f} per row on average", flush=True)
     acc = GramAccumulator(h.shape[1], t.shape[1])

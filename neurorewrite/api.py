@@ -71,7 +71,7 @@ def load_groups(path: str | os.PathLike) -> tuple[tuple[int, ...], ...]:
 def expand(
     model: ModelLike,
     alpha: int = 4,
-    split: str = "random",
+    split: str | None = None,
     seed: int = 0,
     bias: str = "split",
     prune: str = "global",
@@ -89,9 +89,12 @@ def expand(
 
     ``calibrate`` is an ``.npz`` path or a mapping from graph input names to sample arrays; the
     calibration's options (refit, target, held-out share, solver) are ``calibrate_options``
-    (:class:`neurorewrite.passes.calibrate.CalibrateOptions`). ``prune_by`` is ``magnitude`` or
+    (:class:`neurorewrite.passes.calibrate.CalibrateOptions`). ``split`` is by default ``tiered`` when a
+    sample is given (each parent's inputs dealt to its children by the size of their term on the sample)
+    and ``random`` (the paper's) without one or with ``structured``. ``prune_by`` is ``magnitude`` or
     ``activation`` (the prune scores use the sample's activation statistics; needs ``calibrate``); by
-    default ``activation`` when a sample is given. Warnings of the calibration (too few rows) are in
+    default ``activation`` when a sample is given and the split is not ``tiered``, ``magnitude`` otherwise
+    (both defaults measured: ``docs/methods.md`` 1.3c). Warnings of the calibration (too few rows) are in
     ``report.warnings`` and issued as :class:`CalibrationWarning`. With
     ``output`` the model is written atomically (nothing is written if any step fails), after checking
     that ``output`` is none of the inputs (``docs/robustness.md``); the returned model may then keep
@@ -109,6 +112,7 @@ def expand(
         inputs += [(opt, p) for opt, p in (("--calibrate", calibrate), ("--groups", groups)) if isinstance(p, (str, os.PathLike))]
         check_no_overwrite(inputs, replaced_files(output))
         check_output_folder(output, "-o")
+    split = default_split(split, calibrate is not None, structured)
     if structured:
         split, prune, format = _structured_options(split, format)
     format = check_format(format or "dense", split)
@@ -121,7 +125,7 @@ def expand(
     sample = None
     if calibrate is not None:
         sample = load_sample(calibrate, "--calibrate")
-    prune_by = check_prune_by(prune_by, sample is not None)
+    prune_by = check_prune_by(prune_by, sample is not None, split)
     original = load_model(model, warn=False, spill=True)  # big weights stay in files until read
     bad_weights = warn_nonfinite(original, where)
     if sample is not None and bad_weights:
@@ -229,14 +233,16 @@ def _pipeline(
     """(activation statistics) -> expand -> (tie, for --structured) -> (calibrate) -> lower."""
 
     def expand_pass(m: onnx.ModelProto, _: ExpandReport | None) -> tuple[onnx.ModelProto, ExpandReport]:
-        scales = None
-        if prune_by == "activation" and sample is not None and cfg.alpha > 1:
+        stats = None  # measured once: the activation-aware prune and the tiered split both read them
+        if (prune_by == "activation" or cfg.split == "tiered") and sample is not None and cfg.alpha > 1:
             from neurorewrite.passes.activation_stats import activation_scales  # torch: only when asked
 
             chosen, _ = select_blocks(find_blocks(m), list(layers) if layers else None)
             options = calibrate_options or _default_calibrate_options()
-            scales = activation_scales(m, chosen, sample, "--calibrate", options.holdout, options.chunk_rows, options.mask_input)
-        return expand_model(m, cfg, list(layers) if layers else None, progress, where, scales)
+            stats = activation_scales(m, chosen, sample, "--calibrate", options.holdout, options.chunk_rows, options.mask_input)
+        scales = stats if prune_by == "activation" else None
+        inputs = {name: s.in_columns for name, s in stats.items()} if stats and cfg.split == "tiered" else None
+        return expand_model(m, cfg, list(layers) if layers else None, progress, where, scales, inputs)
 
     def lower_pass(m: onnx.ModelProto, report: ExpandReport | None) -> tuple[onnx.ModelProto, ExpandReport]:
         assert report is not None
@@ -261,10 +267,20 @@ def _default_calibrate_options() -> CalibrateOptions:
     return CalibrateOptions()
 
 
-def check_prune_by(prune_by: str | None, has_sample: bool) -> str:
-    """``prune_by`` checked; by default ``activation`` with a sample, ``magnitude`` without."""
+def default_split(split: str | None, has_sample: bool, structured: bool = False) -> str:
+    """``split``, or by default ``tiered`` with a sample (it wins most back: ``docs/methods.md`` 1.3c) and
+    ``random`` without one or for ``--structured`` (which needs one partition for all neurons)."""
+    if split is not None:
+        return split
+    return "tiered" if has_sample and not structured else "random"
+
+
+def check_prune_by(prune_by: str | None, has_sample: bool, split: str = "random") -> str:
+    """``prune_by`` checked; by default ``activation`` with a sample, ``magnitude`` without a sample or
+    with the ``tiered`` split (whose ranking already reads the sample, and which the activation-aware
+    prune made worse on all-MiniLM-L6-v2: ``docs/methods.md`` 1.3c)."""
     if prune_by is None:
-        return "activation" if has_sample else "magnitude"
+        return "activation" if has_sample and split != "tiered" else "magnitude"
     if prune_by not in PRUNE_SCORES:
         raise InvalidOptionError(f"--prune-by must be one of {', '.join(PRUNE_SCORES)}, got {prune_by!r}")
     if prune_by == "activation" and not has_sample:

@@ -74,6 +74,9 @@ def test_calibrate_from_the_command_line(capsys, model_path, tmp_path):
     assert "calibration" in out and "fc2" in out
     header = next(line for line in out.splitlines() if "refit layer" in line)
     assert "support" in header and any("fc2" in line and "hessian" in line for line in out.splitlines())
+    assert "split=tiered" in out, "a sample makes the tiered split the default"
+    code, out, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "-o", tmp_path / "bare.onnx")
+    assert code == 0 and "split=random" in out, err
 
 
 @pytest.mark.parametrize("support", ["hessian", "kept"])

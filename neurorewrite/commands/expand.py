@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", type=Path, help="input ONNX model")
     p.add_argument("--alpha", required=True, help="children per hidden neuron (integer >= 1)")
     p.add_argument("-o", "--output", type=Path, help="output path (default: MODEL.fpe.onnx beside the input)")
-    p.add_argument("--split", default="random", choices=SPLITS, help="how inputs are shared among children")
+    p.add_argument("--split", default=None, choices=SPLITS,
+                   help="how inputs are shared among children (default: tiered with --calibrate, random without)")
     p.add_argument("--groups", type=Path, help="JSON list of input-index groups, for --split groups")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--bias", default="split", choices=BIAS_MODES, help="hidden bias per child: split (b/alpha, default: measured better before calibration) or copy")
@@ -41,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "positions an attention_mask input masks out are not rows)")
     p.add_argument("--prune-by", choices=("activation", "magnitude"), default=None,
                    help="prune scores: activation (magnitudes times the sample's activation statistics; default "
-                   "with --calibrate) or magnitude (default without a sample)")
+                   "with --calibrate unless --split is tiered) or magnitude (the default otherwise)")
     p.add_argument("--refit", choices=("w2", "block", "none"), default=None,
                    help="what --calibrate refits: w2 (each block's last linear, least squares), block (then the "
                    "whole block, masks fixed, by gradient steps) or none (the sample only informs --prune-by "

@@ -87,36 +87,42 @@ def expand_block(
     b2: np.ndarray | None,
     cfg: FPEConfig,
     scales: PruneScales | None = None,
+    input_scale: np.ndarray | None = None,
 ) -> BlockExpansion:
     """Split every hidden neuron into ``cfg.alpha`` children and prune back to the original count.
 
     Invariants: each row of ``assignment`` partitions ``range(D)``; ``nnz_after == nnz_before``.
     The inputs are not modified. ``scales`` makes the prune activation-aware (:class:`PruneScales`);
-    without it the prune is by magnitude.
+    without it the prune is by magnitude. ``input_scale`` (the inputs' rms on a sample) weighs the
+    ``tiered`` split's ranking.
     """
-    ((w1e, b1e),), w2e, assignment, before, after = _expand([(w1, b1)], w2, b2, cfg, None, scales)
+    ((w1e, b1e),), w2e, assignment, before, after = _expand([(w1, b1)], w2, b2, cfg, None, scales, input_scale)
     return BlockExpansion(w1e, b1e, w2e, None if b2 is None else b2.copy(), assignment, before, after)
 
 
 def expand_gated_block(
     wg: np.ndarray, bg: np.ndarray | None, wu: np.ndarray, bu: np.ndarray | None,
     wd: np.ndarray, bd: np.ndarray | None, cfg: FPEConfig, scales: PruneScales | None = None,
+    input_scale: np.ndarray | None = None,
 ) -> GatedExpansion:
     """Expand a gated block: child ``k`` of parent ``i`` computes
     ``act(Wg[i, S_k] x + bg_ik) * (Wu[i, S_k] x + bu_ik)`` with one partition ``S`` per parent for
     both rows; ``Wd``'s column is copied to every child; Wg', Wu' and Wd' are pruned together
     (``prune="global"``) or each by its own excess (``"layer"``) to exactly the original count.
-    The ``feature`` split clusters the inputs by the gate and up rows together.
+    The ``feature`` split clusters the inputs by the gate and up rows together, and the ``tiered``
+    split ranks them by both rows' root-sum-square magnitude.
     """
     if wu.shape != wg.shape:
         raise InvalidOptionError(f"the up weight has shape {list(wu.shape)} but the gate weight {list(wg.shape)}")
-    (ge, ue), wde, assignment, before, after = _expand([(wg, bg), (wu, bu)], wd, bd, cfg, np.vstack([wg, wu]), scales)
+    (ge, ue), wde, assignment, before, after = _expand([(wg, bg), (wu, bu)], wd, bd, cfg, np.vstack([wg, wu]), scales,
+                                                         input_scale)
     return GatedExpansion(*ge, *ue, wde, None if bd is None else bd.copy(), assignment, before, after)
 
 
 def _expand(
     inputs: list[tuple[np.ndarray, np.ndarray | None]], w_out: np.ndarray, b_out: np.ndarray | None,
     cfg: FPEConfig, features: np.ndarray | None, scales: PruneScales | None = None,
+    input_scale: np.ndarray | None = None,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], np.ndarray, np.ndarray, int, int]:
     """Split, copy and prune a block with input-side layers ``inputs`` (one partition for all of them)
     and the output layer ``w_out``; returns the expanded inputs, ``W_out'``, the assignment and the
@@ -125,7 +131,7 @@ def _expand(
     if w_out.shape[1] != h:
         raise InvalidOptionError(f"the output layer has {w_out.shape[1]} inputs but the input layer has {h} outputs")
     alpha = cfg.alpha
-    assignment = split_neurons(inputs[0][0], cfg, features)
+    assignment = split_neurons(inputs[0][0], cfg, features, input_scale)
     biases = [expand_bias(b, alpha, cfg.bias) for _, b in inputs]
     # b/alpha can underflow to zero for subnormal biases: count what is really there
     excess_in = [_nnz(be) - _nnz(b) for (_, b), be in zip(inputs, biases)]

@@ -9,7 +9,7 @@ import numpy as np
 from neurorewrite.checks import integer_at_least
 from neurorewrite.errors import InvalidOptionError
 
-SPLITS = ("random", "feature", "groups", "shared", "blocks")
+SPLITS = ("random", "feature", "groups", "shared", "blocks", "tiered")
 ONE_PARTITION_SPLITS = ("blocks", "shared", "feature")  # every neuron uses the same input partition
 BIAS_MODES = ("copy", "split")
 PRUNE_MODES = ("global", "layer")

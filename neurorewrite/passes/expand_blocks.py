@@ -102,12 +102,12 @@ class _Current:
 
 
 def _expand_one(current: _Current, block: MLPBlock, cfg: FPEConfig,
-                scales: PruneScales | None = None) -> tuple[int, int, int, int]:
+                scales: PruneScales | None = None, input_scale: np.ndarray | None = None) -> tuple[int, int, int, int]:
     """Expand one block into ``current``; returns (width before, after, nonzeros before, after)."""
     wd, bd = current.get(block.second)
     if not block.gated:
         w1, b1 = current.get(block.first)
-        exp = expand_block(w1, b1, wd, bd, cfg, _fit_scales(scales, w1.shape[1]))
+        exp = expand_block(w1, b1, wd, bd, cfg, _fit_scales(scales, w1.shape[1]), _fit_columns(input_scale, w1.shape[1]))
         current.set(block.first, exp.w1, exp.b1, True)
         current.set(block.second, exp.w2, exp.b2, False)
         return w1.shape[0], exp.w1.shape[0], exp.nnz_before, exp.nnz_after
@@ -117,7 +117,7 @@ def _expand_one(current: _Current, block: MLPBlock, cfg: FPEConfig,
         (wg, bg), (wu, bu) = current.get(block.first), current.get(block.up)
     else:
         raise ValueError(f"gated block {block.name} has neither an up projection nor a fused cut")
-    g = expand_gated_block(wg, bg, wu, bu, wd, bd, cfg, _fit_scales(scales, wg.shape[1]))
+    g = expand_gated_block(wg, bg, wu, bu, wd, bd, cfg, _fit_scales(scales, wg.shape[1]), _fit_columns(input_scale, wg.shape[1]))
     if block.split is not None:
         current.set(block.first, *join_fused((g.wg, g.bg), (g.wu, g.bu), block.split.gate_half), True)
     else:
@@ -134,10 +134,12 @@ def expand_model(
     progress: Progress | None = None,
     where: str = "model",
     scales: Mapping[str, PruneScales] | None = None,
+    input_scales: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, ExpandReport]:
     """Expand the MLP blocks of ``model`` (all, or those ``layers`` selects); see the module docstring.
 
-    ``scales`` (per block name) makes the prune activation-aware (:mod:`neurorewrite.passes.activation_stats`).
+    ``scales`` (per block name) makes the prune activation-aware (:mod:`neurorewrite.passes.activation_stats`);
+    ``input_scales`` (per block name, its inputs' rms on a sample) weigh the ``tiered`` split's ranking.
     """
     search = find_blocks(model)
     chosen, skipped = select_blocks(search, layers)
@@ -153,7 +155,8 @@ def expand_model(
         if progress is not None:
             progress(position, len(blocks), block.name)
         before, after, nnz_before, nnz_after = _expand_one(
-            current, block, replace(cfg, seed=block_seed(cfg.seed, position)), scales.get(block.name) if scales else None)
+            current, block, replace(cfg, seed=block_seed(cfg.seed, position)), scales.get(block.name) if scales else None,
+            input_scales.get(block.name) if input_scales else None)
         widen_shapes(editor, block, cfg.alpha)
         editor.stale |= _widened_tensors(model, block)
         report.blocks.append(
@@ -178,11 +181,17 @@ def _stored_as(block: MLPBlock) -> str:
 
 
 def _fit_scales(scales: PruneScales | None, inputs: int) -> PruneScales | None:
+    if scales is None or scales.in_columns is None:
+        return scales
+    return replace(scales, in_columns=_fit_columns(scales.in_columns, inputs))
+
+
+def _fit_columns(columns: np.ndarray | None, inputs: int) -> np.ndarray | None:
     """In a chain, a later block's inputs are the children of an earlier one: each child takes its
     parent's input statistic."""
-    if scales is None or scales.in_columns is None or len(scales.in_columns) == inputs:
-        return scales
-    return replace(scales, in_columns=np.repeat(scales.in_columns, inputs // len(scales.in_columns)))
+    if columns is None or len(columns) == inputs:
+        return columns
+    return np.repeat(columns, inputs // len(columns))
 
 
 

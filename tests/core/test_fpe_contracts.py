@@ -20,7 +20,7 @@ from neurorewrite.fpe import (
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"split": "nope"}, "--split must be one of random, feature, groups, shared, blocks, got 'nope'"),
+    ({"split": "nope"}, "--split must be one of random, feature, groups, shared, blocks, tiered, got 'nope'"),
     ({"bias": "half"}, "--bias must be one of copy, split, got 'half'"),
     ({"prune": "local"}, "--prune must be one of global, layer, got 'local'"),
     ({"split": "groups"}, "--split groups needs a partition: pass --groups FILE.json"),
@@ -93,7 +93,7 @@ def test_counts_without_biases() -> None:
 
 
 @pytest.mark.parametrize("split, alpha, dtype", [
-    *[(split, alpha, dtype) for split in ("random", "shared", "blocks", "groups")
+    *[(split, alpha, dtype) for split in ("random", "shared", "blocks", "groups", "tiered")
       for alpha, dtype in ((2, np.uint8), (256, np.uint8), (257, np.uint16))],
     ("feature", 2, np.uint8), ("feature", 3, np.uint8),  # the clustering is quadratic in alpha: small ones only
 ])

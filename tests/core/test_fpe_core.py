@@ -51,7 +51,7 @@ def children_support_disjoint(w1e: np.ndarray, w1: np.ndarray, alpha: int) -> No
 @example(h=1, d=1, o=1, alpha=2, seed=0, split="random", prune="global", bias="copy", ties=True)  # all weights 0
 @given(
     h=st.integers(1, 12), d=st.integers(1, 20), o=st.integers(1, 8), alpha=st.integers(1, 5),
-    seed=st.integers(0, 2**31 - 1), split=st.sampled_from(["random", "shared", "blocks", "feature", "groups"]),
+    seed=st.integers(0, 2**31 - 1), split=st.sampled_from(["random", "shared", "blocks", "feature", "groups", "tiered"]),
     prune=st.sampled_from(PRUNE_MODES), bias=st.sampled_from(BIAS_MODES), ties=st.booleans(),
 )
 def test_count_and_partition_invariants(h, d, o, alpha, seed, split, prune, bias, ties):

@@ -52,7 +52,7 @@ def test_the_refit_is_the_masked_least_squares_solution(alpha: int, per: str, su
     model = mlp_model(d=D, h=H, o=O, seed=3)
     x = np.random.default_rng(0).standard_normal((600, D)).astype(np.float32)
     target = run_model(model, {"x": x})[0].astype(np.float64)
-    kw = {"alpha": alpha, "seed": 1, "prune_by": "magnitude"}  # the bare expansion's prune, so W1' is the same
+    kw = {"alpha": alpha, "seed": 1, "prune_by": "magnitude", "split": "random"}  # the bare expansion's prune and split, so W1' is the same
     bare, _ = expand(model, **kw)
     options = CalibrateOptions(holdout=0.0, solver="exact", ridge=1e-9, refit_per=per, support=support)
     calibrated, report = expand(model, calibrate={"x": x}, calibrate_options=options, **kw)
@@ -140,7 +140,7 @@ def test_which_add_is_the_residual_stream() -> None:
 def test_block_refit_trains_the_first_layer_with_the_pattern_kept() -> None:
     model = mlp_model(d=D, h=H, o=O, seed=3)
     x = np.random.default_rng(6).standard_normal((500, D)).astype(np.float32)
-    kw = {"alpha": 2, "seed": 1, "prune_by": "magnitude"}
+    kw = {"alpha": 2, "seed": 1, "prune_by": "magnitude", "split": "random"}  # W1' as the bare expansion's
     w2_only, _ = expand(model, calibrate={"x": x}, calibrate_options=CalibrateOptions(holdout=0.0), **kw)
     block, report = expand(model, calibrate={"x": x}, calibrate_options=CalibrateOptions(
         holdout=0.0, refit="block", block_steps=60, block_lr=1e-3, block_rows=300), **kw)
@@ -183,7 +183,7 @@ def test_conv_blocks_are_fit_along_their_channel_axis_with_the_residual_drift() 
     model = conv_residual_mlp()
     x = np.random.default_rng(10).standard_normal((60, 6, 5, 3)).astype(np.float32)
     target = run_model(model, {"x": x})[0]
-    kw = {"alpha": 2, "seed": 0, "prune_by": "magnitude"}
+    kw = {"alpha": 2, "seed": 0, "prune_by": "magnitude", "split": "random"}  # W1' as the bare expansion's
     bare, _ = expand(model, **kw)
     calibrated, report = expand(model, calibrate={"x": x}, calibrate_options=CalibrateOptions(holdout=0.0), **kw)
     assert [n["target"] for n in report.calibration] == ["residual", "residual"]
@@ -223,7 +223,7 @@ def test_held_out_errors_are_the_models_own_on_the_held_out_samples() -> None:
 
     model = mlp_model(d=D, h=H, o=O, seed=3)
     x = np.random.default_rng(11).standard_normal((500, D)).astype(np.float32)
-    kw = {"alpha": 2, "seed": 1, "prune_by": "magnitude"}
+    kw = {"alpha": 2, "seed": 1, "prune_by": "magnitude", "split": "random"}  # W1' as the bare expansion's
     bare, _ = expand(model, **kw)
     tick, wall_tick = time.process_time(), time.perf_counter()
     calibrated, report = expand(model, calibrate={"x": x}, calibrate_options=CalibrateOptions(chunk_rows=40), **kw)
@@ -260,7 +260,7 @@ def test_a_conv_blocks_held_out_error_before_is_the_bare_models() -> None:
 
     model = conv_residual_mlp(blocks=1)
     x = np.random.default_rng(13).standard_normal((50, 6, 5, 3)).astype(np.float32)
-    kw = {"alpha": 2, "seed": 0, "prune_by": "magnitude"}
+    kw = {"alpha": 2, "seed": 0, "prune_by": "magnitude", "split": "random"}  # W1' as the bare expansion's
     bare, _ = expand(model, **kw)
     _, report = expand(model, calibrate={"x": x}, **kw)
     held = sorted(holdout_indices(len(x), 0.2))
@@ -288,7 +288,7 @@ def test_block_refit_of_a_conv_block_reads_its_inputs_by_channel_and_follows_the
     model = conv_residual_mlp(blocks=1)
     x = np.random.default_rng(10).standard_normal((60, 6, 5, 3)).astype(np.float32)
     target = run_model(model, {"x": x})[0]
-    kw = {"alpha": 2, "seed": 0, "prune_by": "magnitude"}
+    kw = {"alpha": 2, "seed": 0, "prune_by": "magnitude", "split": "random"}  # W1' as the bare expansion's
 
     def rmse(m: onnx.ModelProto) -> float:
         return float(np.sqrt(np.mean((run_model(m, {"x": x})[0] - target) ** 2)))
