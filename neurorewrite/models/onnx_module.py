@@ -8,6 +8,12 @@ in), masked to its current nonzero pattern, so training keeps the exact nonzero 
 names the layers whose parameters train (the others are frozen). Everything else is a frozen buffer.
 ``weights()`` gives the layers' weights back in the form ``rewriter.editor.replace_weights`` takes.
 
+An activation an exporter wrote as a chain of elementwise nodes (GELU as ``Div, Erf, Add, Mul, Mul``, its
+tanh form, SiLU as ``x * Sigmoid(x)``: the declared decompositions of
+:mod:`neurorewrite.rewriter.activations`) runs as one torch op when its inner tensors are read by
+nothing else: the same function, one pass over a tensor that an expanded block makes ``alpha`` times wider
+instead of five.
+
 The graph can also be run a stretch at a time (:meth:`OnnxGraph.start`, :meth:`OnnxGraph.advance`):
 a :class:`Cursor` holds only the tensors later nodes still read, so a pass can stop before a layer,
 change its weights, and go on (``passes/calibrate.py`` refits blocks in graph order this way).
@@ -30,8 +36,10 @@ from torch.nn import functional as F
 from neurorewrite.errors import NoBlocksError, UnsupportedModelError, first_line
 from neurorewrite.models.fpe import MaskedLinear, linear_arrays
 from neurorewrite.models.onnx_ops import OPS
+from neurorewrite.rewriter.activations import GELU_ERF, GELU_TANH, SILU
 from neurorewrite.rewriter.graph import GraphIndex, node_label
 from neurorewrite.rewriter.linear import Linear, find_linears, read_weights
+from neurorewrite.rewriter.patterns import match
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
@@ -101,6 +109,36 @@ def _needed_nodes(index: GraphIndex, tensors: Collection[str]) -> set[int]:
         needed.add(i)
         stack.extend(index.producer[t] for t in reads.get(i, ()) if t in index.producer)
     return needed
+
+
+FUSED_ACTIVATIONS = {  # a declared decomposition -> the torch op that computes it in one pass
+    "gelu": (GELU_ERF, F.gelu),
+    "gelu_tanh": (GELU_TANH, lambda x: F.gelu(x, approximate="tanh")),
+    "silu": (SILU, F.silu),
+}
+
+
+def _fused_activations(index: GraphIndex, nodes: Collection[int], taken: Collection[int],
+                       outputs: Collection[str]) -> dict[int, _Step]:
+    """Per covered node, the one step that replaces a decomposed activation among ``nodes``: at its
+    last node the fused step, at the others a ``fused`` placeholder. A chain qualifies when all its
+    nodes are among ``nodes`` and not in ``taken``, and no tensor inside it is read elsewhere or asked
+    for (``outputs``)."""
+    steps: dict[int, _Step] = {}
+    for i in sorted(nodes):
+        node = index.graph.node[i]
+        if i in steps or i in taken or node.op_type != "Mul" or len(node.output) != 1:
+            continue
+        for name, (pattern, _) in FUSED_ACTIVATIONS.items():
+            m = match(index, pattern, node.output[0])
+            inner = {o for j in m.nodes if j != i for o in index.graph.node[j].output} if m else set()
+            if (m and len(m.nodes) > 1 and all(j in nodes and j not in taken and j not in steps for j in m.nodes)
+                    and not inner & set(outputs)):
+                for j in m.nodes:
+                    steps[j] = _Step("fused", (), (), {}, node=j)
+                steps[i] = _Step("activation", (m["x"],), (node.output[0],), {"fn": name}, node=i)
+                break
+    return steps
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -177,6 +215,7 @@ class OnnxGraph(nn.Module):
             self._constants[name] = key
 
     def _plan(self, model: onnx.ModelProto, index: GraphIndex, lifted: dict[int, _Step], where: str) -> list[_Step]:
+        lifted = {**_fused_activations(index, self._needed, lifted, self.output_names), **lifted}
         steps, unsupported = [], []
         for i, node in enumerate(model.graph.node):
             if i not in self._needed:
@@ -276,6 +315,9 @@ class OnnxGraph(nn.Module):
                 env[step.outputs[0]] = F.linear(x.movedim(axis, -1), layer.weight, layer.bias).movedim(-1, axis)
                 return
             env[step.outputs[0]] = F.linear(x, layer.weight, layer.bias)
+            return
+        if step.kind == "activation":
+            env[step.outputs[0]] = FUSED_ACTIVATIONS[step.attrs["fn"]][1](self._value(env, step.inputs[0]))
             return
         args = [self._value(env, n) for n in step.inputs]
         out = OPS[step.kind](args, step.attrs)
