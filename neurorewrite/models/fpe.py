@@ -206,7 +206,9 @@ def fpe_expand(
     tuple of positional inputs or a dict of keyword inputs) and torch.export traces one run.
 
     Options are those of :class:`neurorewrite.fpe.FPEConfig` (pass ``config`` instead to give them all
-    at once); ``alpha`` must be at least 2. Block ``k`` (execution order of its first linear) uses
+    at once); ``alpha`` must be at least 2. ``split="tiered"`` ranks each neuron's inputs by ``|W1|``
+    alone (no sample here), as ``neurorewrite expand --split tiered`` does without one; it keeps a
+    pretrained model closest (``docs/methods.md`` 1.3c). Block ``k`` (execution order of its first linear) uses
     ``block_seed(seed, k)`` like ``neurorewrite expand``; the expanded linears become
     :class:`MaskedLinear` (``Conv1D`` too, as a plain linear), set in place on their parents in a deep
     copy, so the model's class, config, ``forward`` and ``generate`` keep working.

@@ -115,6 +115,13 @@ def test_more_than_65536_children_use_uint32() -> None:
     assert a.dtype == np.uint32 and all(sorted(row.tolist()) == list(range(alpha)) for row in a)
 
 
+def test_feature_split_with_as_many_children_as_inputs() -> None:
+    """alpha == D is allowed: every cluster starts from one feature, so each child reads one input."""
+    w1 = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    a = np.asarray(split_neurons(w1, FPEConfig(alpha=4, split="feature", seed=0)))
+    assert all(sorted(row.tolist()) == [0, 1, 2, 3] for row in a)
+
+
 def test_blocks_split_with_fewer_inputs_than_children() -> None:
     """Child k reads input k; children beyond the inputs read nothing (their slices are empty)."""
     a = np.asarray(split_neurons(np.ones((2, 3), np.float32), FPEConfig(alpha=5, split="blocks")))

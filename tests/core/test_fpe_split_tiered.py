@@ -53,6 +53,12 @@ def test_ties_go_to_the_lower_input_index_and_seed_does_not_matter() -> None:
     for seed in (0, 5):
         a = np.asarray(split_neurons(w1, FPEConfig(alpha=3, split="tiered", seed=seed)))
         assert a.tolist() == [[0, 0, 1, 1, 2, 2]] * 3
+    # many ties among many inputs (an unstable sort reorders them): rank by (-|w|, index)
+    w1 = np.random.default_rng(6).integers(-3, 4, (5, 64)).astype(np.float32)
+    a = np.asarray(split_neurons(w1, FPEConfig(alpha=4, split="tiered")))
+    for row, labels in zip(np.abs(w1), a):
+        ranked = sorted(range(64), key=lambda j: (-row[j], j))
+        assert [int(labels[j]) for j in ranked] == [r * 4 // 64 for r in range(64)]
 
 
 def test_expanded_block_keeps_the_count_and_child_zero_carries_the_largest_weights() -> None:
@@ -72,9 +78,16 @@ def test_gated_block_ranks_by_gate_and_up_rows_together() -> None:
     wu = rng.uniform(0.4, 0.6, (4, 8)).astype(np.float32)
     wg[:, 2], wu[:, 2] = 0.01, 5.0
     wd = rng.standard_normal((3, 4)).astype(np.float32)
-    g = expand_gated_block(wg, None, wu, None, wd, None, FPEConfig(alpha=2, split="tiered", prune="layer"))
+    cfg = FPEConfig(alpha=2, split="tiered", prune="layer")
+    g = expand_gated_block(wg, None, wu, None, wd, None, cfg)
     assert (np.asarray(g.assignment)[:, 2] == 0).all()
-    assert_tiers(np.asarray(g.assignment), np.sqrt(wg.astype(np.float64) ** 2 + wu.astype(np.float64) ** 2), 2)
+    magnitude = np.sqrt(wg.astype(np.float64) ** 2 + wu.astype(np.float64) ** 2)
+    assert_tiers(np.asarray(g.assignment), magnitude, 2)
+    scale = np.ones(8)
+    scale[2], scale[6] = 1e-3, 1e3  # on the sample, input 6 dwarfs input 2
+    g = expand_gated_block(wg, None, wu, None, wd, None, cfg, input_scale=scale)
+    assert (np.asarray(g.assignment)[:, 6] == 0).all() and (np.asarray(g.assignment)[:, 2] == 1).all()
+    assert_tiers(np.asarray(g.assignment), magnitude * scale, 2)
 
 
 def test_expand_with_a_sample_ranks_by_the_inputs_rms_on_it(tmp_path) -> None:

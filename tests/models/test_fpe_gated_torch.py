@@ -44,6 +44,7 @@ SPLITS = [
     {"split": "groups", "groups": [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]},
     {"split": "shared"},
     {"split": "blocks", "prune": "layer", "bias": "copy"},
+    {"split": "tiered"},
 ]
 
 
