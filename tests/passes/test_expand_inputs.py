@@ -71,9 +71,10 @@ def silu(z: np.ndarray) -> np.ndarray:
     return z / (1 + np.exp(-z))
 
 
-def gated_reference(w: dict[str, np.ndarray], cfg: FPEConfig, x: np.ndarray, scales: PruneScales | None = None) -> np.ndarray:
+def gated_reference(w: dict[str, np.ndarray], cfg: FPEConfig, x: np.ndarray, scales: PruneScales | None = None,
+                    input_scale: np.ndarray | None = None) -> np.ndarray:
     f64 = {k: v.astype(np.float64) for k, v in w.items()}
-    e = expand_gated_block(w["wg"], w["bg"], w["wu"], w["bu"], w["wd"], w["bd"], replace_seed(cfg, 0), scales)
+    e = expand_gated_block(w["wg"], w["bg"], w["wu"], w["bu"], w["wd"], w["bd"], replace_seed(cfg, 0), scales, input_scale)
     x = x.astype(np.float64)
     hidden = silu(x @ e.wg.T.astype(np.float64) + e.bg) * (x @ e.wu.T.astype(np.float64) + e.bu)
     assert f64["bd"].shape == e.bd.shape
@@ -120,6 +121,20 @@ def test_gated_blocks_prune_by_the_given_scales(fused: bool) -> None:
     plain = gated_reference(w, cfg, x)
     want = gated_reference(w, cfg, x, scales)
     assert np.abs(want - plain).max() > 1e-2  # the scales change the prune, so this case can tell
+    np.testing.assert_allclose(run_model(aware, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gated_blocks_split_by_the_given_input_scales(fused: bool) -> None:
+    """The tiered split of a gated block ranks its inputs by the rms expand_model is given for it."""
+    w = gated_weights()
+    model = gated_model(w, fused)
+    cfg = FPEConfig(alpha=2, seed=3, split="tiered", prune="layer")
+    rms = 10 ** RNG.uniform(-2, 2, D)  # decades apart: they reorder every neuron's ranking
+    x = RNG.standard_normal((5, D)).astype(np.float32)
+    aware, _ = expand_model(model, cfg, input_scales={the_block_name(model): rms})
+    plain, want = gated_reference(w, cfg, x), gated_reference(w, cfg, x, input_scale=rms)
+    assert np.abs(want - plain).max() > 1e-2  # the scales change the split, so this case can tell
     np.testing.assert_allclose(run_model(aware, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
 
 
