@@ -39,7 +39,7 @@ from neurorewrite.models.onnx_ops import OPS
 from neurorewrite.rewriter.activations import GELU_ERF, GELU_TANH, SILU
 from neurorewrite.rewriter.graph import GraphIndex, node_label
 from neurorewrite.rewriter.linear import Linear, find_linears, read_weights
-from neurorewrite.rewriter.patterns import match
+from neurorewrite.rewriter.patterns import first_match
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
@@ -124,20 +124,21 @@ def _fused_activations(index: GraphIndex, nodes: Collection[int], taken: Collect
     last node the fused step, at the others a ``fused`` placeholder. A chain qualifies when all its
     nodes are among ``nodes`` and not in ``taken``, and no tensor inside it is read elsewhere or asked
     for (``outputs``)."""
+    patterns = [(name, pattern) for name, (pattern, _) in FUSED_ACTIVATIONS.items()]
+    asked = set(outputs)
     steps: dict[int, _Step] = {}
     for i in sorted(nodes):
         node = index.graph.node[i]
         if i in steps or i in taken or node.op_type != "Mul" or len(node.output) != 1:
             continue
-        for name, (pattern, _) in FUSED_ACTIVATIONS.items():
-            m = match(index, pattern, node.output[0])
-            inner = {o for j in m.nodes if j != i for o in index.graph.node[j].output} if m else set()
-            if (m and len(m.nodes) > 1 and all(j in nodes and j not in taken and j not in steps for j in m.nodes)
-                    and not inner & set(outputs)):
-                for j in m.nodes:
-                    steps[j] = _Step("fused", (), (), {}, node=j)
-                steps[i] = _Step("activation", (m["x"],), (node.output[0],), {"fn": name}, node=i)
-                break
+        name, m = first_match(index, patterns, node.output[0])
+        if not m or len(m.nodes) < 2 or any(j not in nodes or j in taken or j in steps for j in m.nodes):
+            continue
+        if asked & {o for j in m.nodes if j != i for o in index.graph.node[j].output}:
+            continue
+        for j in m.nodes:
+            steps[j] = _Step("fused", (), (), {}, node=j)
+        steps[i] = _Step("activation", (m["x"],), (node.output[0],), {"fn": name}, node=i)
     return steps
 
 
