@@ -25,6 +25,9 @@ class CompiledModel:
         import tvm
         from tvm import relax
 
+        from neurorewrite.runtime.tvm_threads import use_physical_cores
+
+        use_physical_cores()  # TVM's own default is half the logical CPUs: one core of two on a 2-core VM
         self.path = Path(path)
         self.meta = read_metadata(self.path)
         self.input_names = list(self.meta["inputs"])
