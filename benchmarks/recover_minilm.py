@@ -21,7 +21,9 @@ Methods (each a set of ``neurorewrite expand`` / ``finetune`` options):
   hessian-w2    --calibrate S --split random (the defaults before the tiered split: activation prune,
                 W2 refit per child on supports chosen again by second-order saliency, --support hessian)
   tiered-w2     --calibrate S (the defaults: --split tiered, each parent's inputs dealt to its children
-                in tiers by |w| x rms(x); magnitude prune; the W2 refit per child on the hessian support)
+                in tiers by |w| x rms(x); magnitude prune; each parent's lead child refit to its whole
+                pre-activation, --first-layer lead; the W2 refit per child on the hessian support)
+  tiered-w2-keep --calibrate S --first-layer keep (the defaults before the lead child: W1' as expanded)
   tiered-act-w2 --calibrate S --split tiered --prune-by activation
   tiered-w2-parent --calibrate S --refit-per parent (the tiered split, one W2 weight per parent)
   distil        act-w2, then finetune --teacher ORIGINAL --data S              (times add up)
@@ -55,6 +57,7 @@ METHODS = {
     "tiered-w2": {"prune_by": "magnitude", "split": "tiered", "refit": "w2", "support": "hessian"},
     "tiered-act-w2": {"prune_by": "activation", "split": "tiered", "refit": "w2", "support": "hessian"},
     "tiered-w2-parent": {"prune_by": "magnitude", "split": "tiered", "refit": "w2", "refit_per": "parent"},
+    "tiered-w2-keep": {"prune_by": "magnitude", "split": "tiered", "refit": "w2", "support": "hessian", "first": "keep"},
     "distil": {"prune_by": "activation", "refit": "w2", "support": "kept", "distil": True},
     "hessian-distil": {"prune_by": "activation", "refit": "w2", "support": "hessian", "distil": True},
     "distil-bare": {"distil": True},
@@ -81,6 +84,7 @@ def run_method(name: str, alpha: int, original: Path, sample: dict, out: Path, e
     if "refit" in spec:
         options = CalibrateOptions(refit=spec["refit"], target=spec.get("target", "residual"),
                                    refit_per=spec.get("refit_per", "child"), support=spec.get("support", "hessian"),
+                                   **({"first": spec["first"]} if "first" in spec else {}),
                                    **({} if max_iters is None else {"max_iters": max_iters}))
         _, report = expand(original, alpha=alpha, calibrate=sample, prune_by=spec["prune_by"], calibrate_options=options,
                            split=spec.get("split", "random"), output=path)

@@ -47,13 +47,16 @@ import torch
 from neurorewrite.errors import DataError, InvalidOptionError
 from neurorewrite.fpe import copy_outputs
 from neurorewrite.fpe.gram import FitAccumulator, Moments, Scratch
+from neurorewrite.fpe.lead import InputMoments, refit_lead_children
 from neurorewrite.fpe.refit import SOLVERS, refit_masked
 from neurorewrite.fpe.support import choose_support
+from neurorewrite.models.fpe import linear_arrays
 from neurorewrite.models.onnx_module import Cursor, OnnxGraph
 from neurorewrite.passes.block_fit import fit_block
 from neurorewrite.passes.expand_blocks import ExpandReport
 from neurorewrite.passes.sample_chunks import MASK_INPUT, SampleChunks, chunk_sample_for
 from neurorewrite.rewriter.blocks import MLPBlock, blocks_by_output, chain_ends
+from neurorewrite.rewriter.linear import Linear
 from neurorewrite.rewriter.editor import NewWeights, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.record import read_record, write_record
@@ -61,6 +64,7 @@ from neurorewrite.rewriter.record import read_record, write_record
 REFITS = ("w2", "block", "none")  # none: the sample only informs the prune (--prune-by activation)
 REFIT_PER = ("child", "parent")  # W2': a weight per child, or one per parent shared by its children
 TARGETS = ("residual", "output")
+FIRSTS = ("lead", "keep")  # W1': each parent's lead child refit to the parent's pre-activation (fpe/lead.py), or as expanded
 SUPPORTS = ("hessian", "kept")  # W2' per child: rows' supports chosen again from the Gram (fpe/support.py), or the prune's
 Progress = Callable[[int, int, str], None]
 
@@ -85,11 +89,12 @@ class CalibrateOptions:
     block_rows: int = 16384  # rows kept for the block-wise reconstruction
     mask_input: str | None = MASK_INPUT
     seed: int = 0
+    first: str = "lead"  # FIRSTS
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("refit", self.refit, REFITS), ("target", self.target, TARGETS),
                                      ("solver", self.solver, SOLVERS), ("refit-per", self.refit_per, REFIT_PER),
-                                     ("support", self.support, SUPPORTS)):
+                                     ("support", self.support, SUPPORTS), ("first-layer", self.first, FIRSTS)):
             if value not in allowed:
                 raise InvalidOptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0.0 <= self.holdout < 1.0:
@@ -163,6 +168,7 @@ def calibrate_model(
     if progress is not None:
         progress(len(ends), len(ends), "writing")
     refit_layers = train if options.refit == "block" else {b.second.name for b in ends}
+    refit_layers |= {n["first_layer"] for n in notes if n["first"] == "lead"}
     keys = {lifted.key_of(name) for name in refit_layers}
     model = replace_weights(expanded, [NewWeights(lin, w, b) for lin, w, b in lifted.weights(keys)])
     record = read_record(model)
@@ -197,9 +203,14 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     reservoir_x: list[torch.Tensor] = []
     reservoir_t: list[torch.Tensor] = []
     holdout_sse_before: list[float] = []  # per held-out chunk: the bare block's squared error
+    # not gated blocks (a gate and an up row per child), nor a chain's middle linear (its input widened too)
+    bare = None  # with a lead refit, per chunk: the bare block's output rows (its errors are the "before")
+    if options.first == "lead" and options.refit != "none" and children > 1 and not tied and not block.gated:
+        bare = _refit_lead(runs, lin1, lin2, s1, block_steps, children, options.ridge)
+    lead, fit_sse_before = bare is not None, 0.0
     with torch.no_grad():
         w_now, b_now = layer2.weight.detach().clone(), None if layer2.bias is None else layer2.bias.detach().clone()
-        for chunk, ocur, ecur in zip(runs.sample.chunks, runs.orig_cursors, runs.exp_cursors):
+        for position, (chunk, ocur, ecur) in enumerate(zip(runs.sample.chunks, runs.orig_cursors, runs.exp_cursors)):
             exp.advance(ecur, s1)
             orig.advance(ocur, so + 1)
             x = ecur.env[lin1.data_input]
@@ -212,7 +223,13 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             targets.append(t)
             exp.release(ecur)  # what is read: the earlier blocks' outputs, this one's residual operand
             orig.release(ocur)
-            if chunk.holdout:  # the fit rows' error before comes from the moments, at a fraction of the cost
+            if bare is not None:
+                sse = float((bare[position] - t).pow(2).sum())
+                if chunk.holdout:
+                    holdout_sse_before.append(sse)
+                    continue
+                fit_sse_before += sse
+            elif chunk.holdout:  # the fit rows' error before comes from the moments, at a fraction of the cost
                 y_now = chunk.rows(exp.run_steps(env, block_steps[-1:])[lin2.output], outputs, lin2.feature_axis)
                 holdout_sse_before.append(float((y_now - t).pow(2).sum()))
                 continue
@@ -234,7 +251,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             copies = w0.reshape(outputs, width, alpha)
             w0 = np.take_along_axis(copies, np.abs(copies).argmax(axis=-1)[..., None], axis=-1)[..., 0]
         b0 = None if b_now is None else b_now.numpy()
-        sse_before = float(moments.error(w0, b0).sum())
+        sse_before = fit_sse_before if lead else float(moments.error(w0, b0).sum())
         tick = time.process_time()
         # per child only: per parent (and tied) a row's support is a set of parents whose copies share one weight
         support = "hessian" if options.support == "hessian" and alpha == 1 and isinstance(moments, Moments) else "kept"
@@ -275,6 +292,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     return {
         "block": block.name, "layer": lin2.name, "rows": rows[False], "holdout_rows": rows[True],
         "width": width, "target": "residual" if residual is not None else "output", "refit": options.refit, "support": support,
+        "first": "lead" if lead else "keep", "first_layer": lin1.name,
         "rmse_before": _rmse(sse_before, rows[False] * outputs), "rmse_after": _rmse(sum(sse_after[False]), rows[False] * outputs),
         "holdout_rmse_before": _rmse(sum(holdout_sse_before), rows[True] * outputs),
         "holdout_rmse_after": _rmse(sum(sse_after[True]), rows[True] * outputs),
@@ -286,3 +304,40 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
                         "block": round(block_cpu, 2)},
     }
 
+
+
+
+def _refit_lead(runs: _Runs, lin1: Linear, lin2: Linear, s1: int, block_steps: list[int], alpha: int,
+                ridge: float) -> list[torch.Tensor] | None:
+    """Stream the first layer's input in both models over the fit chunks, then refit its lead children
+    (:mod:`neurorewrite.fpe.lead`). Returns the bare block's output rows per chunk (the report's errors
+    before calibration), or None (nothing done) where the original layer is not lifted or reads
+    another width than the expanded one (a chain's middle linear)."""
+    exp, orig = runs.expanded, runs.original
+    try:
+        key, so1 = orig.key_of(lin1.name), orig.step_of(lin1.output)
+    except KeyError:  # the original's layer is not lifted (its weights are not constants of its own)
+        return None
+    if orig.linears[key].in_features != lin1.in_features:
+        return None
+    bare = []
+    layer, teacher = exp.layers[exp.key_of(lin1.name)], orig.layers[key]
+    moments = InputMoments.zeros(lin1.in_features)
+    with torch.no_grad():
+        for chunk, ocur, ecur in zip(runs.sample.chunks, runs.orig_cursors, runs.exp_cursors):
+            exp.advance(ecur, s1)
+            x = ecur.env[lin1.data_input]
+            bare.append(chunk.rows(exp.run_steps({lin1.data_input: x}, block_steps)[lin2.output], lin2.out_features,
+                                   lin2.feature_axis))
+            if chunk.holdout:
+                continue
+            orig.advance(ocur, so1)
+            moments.add(chunk.rows(ecur.env[lin1.data_input], lin1.in_features, lin1.feature_axis).numpy(),
+                        chunk.rows(ocur.env[lin1.data_input], lin1.in_features, lin1.feature_axis).numpy())
+        w, b = linear_arrays(layer)
+        w1, b1 = linear_arrays(teacher)
+        new_w, new_b, _ = refit_lead_children(moments, w.reshape(len(w), -1), b, w1.reshape(len(w1), -1), b1, alpha, ridge)
+        layer.weight.copy_(torch.from_numpy(new_w.astype(np.float32)).reshape(layer.weight.shape))
+        if new_b is not None and layer.bias is not None:
+            layer.bias.copy_(torch.from_numpy(new_b.astype(np.float32)))
+    return bare

@@ -54,7 +54,7 @@ def test_the_refit_is_the_masked_least_squares_solution(alpha: int, per: str, su
     target = run_model(model, {"x": x})[0].astype(np.float64)
     kw = {"alpha": alpha, "seed": 1, "prune_by": "magnitude", "split": "random"}  # the bare expansion's prune and split, so W1' is the same
     bare, _ = expand(model, **kw)
-    options = CalibrateOptions(holdout=0.0, solver="exact", ridge=1e-9, refit_per=per, support=support)
+    options = CalibrateOptions(holdout=0.0, solver="exact", ridge=1e-9, refit_per=per, support=support, first="keep")
     calibrated, report = expand(model, calibrate={"x": x}, calibrate_options=options, **kw)
     w1, b1, w2_bare, _ = block_weights(bare)
     w1_cal, _, w2, b2 = block_weights(calibrated)
@@ -241,8 +241,9 @@ def test_held_out_errors_are_the_models_own_on_the_held_out_samples() -> None:
     assert all(isinstance(v, float) and v == round(v, 2) and 0 <= v <= spent + 0.01 for v in note["cpu_seconds"].values())
     assert set(note) == {"block", "layer", "rows", "holdout_rows", "width", "target", "refit", "support", "rmse_before", "rmse_after",
                          "holdout_rmse_before", "holdout_rmse_after", "solver", "iterations", "residual", "block_mse",
-                         "seconds", "cpu_seconds"}
+                         "seconds", "cpu_seconds", "first", "first_layer"}
     assert (note["block"], note["layer"], note["solver"]) == ("fc1", "fc2", "cg")
+    assert (note["first"], note["first_layer"]) == ("lead", "fc1")
     assert 0 < note["iterations"] <= CalibrateOptions().max_iters and 0 <= note["residual"] < 1
     assert 0 <= note["seconds"] <= wall
 
