@@ -1,6 +1,7 @@
 """Calibration at transformer scale (issue 11, point 1): wall time, CPU time and peak memory.
 
-    python -m benchmarks.calibrate_scale [--cases minilm bert-base] [--fit 512] [--alpha 4]
+    python -m benchmarks.calibrate_scale [--cases minilm bert-base] [--fit 512] [--alpha 4] [--refit-per parent]
+                                         [--first-layer lead|keep]
 
 Each case runs ``neurorewrite.expand(..., calibrate=SAMPLE)`` with the default options in a fresh
 subprocess (so its peak resident memory is its own) on ``--fit`` sentences of English text padded to 64
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--refit", default="w2", choices=["w2", "block", "none"])
     parser.add_argument("--refit-per", default="child", choices=["child", "parent"])
     parser.add_argument("--max-iters", type=int, default=20)
+    parser.add_argument("--first-layer", default=None, choices=["lead", "keep"], help="default: expand's")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -87,7 +89,8 @@ def main() -> None:
 
     rows = []
     extra = json.dumps({"prune_by": args.prune_by,
-                        "options": {"refit": args.refit, "refit_per": args.refit_per, "max_iters": args.max_iters}})
+                        "options": {"refit": args.refit, "refit_per": args.refit_per, "max_iters": args.max_iters,
+                                    "first": args.first_layer}})
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
             path = Path(tmp) / f"{case}.onnx"
@@ -105,7 +108,7 @@ def main() -> None:
     print(format_table(("case", "blocks", "rows fit", "wall s", "CPU s", "peak GB", "load"), rows,
                        title=f"expand --alpha {args.alpha} --calibrate ({args.fit} sentences x 64 tokens), refit "
                        f"{args.refit} per {args.refit_per}, {args.max_iters} CG iterations, prune-by "
-                       f"{args.prune_by or 'default'}"))
+                       f"{args.prune_by or 'default'}, first layer {args.first_layer or 'default'}"))
 
 
 if __name__ == "__main__":

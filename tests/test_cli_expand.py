@@ -75,6 +75,9 @@ def test_calibrate_from_the_command_line(capsys, model_path, tmp_path):
     header = next(line for line in out.splitlines() if "refit layer" in line)
     assert "support" in header and any("fc2" in line and "hessian" in line for line in out.splitlines())
     assert "split=tiered" in out, "a sample makes the tiered split the default"
+    row = next(line for line in out.splitlines() if "fc2" in line and "hessian" in line)
+    assert "first layer" in header and " lead " in row and " - -> " in row  # no bare fit-row error with held-out rows
+    assert "not measured with a lead refit" in out
     code, out, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "-o", tmp_path / "bare.onnx")
     assert code == 0 and "split=random" in out, err
 
@@ -87,6 +90,18 @@ def test_the_support_option_reaches_the_refit(capsys, model_path, tmp_path, supp
                              "--json", "-o", tmp_path / f"{support}.onnx")
     assert code == 0, err
     assert [n["support"] for n in json.loads(out)["calibration"]] == [support]
+
+
+@pytest.mark.parametrize("first", ["lead", "keep"])
+def test_the_first_layer_option_reaches_the_refit(capsys, model_path, tmp_path, first):
+    sample = tmp_path / "sample.npz"
+    np.savez(sample, x=np.random.default_rng(0).standard_normal((200, 10)).astype(np.float32))
+    code, out, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "--calibrate", sample, "--first-layer", first,
+                             "--json", "-o", tmp_path / f"{first}.onnx")
+    assert code == 0, err
+    assert [n["first"] for n in json.loads(out)["calibration"]] == [first]
+    code, _, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "--first-layer", first, "-o", tmp_path / "o.onnx")
+    assert_one_line_error(code, err, "--first-layer", "give --calibrate SAMPLE.npz")  # a calibration option
 
 
 def test_the_support_option_needs_a_sample(capsys, model_path, tmp_path):

@@ -53,10 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--support", choices=("hessian", "kept"), default="hessian",
                    help="W2 refit per child: which weights each row keeps, same count per row: chosen again from the "
                    "sample's second moments (hessian, default: OBS saliency) or the prune's (kept)")
-    p.add_argument("--first-layer", choices=("lead", "keep"), default="lead",
-                   help="W1' under --calibrate: lead (default: each parent's lead child, the one carrying most of its "
+    p.add_argument("--first-layer", choices=("lead", "keep"), default=None,
+                   help="W1' under --calibrate: lead (each parent's lead child, the one carrying most of its "
                    "pre-activation, is refit to the parent's whole pre-activation by least squares on the sample, "
-                   "same weights kept; not for gated blocks) or keep (W1' as expanded)")
+                   "same weights kept; not for gated blocks) or keep (W1' as expanded); default lead with "
+                   "--refit-per child, keep with --refit-per parent")
     p.add_argument("--target", choices=("residual", "output"), default="residual",
                    help="what a block is fit to: the original block's output, plus (residual, default) the drift "
                    "of the residual stream it adds to")
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                                    solver=args.solver, refit_per=args.refit_per, support=args.support,
                                    first=args.first_layer)
     elif (args.refit or args.holdout != 0.2 or args.target != "residual" or args.solver != "cg" or args.refit_per != "child"
-          or args.support != "hessian" or args.first_layer != "lead"):
+          or args.support != "hessian" or args.first_layer is not None):
         raise InvalidOptionError("--refit, --refit-per, --support, --first-layer, --target, --holdout and --solver set up --calibrate: "
                                  "give --calibrate SAMPLE.npz")
     with warnings.catch_warnings(record=True) as caught:
@@ -131,12 +132,14 @@ def render_report(report: ExpandReport, output: Path) -> str:
     ]
     if report.calibration:
         cal = [(c["layer"], f"{c['rows']} + {c['holdout_rows']}", c["first"], c["support"],
-                f"{c['rmse_before']:.4g} -> {c['rmse_after']:.4g}",
+                f"{'-' if c['rmse_before'] is None else format(c['rmse_before'], '.4g')} -> {c['rmse_after']:.4g}",
                 f"{c['holdout_rmse_before']:.4g} -> {c['holdout_rmse_after']:.4g}", f"{c['seconds']:.1f}s")
                for c in report.calibration]
         summary = report.calibration_summary
         title = (f"\ncalibration: refit={summary.get('refit')} target={report.calibration[0]['target']} "
-                 f"solver={summary.get('solver')}; rows are positions that are not padding")
+                 f"solver={summary.get('solver')}; rows are positions that are not padding"
+                 + ("; fit rows' error before: not measured with a lead refit and held-out rows (theirs is)"
+                    if any(c["rmse_before"] is None for c in report.calibration) else ""))
         parts.append(format_table(("refit layer", "rows fit + held out", "first layer", "support", "RMSE vs target (fit rows)",
                                    "RMSE (held-out rows)", "time"), cal, title=title))
     if report.warnings:

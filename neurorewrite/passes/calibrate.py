@@ -1,6 +1,8 @@
 """The calibration pass: label-free recovery of expanded blocks from sample inputs.
 
-Replaces, block by block in graph order, the outgoing weights ``W2'`` (and ``b2``) of each expanded
+Replaces, block by block in graph order, first the lead child of every parent in the first linear
+(``first="lead"``, the default per child; :mod:`neurorewrite.fpe.lead`: refit to the parent's whole
+pre-activation; not for gated, tied or chain-middle layers), then the outgoing weights ``W2'`` (and ``b2``) of each expanded
 chain's last linear with the ridge least-squares fit, on the kept support only, of the block's target
 from its hidden activations on the sample; with ``refit="block"`` it then trains the whole block
 (``W1', b1', W2', b2``, masks fixed) on the same target (:mod:`neurorewrite.passes.block_fit`). Every
@@ -89,16 +91,24 @@ class CalibrateOptions:
     block_rows: int = 16384  # rows kept for the block-wise reconstruction
     mask_input: str | None = MASK_INPUT
     seed: int = 0
-    first: str = "lead"  # FIRSTS
+    first: str | None = None  # FIRSTS; None: lead per child, keep per parent (the fast path for wide models)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("refit", self.refit, REFITS), ("target", self.target, TARGETS),
                                      ("solver", self.solver, SOLVERS), ("refit-per", self.refit_per, REFIT_PER),
-                                     ("support", self.support, SUPPORTS), ("first-layer", self.first, FIRSTS)):
+                                     ("support", self.support, SUPPORTS), ("first-layer", self.first_layer, FIRSTS)):
             if value not in allowed:
                 raise InvalidOptionError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0.0 <= self.holdout < 1.0:
             raise InvalidOptionError(f"--holdout must be in [0, 1), got {self.holdout}")
+
+    @property
+    def first_layer(self) -> str:
+        """``first``, or its default: ``lead`` per child; ``keep`` per parent, where the lead's small solves
+        (one per parent) would cost BERT-base 50 s more (``benchmarks/RESULTS.md``)."""
+        if self.first is not None:
+            return self.first
+        return "lead" if self.refit_per == "child" else "keep"
 
 
 @dataclass
@@ -204,9 +214,10 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     reservoir_t: list[torch.Tensor] = []
     holdout_sse_before: list[float] = []  # per held-out chunk: the bare block's squared error
     # not gated blocks (a gate and an up row per child), nor a chain's middle linear (its input widened too)
-    bare = None  # with a lead refit, per chunk: the bare block's output rows (its errors are the "before")
-    if options.first == "lead" and options.refit != "none" and children > 1 and not tied and not block.gated:
-        bare = _refit_lead(runs, lin1, lin2, s1, block_steps, children, options.ridge)
+    bare = None  # with a lead refit, per held-out chunk: the bare block's output rows (the errors before)
+    if options.first_layer == "lead" and options.refit != "none" and children > 1 and not tied and not block.gated:
+        bare = _refit_lead(runs, lin1, lin2, s1, block_steps, children, options.ridge,
+                           fit_rows=not any(c.holdout for c in runs.sample.chunks))
     lead, fit_sse_before = bare is not None, 0.0
     with torch.no_grad():
         w_now, b_now = layer2.weight.detach().clone(), None if layer2.bias is None else layer2.bias.detach().clone()
@@ -223,7 +234,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             targets.append(t)
             exp.release(ecur)  # what is read: the earlier blocks' outputs, this one's residual operand
             orig.release(ocur)
-            if bare is not None:
+            if bare is not None and bare[position] is not None:
                 sse = float((bare[position] - t).pow(2).sum())
                 if chunk.holdout:
                     holdout_sse_before.append(sse)
@@ -251,7 +262,10 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             copies = w0.reshape(outputs, width, alpha)
             w0 = np.take_along_axis(copies, np.abs(copies).argmax(axis=-1)[..., None], axis=-1)[..., 0]
         b0 = None if b_now is None else b_now.numpy()
-        sse_before = fit_sse_before if lead else float(moments.error(w0, b0).sum())
+        # the moments are of the lead-refit block; the fit rows' bare error costs a pass of the bare block over
+        # them, made only when no rows are held out (otherwise the held-out rows' error says it)
+        sse_before = float(moments.error(w0, b0).sum()) if not lead else None if any(
+            c.holdout for c in runs.sample.chunks) else fit_sse_before
         tick = time.process_time()
         # per child only: per parent (and tied) a row's support is a set of parents whose copies share one weight
         support = "hessian" if options.support == "hessian" and alpha == 1 and isinstance(moments, Moments) else "kept"
@@ -293,7 +307,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         "block": block.name, "layer": lin2.name, "rows": rows[False], "holdout_rows": rows[True],
         "width": width, "target": "residual" if residual is not None else "output", "refit": options.refit, "support": support,
         "first": "lead" if lead else "keep", "first_layer": lin1.name,
-        "rmse_before": _rmse(sse_before, rows[False] * outputs), "rmse_after": _rmse(sum(sse_after[False]), rows[False] * outputs),
+        "rmse_before": None if sse_before is None else _rmse(sse_before, rows[False] * outputs), "rmse_after": _rmse(sum(sse_after[False]), rows[False] * outputs),
         "holdout_rmse_before": _rmse(sum(holdout_sse_before), rows[True] * outputs),
         "holdout_rmse_after": _rmse(sum(sse_after[True]), rows[True] * outputs),
         "solver": info.solver, "iterations": info.iterations, "residual": info.residual,
@@ -308,11 +322,12 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
 
 
 def _refit_lead(runs: _Runs, lin1: Linear, lin2: Linear, s1: int, block_steps: list[int], alpha: int,
-                ridge: float) -> list[torch.Tensor] | None:
+                ridge: float, fit_rows: bool) -> list[torch.Tensor | None] | None:
     """Stream the first layer's input in both models over the fit chunks, then refit its lead children
-    (:mod:`neurorewrite.fpe.lead`). Returns the bare block's output rows per chunk (the report's errors
-    before calibration), or None (nothing done) where the original layer is not lifted or reads
-    another width than the expanded one (a chain's middle linear)."""
+    (:mod:`neurorewrite.fpe.lead`). Returns, per chunk, the bare block's output rows on a held-out chunk
+    (the report's error before calibration), and on a fit chunk with ``fit_rows`` (None without); or
+    None (nothing done) where the
+    original layer is not lifted or reads another width than the expanded one (a chain's middle linear)."""
     exp, orig = runs.expanded, runs.original
     try:
         key, so1 = orig.key_of(lin1.name), orig.step_of(lin1.output)
@@ -320,7 +335,7 @@ def _refit_lead(runs: _Runs, lin1: Linear, lin2: Linear, s1: int, block_steps: l
         return None
     if orig.linears[key].in_features != lin1.in_features:
         return None
-    bare = []
+    bare: list[torch.Tensor | None] = []
     layer, teacher = exp.layers[exp.key_of(lin1.name)], orig.layers[key]
     moments = InputMoments.zeros(lin1.in_features)
     with torch.no_grad():
@@ -328,7 +343,7 @@ def _refit_lead(runs: _Runs, lin1: Linear, lin2: Linear, s1: int, block_steps: l
             exp.advance(ecur, s1)
             x = ecur.env[lin1.data_input]
             bare.append(chunk.rows(exp.run_steps({lin1.data_input: x}, block_steps)[lin2.output], lin2.out_features,
-                                   lin2.feature_axis))
+                                   lin2.feature_axis) if chunk.holdout or fit_rows else None)
             if chunk.holdout:
                 continue
             orig.advance(ocur, so1)

@@ -109,7 +109,8 @@ def test_a_small_sample_is_solved_in_its_rows_where_the_gram_would_not_fit(work:
     """16 rows for 512 inputs: the refit keeps the rows (16 x 512), not a 513^2 Gram, and the check knows."""
     onnx.save(mlp_model(d=6, h=256, o=3), str(work / "wide.onnx"))
     monkeypatch.setattr(neurorewrite.memory, "machine_memory", lambda: 3 << 19)  # 1.5 MiB
-    run = cli("expand", "wide.onnx", "--alpha", "2", "--calibrate", "s.npz", "-o", "c.onnx", "--json", cwd=work)
+    run = cli("expand", "wide.onnx", "--alpha", "2", "--calibrate", "s.npz", "--holdout", "0", "-o", "c.onnx", "--json",
+              cwd=work)
     assert run.code == 0, run.err
     notes = json.loads(run.out)["calibration"]
     assert [n["solver"] for n in notes] == ["rows"] and notes[0]["width"] == 512

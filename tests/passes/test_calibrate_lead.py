@@ -65,6 +65,23 @@ def test_the_lead_lowers_the_held_out_error_and_keep_leaves_w1_as_expanded() -> 
     assert kept["first"] == "keep"
     assert kept["holdout_rmse_before"] == pytest.approx(led["holdout_rmse_before"])  # both the bare model's
     assert led["holdout_rmse_after"] < kept["holdout_rmse_after"]
+    # with held-out rows the lead's fit rows have no bare error (it would cost a pass of the bare block)
+    assert led["rmse_before"] is None and kept["rmse_before"] is not None
+
+
+def test_per_parent_the_lead_is_an_option() -> None:
+    """Per parent (the fast path for wide models) W1' stays as expanded unless the lead is asked for."""
+    model = mlp_model(d=D, h=H, o=O, seed=3)
+    x = correlated(500, seed=3)
+    bare, _ = expand(model, **KW)
+    plain, report = expand(model, calibrate={"x": x}, calibrate_options=CalibrateOptions(refit_per="parent"), **KW)
+    assert [n["first"] for n in report.calibration] == ["keep"]
+    np.testing.assert_array_equal(block_weights(plain)[0], block_weights(bare)[0])
+    led, report = expand(model, calibrate={"x": x}, calibrate_options=CalibrateOptions(refit_per="parent", first="lead"),
+                         **KW)
+    assert [n["first"] for n in report.calibration] == ["lead"]
+    assert not np.array_equal(block_weights(led)[0], block_weights(bare)[0])
+    assert nonzeros(led) == nonzeros(model)
 
 
 def test_gated_and_tied_blocks_keep_their_first_layer() -> None:
