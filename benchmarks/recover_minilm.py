@@ -26,6 +26,7 @@ Methods (each a set of ``neurorewrite expand`` / ``finetune`` options):
   tiered-w2-keep --calibrate S --first-layer keep (the defaults before the lead child: W1' as expanded)
   tiered-act-w2 --calibrate S --split tiered --prune-by activation
   tiered-w2-parent --calibrate S --refit-per parent (the tiered split, one W2 weight per parent)
+  tiered-w2-parent-lead --calibrate S --refit-per parent --first-layer lead
   distil        act-w2, then finetune --teacher ORIGINAL --data S              (times add up)
   hessian-distil hessian-w2, then finetune --teacher ORIGINAL --data S
   distil-bare   bare, then finetune --teacher ORIGINAL --data S
@@ -57,6 +58,8 @@ METHODS = {
     "tiered-w2": {"prune_by": "magnitude", "split": "tiered", "refit": "w2", "support": "hessian"},
     "tiered-act-w2": {"prune_by": "activation", "split": "tiered", "refit": "w2", "support": "hessian"},
     "tiered-w2-parent": {"prune_by": "magnitude", "split": "tiered", "refit": "w2", "refit_per": "parent"},
+    "tiered-w2-parent-lead": {"prune_by": "magnitude", "split": "tiered", "refit": "w2", "refit_per": "parent",
+                              "first": "lead"},
     "tiered-w2-keep": {"prune_by": "magnitude", "split": "tiered", "refit": "w2", "support": "hessian", "first": "keep"},
     "distil": {"prune_by": "activation", "refit": "w2", "support": "kept", "distil": True},
     "hessian-distil": {"prune_by": "activation", "refit": "w2", "support": "hessian", "distil": True},
