@@ -2,8 +2,8 @@
 
 Replaces, block by block in graph order, first the lead child of every parent in the first linear
 (``first="lead"``, the default per child; :mod:`neurorewrite.fpe.lead`: refit to the parent's whole
-pre-activation; not for gated, tied or chain-middle layers), then the outgoing weights ``W2'`` (and ``b2``) of each expanded
-chain's last linear with the ridge least-squares fit, on the kept support only, of the block's target
+pre-activation; not for gated, tied or chain-middle layers), then the outgoing weights ``W2'`` (and
+``b2``) of each expanded chain's last linear with the ridge least-squares fit, on the kept support only, of the block's target
 from its hidden activations on the sample; with ``refit="block"`` it then trains the whole block
 (``W1', b1', W2', b2``, masks fixed) on the same target (:mod:`neurorewrite.passes.block_fit`). Every
 row keeps its nonzero count, so the model's count does not change; pruned weights stay exactly zero. Per
@@ -58,9 +58,9 @@ from neurorewrite.passes.block_fit import fit_block
 from neurorewrite.passes.expand_blocks import ExpandReport
 from neurorewrite.passes.sample_chunks import MASK_INPUT, SampleChunks, chunk_sample_for
 from neurorewrite.rewriter.blocks import MLPBlock, blocks_by_output, chain_ends
-from neurorewrite.rewriter.linear import Linear
 from neurorewrite.rewriter.editor import NewWeights, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex
+from neurorewrite.rewriter.linear import Linear
 from neurorewrite.rewriter.record import read_record, write_record
 
 REFITS = ("w2", "block", "none")  # none: the sample only informs the prune (--prune-by activation)
@@ -104,8 +104,9 @@ class CalibrateOptions:
 
     @property
     def first_layer(self) -> str:
-        """``first``, or its default: ``lead`` per child; ``keep`` per parent, where the lead's small solves
-        (one per parent) would cost BERT-base 50 s more (``benchmarks/RESULTS.md``)."""
+        """``first``, or its default: ``lead`` per child; ``keep`` per parent, the fast path for wide models,
+        where the lead's solves (one per parent) took the BERT-base-sized run from 267 s to 320 s
+        (``benchmarks/RESULTS.md``)."""
         if self.first is not None:
             return self.first
         return "lead" if self.refit_per == "child" else "keep"
@@ -213,8 +214,9 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     reservoir_x: list[torch.Tensor] = []
     reservoir_t: list[torch.Tensor] = []
     holdout_sse_before: list[float] = []  # per held-out chunk: the bare block's squared error
-    # not gated blocks (a gate and an up row per child), nor a chain's middle linear (its input widened too)
-    bare = None  # with a lead refit, per held-out chunk: the bare block's output rows (the errors before)
+    # the lead refit: not for gated blocks (a gate and an up row per child); _refit_lead declines a chain's
+    # middle linear (its input is widened too). bare: per chunk, the bare block's output rows (errors before)
+    bare = None
     if options.first_layer == "lead" and options.refit != "none" and children > 1 and not tied and not block.gated:
         bare = _refit_lead(runs, lin1, lin2, s1, block_steps, children, options.ridge,
                            fit_rows=not any(c.holdout for c in runs.sample.chunks))
@@ -262,10 +264,14 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             copies = w0.reshape(outputs, width, alpha)
             w0 = np.take_along_axis(copies, np.abs(copies).argmax(axis=-1)[..., None], axis=-1)[..., 0]
         b0 = None if b_now is None else b_now.numpy()
-        # the moments are of the lead-refit block; the fit rows' bare error costs a pass of the bare block over
-        # them, made only when no rows are held out (otherwise the held-out rows' error says it)
-        sse_before = float(moments.error(w0, b0).sum()) if not lead else None if any(
-            c.holdout for c in runs.sample.chunks) else fit_sse_before
+        # with a lead refit the moments are of the refit block; the fit rows' bare error costs a pass of the
+        # bare block over them, made only when no rows are held out (else the held-out rows' error says it)
+        if not lead:
+            sse_before: float | None = float(moments.error(w0, b0).sum())
+        elif any(c.holdout for c in runs.sample.chunks):
+            sse_before = None
+        else:
+            sse_before = fit_sse_before
         tick = time.process_time()
         # per child only: per parent (and tied) a row's support is a set of parents whose copies share one weight
         support = "hessian" if options.support == "hessian" and alpha == 1 and isinstance(moments, Moments) else "kept"
@@ -319,15 +325,13 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     }
 
 
-
-
 def _refit_lead(runs: _Runs, lin1: Linear, lin2: Linear, s1: int, block_steps: list[int], alpha: int,
                 ridge: float, fit_rows: bool) -> list[torch.Tensor | None] | None:
     """Stream the first layer's input in both models over the fit chunks, then refit its lead children
     (:mod:`neurorewrite.fpe.lead`). Returns, per chunk, the bare block's output rows on a held-out chunk
     (the report's error before calibration), and on a fit chunk with ``fit_rows`` (None without); or
-    None (nothing done) where the
-    original layer is not lifted or reads another width than the expanded one (a chain's middle linear)."""
+    None (nothing done) where the original layer is not lifted or reads another width than the expanded
+    one (a chain's middle linear)."""
     exp, orig = runs.expanded, runs.original
     try:
         key, so1 = orig.key_of(lin1.name), orig.step_of(lin1.output)
@@ -347,7 +351,7 @@ def _refit_lead(runs: _Runs, lin1: Linear, lin2: Linear, s1: int, block_steps: l
             if chunk.holdout:
                 continue
             orig.advance(ocur, so1)
-            moments.add(chunk.rows(ecur.env[lin1.data_input], lin1.in_features, lin1.feature_axis).numpy(),
+            moments.add(chunk.rows(x, lin1.in_features, lin1.feature_axis).numpy(),
                         chunk.rows(ocur.env[lin1.data_input], lin1.in_features, lin1.feature_axis).numpy())
         w, b = linear_arrays(layer)
         w1, b1 = linear_arrays(teacher)
