@@ -91,3 +91,97 @@ def test_without_a_bias_there_is_no_intercept_and_too_few_rows_change_nothing() 
     w, b, leads = refit_lead_children(one, e.w1, e.b1, w1, None, ALPHA)
     np.testing.assert_array_equal(w, e.w1)
     assert leads.size == 0
+
+
+def _fit(student: np.ndarray, teacher: np.ndarray, support: np.ndarray, target: np.ndarray, ridge: float) -> np.ndarray:
+    """Reference: ridge (relative to the mean diagonal of the inputs' Gram, the intercept unpenalised)
+    least squares of ``teacher @ target[:-1] + target[-1]`` from ``[student[:, support], 1]``."""
+    a = np.column_stack([student.astype(np.float64), np.ones(len(student))])
+    gram = a.T @ a
+    d = student.shape[1]
+    mean_diag = np.mean(np.diag(gram)[:d])
+    gram[np.arange(d), np.arange(d)] += ridge * (mean_diag if mean_diag > 0 else 1.0)
+    rows = np.append(support, d)
+    rhs = (a.T @ np.column_stack([teacher.astype(np.float64), np.ones(len(teacher))]) @ target)[rows]
+    return np.linalg.solve(gram[np.ix_(rows, rows)], rhs)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])  # a Gram whose mean diagonal is below 1 scales the ridge too
+def test_the_ridge_is_relative_to_the_mean_diagonal_and_spares_the_intercept(scale: float) -> None:
+    rng = np.random.default_rng(4)
+    w1, b1, e = _block()
+    x = _correlated(rng, 40) * scale
+    moments = InputMoments.zeros(D)
+    moments.add(x, x)
+    w, b, leads = refit_lead_children(moments, e.w1, e.b1, w1, b1, ALPHA, ridge=0.5)
+    for parent, row in enumerate(leads):
+        support = np.flatnonzero(e.w1[row])
+        want = _fit(x, x, support, np.append(w1[parent], b1[parent]), 0.5)
+        np.testing.assert_allclose(w[row, support], want[:-1], rtol=1e-6, atol=1e-9)
+        assert b[row] == pytest.approx(want[-1], rel=1e-6, abs=1e-9)
+
+
+def test_all_zero_inputs_fall_back_to_an_absolute_ridge() -> None:
+    w1, b1, e = _block()
+    moments = InputMoments.zeros(D)
+    moments.add(np.zeros((5, D), np.float32), np.zeros((5, D), np.float32))
+    w, b, leads = refit_lead_children(moments, e.w1, e.b1, w1, b1, ALPHA)
+    assert np.all(w[leads] == 0) and np.allclose(b[leads], b1)  # nothing to learn from but the bias
+
+
+def test_the_rows_add_up_and_two_are_enough() -> None:
+    rng = np.random.default_rng(5)
+    w1, b1, e = _block()
+    x = _correlated(rng, 30)
+    many = InputMoments.zeros(D)
+    many.add(x[:29], x[:29])
+    many.add(x[29:], x[29:])  # one row more: 30 in all, not 1
+    assert many.rows == 30
+    assert refit_lead_children(many, e.w1, e.b1, w1, b1, ALPHA)[2].size == H
+    two = InputMoments.zeros(D)
+    two.add(x[:2], x[:2])
+    w, b, leads = refit_lead_children(two, e.w1, e.b1, w1, b1, ALPHA)
+    assert leads.size == H and not np.array_equal(w, e.w1)
+    one = InputMoments.zeros(D)
+    one.add(x[:1], x[:1])
+    w, b, leads = refit_lead_children(one, e.w1, e.b1, w1, b1, ALPHA)
+    np.testing.assert_array_equal(b, e.b1)  # too few rows: the bias is returned as it was
+    assert leads.dtype == np.int64 and leads.size == 0
+
+
+def test_a_lead_without_inputs_is_skipped_and_one_with_a_single_input_is_fit() -> None:
+    rng = np.random.default_rng(6)
+    w1 = rng.standard_normal((3, 4))
+    b1 = rng.standard_normal(3)
+    w1e = np.zeros((3 * 2, 4))
+    w1e[0] = 0.0  # parent 0: its lead is child 0 (both children empty, argmax picks the first)
+    w1e[2, 0], w1e[3, 1:] = 5.0, 0.1  # parent 1: child 2 holds one input with the largest share
+    w1e[4, :2], w1e[5, 2:] = w1[2, :2], w1[2, 2:]  # parent 2: an ordinary split
+    x = _correlated(rng, 50)[:, :4]
+    moments = InputMoments.zeros(4)
+    moments.add(x, x)
+    w, b, leads = refit_lead_children(moments, w1e, np.zeros(6), w1, b1, 2, ridge=0.0)
+    assert leads.tolist() == [0, 2, 4] or leads.tolist() == [0, 2, 5]
+    assert np.all(w[0] == 0) and b[0] == 0  # nothing to fit on
+    want = _fit(x, x, np.array([0]), np.append(w1[1], b1[1]), 0.0)
+    assert w[2, 0] == pytest.approx(want[0], rel=1e-6) and b[2] == pytest.approx(want[1], rel=1e-6)
+    assert not np.array_equal(w[leads[2]], w1e[leads[2]])  # the parents after an empty lead are fit too
+
+
+def test_too_few_rows_without_a_bias_return_no_bias() -> None:
+    w1, _, e = _block()
+    one = InputMoments.zeros(D)
+    one.add(np.ones((1, D), np.float32), np.ones((1, D), np.float32))
+    w, b, leads = refit_lead_children(one, e.w1, None, w1, None, ALPHA)
+    assert b is None and leads.size == 0
+
+
+def test_the_lead_follows_the_samples_scale_even_for_tiny_inputs() -> None:
+    """Input 0 is a hundred times larger than the others on the sample (all of them far below 1)."""
+    w1e = np.zeros((2, 3))
+    w1e[0, 0], w1e[1, 1:] = 1.0, 5.0  # by |w| alone child 1 leads; by |w| x rms child 0
+    x = np.random.default_rng(7).standard_normal((20, 3)) * np.array([1e-2, 1e-4, 1e-4])
+    moments = InputMoments.zeros(3)
+    moments.add(x, x)
+    _, _, leads = refit_lead_children(moments, w1e, None, np.ones((1, 3)), None, 2)
+    assert leads.tolist() == [0]
