@@ -82,31 +82,24 @@ def test_calibrate_from_the_command_line(capsys, model_path, tmp_path):
     assert code == 0 and "split=random" in out, err
 
 
-@pytest.mark.parametrize("support", ["hessian", "kept"])
-def test_the_support_option_reaches_the_refit(capsys, model_path, tmp_path, support):
+CALIBRATION_CHOICES = [("--support", "support", "hessian"), ("--support", "support", "kept"),
+                       ("--first-layer", "first", "lead"), ("--first-layer", "first", "keep")]
+
+
+@pytest.mark.parametrize("flag, key, value", CALIBRATION_CHOICES)
+def test_a_calibration_option_reaches_the_refit(capsys, model_path, tmp_path, flag, key, value):
     sample = tmp_path / "sample.npz"
     np.savez(sample, x=np.random.default_rng(0).standard_normal((200, 10)).astype(np.float32))
-    code, out, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "--calibrate", sample, "--support", support,
-                             "--json", "-o", tmp_path / f"{support}.onnx")
+    code, out, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "--calibrate", sample, flag, value,
+                             "--json", "-o", tmp_path / f"{value}.onnx")
     assert code == 0, err
-    assert [n["support"] for n in json.loads(out)["calibration"]] == [support]
+    assert [n[key] for n in json.loads(out)["calibration"]] == [value]
 
 
-@pytest.mark.parametrize("first", ["lead", "keep"])
-def test_the_first_layer_option_reaches_the_refit(capsys, model_path, tmp_path, first):
-    sample = tmp_path / "sample.npz"
-    np.savez(sample, x=np.random.default_rng(0).standard_normal((200, 10)).astype(np.float32))
-    code, out, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "--calibrate", sample, "--first-layer", first,
-                             "--json", "-o", tmp_path / f"{first}.onnx")
-    assert code == 0, err
-    assert [n["first"] for n in json.loads(out)["calibration"]] == [first]
-    code, _, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "--first-layer", first, "-o", tmp_path / "o.onnx")
-    assert_one_line_error(code, err, "--first-layer", "give --calibrate SAMPLE.npz")  # a calibration option
-
-
-def test_the_support_option_needs_a_sample(capsys, model_path, tmp_path):
-    code, _, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "--support", "kept", "-o", tmp_path / "o.onnx")
-    assert_one_line_error(code, err, "--support", "give --calibrate SAMPLE.npz")
+@pytest.mark.parametrize("flag, value", [("--support", "kept"), ("--first-layer", "lead"), ("--first-layer", "keep")])
+def test_a_calibration_option_needs_a_sample(capsys, model_path, tmp_path, flag, value):
+    code, _, err = run_cli(capsys, "expand", model_path, "--alpha", "2", flag, value, "-o", tmp_path / "o.onnx")
+    assert_one_line_error(code, err, flag, "give --calibrate SAMPLE.npz")
     assert not (tmp_path / "o.onnx").exists()
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from neurorewrite.fpe.refit import relative_ridge
+
 
 @dataclass
 class InputMoments:
@@ -68,8 +70,7 @@ def refit_lead_children(
     if moments.rows < 2:
         return w1e.copy(), None if b1e is None else b1e.copy(), np.zeros(0, dtype=np.int64)
     gram = moments.gram.copy()
-    mean_diag = float(np.mean(np.diag(gram)[:d]))
-    gram[np.arange(d), np.arange(d)] += ridge * (mean_diag if mean_diag > 0 else 1.0)
+    gram[np.arange(d), np.arange(d)] += relative_ridge(ridge, float(np.mean(np.diag(gram)[:d])))
     scale = np.sqrt(np.maximum(np.diag(moments.gram)[:d], 0.0) / moments.rows)
     leads = lead_children(w1e, alpha, scale)
     # the parent's pre-activation as a linear function of [x_teacher, 1]

@@ -60,11 +60,11 @@ def refit_masked(
     has_bias = np.zeros(w0.shape[0], bool) if b0 is None else b0 != 0
     if isinstance(moments, Rows):
         mu, tbar = moments.h.mean(axis=0), moments.t.mean(axis=0)
-        lam = _ridge(ridge, float(((moments.h - mu) ** 2).sum()) / max(1, mask.shape[1]))
+        lam = relative_ridge(ridge, float(((moments.h - mu) ** 2).sum()) / max(1, mask.shape[1]))
         w, iters, res, solver = _rows(moments, mu, tbar, mask, has_bias, lam, w0), 0, 0.0, "rows"
     else:
         g = moments.gram
-        lam = _ridge(ridge, float(np.mean(np.diag(g))) if g.size else 1.0)
+        lam = relative_ridge(ridge, float(np.mean(np.diag(g))) if g.size else 1.0)
         mu, tbar, n = moments.mean_h, moments.mean_t, moments.n
         # right-hand side per row: centred for rows with a bias, uncentred for the others; the ridge
         # pulls towards w0
@@ -87,7 +87,8 @@ def refit_masked(
     return new_w, new_b, RefitInfo(solver, iters, res, lam)
 
 
-def _ridge(ridge: float, mean_diagonal: float) -> float:
+def relative_ridge(ridge: float, mean_diagonal: float) -> float:
+    """``ridge`` times the Gram's mean diagonal (scale-free), or ``ridge`` itself where that is 0 (every input zero)."""
     lam = ridge * mean_diagonal
     return lam if lam > 0 else ridge
 

@@ -216,10 +216,9 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     holdout_sse_before: list[float] = []  # per held-out chunk: the bare block's squared error
     # the lead refit: not for gated blocks (a gate and an up row per child); _refit_lead declines a chain's
     # middle linear (its input is widened too). bare: per chunk, the bare block's output rows (errors before)
-    bare = None
+    bare, held_out = None, any(c.holdout for c in runs.sample.chunks)
     if options.first_layer == "lead" and options.refit != "none" and children > 1 and not tied and not block.gated:
-        bare = _refit_lead(runs, lin1, lin2, s1, block_steps, children, options.ridge,
-                           fit_rows=not any(c.holdout for c in runs.sample.chunks))
+        bare = _refit_lead(runs, lin1, lin2, s1, block_steps, children, options.ridge, fit_rows=not held_out)
     lead, fit_sse_before = bare is not None, 0.0
     with torch.no_grad():
         w_now, b_now = layer2.weight.detach().clone(), None if layer2.bias is None else layer2.bias.detach().clone()
@@ -268,7 +267,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         # bare block over them, made only when no rows are held out (else the held-out rows' error says it)
         if not lead:
             sse_before: float | None = float(moments.error(w0, b0).sum())
-        elif any(c.holdout for c in runs.sample.chunks):
+        elif held_out:
             sse_before = None
         else:
             sse_before = fit_sse_before

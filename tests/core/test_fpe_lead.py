@@ -20,6 +20,13 @@ def _block(seed: int = 0, split: str = "random"):  # noqa: ANN202
     return w1, b1, e
 
 
+def _seen(x: np.ndarray) -> InputMoments:
+    """The moments of rows ``x`` seen alike by both models (no drift)."""
+    moments = InputMoments.zeros(x.shape[1])
+    moments.add(x, x)
+    return moments
+
+
 def _correlated(rng: np.random.Generator, n: int) -> np.ndarray:
     mixing = rng.standard_normal((D, D)) * 0.6 + np.eye(D)
     return (rng.standard_normal((n, D)) @ mixing + rng.standard_normal(D)).astype(np.float32)
@@ -66,8 +73,7 @@ def test_the_lead_fit_lowers_the_error_of_its_parent() -> None:
     rng = np.random.default_rng(2)
     w1, b1, e = _block()
     x = _correlated(rng, 300)
-    moments = InputMoments.zeros(D)
-    moments.add(x, x)
+    moments = _seen(x)
     w, b, leads = refit_lead_children(moments, e.w1, e.b1, w1, b1, ALPHA)
     z = x @ w1.T + b1
     before = ((x @ e.w1[leads].T + e.b1[leads] - z) ** 2).mean()
@@ -79,15 +85,13 @@ def test_without_a_bias_there_is_no_intercept_and_too_few_rows_change_nothing() 
     rng = np.random.default_rng(3)
     w1, _, e = _block()
     x = _correlated(rng, 200)
-    moments = InputMoments.zeros(D)
-    moments.add(x, x)
+    moments = _seen(x)
     w, b, leads = refit_lead_children(moments, e.w1, None, w1, None, ALPHA, ridge=0.0)
     assert b is None
     support = np.flatnonzero(e.w1[leads[0]])
     want, *_ = np.linalg.lstsq(x[:, support].astype(np.float64), x.astype(np.float64) @ w1[0], rcond=None)
     np.testing.assert_allclose(w[leads[0], support], want, rtol=1e-6)
-    one = InputMoments.zeros(D)
-    one.add(x[:1], x[:1])
+    one = _seen(x[:1])
     w, b, leads = refit_lead_children(one, e.w1, e.b1, w1, None, ALPHA)
     np.testing.assert_array_equal(w, e.w1)
     assert leads.size == 0
@@ -111,8 +115,7 @@ def test_the_ridge_is_relative_to_the_mean_diagonal_and_spares_the_intercept(sca
     rng = np.random.default_rng(4)
     w1, b1, e = _block()
     x = _correlated(rng, 40) * scale
-    moments = InputMoments.zeros(D)
-    moments.add(x, x)
+    moments = _seen(x)
     w, b, leads = refit_lead_children(moments, e.w1, e.b1, w1, b1, ALPHA, ridge=0.5)
     for parent, row in enumerate(leads):
         support = np.flatnonzero(e.w1[row])
@@ -133,17 +136,14 @@ def test_the_rows_add_up_and_two_are_enough() -> None:
     rng = np.random.default_rng(5)
     w1, b1, e = _block()
     x = _correlated(rng, 30)
-    many = InputMoments.zeros(D)
-    many.add(x[:29], x[:29])
+    many = _seen(x[:29])
     many.add(x[29:], x[29:])  # one row more: 30 in all, not 1
     assert many.rows == 30
     assert refit_lead_children(many, e.w1, e.b1, w1, b1, ALPHA)[2].size == H
-    two = InputMoments.zeros(D)
-    two.add(x[:2], x[:2])
+    two = _seen(x[:2])
     w, b, leads = refit_lead_children(two, e.w1, e.b1, w1, b1, ALPHA)
     assert leads.size == H and not np.array_equal(w, e.w1)
-    one = InputMoments.zeros(D)
-    one.add(x[:1], x[:1])
+    one = _seen(x[:1])
     w, b, leads = refit_lead_children(one, e.w1, e.b1, w1, b1, ALPHA)
     np.testing.assert_array_equal(b, e.b1)  # too few rows: the bias is returned as it was
     assert leads.dtype == np.int64 and leads.size == 0
@@ -158,8 +158,7 @@ def test_a_lead_without_inputs_is_skipped_and_one_with_a_single_input_is_fit() -
     w1e[2, 0], w1e[3, 1:] = 5.0, 0.1  # parent 1: child 2 holds one input with the largest share
     w1e[4, :2], w1e[5, 2:] = w1[2, :2], w1[2, 2:]  # parent 2: an ordinary split
     x = _correlated(rng, 50)[:, :4]
-    moments = InputMoments.zeros(4)
-    moments.add(x, x)
+    moments = _seen(x)
     w, b, leads = refit_lead_children(moments, w1e, np.zeros(6), w1, b1, 2, ridge=0.0)
     assert leads.tolist() == [0, 2, 4] or leads.tolist() == [0, 2, 5]
     assert np.all(w[0] == 0) and b[0] == 0  # nothing to fit on
@@ -181,7 +180,6 @@ def test_the_lead_follows_the_samples_scale_even_for_tiny_inputs() -> None:
     w1e = np.zeros((2, 3))
     w1e[0, 0], w1e[1, 1:] = 1.0, 5.0  # by |w| alone child 1 leads; by |w| x rms child 0
     x = np.random.default_rng(7).standard_normal((20, 3)) * np.array([1e-2, 1e-4, 1e-4])
-    moments = InputMoments.zeros(3)
-    moments.add(x, x)
+    moments = _seen(x)
     _, _, leads = refit_lead_children(moments, w1e, None, np.ones((1, 3)), None, 2)
     assert leads.tolist() == [0]
