@@ -55,10 +55,15 @@ class TvmSession:
 
 def set_threads(threads: int, spinning: bool = True) -> None:
     """TVM's thread pool size (the kernels' ``parallel`` loops), to compare with onnxruntime like for like;
-    ``spinning=False`` makes idle workers sleep at once (as ``ort_session(spinning=False)``)."""
+    ``spinning=False`` makes idle workers sleep at once (as ``ort_session(spinning=False)``).
+
+    The pool takes its size once, when it starts, and ``runtime.config_threadpool`` can lower it but not
+    raise it; so the pool starts with a worker per logical CPU (or ``threads``, if more; not the process's
+    affinity, which a library may have narrowed) and each call sets how many of them work. A benchmark
+    that times 1 thread and then 2 in one process gets 2."""
     import tvm
 
-    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the pool starts
+    os.environ["TVM_NUM_THREADS"] = str(max(threads, os.cpu_count() or 1))  # read when the pool starts
     if not spinning:
         os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
     config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("tvm")
 
 from neurorewrite.runtime import compile, load, ort_session  # noqa: E402
-from tests.runtime.tvm_models import masked, mlp, reference  # noqa: E402
+from tests.runtime.tvm_models import ESTIMATE_TARGET, masked, mlp, needs_avx2, reference  # noqa: E402
 
 
 def _weights(seed: int = 0, density: float = 0.4) -> tuple[np.ndarray, ...]:
@@ -22,20 +22,16 @@ def _weights(seed: int = 0, density: float = 0.4) -> tuple[np.ndarray, ...]:
             masked(rng, 6, 32, density), rng.standard_normal(6).astype(np.float32))
 
 
-# rows -> kernel by the static estimates on an AVX2/AVX-512 CPU: dense enough at small batch -> tiles,
+# rows -> kernel by the static estimates for an AVX2 CPU (ESTIMATE_TARGET): dense enough at small batch -> tiles,
 # sparse -> gathers, 8 rows or more -> column-blocked (10 rows: a full vector and a scalar tail)
 @pytest.mark.parametrize(("n", "density", "kernel"), [
     (1, 0.4, "dense tiles"), (1, 0.05, "sliced-ELL gather"), (10, 0.4, "column-blocked ELL"),
 ])
 def test_sparse_model_matches_onnxruntime_dense(tmp_path: Path, n: int, density: float, kernel: str) -> None:
-    from neurorewrite.kernels.gather_gemv import gather_lanes
-    from neurorewrite.runtime.tvm_target import parse_target
-
-    if kernel == "sliced-ELL gather" and not gather_lanes(parse_target("llvm")):
-        pytest.skip("this CPU has no AVX2/AVX-512 gather: the TensorIR ELL kernel runs instead")
+    needs_avx2()
     w1, b1, w2, b2 = _weights(n, density)
     lib = tmp_path / "m.so"
-    _, report = compile(mlp(w1, b1, w2, b2, sparse=True), "llvm", output=lib, shapes={"x": [n, 12]},
+    _, report = compile(mlp(w1, b1, w2, b2, sparse=True), ESTIMATE_TARGET, output=lib, shapes={"x": [n, 12]},
                         kernel_choice="estimate")
     assert [k["out_features"] for k in report.sparse_kernels] == [32, 6]
     assert report.sparse_kernels[0]["kernel"].startswith(kernel) and report.sparse_kernels[0]["choice"] == "estimated"
@@ -75,8 +71,9 @@ def test_cli_compiles_a_sparse_model_and_writes_library_and_description(tmp_path
 def test_expanded_model_folds_tied_children_and_matches_onnxruntime(exports, tmp_path: Path, n: int, first_kernel: str) -> None:
     from neurorewrite.api import expand
 
+    needs_avx2()
     model, _ = expand(exports["torchscript_gemm"], alpha=4, split="random", seed=2, format="sparse")
-    _, report = compile(model, "llvm", output=tmp_path / "f.so", shapes={"x": [n, 16]}, kernel_choice="estimate")
+    _, report = compile(model, ESTIMATE_TARGET, output=tmp_path / "f.so", shapes={"x": [n, 16]}, kernel_choice="estimate")
     assert [row["parent_nonzeros"] for row in report.folded] and len(report.sparse_kernels) >= 2
     assert report.sparse_kernels[0]["kernel"].startswith(first_kernel)
     dense, _ = expand(exports["torchscript_gemm"], alpha=4, split="random", seed=2, format="dense")  # unfolded
@@ -91,7 +88,8 @@ def test_one_symbolic_library_runs_every_batch_choosing_its_kernel_per_call(tmp_
     w1, b1 = masked(rng, 96, 40, 0.4), rng.standard_normal(96).astype(np.float32)
     w2, b2 = masked(rng, 10, 96, 0.4), rng.standard_normal(10).astype(np.float32)
     lib = tmp_path / "any.so"
-    _, report = compile(mlp(w1, b1, w2, b2, sparse=True), "llvm", output=lib, kernel_choice="estimate")
+    needs_avx2()
+    _, report = compile(mlp(w1, b1, w2, b2, sparse=True), ESTIMATE_TARGET, output=lib, kernel_choice="estimate")
     assert report.inputs == {"x": ["batch", 40]}
     first = report.sparse_kernels[0]
     assert first["rows"] == "batch" and "dense tiles" in first["kernel"] and "column-blocked ELL" in first["kernel"]

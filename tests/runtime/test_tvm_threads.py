@@ -108,3 +108,26 @@ def test_compile_times_the_kernels_on_every_physical_core(tmp_path: Path) -> Non
     assert "measured" in json.loads(done.stdout.strip().splitlines()[-1])
     records = json.loads((tmp_path / "wide.so.tuning" / "neurorewrite-kernels.json").read_text())["records"]
     assert {r["threads"] for r in records.values()} == {physical_cores()}
+
+
+_RESIZE = """
+import json
+import tvm
+from neurorewrite.runtime.tvm_session import set_threads
+count = tvm.get_global_func("runtime.NumThreads")
+set_threads(1)
+one = count()
+set_threads(2)
+print(json.dumps([one, count()]))
+"""
+
+
+def test_the_benchmarks_pool_can_go_from_one_thread_to_two() -> None:
+    """``set_threads(1)`` then ``set_threads(2)`` in one process (benchmarks time 1 thread, then 2): the pool
+    starts once, so it must start big enough for the second call."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", _RESIZE], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300, check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [1, 2]
