@@ -97,9 +97,6 @@ def gather_candidates(task: SparseLinearTask) -> list[Candidate]:
         return gather_gemv_func(sell), [sell.values, sell.indices, sell.slice_ptr, task.dense_bias()]
 
     def estimate(n: int) -> float:
-        # ns per gathered nonzero and sample. Just below the best AVX-512 column-blocked tile's 0.435 at one row:
-        # on Zen 4 (benchmarks.kernels, 2 threads, batch 1) the gather ran W1' in 383 us against 409 us and
-        # the folded W2 in 174 against 182, so near-ties at one row go to the gather
-        return task.nonzeros * 0.42 * n
+        return task.nonzeros * 0.45 * n  # ns per gathered nonzero and sample (AMD Zen 4)
 
     return [Candidate("sliced-ELL gather", str(lanes), pack, estimate)]
