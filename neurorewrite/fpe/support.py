@@ -26,6 +26,7 @@ from scipy.linalg import blas, lapack
 
 from neurorewrite.errors import DataError
 from neurorewrite.fpe.gram import Moments, Scratch, set_upper_triangle
+from neurorewrite.fpe.refit import relative_ridge
 
 # of the mean diagonal: keeps H^-1 well conditioned where the sample barely moves an input, and the dense fit
 # w* that ranks the weights from fitting the sample's noise. Mean cosine on MiniLM (benchmarks.recover_minilm,
@@ -64,13 +65,12 @@ def inverse_factor(gram: np.ndarray, damping: float = DAMPING, scratch: Scratch 
     if not np.isfinite(gram).all():
         raise DataError("the sample's hidden activations overflow float32 (their Gram matrix is not finite); "
                         "scale the sample's inputs down, or use --support kept")
-    diagonal = np.diag(gram).astype(np.float64)
-    scale = float(diagonal.mean()) if diagonal.size and diagonal.mean() > 0 else 1.0
+    mean_diagonal = float(np.diag(gram).astype(np.float64).mean()) if gram.size else 0.0
     width = gram.shape[0]
     for _ in range(30):  # a finite Gram damped by a large enough multiple of its mean diagonal is positive definite
         h = np.empty(gram.shape, np.float32) if scratch is None else scratch.zeros("factor", gram.shape, np.float32)
         np.copyto(h, gram, casting="same_kind")  # a copy, factored in place
-        h[np.diag_indices(width)] += np.float32(damping * scale)
+        h[np.diag_indices(width)] += np.float32(relative_ridge(damping, mean_diagonal))
         # LAPACK sees the C-ordered h as its transpose: its upper factor U (H = U^T U) is our lower L = U^T,
         # and the inverse of U in place leaves L^-1 in h's lower triangle
         _, info = lapack.spotrf(h.T, lower=0, clean=0, overwrite_a=1)
