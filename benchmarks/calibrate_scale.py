@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--prune-by", default=None, choices=["activation", "magnitude"])
     parser.add_argument("--refit", default="w2", choices=["w2", "block", "none"])
     parser.add_argument("--refit-per", default="child", choices=["child", "parent"])
-    parser.add_argument("--max-iters", type=int, default=20)
+    parser.add_argument("--max-iters", type=int, default=None, help="CG iterations (default: calibrate's)")
     parser.add_argument("--first-layer", default=None, choices=["lead", "keep"], help="default: expand's")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
@@ -107,7 +107,7 @@ def main() -> None:
                          f"{result['rss_gb']:.2f}", f"{result['load']:.1f}"))
     print(format_table(("case", "blocks", "rows fit", "wall s", "CPU s", "peak GB", "load"), rows,
                        title=f"expand --alpha {args.alpha} --calibrate ({args.fit} sentences x 64 tokens), refit "
-                       f"{args.refit} per {args.refit_per}, {args.max_iters} CG iterations, prune-by "
+                       f"{args.refit} per {args.refit_per}, {args.max_iters or 'default'} CG iterations, prune-by "
                        f"{args.prune_by or 'default'}, first layer {args.first_layer or 'default'}"))
 
 

@@ -244,7 +244,7 @@ def test_held_out_errors_are_the_models_own_on_the_held_out_samples() -> None:
                          "seconds", "cpu_seconds", "first", "first_layer"}
     assert (note["block"], note["layer"], note["solver"]) == ("fc1", "fc2", "cg")
     assert (note["first"], note["first_layer"]) == ("lead", "fc1")
-    assert 0 < note["iterations"] <= CalibrateOptions().max_iters and 0 <= note["residual"] < 1
+    assert 0 < note["iterations"] <= CalibrateOptions().iterations and 0 <= note["residual"] < 1
     assert 0 <= note["seconds"] <= wall
 
 
@@ -304,3 +304,22 @@ def test_block_refit_of_a_conv_block_reads_its_inputs_by_channel_and_follows_the
     for a, b in zip(block_weights(first), block_weights(again)):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(block_weights(first)[0], block_weights(other)[0])
+
+
+@pytest.mark.parametrize(("per", "max_iters", "expected"), [("child", None, 10), ("parent", None, 20), ("child", 3, 3)])
+def test_cg_stops_after_the_iterations_its_refit_takes_by_default(per: str, max_iters: int | None, expected: int) -> None:
+    """Unconverged (tol 0), the W2 refit runs exactly the default iterations of its mode, or the option's, and the
+    report's summary says how many it took."""
+    model = mlp_model(d=D, h=H, o=O, seed=5, matmul=True)
+    x = np.random.default_rng(13).standard_normal((600, D)).astype(np.float32)
+    options = CalibrateOptions(refit_per=per, max_iters=max_iters, tol=0.0, holdout=0.0)
+    _, report = expand(model, alpha=2, calibrate={"x": x}, calibrate_options=options, prune_by="magnitude")
+    assert [n["iterations"] for n in report.calibration] == [expected]
+    assert report.calibration_summary["max_iters"] == expected and options.iterations == expected
+
+
+def test_cg_iterations_below_one_are_refused() -> None:
+    from neurorewrite.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="at least 1, got 0"):
+        CalibrateOptions(max_iters=0)
