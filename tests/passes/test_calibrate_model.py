@@ -37,8 +37,10 @@ def test_defaults_progress_record_and_summary() -> None:
     assert {k: summary[k] for k in ("samples", "holdout_samples", "positions", "rows", "computed_positions", "mask_input")} == {
         "samples": 50, "holdout_samples": 10, "positions": 50, "rows": 50, "computed_positions": 50,
         "mask_input": None}  # the model has no attention_mask input: no padding mask was used
+    # the options, with the defaults that depend on other options as they were taken (per child: lead, 10)
+    taken = {**CalibrateOptions().__dict__, "first": "lead", "max_iters": 10}
     assert {k: summary[k] for k in CalibrateOptions().__dict__ if k != "mask_input"} == {
-        k: v for k, v in CalibrateOptions().__dict__.items() if k != "mask_input"}
+        k: v for k, v in taken.items() if k != "mask_input"}
     with pytest.raises(DataError, match=r"^--calibrate: input x expects shape \['\?', 6\]"):  # the default label
         calibrate_model(model, expanded, report, {"x": x[:, :5]})
 
