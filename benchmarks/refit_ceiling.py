@@ -123,7 +123,8 @@ def main() -> None:
             free = np.flatnonzero(start[o] == 0)
             start[o, rng.choice(free, min(len(free), int(counts[o] * (multiple - 1))), replace=False)] = 1.0
         tick = time.perf_counter()
-        w, b, _ = refit_masked(moments, choose_support(moments, start), with_bias, options.ridge, max_iters=options.iterations)
+        w, b, _ = refit_masked(moments, choose_support(moments, start), with_bias, options.ridge,
+                               max_iters=options.iterations)
         table.append((f"hessian x{multiple:g}", f"{int(np.count_nonzero(w))}", f"{held_rmse(w, b):.4f}",
                       f"{time.perf_counter() - tick:.0f}"))
     tick = time.perf_counter()
