@@ -240,7 +240,6 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             exp.advance(ecur, s1)
             orig.advance(ocur, so + 1)
             x = ecur.env[lin1.data_input]
-            env = exp.run_steps({lin1.data_input: x}, block_steps[:-1], keep={lin2.data_input})
             t = chunk.rows(ocur.env[lin2.output], outputs, lin2.feature_axis)
             if residual is not None and residual in ocur.env and residual in ecur.env:
                 t = t + chunk.rows(ocur.env[residual], outputs, lin2.feature_axis) - chunk.rows(ecur.env[residual], outputs, lin2.feature_axis)
@@ -255,7 +254,9 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
                     holdout_sse_before.append(sse)
                     continue
                 fit_sse_before += sse
-            elif chunk.holdout:  # the fit rows' error before comes from the moments, at a fraction of the cost
+            # W1' and the activation: the hidden rows (a lead refit's held-out chunk, above, needs neither)
+            env = exp.run_steps({lin1.data_input: x}, block_steps[:-1], keep={lin2.data_input})
+            if chunk.holdout:  # the fit rows' error before comes from the moments, at a fraction of the cost
                 y_now = chunk.rows(exp.run_steps(env, block_steps[-1:])[lin2.output], outputs, lin2.feature_axis)
                 holdout_sse_before.append(float((y_now - t).pow(2).sum()))
                 continue
