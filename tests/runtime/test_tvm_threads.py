@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,6 +55,19 @@ def test_the_users_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert os.environ["TVM_NUM_THREADS"] == str(physical_cores())
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fresh_process_json(args: list[str], timeout: int = 300) -> Any:
+    """Run ``python args`` as a user would, without TVM_NUM_THREADS or OMP_NUM_THREADS; returns its last
+    stdout line, parsed as JSON."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 _CHILD = """
 import json, sys
 import numpy as np
@@ -74,12 +88,7 @@ def test_a_loaded_library_runs_on_every_physical_core(tmp_path: Path) -> None:
     compile(mlp(w1, b1, w2, b2, sparse=True), "llvm", output=lib, shapes={"x": [4, 32]})
     x = rng.standard_normal((4, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(lib), str(tmp_path / "x.npy")], env=env,
-                          capture_output=True, text=True, timeout=300, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _fresh_process_json(["-c", _CHILD, str(lib), str(tmp_path / "x.npy")])
     assert result["threads"] == physical_cores()
     np.testing.assert_allclose(np.array(result["y"]), reference(x, w1, b1, w2, b2), rtol=1e-4, atol=1e-4)
 
@@ -99,13 +108,8 @@ print(json.dumps([k["choice"] for k in report.sparse_kernels]))
 
 def test_compile_times_the_kernels_on_every_physical_core(tmp_path: Path) -> None:
     """The measured kernel choice is recorded with the pool it was timed on: the one the library runs on."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     lib = tmp_path / "wide.so"
-    done = subprocess.run([sys.executable, "-c", _COMPILE, str(lib)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600, check=True)
-    assert "measured" in json.loads(done.stdout.strip().splitlines()[-1])
+    assert "measured" in _fresh_process_json(["-c", _COMPILE, str(lib)], timeout=600)
     records = json.loads((tmp_path / "wide.so.tuning" / "neurorewrite-kernels.json").read_text())["records"]
     assert {r["threads"] for r in records.values()} == {physical_cores()}
 
@@ -125,9 +129,4 @@ print(json.dumps([one, count()]))
 def test_the_benchmarks_pool_can_go_from_one_thread_to_two() -> None:
     """``set_threads(1)`` then ``set_threads(2)`` in one process (benchmarks time 1 thread, then 2): the pool
     starts once, so it must start big enough for the second call."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", _RESIZE], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=300, check=True)
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == [1, 2]
+    assert _fresh_process_json(["-c", _RESIZE]) == [1, 2]
