@@ -1,6 +1,6 @@
 """Gated blocks: which hidden-bias mode to default to (split b/alpha vs copy b), bare and calibrated.
 
-    python -m benchmarks.gated_bias [--seeds 5] [--alpha 4] [--widths 16 32] [--split S]
+    python -m benchmarks.gated_bias [--seeds 5] [--alpha 4] [--widths 16 32] [--split S] [--lead-share F]
 
 For every width and seed: train a gated MLP on digits, ``64 -> silu(Wg x + bg) * (Wu x + bu) (H) -> 10``
 (SwiGLU with biases, as Llama's ``mlp_bias=True`` writes it), export it, expand it with ``--bias split``
@@ -49,7 +49,8 @@ def logits(model, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def measure(hidden: int, seed: int, alpha: int, tmp: Path, split: str | None = None) -> dict[str, tuple[float, float]]:
+def measure(hidden: int, seed: int, alpha: int, tmp: Path, split: str | None = None,
+            lead_share: float | None = None) -> dict[str, tuple[float, float]]:
     x_train, x_test, y_train, y_test = load_data(seed)
     dense = export(train_gated(x_train, y_train, hidden, seed), tmp / "gated.onnx")
     ref = logits(dense, x_test)
@@ -58,7 +59,8 @@ def measure(hidden: int, seed: int, alpha: int, tmp: Path, split: str | None = N
     for bias in ("split", "copy"):
         for cal in (False, True):
             model, _ = neurorewrite.expand(dense, alpha=alpha, seed=seed, bias=bias,
-                                           calibrate={"x": x_train[:512]} if cal else None, split=split if cal else None)
+                                           calibrate={"x": x_train[:512]} if cal else None,
+                                           split=split if cal else None, lead_share=lead_share if cal else None)
             z = logits(model, x_test)
             out[f"{bias}{' + calibrate' if cal else ''}"] = (
                 float((z.argmax(1) == y_test).mean()), float(np.sqrt(np.mean((z - ref) ** 2))) / scale)
@@ -71,6 +73,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=int, default=4)
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--split", default=None, help="the calibrated expansions' --split (default: expand's)")
+    parser.add_argument("--lead-share", type=float, default=None,
+                        help="the calibrated expansions' --lead-share (default: expand's; 1/alpha: balanced tiers)")
     args = parser.parse_args()
     import torch
 
@@ -80,14 +84,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for hidden in args.widths:
-            runs = [measure(hidden, s, args.alpha, Path(tmp), args.split) for s in range(args.seeds)]
+            runs = [measure(hidden, s, args.alpha, Path(tmp), args.split, args.lead_share) for s in range(args.seeds)]
             for key in runs[0]:
                 acc = np.array([r[key][0] for r in runs])
                 err = np.array([r[key][1] for r in runs])
                 rows.append((hidden, key, f"{acc.mean():.4f} ± {acc.std():.4f}", f"{err.mean():.3f} ± {err.std():.3f}"))
     print(format_table(("hidden", "model", "test accuracy", "logits rel. RMS error vs dense"), rows,
                        title=f"gated MLP on digits, alpha={args.alpha}, {args.seeds} seeds (mean ± std), onnxruntime; "
-                       f"calibrated with --split {args.split or 'default'}"))
+                       f"calibrated with --split {args.split or 'default'} "
+                       f"--lead-share {args.lead_share or 'default'}"))
     print(f"total time {time.time() - start:.0f}s")
 
 

@@ -15,7 +15,7 @@ import onnx
 
 from neurorewrite.errors import InvalidOptionError, VerificationError, first_line
 from neurorewrite.external_data import materialize
-from neurorewrite.fpe import FPEConfig, block_nnz, check_alpha, structured_split
+from neurorewrite.fpe import DEFAULT_LEAD_SHARE, FPEConfig, block_nnz, check_alpha, structured_split
 from neurorewrite.fpe.gram import keeps_rows
 from neurorewrite.fpe.refit import CHUNK_ELEMENTS
 from neurorewrite.memory import check_fits
@@ -84,6 +84,7 @@ def expand(
     structured: bool = False,
     prune_by: str | None = None,
     calibrate_options: CalibrateOptions | None = None,
+    lead_share: float | None = None,
 ) -> tuple[onnx.ModelProto, ExpandReport]:
     """FPE-expand every MLP block of ``model`` (a path or a ModelProto); optionally calibrate and save.
 
@@ -91,7 +92,9 @@ def expand(
     calibration's options (refit, target, held-out share, solver) are ``calibrate_options``
     (:class:`neurorewrite.passes.calibrate.CalibrateOptions`). ``split`` is by default ``tiered`` when a
     sample is given (each parent's inputs dealt to its children by the size of their term on the sample)
-    and ``random`` (the paper's) without one or with ``structured``. ``prune_by`` is ``magnitude`` or
+    and ``random`` (the paper's) without one or with ``structured``; ``lead_share`` is the share of each
+    neuron's inputs the ``tiered`` split deals to its first child (default :data:`DEFAULT_LEAD_SHARE` with a
+    sample, balanced tiers without: ``docs/methods.md`` 1.3c). ``prune_by`` is ``magnitude`` or
     ``activation`` (the prune scores use the sample's activation statistics; needs ``calibrate``); by
     default ``activation`` when a sample is given and the split is not ``tiered``, ``magnitude`` otherwise
     (both defaults measured: ``docs/methods.md`` 1.3c). Warnings of the calibration (too few rows) are in
@@ -121,6 +124,7 @@ def expand(
     cfg = FPEConfig(
         alpha=alpha, split=split, seed=seed, bias=bias, prune=prune,
         groups=None if groups is None else tuple(tuple(int(i) for i in g) for g in groups),
+        lead_share=default_lead_share(lead_share, split, calibrate is not None),
     )
     sample = None
     if calibrate is not None:
@@ -273,6 +277,15 @@ def default_split(split: str | None, has_sample: bool, structured: bool = False)
     if split is not None:
         return split
     return "tiered" if has_sample and not structured else "random"
+
+
+def default_lead_share(lead_share: float | None, split: str, has_sample: bool) -> float | None:
+    """``lead_share``, or by default :data:`DEFAULT_LEAD_SHARE` for the ``tiered`` split with a sample (the
+    calibration then refits the lead child to its parent's whole pre-activation, and the larger its share
+    of the inputs, the closer: ``docs/methods.md`` 1.3c), balanced tiers (None) otherwise."""
+    if lead_share is not None:
+        return lead_share
+    return DEFAULT_LEAD_SHARE if split == "tiered" and has_sample else None
 
 
 def check_prune_by(prune_by: str | None, has_sample: bool, split: str = "random") -> str:

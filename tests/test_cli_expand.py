@@ -74,12 +74,24 @@ def test_calibrate_from_the_command_line(capsys, model_path, tmp_path):
     assert "calibration" in out and "fc2" in out
     header = next(line for line in out.splitlines() if "refit layer" in line)
     assert "support" in header and any("fc2" in line and "hessian" in line for line in out.splitlines())
-    assert "split=tiered" in out, "a sample makes the tiered split the default"
+    assert "split=tiered lead-share=0.75" in out, "a sample makes the tiered split with its lead share the default"
     row = next(line for line in out.splitlines() if "fc2" in line and "hessian" in line)
     assert "first layer" in header and " lead " in row and " - -> " in row  # no bare fit-row error with held-out rows
     assert "not measured with a lead refit" in out
     code, out, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "-o", tmp_path / "bare.onnx")
     assert code == 0 and "split=random" in out, err
+
+
+def test_lead_share_from_the_command_line(capsys, model_path, tmp_path):
+    code, out, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "--split", "tiered", "--lead-share", "0.6",
+                             "--json", "-o", tmp_path / "lead.onnx")
+    assert code == 0, err
+    assert json.loads(out)["lead_share"] == 0.6
+    code, out, err = run_cli(capsys, "expand", model_path, "--alpha", "2", "--lead-share", "0.6",
+                             "-o", tmp_path / "no.onnx")
+    assert code != 0 and not (tmp_path / "no.onnx").exists()
+    assert err.strip() == ("neurorewrite expand: error: --lead-share shapes the tiered split; with --split random "
+                           "leave it out or add --split tiered")
 
 
 CALIBRATION_CHOICES = [("--support", "support", "hessian"), ("--support", "support", "kept"),

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from neurorewrite.errors import InvalidOptionError
-from neurorewrite.fpe import BIAS_MODES, PRUNE_MODES, SPLITS
+from neurorewrite.fpe import BIAS_MODES, DEFAULT_LEAD_SHARE, PRUNE_MODES, SPLITS
 from neurorewrite.passes.expand_blocks import ExpandReport
 from neurorewrite.progress import ProgressBar
 from neurorewrite.rewriter.lowering import LOWERINGS
@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, choices=SPLITS,
                    help="how inputs are shared among children (default: tiered with --calibrate, random without)")
     p.add_argument("--groups", type=Path, help="JSON list of input-index groups, for --split groups")
+    p.add_argument("--lead-share", type=float, default=None, metavar="SHARE",
+                   help="tiered split: the share of each neuron's inputs (its largest terms) dealt to its first "
+                   f"child, the rest in balanced tiers to the others (default {DEFAULT_LEAD_SHARE} with --calibrate, "
+                   "balanced tiers without)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--bias", default="split", choices=BIAS_MODES, help="hidden bias per child: split (b/alpha, default: measured better before calibration) or copy")
     p.add_argument("--prune", default="global", choices=PRUNE_MODES, help="one threshold over both layers, or per layer")
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, alpha=alpha, split=args.split, seed=args.seed, bias=args.bias, prune=args.prune,
             groups=args.groups, layers=args.layers, calibrate=args.calibrate, output=output,
             progress=ProgressBar("expand"), format=args.format, structured=args.structured,
-            prune_by=args.prune_by, calibrate_options=options,
+            prune_by=args.prune_by, calibrate_options=options, lead_share=args.lead_share,
         )
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
@@ -126,8 +130,9 @@ def render_report(report: ExpandReport, output: Path) -> str:
     parts = [
         format_table(
             ("block", "form", "activation", "width", "nonzeros"), rows,
-            title=f"FPE alpha={report.alpha} split={report.split} seed={report.seed} bias={report.bias} "
-            f"prune={report.prune} format={report.format}",
+            title=f"FPE alpha={report.alpha} split={report.split}"
+            f"{'' if report.lead_share is None else f' lead-share={report.lead_share:g}'} seed={report.seed} "
+            f"bias={report.bias} prune={report.prune} format={report.format}",
         )
     ]
     if report.calibration:

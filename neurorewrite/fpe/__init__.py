@@ -20,6 +20,7 @@ count before, ties included.
 
 from neurorewrite.fpe.config import (
     BIAS_MODES,
+    DEFAULT_LEAD_SHARE,
     ONE_PARTITION_SPLITS,
     PRUNE_MODES,
     SPLITS,
@@ -52,12 +53,13 @@ from neurorewrite.fpe.split import (
     split_random,
     split_shared,
     split_tiered,
+    tier_sizes,
 )
 
 __all__ = [
-    "BIAS_MODES", "ONE_PARTITION_SPLITS", "PRUNE_MODES", "SPLITS", "BlockExpansion", "PruneScales", "FPEConfig", "GatedExpansion", "balanced_labels", "block_nnz",
+    "BIAS_MODES", "DEFAULT_LEAD_SHARE", "ONE_PARTITION_SPLITS", "PRUNE_MODES", "SPLITS", "BlockExpansion", "PruneScales", "FPEConfig", "GatedExpansion", "balanced_labels", "block_nnz",
     "block_seed", "check_alpha", "check_groups", "choose_pruned", "cluster_features", "copy_outputs",
     "expand_bias", "expand_block", "expand_gated_block", "join_fused", "kth_weighted_value", "scatter_children", "smallest_by_count",
-    "split_blocks", "split_feature", "split_fused", "split_groups", "split_neurons", "split_random", "split_shared", "split_tiered",
+    "split_blocks", "split_feature", "split_fused", "split_groups", "split_neurons", "split_random", "split_shared", "split_tiered", "tier_sizes",
     "structured_split",
 ]

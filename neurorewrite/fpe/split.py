@@ -89,9 +89,25 @@ def split_feature(w1: np.ndarray, alpha: int, rng: np.random.Generator) -> np.nd
     return np.broadcast_to(labels, w1.shape)
 
 
-def split_tiered(w1: np.ndarray, alpha: int, input_scale: np.ndarray | None = None) -> np.ndarray:
+def tier_sizes(d: int, alpha: int, lead_share: float | None = None) -> np.ndarray:
+    """How many of a neuron's ``d`` inputs each child of the ``tiered`` split takes, child 0 first.
+
+    Balanced (sizes differ by at most one) without ``lead_share``; with it, child 0 (the lead) takes
+    ``round(lead_share * d)`` inputs and the other children share the rest in balanced tiers. Every
+    child keeps at least one input where ``d >= alpha``."""
+    if lead_share is None or alpha == 1:
+        return np.bincount(balanced_labels(d, alpha), minlength=alpha)
+    lead = int(round(lead_share * d))
+    lead = min(max(lead, 1), d - (alpha - 1)) if d >= alpha else min(lead, d)
+    return np.concatenate([[lead], np.bincount(balanced_labels(d - lead, alpha - 1), minlength=alpha - 1)])
+
+
+def split_tiered(w1: np.ndarray, alpha: int, input_scale: np.ndarray | None = None,
+                 lead_share: float | None = None) -> np.ndarray:
     """Every neuron ranks its inputs by the size of their term, ``|W1[i, j]| * input_scale[j]``, and
-    deals them out in tiers: child 0 takes the largest ``D / alpha``, child 1 the next, and so on.
+    deals them out in tiers: child 0 takes the largest ``D / alpha``, child 1 the next, and so on;
+    with ``lead_share`` child 0 takes that share of the inputs, the largest, and the others the rest in
+    balanced tiers (:func:`tier_sizes`).
 
     ``input_scale`` is a typical size of each input on real data (``rms(x_j)`` on a sample; none: all
     ones, the weights' magnitudes alone). So child 0 carries most of its parent's pre-activation and
@@ -102,7 +118,7 @@ def split_tiered(w1: np.ndarray, alpha: int, input_scale: np.ndarray | None = No
     """
     h, d = w1.shape
     scale = None if input_scale is None else np.asarray(input_scale, np.float64)[None, :]
-    sizes = np.bincount(balanced_labels(d, alpha), minlength=alpha)  # tiers differ in size by at most one
+    sizes = tier_sizes(d, alpha, lead_share)
     tier_of_rank = np.searchsorted(np.cumsum(sizes), np.arange(d), side="right").astype(_child_dtype(alpha))
     out = np.empty((h, d), dtype=tier_of_rank.dtype)
     for lo in range(0, h, 1024):  # in strips of rows: the sort's index arrays are 8 bytes per weight
@@ -174,6 +190,6 @@ def split_neurons(w1: np.ndarray, cfg: FPEConfig, features: np.ndarray | None = 
         return np.broadcast_to(labels, (h, d))
     if cfg.split == "tiered":
         magnitude = w1 if features is None else np.sqrt((features.reshape(-1, h, d).astype(np.float64) ** 2).sum(axis=0))
-        return split_tiered(magnitude, cfg.alpha, input_scale)
+        return split_tiered(magnitude, cfg.alpha, input_scale, cfg.lead_share)
     assert cfg.groups is not None  # FPEConfig guarantees it
     return split_groups(h, d, cfg.alpha, cfg.groups, rng)

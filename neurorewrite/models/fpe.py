@@ -196,6 +196,7 @@ def fpe_expand(
     config: FPEConfig | None = None,
     structured: bool = False,
     example_inputs: Any = None,
+    lead_share: float | None = None,
 ) -> nn.Module:
     """A new module in which every MLP block of ``model`` is FPE-expanded (``model`` is unchanged).
 
@@ -208,10 +209,11 @@ def fpe_expand(
     Options are those of :class:`neurorewrite.fpe.FPEConfig` (pass ``config`` instead to give them all
     at once); ``alpha`` must be at least 2. ``split="tiered"`` ranks each neuron's inputs by ``|W1|``
     alone (no sample here), as ``neurorewrite expand --split tiered`` does without one; it keeps a
-    pretrained model closest (``docs/methods.md`` 1.3c). Block ``k`` (execution order of its first linear) uses
-    ``block_seed(seed, k)`` like ``neurorewrite expand``; the expanded linears become
-    :class:`MaskedLinear` (``Conv1D`` too, as a plain linear), set in place on their parents in a deep
-    copy, so the model's class, config, ``forward`` and ``generate`` keep working.
+    pretrained model closest (``docs/methods.md`` 1.3c). ``lead_share`` (tiered only) gives each neuron's
+    first child that share of its inputs, the largest, as ``--lead-share`` does (None: balanced tiers).
+    Block ``k`` (execution order of its first linear) uses ``block_seed(seed, k)`` like ``neurorewrite
+    expand``; the expanded linears become :class:`MaskedLinear` (``Conv1D`` too, as a plain linear), set in
+    place on their parents in a deep copy, so the model's class, config, ``forward`` and ``generate`` keep working.
     ``result.fpe_record`` is the :class:`~neurorewrite.rewriter.record.FPERecord`
     ``neurorewrite expand`` writes (module paths for layer names, ``source="torch"``);
     ``result.fpe_report`` (:class:`ModuleExpandReport`) adds the tracer, the near misses with their
@@ -226,6 +228,7 @@ def fpe_expand(
         config = FPEConfig(
             alpha=check_alpha(alpha, minimum=2), split=split, seed=int(seed), bias=bias, prune=prune,
             groups=None if groups is None else tuple(tuple(int(i) for i in g) for g in groups),
+            lead_share=lead_share,
         )
     else:
         check_alpha(config.alpha, minimum=2)

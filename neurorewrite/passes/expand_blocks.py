@@ -57,6 +57,7 @@ class ExpandReport:
     format: str = "dense"
     calibration_summary: dict[str, object] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # shown on stderr by the CLI
+    lead_share: float | None = None  # the tiered split's share of inputs for child 0 (None: balanced tiers)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -150,7 +151,8 @@ def expand_model(
         raise no_blocks_error(where, skipped)
     editor = GraphEditor.start(model)
     current = _Current(editor.index)
-    report = ExpandReport(cfg.alpha, cfg.split, cfg.seed, cfg.bias, cfg.prune, skipped=skipped)
+    report = ExpandReport(cfg.alpha, cfg.split, cfg.seed, cfg.bias, cfg.prune, skipped=skipped,
+                          lead_share=cfg.lead_share)
     for position, block in enumerate(blocks):
         if progress is not None:
             progress(position, len(blocks), block.name)

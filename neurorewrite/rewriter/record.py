@@ -98,6 +98,8 @@ class FPERecord:
             "prune": cfg.prune, "format": self.format, "source": self.source,
             "blocks": [_without_none(asdict(b)) for b in self.blocks],
         }
+        if cfg.lead_share is not None:
+            out["lead_share"] = cfg.lead_share
         if self.structured:
             out["structured"] = True
         for key in ("tied", "calibrated"):
@@ -119,6 +121,7 @@ class FPERecord:
             config = FPEConfig(
                 alpha=int(data["alpha"]), split=str(data["split"]), seed=int(data["seed"]), bias=str(data["bias"]),
                 prune=str(data["prune"]), groups=() if data["split"] == "groups" else None,
+                lead_share=None if data.get("lead_share") is None else float(data["lead_share"]),
             )
             block_keys = {f.name for f in fields(BlockRecord)}
             layer_keys = {f.name for f in fields(LoweredLayer)}

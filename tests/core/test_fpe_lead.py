@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from neurorewrite.fpe import FPEConfig, expand_block
-from neurorewrite.fpe.lead import InputMoments, lead_children, refit_lead_children
+from neurorewrite.fpe.lead import InputMoments, lead_children, refit_lead_children, solve_on_subset
 
 D, H, ALPHA = 12, 5, 3
 
@@ -53,6 +53,43 @@ def test_the_lead_is_the_least_squares_fit_of_the_parent_on_its_own_inputs() -> 
     np.testing.assert_array_equal(w[others], e.w1[others])  # the siblings keep their shares
     np.testing.assert_array_equal(b[others], e.b1[others])
     np.testing.assert_array_equal(w != 0, e.w1 != 0)  # every row keeps its support: the count holds
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_lead_holding_most_inputs_is_solved_on_the_ones_it_lacks(bias: bool) -> None:
+    """With a lead share of 0.75 the lead's system is solved through the complement (fpe.lead.solve_on_subset);
+    it is the same least-squares fit."""
+    rng = np.random.default_rng(2)
+    w1, b1 = rng.standard_normal((H, D)).astype(np.float32), rng.standard_normal(H).astype(np.float32)
+    e = expand_block(w1, b1 if bias else None, rng.standard_normal((4, H)).astype(np.float32), None,
+                     FPEConfig(alpha=ALPHA, split="tiered", lead_share=0.75, prune="layer", bias="copy"))
+    student = _correlated(rng, 300)
+    teacher = student + 0.1 * rng.standard_normal(student.shape).astype(np.float32)
+    moments = InputMoments.zeros(D)
+    moments.add(student, teacher)
+    w, b, leads = refit_lead_children(moments, e.w1, e.b1, w1, b1 if bias else None, ALPHA, ridge=0.0)
+    z = teacher.astype(np.float64) @ w1.T + (b1 if bias else 0.0)
+    for parent, row in enumerate(leads):
+        support = np.flatnonzero(e.w1[row])
+        assert support.size == 9  # 3/4 of the 12 inputs: the complement path
+        a = student[:, support].astype(np.float64)
+        a = np.hstack([a, np.ones((len(a), 1))]) if bias else a
+        want, *_ = np.linalg.lstsq(a, z[:, parent], rcond=None)
+        np.testing.assert_allclose(w[row, support], want[: support.size], rtol=1e-6, atol=1e-8)
+        if bias:
+            assert b[row] == pytest.approx(want[-1], rel=1e-6, abs=1e-8)
+    assert (b is None) == (not bias)
+
+
+def test_solving_on_a_subset_through_the_inverse_matches_the_direct_solve() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((40, 15))
+    gram = a.T @ a + 0.1 * np.eye(15)
+    inverse = np.linalg.inv(gram)
+    for index in (np.arange(15), np.array([0, 2, 3, 5, 7, 8, 9, 10, 11, 12, 14]), np.array([4])):
+        rhs = rng.standard_normal(index.size)
+        np.testing.assert_allclose(solve_on_subset(inverse, index, rhs),
+                                   np.linalg.solve(gram[np.ix_(index, index)], rhs), rtol=1e-9, atol=1e-12)
 
 
 def test_the_lead_carries_the_largest_share_of_the_pre_activation() -> None:

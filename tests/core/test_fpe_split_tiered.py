@@ -10,7 +10,9 @@ import pytest
 from onnx import numpy_helper
 
 from neurorewrite.api import expand
-from neurorewrite.fpe import FPEConfig, expand_block, expand_gated_block, split_neurons
+from neurorewrite.errors import InvalidOptionError
+from neurorewrite.fpe import DEFAULT_LEAD_SHARE, FPEConfig, expand_block, expand_gated_block, split_neurons, tier_sizes
+from neurorewrite.rewriter.record import read_record
 from tests.builders import mlp_model
 
 
@@ -115,19 +117,61 @@ def test_expand_with_a_sample_ranks_by_the_inputs_rms_on_it(tmp_path) -> None:
     assert children_reading_input_0(bare).tolist() == [1] * 6 and children_reading_input_0(with_sample).tolist() == [0] * 6
 
 
-@pytest.mark.parametrize(("given", "sample", "structured", "split", "prune_by"), [
-    (None, False, False, "random", "magnitude"),  # no sample: the paper's split, the magnitude prune
-    (None, True, False, "tiered", "magnitude"),
-    ("random", True, False, "random", "activation"),
-    (None, True, True, "blocks", "activation"),  # --structured: one partition for all neurons
+@pytest.mark.parametrize(("given", "sample", "structured", "split", "prune_by", "lead_share"), [
+    (None, False, False, "random", "magnitude", None),  # no sample: the paper's split, the magnitude prune
+    (None, True, False, "tiered", "magnitude", DEFAULT_LEAD_SHARE),
+    ("tiered", False, False, "tiered", "magnitude", None),  # tiered without a sample: balanced tiers
+    ("random", True, False, "random", "activation", None),
+    (None, True, True, "blocks", "activation", None),  # --structured: one partition for all neurons
 ])
-def test_the_defaults_follow_the_sample(given, sample, structured, split, prune_by) -> None:
-    """With a sample the split is tiered and its prune by magnitude; an explicit split keeps the
-    activation-aware prune; --structured keeps its one-partition split."""
+def test_the_defaults_follow_the_sample(given, sample, structured, split, prune_by, lead_share) -> None:
+    """With a sample the split is tiered with its lead share and its prune by magnitude; an explicit
+    split keeps the activation-aware prune; --structured keeps its one-partition split."""
     from neurorewrite.api import check_prune_by, default_split
 
     model = mlp_model(d=8, h=6, o=3, seed=5)
     feeds = {model.graph.input[0].name: np.random.default_rng(5).standard_normal((64, 8)).astype(np.float32)}
-    _, report = expand(model, alpha=2, split=given, structured=structured, calibrate=feeds if sample else None)
-    assert report.split == split
+    new, report = expand(model, alpha=2, split=given, structured=structured, calibrate=feeds if sample else None)
+    assert report.split == split and report.lead_share == lead_share
+    assert read_record(new).config.lead_share == lead_share
     assert check_prune_by(None, sample, default_split(given, sample, structured)) == prune_by
+
+
+@pytest.mark.parametrize(("d", "alpha", "share", "sizes"), [
+    (384, 4, 0.75, [288, 32, 32, 32]), (10, 4, 0.5, [5, 2, 2, 1]), (768, 2, 0.75, [576, 192]),
+    (8, 4, 0.99, [5, 1, 1, 1]), (8, 4, 0.01, [1, 3, 2, 2]),  # every child keeps an input
+    (3, 4, 0.75, [2, 1, 0, 0]), (9, 3, None, [3, 3, 3]),  # fewer inputs than children; balanced without a share
+])
+def test_tier_sizes_give_the_lead_its_share_and_balance_the_rest(d, alpha, share, sizes) -> None:
+    assert tier_sizes(d, alpha, share).tolist() == sizes
+
+
+def test_the_lead_takes_its_share_of_the_largest_terms() -> None:
+    """Child 0 takes the round(share * D) largest terms of each neuron, the others the rest in tiers;
+    the count of the expanded block stays exact."""
+    rng = np.random.default_rng(7)
+    w1 = rng.standard_normal((9, 40)).astype(np.float32)
+    scale = rng.uniform(0.1, 3.0, 40)
+    cfg = FPEConfig(alpha=4, split="tiered", lead_share=0.6)
+    a = np.asarray(split_neurons(w1, cfg, input_scale=scale)).astype(np.int64)
+    score = np.abs(w1) * scale
+    for row, s in zip(a, score):
+        assert np.bincount(row, minlength=4).tolist() == [24, 6, 5, 5]
+        for k in range(3):
+            assert s[row == k].min() >= s[row == k + 1].max()
+    w2, b1 = rng.standard_normal((3, 9)).astype(np.float32), rng.standard_normal(9).astype(np.float32)
+    exp = expand_block(w1, b1, w2, None, FPEConfig(alpha=4, split="tiered", lead_share=0.6))
+    assert exp.nnz_after == exp.nnz_before
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"split": "tiered", "lead_share": 1.0}, "--lead-share must be a number between 0 and 1 (exclusive), got 1.0"),
+    ({"split": "tiered", "lead_share": 0}, "--lead-share must be a number between 0 and 1 (exclusive), got 0"),
+    ({"split": "tiered", "lead_share": True}, "--lead-share must be a number between 0 and 1 (exclusive), got True"),
+    ({"split": "random", "lead_share": 0.5},
+     "--lead-share shapes the tiered split; with --split random leave it out or add --split tiered"),
+])
+def test_a_lead_share_outside_the_tiered_split_or_range_is_refused(options, message) -> None:
+    with pytest.raises(InvalidOptionError) as caught:
+        FPEConfig(alpha=4, **options)
+    assert str(caught.value) == message

@@ -10,7 +10,7 @@ pytest.importorskip("tvm")
 import tvm
 
 from neurorewrite.fpe.block import scatter_children
-from neurorewrite.kernels.choice import SparseLinearTask
+from neurorewrite.kernels.choice import SparseLinearTask, simd_lanes
 from neurorewrite.kernels.labeled_tiles import labeled_candidates, labeled_gemv_func, labeled_tiles_from_csr, siblings_disjoint
 from neurorewrite.ops import csr_arrays
 from neurorewrite.runtime.tvm_target import parse_target
@@ -37,6 +37,27 @@ def test_kernel_matches_numpy_at_every_batch(alpha: int, encoding: str, lanes: i
     target = parse_target("llvm") if vector == 8 else parse_target({"kind": "llvm", "mcpu": "x86-64", "num-cores": 1})
     lib = tvm.compile(tvm.IRModule({"main": labeled_gemv_func(tiles, vector).with_attr("global_symbol", "main")}), target=target)
     for n in (1, 2, 5, 9):  # one sample, a pass of several, and the remainder
+        xt = rng.standard_normal((d, n)).astype(np.float32)
+        y = tvm.runtime.tensor(np.zeros((parents * alpha, n), np.float32))
+        lib["main"](*(tvm.runtime.tensor(a) for a in [xt, *tiles.arrays()]), y)
+        np.testing.assert_allclose(y.numpy(), w @ xt + bias[:, None], rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(("alpha", "encoding"), [(4, "labels"), (3, "labels"), (4, "bits"), (2, "bits")])
+def test_kernel_for_this_cpu_matches_numpy(alpha: int, encoding: str) -> None:
+    """Built for this machine's CPU with the vector width the registry picks for it: on an AVX-512 host this
+    runs the 16-float kernels as AVX-512 code, which the x86-64 builds above only compile for 16 lanes."""
+    target = parse_target("llvm")
+    vector = simd_lanes(target)
+    rng = np.random.default_rng(alpha)
+    parents, d = 45, 40
+    w = _children(rng, parents, d, alpha)
+    bias = rng.standard_normal(parents * alpha).astype(np.float32)
+    tiles = labeled_tiles_from_csr(*csr_arrays(w), in_features=d, alpha=alpha, bias=bias, lanes=2 * vector,
+                                   encoding=encoding)
+    func = labeled_gemv_func(tiles, vector).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    for n in (1, 3, 10):
         xt = rng.standard_normal((d, n)).astype(np.float32)
         y = tvm.runtime.tensor(np.zeros((parents * alpha, n), np.float32))
         lib["main"](*(tvm.runtime.tensor(a) for a in [xt, *tiles.arrays()]), y)

@@ -89,22 +89,27 @@ SLOW = pytest.mark.slow  # the same form as a fast case: kept out of the fast ti
 
 
 @pytest.mark.parametrize("name", [
-    "bert", "gpt2", "llama", "phi3", "llama:tiered", "bert:tiered",
+    "bert", "gpt2", "llama", "phi3", "llama:tiered", "bert:tiered", "bert:tiered:0.6",
     *(pytest.param(n, marks=SLOW) for n in ("vit", "t5_relu", "t5_gated", "qwen2", "gemma", "llama_hf_init")),
 ])
 def test_export_equals_the_onnx_pass_on_the_dense_export(tmp_path, name):
     """``export_onnx(fpe_expand(m))`` == ``neurorewrite expand`` on ``export_onnx(m)``: every linear's
     weights and masks, two layers (two blocks, two seeds), and the same function in onnxruntime.
     ``_hf_init``: HF's own init (zero biases, unit norms: the exporter merges the equal tensors);
-    ``:tiered``: the tiered split (without a sample, by the weights' magnitudes on both sides)."""
+    ``:tiered``: the tiered split (without a sample, by the weights' magnitudes on both sides), ``:0.6``
+    with that lead share."""
     name, _, split = name.partition(":")
+    split, _, share = split.partition(":")
+    lead_share = float(share) if share else None
     base = name.removesuffix("_hf_init")
     model, feeds = build(base, layers=2, perturbed=base == name), inputs(base)
     export_onnx(model, tmp_path / "dense.onnx", feeds)
-    new = fpe_expand(model, alpha=3, split=split or "random", seed=5, example_inputs=feeds)
+    new = fpe_expand(model, alpha=3, split=split or "random", seed=5, example_inputs=feeds, lead_share=lead_share)
     torch_side = export_onnx(new, tmp_path / "torch.onnx", feeds)
-    onnx_side, report = expand(tmp_path / "dense.onnx", alpha=3, split=split or None, seed=5)
+    onnx_side, report = expand(tmp_path / "dense.onnx", alpha=3, split=split or None, seed=5, lead_share=lead_share)
     assert report.split == new.fpe_record.config.split == (split or "random")
+    assert report.lead_share == new.fpe_record.config.lead_share == lead_share
+    assert read_record(torch_side).config.lead_share == lead_share
     assert len(report.blocks) == len(new.fpe_record.blocks) == 2
     pairs = list(zip(onnx_weights(torch_side), onnx_weights(onnx_side), strict=True))
     for (wt, bt), (wo, bo) in pairs:

@@ -29,6 +29,17 @@ def test_round_trip_through_metadata() -> None:
     assert json.loads(model.metadata_props[0].value)["version"] == RECORD_VERSION
 
 
+def test_the_lead_share_round_trips_and_is_absent_when_balanced() -> None:
+    record = FPERecord(FPEConfig(alpha=4, split="tiered", lead_share=0.75), (BLOCK,))
+    model = onnx.ModelProto()
+    write_record(model, record)
+    assert json.loads(model.metadata_props[0].value)["lead_share"] == 0.75
+    assert read_record(model) == record and read_record(model).config.lead_share == 0.75
+    write_record(model, FPERecord(FPEConfig(alpha=4, split="tiered"), (BLOCK,)))
+    assert "lead_share" not in json.loads(model.metadata_props[0].value)
+    assert read_record(model).config.lead_share is None
+
+
 def test_a_version_1_record_reads() -> None:
     """What earlier releases wrote: no version field, the options flat, blocks as dicts."""
     old = {"alpha": 2, "split": "random", "seed": 0, "bias": "split", "prune": "global", "format": "dense",
