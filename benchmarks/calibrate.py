@@ -1,12 +1,12 @@
 """Accuracy on digits: dense vs bare FPE vs FPE + label-free calibration (issue: calibrate).
 
     python -m benchmarks.calibrate [--seeds 5] [--alpha 4] [--widths 8 16 32] [--split S] [--prune-by P]
-                                   [--lead-share F]
+                                   [--lead-share F] [--prune global|layer]
 
 For every hidden width and seed: train a dense 64-H-10 MLP, export it, expand it (alpha 4), calibrate it
 on 512 training rows (no labels), and measure test accuracy of all three in onnxruntime. ``--split``,
-``--prune-by`` and ``--lead-share`` set the calibrated expansion's options (default: ``expand``'s defaults
-with a sample); the bare one always takes the defaults without a sample. Prints the table
+``--prune-by``, ``--lead-share`` and ``--prune`` set the calibrated expansion's options (default:
+``expand``'s defaults with a sample); the bare one always takes the defaults without a sample. Prints the table
 and the share of the lost accuracy that calibration won back (mean over seeds; target >= 80%).
 """
 
@@ -26,13 +26,14 @@ from neurorewrite.table import format_table
 
 
 def measure(hidden: int, seed: int, alpha: int, bias: str, tmp: Path, split: str | None = None,
-            prune_by: str | None = None, lead_share: float | None = None) -> tuple[float, float, float]:
+            prune_by: str | None = None, lead_share: float | None = None,
+            prune: str | None = None) -> tuple[float, float, float]:
     x_train, x_test, y_train, y_test = load_data(seed)
     dense = export(train_mlp(x_train, y_train, hidden, seed), tmp / "dense.onnx")
     sample = {"x": x_train[:512]}
     bare, _ = neurorewrite.expand(dense, alpha=alpha, seed=seed, bias=bias)
     cal, _ = neurorewrite.expand(dense, alpha=alpha, seed=seed, bias=bias, calibrate=sample, split=split,
-                                 prune_by=prune_by, lead_share=lead_share)
+                                 prune_by=prune_by, lead_share=lead_share, prune=prune or "global")
     return accuracy(dense, x_test, y_test), accuracy(bare, x_test, y_test), accuracy(cal, x_test, y_test)
 
 
@@ -46,6 +47,8 @@ def main() -> None:
     parser.add_argument("--prune-by", default=None, help="the calibrated expansion's --prune-by (default: expand's)")
     parser.add_argument("--lead-share", type=float, default=None,
                         help="the calibrated expansion's --lead-share (default: expand's; 1/alpha: balanced tiers)")
+    parser.add_argument("--prune", default=None, choices=("global", "layer"),
+                        help="the calibrated expansion's --prune (default: expand's, global)")
     args = parser.parse_args()
     import torch
 
@@ -57,7 +60,7 @@ def main() -> None:
         for bias in args.bias:
             for hidden in args.widths:
                 results = np.array([measure(hidden, s, args.alpha, bias, Path(tmp), args.split, args.prune_by,
-                                            args.lead_share) for s in range(args.seeds)])
+                                            args.lead_share, args.prune) for s in range(args.seeds)])
                 shares = [recovered(*r) for r in results]
                 shares_all.setdefault(bias, []).extend(shares)
                 mean, std = results.mean(axis=0), results.std(axis=0)
@@ -66,7 +69,7 @@ def main() -> None:
     print(format_table(("bias", "hidden", "dense", "fpe (bare)", "fpe + calibrate", "lost accuracy won back"), rows,
                        title=f"digits, alpha={args.alpha}, {args.seeds} seeds (mean ± std), onnxruntime; calibrated with "
                        f"--split {args.split or 'default'} --prune-by {args.prune_by or 'default'} "
-                       f"--lead-share {args.lead_share or 'default'}"))
+                       f"--lead-share {args.lead_share or 'default'} --prune {args.prune or 'default'}"))
     for bias, shares in shares_all.items():
         print(f"bias={bias}: mean share won back over all widths and seeds: {100 * np.mean(shares):.1f}%")
     print(f"total time {time.time() - start:.0f}s")

@@ -1,6 +1,7 @@
 """Gated blocks: which hidden-bias mode to default to (split b/alpha vs copy b), bare and calibrated.
 
     python -m benchmarks.gated_bias [--seeds 5] [--alpha 4] [--widths 16 32] [--split S] [--lead-share F]
+                                    [--prune global|layer]
 
 For every width and seed: train a gated MLP on digits, ``64 -> silu(Wg x + bg) * (Wu x + bu) (H) -> 10``
 (SwiGLU with biases, as Llama's ``mlp_bias=True`` writes it), export it, expand it with ``--bias split``
@@ -50,7 +51,7 @@ def logits(model, x: np.ndarray) -> np.ndarray:
 
 
 def measure(hidden: int, seed: int, alpha: int, tmp: Path, split: str | None = None,
-            lead_share: float | None = None) -> dict[str, tuple[float, float]]:
+            lead_share: float | None = None, prune: str | None = None) -> dict[str, tuple[float, float]]:
     x_train, x_test, y_train, y_test = load_data(seed)
     dense = export(train_gated(x_train, y_train, hidden, seed), tmp / "gated.onnx")
     ref = logits(dense, x_test)
@@ -60,7 +61,8 @@ def measure(hidden: int, seed: int, alpha: int, tmp: Path, split: str | None = N
         for cal in (False, True):
             model, _ = neurorewrite.expand(dense, alpha=alpha, seed=seed, bias=bias,
                                            calibrate={"x": x_train[:512]} if cal else None,
-                                           split=split if cal else None, lead_share=lead_share if cal else None)
+                                           split=split if cal else None, lead_share=lead_share if cal else None,
+                                           prune=(prune or "global") if cal else "global")
             z = logits(model, x_test)
             out[f"{bias}{' + calibrate' if cal else ''}"] = (
                 float((z.argmax(1) == y_test).mean()), float(np.sqrt(np.mean((z - ref) ** 2))) / scale)
@@ -75,6 +77,8 @@ def main() -> None:
     parser.add_argument("--split", default=None, help="the calibrated expansions' --split (default: expand's)")
     parser.add_argument("--lead-share", type=float, default=None,
                         help="the calibrated expansions' --lead-share (default: expand's; 1/alpha: balanced tiers)")
+    parser.add_argument("--prune", default=None, choices=("global", "layer"),
+                        help="the calibrated expansions' --prune (default: expand's, global)")
     args = parser.parse_args()
     import torch
 
@@ -84,7 +88,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for hidden in args.widths:
-            runs = [measure(hidden, s, args.alpha, Path(tmp), args.split, args.lead_share) for s in range(args.seeds)]
+            runs = [measure(hidden, s, args.alpha, Path(tmp), args.split, args.lead_share, args.prune)
+                    for s in range(args.seeds)]
             for key in runs[0]:
                 acc = np.array([r[key][0] for r in runs])
                 err = np.array([r[key][1] for r in runs])
@@ -92,7 +97,7 @@ def main() -> None:
     print(format_table(("hidden", "model", "test accuracy", "logits rel. RMS error vs dense"), rows,
                        title=f"gated MLP on digits, alpha={args.alpha}, {args.seeds} seeds (mean ± std), onnxruntime; "
                        f"calibrated with --split {args.split or 'default'} "
-                       f"--lead-share {args.lead_share or 'default'}"))
+                       f"--lead-share {args.lead_share or 'default'} --prune {args.prune or 'default'}"))
     print(f"total time {time.time() - start:.0f}s")
 
 

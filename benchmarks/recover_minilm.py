@@ -25,6 +25,7 @@ Methods (each a set of ``neurorewrite expand`` / ``finetune`` options):
                 in tiers by |w| x rms(x), the first child taking --lead-share 0.75 of them; magnitude prune;
                 each parent's lead child refit to its whole pre-activation, --first-layer lead; the W2 refit
                 per child on the hessian support)
+  tiered-w2-layer --calibrate S --prune layer (each layer keeps its own count: W1' keeps every weight)
   tiered-w2-balanced --calibrate S --lead-share 1/A (the defaults before the lead share: balanced tiers)
   tiered-w2-keep --calibrate S --first-layer keep (the defaults before the lead child: W1' as expanded)
   tiered-act-w2 --calibrate S --split tiered --prune-by activation
@@ -59,6 +60,8 @@ METHODS = {
     "act-block": {"prune_by": "activation", "refit": "block", "support": "kept"},
     "hessian-w2": {"prune_by": "activation", "refit": "w2", "support": "hessian"},
     "tiered-w2": {"prune_by": "magnitude", "split": "tiered", "refit": "w2", "support": "hessian"},
+    "tiered-w2-layer": {"prune_by": "magnitude", "split": "tiered", "refit": "w2", "support": "hessian",
+                        "prune": "layer"},
     "tiered-w2-balanced": {"prune_by": "magnitude", "split": "tiered", "refit": "w2", "support": "hessian",
                            "balanced": True},
     "tiered-act-w2": {"prune_by": "activation", "split": "tiered", "refit": "w2", "support": "hessian"},
@@ -115,7 +118,7 @@ def run_method(name: str, alpha: int, original: Path, sample: dict, out: Path, e
                                    **({"first": spec["first"]} if "first" in spec else {}),
                                    **({} if max_iters is None else {"max_iters": max_iters}))
         _, report = expand(original, alpha=alpha, calibrate=sample, prune_by=spec["prune_by"], calibrate_options=options,
-                           split=spec.get("split", "random"), output=path,
+                           split=spec.get("split", "random"), output=path, prune=spec.get("prune", "global"),
                            lead_share=lead_share if spec.get("split") == "tiered" else None)
         for n in report.calibration:
             print(f"  {n['layer']}: {n['seconds']:.0f}s (CPU s {n['cpu_seconds']}), {n['iterations']} CG iterations, "
