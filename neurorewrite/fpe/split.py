@@ -92,10 +92,10 @@ def split_feature(w1: np.ndarray, alpha: int, rng: np.random.Generator) -> np.nd
 def tier_sizes(d: int, alpha: int, lead_share: float | None = None) -> np.ndarray:
     """How many of a neuron's ``d`` inputs each child of the ``tiered`` split takes, child 0 first.
 
-    Balanced (sizes differ by at most one) without ``lead_share``; with it, child 0 (the lead) takes
-    ``round(lead_share * d)`` inputs and the other children share the rest in balanced tiers. Every
-    child keeps at least one input where ``d >= alpha``."""
-    if lead_share is None or alpha == 1:
+    Balanced (sizes differ by at most one) without ``lead_share`` or with ``lead_share == 1 / alpha``; else
+    child 0 (the lead) takes ``round(lead_share * d)`` inputs and the other children share the rest in
+    balanced tiers. Every child keeps at least one input where ``d >= alpha``."""
+    if lead_share is None or alpha == 1 or abs(lead_share * alpha - 1.0) < 1e-9:
         return np.bincount(balanced_labels(d, alpha), minlength=alpha)
     lead = int(round(lead_share * d))
     lead = min(max(lead, 1), d - (alpha - 1)) if d >= alpha else min(lead, d)

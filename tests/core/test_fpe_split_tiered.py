@@ -141,6 +141,7 @@ def test_the_defaults_follow_the_sample(given, sample, structured, split, prune_
     (384, 4, 0.75, [288, 32, 32, 32]), (10, 4, 0.5, [5, 2, 2, 1]), (768, 2, 0.75, [576, 192]),
     (8, 4, 0.99, [5, 1, 1, 1]), (8, 4, 0.01, [1, 3, 2, 2]),  # every child keeps an input
     (3, 4, 0.75, [2, 1, 0, 0]), (9, 3, None, [3, 3, 3]),  # fewer inputs than children; balanced without a share
+    (10, 4, 0.25, [3, 3, 2, 2]), (10, 3, 1 / 3, [4, 3, 3]),  # a share of 1/alpha: the balanced tiers exactly
 ])
 def test_tier_sizes_give_the_lead_its_share_and_balance_the_rest(d, alpha, share, sizes) -> None:
     assert tier_sizes(d, alpha, share).tolist() == sizes
