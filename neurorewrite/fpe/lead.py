@@ -79,17 +79,17 @@ def refit_lead_children(
     new_w = w1e.copy()
     new_b = None if b1e is None else b1e.copy()
     inverse: np.ndarray | None = None
-    everything = np.arange(gram.shape[0]) if b1e is not None else np.arange(d)
+    unknowns = d + 1 if b1e is not None else d  # the inputs, and the intercept where there is a bias
     for parent, row in enumerate(leads):
         support = np.flatnonzero(w1e[row])
         if support.size == 0:
             continue
         index = support if b1e is None else np.append(support, d)
-        if 2 * index.size <= everything.size:
+        if 2 * index.size <= unknowns:
             solution = np.linalg.solve(gram[np.ix_(index, index)], rhs[parent, index])
         else:  # a lead holding most inputs (a large --lead-share): solve on the few it lacks
             if inverse is None:
-                inverse = np.linalg.inv(gram[np.ix_(everything, everything)])
+                inverse = np.linalg.inv(gram[:unknowns, :unknowns])
             solution = solve_on_subset(inverse, index, rhs[parent, index])
         new_w[row, support] = solution[: support.size]
         if new_b is not None:
