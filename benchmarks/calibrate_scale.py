@@ -50,6 +50,7 @@ def _child(case: str, fit: int, alpha: int, model_path: Path, extra: dict) -> No
         "rows": notes[0]["rows"] if notes else 0, "blocks": len(notes),
         "holdout_rmse": [round(n["holdout_rmse_after"], 4) for n in notes],
         "iterations": [n["iterations"] for n in notes], "load": os.getloadavg()[0],
+        "constant_inputs": [n["constant_inputs"] for n in notes], "width": notes[0]["width"] if notes else 0,
         "cpu_parts": {k: round(sum(n["cpu_seconds"][k] for n in notes), 1) for k in ("gram", "support", "solve", "block")},
     }))
 

@@ -32,6 +32,14 @@ class Moments:
     mean_t: np.ndarray  # (outputs,) float64
     target_ss: np.ndarray  # (outputs,) float64, per output
     n: int
+    constant: int = 0  # inputs left out of gram and cross: one value on every row (:mod:`.constant_inputs`)
+
+    @property
+    def fit_share(self) -> float:
+        """The share of the layer's inputs the Gram holds: its mean diagonal times this is the whole Gram's
+        (a constant input's diagonal entry is zero), the scale of the ridge and the damping."""
+        width = self.gram.shape[0]
+        return width / (width + self.constant) if self.constant else 1.0
 
     def error(self, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         """Per output row, the sum of squared errors of ``t ~ w h + b`` over the rows (float64)."""
@@ -145,6 +153,7 @@ class Rows:
 
     h: np.ndarray
     t: np.ndarray
+    constant: int = 0  # as Moments.constant
 
     @property
     def n(self) -> int:

@@ -15,7 +15,9 @@ Solvers:
   current weights. One iteration is one ``(O, width) x (width, width)`` product; its cost does not
   depend on the supports. The preconditioner inverts, per row, the diagonal blocks of the Gram matrix
   that group the ``alpha`` children of one parent (they are the strongly correlated directions),
-  masked to the row's support; with ``groups=1`` it is Jacobi.
+  masked to the row's support; with ``groups=1`` it is Jacobi. ``groups`` is the group size (adjacent
+  columns), or a ``(parents, size)`` array of column indices, ``-1`` where a parent has fewer columns
+  (the layer's inputs without its constant ones, :mod:`neurorewrite.fpe.constant_inputs`).
 - ``exact``: a dense solve per row on its support, ``O(rows x support^3)``: the reference, and
   fine for small layers.
 - ``rows``, whenever the statistics are :class:`~neurorewrite.fpe.gram.Rows` (``n`` rows, ``n << width``):
@@ -50,9 +52,11 @@ class RefitInfo:
 
 def refit_masked(
     moments: Moments | Rows, w0: np.ndarray, b0: np.ndarray | None, ridge: float = 1e-4, solver: str = "cg",
-    groups: int = 1, max_iters: int = 50, tol: float = 1e-3,
+    groups: int | np.ndarray = 1, max_iters: int = 50, tol: float = 1e-3, offset: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, RefitInfo]:
-    """Refit ``w0 (O, width)`` (and ``b0``) on its support; see the module docstring. The inputs are not
+    """Refit ``w0 (O, width)`` (and ``b0``) on its support; see the module docstring. ``offset``: per row,
+    what inputs outside ``w0`` add to the output, the same on every row of the sample (constant inputs,
+    :mod:`neurorewrite.fpe.constant_inputs`); a fitted bias leaves room for it. The inputs are not
     modified; returns new arrays of ``w0``'s dtype."""
     if solver not in SOLVERS:
         raise InvalidOptionError(f"--solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
@@ -60,11 +64,11 @@ def refit_masked(
     has_bias = np.zeros(w0.shape[0], bool) if b0 is None else b0 != 0
     if isinstance(moments, Rows):
         mu, tbar = moments.h.mean(axis=0), moments.t.mean(axis=0)
-        lam = relative_ridge(ridge, float(((moments.h - mu) ** 2).sum()) / max(1, mask.shape[1]))
+        lam = relative_ridge(ridge, float(((moments.h - mu) ** 2).sum()) / max(1, mask.shape[1] + moments.constant))
         w, iters, res, solver = _rows(moments, mu, tbar, mask, has_bias, lam, w0), 0, 0.0, "rows"
     else:
         g = moments.gram
-        lam = relative_ridge(ridge, float(np.mean(np.diag(g))) if g.size else 1.0)
+        lam = relative_ridge(ridge, (float(np.mean(np.diag(g))) if g.size else 1.0) * moments.fit_share)
         mu, tbar, n = moments.mean_h, moments.mean_t, moments.n
         # right-hand side per row: centred for rows with a bias, uncentred for the others; the ridge
         # pulls towards w0
@@ -81,7 +85,7 @@ def refit_masked(
     new_b = None
     if b0 is not None:
         new_b = b0.copy()
-        fitted = (tbar - w @ mu).astype(b0.dtype)
+        fitted = (tbar - w @ mu - (0.0 if offset is None else offset)).astype(b0.dtype)
         fitted[fitted == 0] = np.finfo(b0.dtype).tiny
         new_b[has_bias] = fitted[has_bias]
     return new_w, new_b, RefitInfo(solver, iters, res, lam)
@@ -143,16 +147,25 @@ def _exact(g: np.ndarray, rhs: np.ndarray, mask: np.ndarray, has_bias: np.ndarra
     return w
 
 
+def group_columns(width: int, groups: int | np.ndarray) -> np.ndarray:
+    """``groups`` as a ``(parents, size)`` array of column indices (``-1``: none); a size that does not
+    divide ``width`` gives Jacobi's single columns."""
+    if isinstance(groups, np.ndarray):
+        return groups
+    size = groups if groups > 0 and width % groups == 0 else 1
+    return np.arange(width).reshape(-1, size)
+
+
 def _block_inverses(g: np.ndarray, mask: np.ndarray, has_bias: np.ndarray, mu: np.ndarray, n: int, lam: float,
-                    groups: int) -> np.ndarray:
-    """Per row and parent, the inverse of the row's masked ``groups x groups`` diagonal block of its
-    operator (identity outside the support, zeros in the result there): shape (O, H, a, a)."""
-    o, width = mask.shape
-    a = groups
-    h = width // a
-    idx = np.arange(h)[:, None] * a + np.arange(a)[None, :]
-    blocks = g[idx[:, :, None], idx[:, None, :]].astype(np.float64)  # (H, a, a)
-    m = mask.reshape(o, h, a)
+                    idx: np.ndarray) -> np.ndarray:
+    """Per row and group (``idx``, :func:`group_columns`), the inverse of the row's masked diagonal block
+    of its operator (identity outside the support and on missing columns, zeros in the result there):
+    shape (O, groups, size, size)."""
+    o = mask.shape[0]
+    h, a = idx.shape
+    present = idx >= 0
+    blocks = g[idx[:, :, None], idx[:, None, :]].astype(np.float64)  # (H, a, a); a missing column reads -1, masked below
+    m = mask[:, idx] & present  # (O, H, a)
     # masks repeat across rows (a parent's children are kept or pruned together): invert each
     # distinct (pattern, bias) once per parent
     codes = (m * (1 << np.arange(a))).sum(axis=2) * 2 + (~has_bias)[:, None]  # (O, H)
@@ -170,12 +183,13 @@ def _block_inverses(g: np.ndarray, mask: np.ndarray, has_bias: np.ndarray, mu: n
 
 
 def _cg(g: np.ndarray, rhs: np.ndarray, mask: np.ndarray, has_bias: np.ndarray, mu: np.ndarray, n: int, lam: float,
-        w0: np.ndarray, groups: int, max_iters: int, tol: float) -> tuple[np.ndarray, int, float]:
+        w0: np.ndarray, groups: int | np.ndarray, max_iters: int, tol: float) -> tuple[np.ndarray, int, float]:
     dtype = g.dtype
     m = mask.astype(dtype)
     o, width = mask.shape
-    if width % groups:
-        groups = 1
+    idx = group_columns(width, groups)
+    present = idx >= 0
+    columns = idx[present]  # each column once: the groups partition the inputs
     nob = (~has_bias).astype(dtype)[:, None]
     mu_d = mu.astype(dtype)
 
@@ -186,11 +200,14 @@ def _cg(g: np.ndarray, rhs: np.ndarray, mask: np.ndarray, has_bias: np.ndarray, 
         out += lam * v
         return out * m
 
-    inv = _block_inverses(g, mask, has_bias, mu, n, lam, groups)
+    inv = _block_inverses(g, mask, has_bias, mu, n, lam, idx)
 
     def precondition(r: np.ndarray) -> np.ndarray:
-        z = np.matmul(inv, r.reshape(o, width // groups, groups, 1))
-        return z.reshape(o, width)
+        grouped = r[:, idx] * present  # a missing column reads column -1; its inverse's rows and columns are zero
+        z = np.matmul(inv, grouped[..., None])[..., 0]
+        out = np.empty_like(r)
+        out[:, columns] = z[:, present]
+        return out
 
     b = (rhs * mask).astype(dtype)  # rhs already holds lam * w0
     x = (w0 * mask).astype(dtype)

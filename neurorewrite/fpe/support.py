@@ -35,11 +35,14 @@ from neurorewrite.fpe.refit import relative_ridge
 DAMPING = 0.01
 
 
-def choose_support(moments: Moments, w0: np.ndarray, damping: float = DAMPING, scratch: Scratch | None = None) -> np.ndarray:
-    """``w0 (O, width)``'s rows on new supports of the same sizes, valued by the unconstrained fit; see
-    the module docstring. ``w0`` is not modified; the result has its dtype."""
-    counts = np.count_nonzero(w0, axis=1)
-    factor = inverse_factor(moments.gram, damping, scratch)  # L^-1 with H = L L^T, so H^-1 = L^-T L^-1
+def choose_support(moments: Moments, w0: np.ndarray, damping: float = DAMPING, scratch: Scratch | None = None,
+                   counts: np.ndarray | None = None) -> np.ndarray:
+    """``w0 (O, width)``'s rows on new supports of the same sizes (or of ``counts`` per row, at most
+    ``width``), valued by the unconstrained fit; see the module docstring. ``w0`` is not modified; the
+    result has its dtype."""
+    if counts is None:
+        counts = np.count_nonzero(w0, axis=1)
+    factor = inverse_factor(moments.gram, damping, scratch, moments.fit_share)  # L^-1 with H = L L^T, so H^-1 = L^-T L^-1
     # the rows' dense least-squares weights, H^-1 c = L^-T (L^-1 c), through the upper triangular L^-T
     upper = factor.T
     cross = np.asfortranarray(moments.cross, dtype=np.float32)
@@ -57,15 +60,17 @@ def choose_support(moments: Moments, w0: np.ndarray, damping: float = DAMPING, s
     return out
 
 
-def inverse_factor(gram: np.ndarray, damping: float = DAMPING, scratch: Scratch | None = None) -> np.ndarray:
+def inverse_factor(gram: np.ndarray, damping: float = DAMPING, scratch: Scratch | None = None,
+                   fit_share: float = 1.0) -> np.ndarray:
     """``L^-1`` (float32, lower triangular, zeros above the diagonal) for the Cholesky factor ``L`` of
     ``H = G + damping * mean(diag G) * I``, so ``H^-1 = L^-T L^-1``. Where float32 rounding leaves the
     damped Gram not positive definite (a Gram whose inputs differ in scale by many orders), the damping
-    grows tenfold until it is. With ``scratch`` the factor is its ``"factor"`` array."""
+    grows tenfold until it is. With ``scratch`` the factor is its ``"factor"`` array. The mean diagonal
+    is of the layer's whole Gram, ``fit_share`` (:attr:`Moments.fit_share`) times ``gram``'s."""
     if not np.isfinite(gram).all():
         raise DataError("the sample's hidden activations overflow float32 (their Gram matrix is not finite); "
                         "scale the sample's inputs down, or use --support kept")
-    mean_diagonal = float(np.diag(gram).astype(np.float64).mean()) if gram.size else 0.0
+    mean_diagonal = (float(np.diag(gram).astype(np.float64).mean()) if gram.size else 0.0) * fit_share
     width = gram.shape[0]
     for _ in range(30):  # a finite Gram damped by a large enough multiple of its mean diagonal is positive definite
         h = np.empty(gram.shape, np.float32) if scratch is None else scratch.zeros("factor", gram.shape, np.float32)

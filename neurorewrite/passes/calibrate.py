@@ -48,6 +48,7 @@ import torch
 
 from neurorewrite.errors import DataError, InvalidOptionError
 from neurorewrite.fpe import copy_outputs
+from neurorewrite.fpe.constant_inputs import ConstantInputs, constant_inputs
 from neurorewrite.fpe.gram import FitAccumulator, Moments, Scratch
 from neurorewrite.fpe.lead import InputMoments, refit_lead_children
 from neurorewrite.fpe.refit import SOLVERS, refit_masked
@@ -57,6 +58,7 @@ from neurorewrite.models.onnx_module import Cursor, OnnxGraph
 from neurorewrite.passes.block_fit import fit_block
 from neurorewrite.passes.expand_blocks import ExpandReport
 from neurorewrite.passes.sample_chunks import MASK_INPUT, SampleChunks, chunk_sample_for
+from neurorewrite.models.fpe import MaskedLinear
 from neurorewrite.rewriter.blocks import MLPBlock, blocks_by_output, chain_ends
 from neurorewrite.rewriter.editor import NewWeights, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex
@@ -183,10 +185,11 @@ def calibrate_model(
             progress(position, len(ends), block.name)
         note = _calibrate_block(runs, block, index, report.alpha, tied, options, where)
         notes.append(note)
-        if note["rows"] < note["width"]:
+        inputs = note["width"] - note["constant_inputs"]  # a constant input's weight is the bias's to take
+        if note["rows"] < inputs:
             warnings.append(
-                f"{where}: {block.second.name} was fit on {note['rows']} rows for {note['width']} inputs; "
-                f"the fit is underdetermined (held-out error tells): give at least {note['width']} rows "
+                f"{where}: {block.second.name} was fit on {note['rows']} rows for {inputs} inputs; "
+                f"the fit is underdetermined (held-out error tells): give at least {inputs} rows "
                 "(sample positions that are not padding)"
             )
     if progress is not None:
@@ -223,7 +226,10 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     block_steps = exp.steps_of_nodes(block.nodes)
     residual = _residual_operand(index, lin2.output) if options.target == "residual" else None
     width, outputs = lin2.in_features // alpha, lin2.out_features
-    acc = FitAccumulator(width, outputs, scratch=runs.scratch)
+    empty = _inputless(exp, block, alpha)
+    # made at the first fit rows: whether constant inputs can be left out of the fit depends on their value
+    acc: FitAccumulator | None = None
+    constant: ConstantInputs | None = None
     targets: list[torch.Tensor] = []  # per chunk, the target rows (outputs wide, not hidden wide)
     reservoir_x: list[torch.Tensor] = []
     reservoir_t: list[torch.Tensor] = []
@@ -265,12 +271,25 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             if alpha > 1:
                 h = h.reshape(len(h), width, alpha).sum(dim=-1)
             tick = time.process_time()
-            acc.add(h.numpy(), t.numpy())
+            rows_h = h.numpy()
+            if acc is None:
+                if empty is not None and len(rows_h):
+                    has_bias = b_now is not None and bool((b_now != 0).all())
+                    constant = constant_inputs(empty, rows_h[0], has_bias)
+                acc = FitAccumulator(width - (0 if constant is None else len(constant.columns)), outputs, scratch=runs.scratch)
+            if constant is not None:
+                if not constant.matches(rows_h):
+                    raise RuntimeError(f"{lin2.name}: an input no weight of {lin1.name} feeds varies over the sample "
+                                       "(internal error: the block is not elementwise between its linears)")
+                rows_h = np.take(rows_h, constant.active, axis=1)
+            acc.add(rows_h, t.numpy())
             gram_cpu.append(time.process_time() - tick)
             if options.refit == "block" and sum(len(r) for r in reservoir_x) < options.block_rows:
                 reservoir_x.append(chunk.rows(x, lin1.in_features, lin1.feature_axis))
                 reservoir_t.append(t)
-        moments = acc.finish()
+        moments = (acc or FitAccumulator(width, outputs)).finish()
+        if constant is not None:
+            moments = replace(moments, constant=len(constant.columns))
         if moments.n < 2:
             raise DataError(f"the sample gives {moments.n} row(s) to fit {lin2.name}; it needs at least 2")
         w0 = w_now.numpy().reshape(outputs, -1)
@@ -278,10 +297,13 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             copies = w0.reshape(outputs, width, alpha)
             w0 = np.take_along_axis(copies, np.abs(copies).argmax(axis=-1)[..., None], axis=-1)[..., 0]
         b0 = None if b_now is None else b_now.numpy()
+        active = slice(None) if constant is None else constant.active  # the columns the fit sees
         # with a lead refit the moments are of the refit block; the fit rows' bare error costs a pass of the
         # bare block over them, made only when no rows are held out (else the held-out rows' error says it)
         if not lead:
-            sse_before: float | None = float(moments.error(w0, b0).sum())
+            # the constant inputs' shift is part of each row's bias
+            b_all = b0 if constant is None else (0.0 if b0 is None else b0) + constant.offset(w0)
+            sse_before: float | None = float(moments.error(w0[:, active], b_all).sum())
         elif held_out:
             sse_before = None
         else:
@@ -290,16 +312,24 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         # per child only: per parent (and tied) a row's support is a set of parents whose copies share one weight
         support = "hessian" if options.support == "hessian" and alpha == 1 and isinstance(moments, Moments) else "kept"
         if support == "hessian":
+            counts = np.minimum(np.count_nonzero(w0, axis=1), moments.gram.shape[0])
             try:
-                w0 = choose_support(moments, w0, scratch=runs.scratch)
+                chosen = choose_support(moments, w0[:, active], scratch=runs.scratch, counts=counts)
             except DataError as error:
                 raise DataError(f"{where}: {lin2.name}: {error}") from None
+            w0 = chosen if constant is None else constant.widen(chosen, w0)
             layer2.weight_mask.copy_(torch.from_numpy(w0 != 0).reshape(layer2.weight_mask.shape))
         support_cpu = time.process_time() - tick
         tick = time.process_time()
         # the preconditioner groups a parent's children; fit per parent there are none to group
-        new_w, new_b, info = refit_masked(moments, w0, b0, options.ridge, options.solver, groups=1 if alpha > 1 else children,
-                                          max_iters=options.iterations, tol=options.tol)
+        groups: int | np.ndarray = 1 if alpha > 1 else children
+        if constant is not None and alpha == 1:
+            groups = constant.groups(children)
+        new_w, new_b, info = refit_masked(moments, w0[:, active], b0, options.ridge, options.solver, groups=groups,
+                                          max_iters=options.iterations, tol=options.tol,
+                                          offset=None if constant is None else constant.offset(w0))
+        if constant is not None:  # the constant columns keep their weights (the bias took their shift)
+            new_w = _set_columns(w0, active, new_w)
         if alpha > 1:
             new_w = copy_outputs(new_w, alpha)
         layer2.weight.copy_(torch.from_numpy(new_w))
@@ -325,7 +355,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     rows = {h: sum(len(t) for c, t in zip(runs.sample.chunks, targets) if c.holdout == h) for h in (False, True)}
     return {
         "block": block.name, "layer": lin2.name, "rows": rows[False], "holdout_rows": rows[True],
-        "width": width, "target": "residual" if residual is not None else "output", "refit": options.refit, "support": support,
+        "width": width, "constant_inputs": 0 if constant is None else len(constant.columns), "target": "residual" if residual is not None else "output", "refit": options.refit, "support": support,
         "first": "lead" if lead else "keep", "first_layer": lin1.name,
         "rmse_before": None if sse_before is None else _rmse(sse_before, rows[False] * outputs), "rmse_after": _rmse(sum(sse_after[False]), rows[False] * outputs),
         "holdout_rmse_before": _rmse(sum(holdout_sse_before), rows[True] * outputs),
@@ -337,6 +367,32 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         "cpu_seconds": {"gram": round(sum(gram_cpu), 2), "support": round(support_cpu, 2), "solve": round(solve_cpu, 2),
                         "block": round(block_cpu, 2)},
     }
+
+
+def _set_columns(w: np.ndarray, columns: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out = w.copy()
+    out[:, columns] = values
+    return out
+
+
+def _inputless(exp: OnnxGraph, block: MLPBlock, alpha: int) -> np.ndarray | None:
+    """Per input of the block's second linear (per parent with ``alpha > 1``), whether no weight of the first
+    linear (nor of the up projection) feeds it: the prune left that child no input, so its activation is one
+    value on every row. None where a first-layer linear is not lifted."""
+    try:
+        layers = [exp.layers[exp.key_of(lin.name)] for lin in (block.first, block.up) if lin is not None]
+    except KeyError:
+        return None
+    empty = [~layer.weight_mask.any(dim=1).numpy() for layer in layers if isinstance(layer, MaskedLinear)]
+    if len(empty) != len(layers):
+        return None
+    if block.split is not None:  # one fused linear: the gate half and the up half feed hidden unit j together
+        fused, half = empty[0], len(empty[0]) // 2
+        empty = [fused[:half], fused[half:]]
+    inputless = np.logical_and.reduce(empty)
+    if len(inputless) != block.second.in_features:
+        return None
+    return inputless.reshape(-1, alpha).all(axis=1)
 
 
 def _refit_lead(runs: _Runs, lin1: Linear, lin2: Linear, s1: int, block_steps: list[int], alpha: int,

@@ -72,3 +72,36 @@ def test_only_the_nodes_the_outputs_need_are_lifted(bert_onnx):
     OnnxGraph(model, outputs=[block.second.output])
     with pytest.raises(UnsupportedModelError, match="Hardmax"):
         OnnxGraph(model)
+
+
+def test_without_autograd_only_fed_rows_are_multiplied_and_in_place_changes_are_seen():
+    """Under the global prune with the lead share most non-lead children of the expanded W1' have no input:
+    without autograd those rows are not multiplied (their output is their bias). The outputs are the dense
+    ones, and a weight changed in place (a calibration's refit) is read again, not the rows found before."""
+    from neurorewrite.api import expand
+    from neurorewrite.models.onnx_module import fed_rows
+
+    # a fresh export: an earlier test edits the module's shared one
+    expanded, _ = expand(export_embedder(Embedder(tiny_bert())), alpha=4, split="tiered", lead_share=0.75,
+                         prune_by="magnitude")
+    graph = OnnxGraph(expanded)
+    sparse = [layer for layer in graph.layers.values() if fed_rows(layer.weight.detach()) is not None]
+    assert len(sparse) == 2  # each block's W1'
+    feeds = {k: torch.from_numpy(v) for k, v in token_sample(6).items()}
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            fast = graph.run(feeds)["embedding"]
+        return fast, graph.run(feeds)["embedding"].detach()  # autograd: the plain product of every row
+
+    fast, dense = both()
+    torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast.numpy(), ort_session(expanded).run(None, {k: v.numpy() for k, v in feeds.items()})[0],
+                               rtol=1e-4, atol=1e-5)
+    weight = sparse[0].weight
+    empty = torch.nonzero(~weight.detach().ne(0).any(dim=1)).squeeze(1)
+    with torch.no_grad():
+        weight[empty] = 0.05  # every row fed now: the dense product again
+    changed, dense_changed = both()
+    torch.testing.assert_close(changed, dense_changed, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(changed, fast)

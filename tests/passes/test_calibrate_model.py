@@ -53,18 +53,21 @@ def test_alpha_one_returns_the_expansion_and_its_report_untouched() -> None:
     assert same is expanded and out is report
 
 
-def test_the_too_few_rows_warning_starts_below_the_width() -> None:
-    """Per child the width is alpha * H = 16: 16 fit rows are enough, 15 are not."""
+def test_the_too_few_rows_warning_starts_below_the_inputs_the_fit_has() -> None:
+    """Per child the width is alpha * H = 16, less the children the prune left without an input (their
+    activation is a constant, which the bias takes): as many fit rows as the rest are enough, one fewer is not."""
     model = mlp_model(d=D, h=H, o=O, seed=3)
-    expanded, report = expand_model(model, FPEConfig(alpha=2, seed=1))
+    expanded, report = expand_model(model, FPEConfig(alpha=2, seed=1, prune="global"))
+    fed = int((block_weights(expanded)[0] != 0).any(axis=1).sum())
+    assert fed < 2 * H  # the global prune leaves some children without an input here
     rng = np.random.default_rng(1)
     options = CalibrateOptions(holdout=0.0)
-    _, enough = calibrate_model(model, expanded, report, {"x": rng.standard_normal((16, D)).astype(np.float32)}, options=options)
-    assert enough.warnings == []
-    _, few = calibrate_model(model, expanded, report, {"x": rng.standard_normal((15, D)).astype(np.float32)},
+    _, enough = calibrate_model(model, expanded, report, {"x": rng.standard_normal((fed, D)).astype(np.float32)}, options=options)
+    assert enough.warnings == [] and enough.calibration[0]["constant_inputs"] == 2 * H - fed
+    _, few = calibrate_model(model, expanded, report, {"x": rng.standard_normal((fed - 1, D)).astype(np.float32)},
                              options=options, where="s.npz")
-    assert few.warnings == ["s.npz: fc2 was fit on 15 rows for 16 inputs; the fit is underdetermined (held-out error "
-                            "tells): give at least 16 rows (sample positions that are not padding)"]
+    assert few.warnings == [f"s.npz: fc2 was fit on {fed - 1} rows for {fed} inputs; the fit is underdetermined (held-out "
+                            f"error tells): give at least {fed} rows (sample positions that are not padding)"]
 
 
 def token_mlp() -> onnx.ModelProto:

@@ -241,7 +241,7 @@ def test_held_out_errors_are_the_models_own_on_the_held_out_samples() -> None:
     assert all(isinstance(v, float) and v == round(v, 2) and 0 <= v <= spent + 0.01 for v in note["cpu_seconds"].values())
     assert set(note) == {"block", "layer", "rows", "holdout_rows", "width", "target", "refit", "support", "rmse_before", "rmse_after",
                          "holdout_rmse_before", "holdout_rmse_after", "solver", "iterations", "residual", "block_mse",
-                         "seconds", "cpu_seconds", "first", "first_layer"}
+                         "seconds", "cpu_seconds", "first", "first_layer", "constant_inputs"}
     assert (note["block"], note["layer"], note["solver"]) == ("fc1", "fc2", "cg")
     assert (note["first"], note["first_layer"]) == ("lead", "fc1")
     assert 0 < note["iterations"] <= CalibrateOptions().iterations and 0 <= note["residual"] < 1
@@ -274,7 +274,7 @@ def test_two_fit_rows_are_enough_and_one_is_refused() -> None:
 
     model = mlp_model(d=D, h=H, o=O, seed=3)
     x = np.random.default_rng(14).standard_normal((3, D)).astype(np.float32)
-    with pytest.warns(Warning, match="fc2 was fit on 2 rows for 16 inputs"):
+    with pytest.warns(Warning, match=r"fc2 was fit on 2 rows for \d+ inputs"):
         _, report = expand(model, alpha=2, calibrate={"x": x}, calibrate_options=CalibrateOptions(holdout=0.34))
     assert (report.calibration[0]["rows"], report.calibration[0]["holdout_rows"]) == (2, 1)
     with pytest.raises(DataError) as caught:  # two samples, one held out: one row left to fit
