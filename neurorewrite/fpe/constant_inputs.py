@@ -46,8 +46,11 @@ class ConstantInputs:
         return w[:, self.columns].astype(np.float64) @ self.values
 
     def matches(self, rows: np.ndarray) -> bool:
-        """Whether every one of ``rows (n, width)`` holds the constant values."""
-        return bool((np.take(rows, self.columns, axis=1) == self.values.astype(rows.dtype)).all())  # take: 4x fancy indexing's speed
+        """Whether every one of ``rows (n, width)`` holds the constant values, to a relative ``1e-6`` (an
+        activation's vector and scalar code paths may differ in the last bit)."""
+        found = np.take(rows, self.columns, axis=1)  # take: 4x the speed of fancy indexing
+        values = self.values.astype(found.dtype)
+        return bool((np.abs(found - values) <= (1e-6 * (1.0 + np.abs(self.values))).astype(found.dtype)).all())
 
     def groups(self, size: int) -> np.ndarray:
         """The groups of ``size`` adjacent full-width columns (a parent's children) as indices into the

@@ -30,8 +30,9 @@ weights, so every block sees the already calibrated earlier ones. In a chain (``
 -> L3``) only the last linear is refit. With ``tied`` (``--structured``) the fit is on each parent's
 summed children, one weight per parent, so the ties survive; ``refit_per="parent"`` fits an untied
 model the same way (its children keep sharing their parent's copied column, pruned copies stay zero):
-a Gram ``alpha^2`` times smaller, for models too wide for a per-child refit. ``alpha == 1`` changes
-nothing.
+a Gram ``alpha^2`` times smaller, for models too wide for a per-child refit. The children the prune left
+without an input are constant inputs of the refit, left out of its Gram, support and solve
+(:mod:`neurorewrite.fpe.constant_inputs`: the bias takes their shift). ``alpha == 1`` changes nothing.
 
 The input model is never modified. Place in the pipeline: expand -> (tie) -> **calibrate** -> lower.
 """
@@ -53,12 +54,11 @@ from neurorewrite.fpe.gram import FitAccumulator, Moments, Scratch
 from neurorewrite.fpe.lead import InputMoments, refit_lead_children
 from neurorewrite.fpe.refit import SOLVERS, refit_masked
 from neurorewrite.fpe.support import choose_support
-from neurorewrite.models.fpe import linear_arrays
+from neurorewrite.models.fpe import MaskedLinear, linear_arrays
 from neurorewrite.models.onnx_module import Cursor, OnnxGraph
 from neurorewrite.passes.block_fit import fit_block
 from neurorewrite.passes.expand_blocks import ExpandReport
 from neurorewrite.passes.sample_chunks import MASK_INPUT, SampleChunks, chunk_sample_for
-from neurorewrite.models.fpe import MaskedLinear
 from neurorewrite.rewriter.blocks import MLPBlock, blocks_by_output, chain_ends
 from neurorewrite.rewriter.editor import NewWeights, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex

@@ -101,6 +101,8 @@ def test_the_reduction_is_declined_where_a_row_without_bias_could_not_take_the_s
     assert kept is not None and kept.active.tolist() == [0, 2] and kept.values.tolist() == [0.0, 0.7]
     assert kept.matches(np.array([[5.0, 0.0, 1.0, 0.7], [1.0, 0.0, 2.0, 0.7]], np.float32))
     assert not kept.matches(np.array([[5.0, 0.0, 1.0, 0.7], [1.0, 0.1, 2.0, 0.7]], np.float32))
+    last_bit = np.nextafter(np.float32(0.7), np.float32(1.0))  # an activation's vector and scalar paths may differ there
+    assert kept.matches(np.array([[5.0, 0.0, 1.0, 0.7], [1.0, 0.0, 2.0, last_bit]], np.float32))
     np.testing.assert_allclose(kept.offset(np.array([[1.0, 2.0, 3.0, 4.0]])), [2.8])
 
 
