@@ -8,7 +8,11 @@ fits the machine is the user's to make.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
+from collections.abc import Callable
 
 from neurorewrite.errors import InvalidOptionError
 
@@ -47,3 +51,25 @@ def check_fits(need: int, what: str, hint: str = "") -> None:
     if have and need > have:
         tail = f"; {hint}" if hint else ""
         raise InvalidOptionError(f"{what} needs about {gib(need)} of memory; this machine has {gib(have)}{tail}")
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``); False where there is none.
+
+    Why: the arrays a pass frees stay in the process's resident memory as free heap, and the next step's
+    allocations (the checker's serialized copy of the model) stack on top of them. After a MiniLM
+    calibration that was 0.5-0.9 GB, and the run's peak 1.85 GB instead of 1.58 GB."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # no C library found, or one without malloc_trim (musl, macOS)
+        return None

@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 import onnx
 
 from neurorewrite.errors import NeurorewriteError, first_line
+from neurorewrite.memory import release_free_memory
 from neurorewrite.rewriter.io import checkable_in_memory
 
 R = TypeVar("R")
@@ -38,6 +39,7 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[Pass[R]]) -> tuple[onnx.
     for p in passes:
         try:
             model, report = p.run(model, report)
+            release_free_memory()  # what the pass freed, before the checker serializes the model beside it
             if checkable_in_memory(model):  # larger (or spilled) ones are checked on disk at save
                 onnx.checker.check_model(model)
         except NeurorewriteError:
