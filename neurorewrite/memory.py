@@ -58,7 +58,7 @@ def release_free_memory() -> bool:
 
     Why: the arrays a pass frees stay in the process's resident memory as free heap, and the next step's
     allocations (the checker's serialized copy of the model) stack on top of them. After a MiniLM
-    calibration that was 0.5-0.9 GB, and the run's peak 1.85 GB instead of 1.58 GB."""
+    calibration that was 0.5-0.9 GB (``benchmarks/RESULTS.md``, "Constant inputs")."""
     trim = _malloc_trim()
     if trim is None:
         return False
