@@ -62,6 +62,7 @@ MODULES: dict[str, Module] = {
         "tests/passes/test_calibrate.py", "tests/passes/test_calibrate_real_output.py",
         "tests/passes/test_calibrate_sample.py", "tests/passes/test_tie_outputs.py",
         "tests/passes/test_calibrate_options.py", "tests/passes/test_calibrate_model.py",
+        "tests/passes/test_calibrate_constant_inputs.py",
     )),
     "fold_tied": Module(("neurorewrite/passes/fold_tied.py",), (
         "tests/passes/test_fold_tied.py", "tests/passes/test_fold_untied.py", "tests/passes/test_fold_report.py",

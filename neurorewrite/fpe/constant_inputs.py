@@ -15,8 +15,8 @@ arithmetic), and every row keeps exactly its nonzero count:
   ridge keeps the weights of constant columns at their current value, and so does :meth:`widen`;
 - a row without a bias cannot take the shift, so :func:`constant_inputs` declines where a constant
   value is nonzero and some row has no bias;
-- a row whose count exceeds the active width keeps its surplus on constant columns, first those it
-  already had (their values kept), then others (the smallest normal float, as the refit nudges an exact 0).
+- a row whose count exceeds the active width keeps its surplus on constant columns it already had (their
+  values kept).
 """
 
 from __future__ import annotations
@@ -63,17 +63,18 @@ class ConstantInputs:
 
     def widen(self, w_active: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Full-width rows: ``w_active`` on the active columns and, on the constant ones, each row's surplus
-        of ``w``'s nonzero count over ``w_active``'s: first the constant columns where ``w`` is nonzero (its
-        values), then the lowest others (the smallest normal float)."""
+        of ``w``'s nonzero count over ``w_active``'s, taken from the constant columns where ``w`` is
+        nonzero, with its values. ``w_active`` holds at least ``w``'s active nonzeros or all active columns
+        (a support chosen again keeps ``min(count, active width)``), so those columns are enough."""
         out = np.zeros_like(w)
         out[:, self.active] = w_active
         constant = w[:, self.columns]
         surplus = np.count_nonzero(w, axis=1) - np.count_nonzero(w_active, axis=1)
-        tiny = np.finfo(w.dtype).tiny
         for o in np.flatnonzero(surplus > 0):
-            had = constant[o] != 0
-            order = np.concatenate([np.flatnonzero(had), np.flatnonzero(~had)])[: surplus[o]]
-            out[o, self.columns[order]] = np.where(had[order], constant[o, order], tiny)
+            kept = np.flatnonzero(constant[o])[: surplus[o]]
+            if len(kept) < surplus[o]:
+                raise ValueError(f"row {o} needs {surplus[o]} constant columns and had {len(kept)}")
+            out[o, self.columns[kept]] = constant[o, kept]
         return out
 
 

@@ -68,9 +68,13 @@ def test_the_preconditioner_groups_are_a_parents_active_children() -> None:
     assert len(active) == WIDTH - len(CONSTANT)
     assert groups.shape == (PARENTS - 1, ALPHA)  # parent 2 has only constant children
     np.testing.assert_array_equal(np.sort(groups[groups >= 0]), np.arange(len(active)))
+    assert set(np.unique(groups[groups < 0])) == {-1}
     for group, parent in zip(groups, [0, 1, 3, 4, 5]):  # each group: the active positions of one parent's children
         np.testing.assert_array_equal(active[group[group >= 0]], [c for c in range(parent * ALPHA, (parent + 1) * ALPHA)
                                                                    if c not in CONSTANT])
+    # a parent whose one active child is the first active column: its group is kept
+    first_only = ConstantInputs(np.array([1, 2, 3, 5]), np.ones(4), 8).groups(ALPHA)
+    np.testing.assert_array_equal(first_only, [[0, -1, -1, -1], [1, -1, 2, 3]])
 
 
 def test_the_support_choice_keeps_every_rows_count_with_its_surplus_on_constant_columns() -> None:
@@ -80,6 +84,9 @@ def test_the_support_choice_keeps_every_rows_count_with_its_surplus_on_constant_
     w0[1, active] = 0.5  # every active column and two constant ones
     w0[1, CONSTANT] = 0.0
     w0[1, CONSTANT[[4, 7]]] = [3.0, -2.0]
+    w0[2, active] = 0.25  # every active column and one constant one: a surplus of one
+    w0[2, CONSTANT] = 0.0
+    w0[2, CONSTANT[2]] = 1.5
     counts = np.count_nonzero(w0, axis=1)
     full = choose_support(moments_of(h, t), w0)
     chosen = choose_support(moments_of(h, t, constant), w0[:, active], counts=np.minimum(counts, len(active)))
@@ -87,7 +94,10 @@ def test_the_support_choice_keeps_every_rows_count_with_its_surplus_on_constant_
     np.testing.assert_array_equal(np.count_nonzero(widened, axis=1), counts)
     np.testing.assert_array_equal(widened[:, active] != 0, full[:, active] != 0)  # the same choice where it matters
     np.testing.assert_array_equal(widened[1, CONSTANT], w0[1, CONSTANT])  # the constant weights it had, kept
-    assert (widened[0, CONSTANT] != 0).all()
+    np.testing.assert_array_equal(widened[2, CONSTANT], w0[2, CONSTANT])
+    np.testing.assert_array_equal(widened[0, CONSTANT], w0[0, CONSTANT])
+    with pytest.raises(ValueError, match="row 0 needs 11 constant columns and had 10"):  # fewer active weights than w had
+        constant.widen(np.where(np.arange(len(active)) == 0, 0.0, chosen), w0)
 
 
 def test_the_reduction_is_declined_where_a_row_without_bias_could_not_take_the_shift() -> None:
@@ -103,6 +113,9 @@ def test_the_reduction_is_declined_where_a_row_without_bias_could_not_take_the_s
     assert not kept.matches(np.array([[5.0, 0.0, 1.0, 0.7], [1.0, 0.1, 2.0, 0.7]], np.float32))
     last_bit = np.nextafter(np.float32(0.7), np.float32(1.0))  # an activation's vector and scalar paths may differ there
     assert kept.matches(np.array([[5.0, 0.0, 1.0, 0.7], [1.0, 0.0, 2.0, last_bit]], np.float32))
+    large = ConstantInputs(np.array([0, 1]), np.array([0.0, 100.0]), 2)  # the tolerance is relative: 1e-6 (1 + |v|)
+    assert large.matches(np.array([[0.0, 100.0], [0.0, np.nextafter(np.float32(100.0), np.float32(200.0))]], np.float32))
+    assert not large.matches(np.array([[0.0, 100.0], [1.5e-6, 100.0]], np.float32))
     np.testing.assert_allclose(kept.offset(np.array([[1.0, 2.0, 3.0, 4.0]])), [2.8])
 
 
