@@ -93,6 +93,8 @@ def test_the_support_choice_keeps_every_rows_count_with_its_surplus_on_constant_
     widened = constant.widen(chosen, w0)
     np.testing.assert_array_equal(np.count_nonzero(widened, axis=1), counts)
     np.testing.assert_array_equal(widened[:, active] != 0, full[:, active] != 0)  # the same choice where it matters
+    # and the same starting values: the damping is relative to the whole Gram's diagonal, zeros included
+    np.testing.assert_allclose(widened[:, active], full[:, active], rtol=1e-3, atol=1e-5)
     np.testing.assert_array_equal(widened[1, CONSTANT], w0[1, CONSTANT])  # the constant weights it had, kept
     np.testing.assert_array_equal(widened[2, CONSTANT], w0[2, CONSTANT])
     np.testing.assert_array_equal(widened[0, CONSTANT], w0[0, CONSTANT])

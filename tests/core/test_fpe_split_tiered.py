@@ -142,6 +142,8 @@ def test_the_defaults_follow_the_sample(given, sample, structured, split, prune_
     (8, 4, 0.99, [5, 1, 1, 1]), (8, 4, 0.01, [1, 3, 2, 2]),  # every child keeps an input
     (3, 4, 0.75, [2, 1, 0, 0]), (9, 3, None, [3, 3, 3]),  # fewer inputs than children; balanced without a share
     (10, 4, 0.25, [3, 3, 2, 2]), (10, 3, 1 / 3, [4, 3, 3]),  # a share of 1/alpha: the balanced tiers exactly
+    (4, 4, 0.75, [1, 1, 1, 1]),  # exactly as many inputs as children: one each, whatever the share
+    (2, 4, None, [1, 1, 0, 0]),  # balanced with fewer inputs than children: a size for every child
 ])
 def test_tier_sizes_give_the_lead_its_share_and_balance_the_rest(d, alpha, share, sizes) -> None:
     assert tier_sizes(d, alpha, share).tolist() == sizes
