@@ -99,7 +99,7 @@ def linear_on_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if fed is None:
         return F.linear(x, weight, bias)
     kind = torch.result_type(x, weight)
-    out = torch.zeros(*x.shape[:-1], len(weight), dtype=kind) if bias is None else \
+    out = torch.zeros(*x.shape[:-1], len(weight), dtype=kind, device=x.device) if bias is None else \
         bias.to(kind).expand(*x.shape[:-1], len(weight)).clone()
     return out.index_copy_(-1, fed, F.linear(x, weight[fed], None if bias is None else bias[fed]))
 

@@ -105,3 +105,17 @@ def test_without_autograd_only_fed_rows_are_multiplied_and_in_place_changes_are_
     changed, dense_changed = both()
     torch.testing.assert_close(changed, dense_changed, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(changed, fast)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_fed_rows_product_is_the_dense_one_with_and_without_a_bias(bias):
+    from neurorewrite.models.onnx_module import fed_rows, linear_on_rows
+
+    weight = torch.zeros(12, 5)
+    weight[[2, 7, 11]] = torch.randn(3, 5)
+    b = torch.randn(12) if bias else None
+    x = torch.randn(2, 4, 5)
+    fed = fed_rows(weight)
+    assert fed is not None and fed.tolist() == [2, 7, 11]
+    torch.testing.assert_close(linear_on_rows(x, weight, b, fed), torch.nn.functional.linear(x, weight, b))
+    assert fed_rows(torch.randn(12, 5)) is None  # every row fed: the plain product
