@@ -329,7 +329,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
                                           max_iters=options.iterations, tol=options.tol,
                                           offset=None if constant is None else constant.offset(w0))
         if constant is not None:  # the constant columns keep their weights (the bias took their shift)
-            new_w = _set_columns(w0, active, new_w)
+            new_w = constant.widen(new_w, w0)
         if alpha > 1:
             new_w = copy_outputs(new_w, alpha)
         layer2.weight.copy_(torch.from_numpy(new_w))
@@ -367,12 +367,6 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         "cpu_seconds": {"gram": round(sum(gram_cpu), 2), "support": round(support_cpu, 2), "solve": round(solve_cpu, 2),
                         "block": round(block_cpu, 2)},
     }
-
-
-def _set_columns(w: np.ndarray, columns: np.ndarray, values: np.ndarray) -> np.ndarray:
-    out = w.copy()
-    out[:, columns] = values
-    return out
 
 
 def _inputless(exp: OnnxGraph, block: MLPBlock, alpha: int) -> np.ndarray | None:
