@@ -57,8 +57,8 @@ def release_free_memory() -> bool:
     """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``); False where there is none.
 
     Why: the arrays a pass frees stay in the process's resident memory as free heap, and the next step's
-    allocations (the checker's serialized copy of the model) stack on top of them. After a MiniLM
-    calibration that was 0.5-0.9 GB (``benchmarks/RESULTS.md``, "Constant inputs")."""
+    allocations (the checker's serialized copy of the model) stack on top of them: MiniLM's calibration
+    peaked at 1.77-1.89 GB without this, 1.52-1.74 GB with it (``benchmarks/RESULTS.md``, "Constant inputs")."""
     trim = _malloc_trim()
     if trim is None:
         return False
