@@ -8,8 +8,11 @@ both standard-op conversions, all in onnxruntime; and three TVM libraries of the
 by ``neurorewrite compile`` with the kernel choice measured on this machine: ``tvm`` (one library per
 batch, ``--shape``, tuned with ``--tvm-trials`` MetaSchedule trials), ``tvm any batch`` (one library
 without ``--shape``: symbolic batch, a kernel per call) and ``tvm untied`` (the sparse file with its
-children untied, as a calibrated or fine-tuned model has them: the pattern of the expansion, values
-perturbed by 1%; one library per batch, tuned).
+children untied, as a fine-tuned model has them: the pattern of the expansion, values perturbed by 1%;
+one library per batch, tuned). ``sparse calibrated (densify)`` and ``tvm calibrated`` run the file
+``expand --calibrate`` writes with its defaults (tiered split, W2 refit) on a Gaussian sample of
+:data:`SAMPLE_ROWS` rows: both runtimes' preparation folds the children the prune left without an input
+into the next layer's bias (:mod:`neurorewrite.passes.fold_constant`).
 
 Two harnesses (``--harness``): ``process`` (default; :mod:`neurorewrite.runtime.bench_process`: each
 model alone in its own process with its runtime's default thread pool, spinning included, ``--threads``
@@ -47,6 +50,7 @@ from neurorewrite.table import format_table
 
 ALPHA = 4
 BATCHES = (1, 32)
+SAMPLE_ROWS = 6144  # input rows (tokens) of the calibration sample: more than twice the widest layer's inputs
 
 
 def export_ffn(folder: Path, activation: type[torch.nn.Module] = torch.nn.GELU) -> Path:
@@ -119,6 +123,21 @@ def _untied(original: Path, folder: Path) -> Path:
     return out
 
 
+def _calibrated(original: Path, folder: Path) -> Path:
+    """The ``sparse`` file ``expand --calibrate`` writes with its defaults, on a standard normal sample of
+    :data:`SAMPLE_ROWS` input rows (the batch dimension sized to hold them)."""
+    out = _written_path(original, folder, "calibrated")
+    if not out.exists():
+        (spec,) = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"]).get_inputs()
+        rest = [int(d) for d in spec.shape[1:]]
+        batch = -(-SAMPLE_ROWS // int(np.prod(rest, dtype=np.int64)))
+        sample = np.random.default_rng(0).standard_normal([batch, *rest]).astype(np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expand(original, alpha=ALPHA, calibrate={spec.name: sample}, format="sparse", output=out)
+    return out
+
+
 def ort_costs(path: Path, method: str = "densify") -> tuple[float, float]:
     """(weight bytes, multiply-adds per row) of the linear layers onnxruntime runs for ``path``: MatMul and
     Gemm with a constant weight, after the preparation ``ort_session`` applies (zeros included)."""
@@ -160,6 +179,10 @@ def sparse_densify_variant(original: Path, folder: Path, args: argparse.Namespac
 
 def sparse_gather_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
     return _ort(_written(original, folder, "sparse", split="random", format="sparse"), args, "gather")
+
+
+def sparse_calibrated_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
+    return _ort(_calibrated(original, folder), args, "densify")
 
 
 def _tvm(path: Path, folder: Path, args: argparse.Namespace, symbolic: bool, tag: str) -> Deployed:
@@ -242,6 +265,10 @@ def tvm_untied_variant(original: Path, folder: Path, args: argparse.Namespace) -
     return _tvm(_untied(original, folder), folder, args, False, "fixed")
 
 
+def tvm_calibrated_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
+    return _tvm(_calibrated(original, folder), folder, args, False, "fixed")
+
+
 VARIANTS: dict[str, Variant] = {
     "original": original_variant,
     "dense": dense_variant,
@@ -249,9 +276,11 @@ VARIANTS: dict[str, Variant] = {
     "structured": structured_variant,
     "sparse (densify)": sparse_densify_variant,
     "sparse (gather)": sparse_gather_variant,
+    "sparse calibrated (densify)": sparse_calibrated_variant,
     "tvm": tvm_variant,
     "tvm any batch": tvm_any_variant,
     "tvm untied": tvm_untied_variant,
+    "tvm calibrated": tvm_calibrated_variant,
 }
 
 

@@ -5,7 +5,8 @@ FFN 768 -> 3072 -> 768 (ReLU) exported from torch (``benchmarks.deploy.export_ff
 writes. TVM libraries, each with its kernels chosen by timing them on this machine (kept in the tuning
 database): ``tvm`` (one library per batch, ``--shape``, MetaSchedule ``--trials``), ``tvm any batch``
 (one library without ``--shape``: symbolic batch, a kernel per call), ``tvm untied`` (the children
-untied as by calibration: see ``benchmarks/deploy.py``). Printed: the kernel each sparse layer runs per
+untied as by fine-tuning) and ``tvm calibrated`` (the file ``expand --calibrate`` writes, its inputless
+children folded into the bias: see ``benchmarks/deploy.py``). Printed: the kernel each sparse layer runs per
 batch, compile and tuning times (first compile, then the warm one that reads the database), the
 error against onnxruntime on the same file, then latency and ratios against the dense original in
 onnxruntime with both harnesses of ``benchmarks/deploy.py`` (per process with runtime defaults, and
@@ -25,7 +26,7 @@ import numpy as np
 import onnx
 import torch
 
-from benchmarks.deploy import BATCHES, VARIANTS, _untied, _written, bench_model, export_ffn
+from benchmarks.deploy import BATCHES, VARIANTS, _calibrated, _untied, _written, bench_model, export_ffn
 from benchmarks.peak import cpu_line, load_average
 from neurorewrite.runtime.ort import ort_session
 from neurorewrite.runtime.tvm_compile import DEFAULT_TRIALS, compile
@@ -33,7 +34,7 @@ from neurorewrite.runtime.tvm_run import CompiledModel
 from neurorewrite.runtime.tvm_session import set_threads
 from neurorewrite.table import format_table
 
-TVM_VARIANTS = ["tvm", "tvm any batch", "tvm untied"]
+TVM_VARIANTS = ["tvm", "tvm any batch", "tvm untied", "tvm calibrated"]
 
 
 def compile_report(path: Path, folder: Path, args: argparse.Namespace) -> list[tuple]:
@@ -83,7 +84,8 @@ def main() -> None:
         folder = Path(tmp)
         original = export_ffn(folder, torch.nn.ReLU)
         sparse = _written(original, folder, "sparse", split="random", format="sparse")
-        rows = compile_report(sparse, folder, args) + compile_report(_untied(original, folder), folder, args)
+        rows = [row for path in (sparse, _untied(original, folder), _calibrated(original, folder))
+                for row in compile_report(path, folder, args)]
         print(format_table(("model", "batch", "kernels (measured choice)", "tune", "compile", "warm compile",
                             "max rel err vs onnxruntime"), rows,
                            title=f"\nFFN 768->3072->768 ReLU, alpha 4 (random split, global prune), {args.trials} trials per batch"))

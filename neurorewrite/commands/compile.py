@@ -73,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         folded = [(f["node"], f["nonzeros"], f["parent_nonzeros"], f["untied_nonzeros"]) for f in report.folded]
         parts.append(format_table(("node", "nonzeros", "as parents", "untied"), folded,
                                   title="\ntied children summed first (the parents' weights are read once)"))
+    if report.constant:
+        constant = [(c["node"], c["children"], c["constant"], c["folded_nonzeros"]) for c in report.constant]
+        parts.append(format_table(("node", "children", "constant", "entries moved to the bias"), constant,
+                                  title="\nchildren without an input folded into the next layer's bias"))
     summary = [("target", report.target), ("inputs", json.dumps(report.inputs)),
                ("tuned tasks", f"{report.tuned_tasks} ({report.trials} trials)" if args.tune else "not tuned"),
                ("database", report.database or "-"), ("tune time", f"{report.seconds_tune:.1f}s"),

@@ -3,9 +3,11 @@
 Replaces what a runtime cannot run, or runs slowly, with what it runs best; the file on disk is
 never changed. The sequences, by runtime:
 
-- ``onnxruntime``: ``fold tied children`` (:mod:`.fold_tied`), then ``sparse to standard ops``
-  (:mod:`.sparse_to_standard`, method ``densify`` or ``gather``);
-- ``tvm``: ``fold tied children`` (the TVM importer maps ``SparseLinear`` to the project's kernels).
+- ``onnxruntime``: ``fold tied children`` (:mod:`.fold_tied`), ``fold constant children``
+  (:mod:`.fold_constant`), then ``sparse to standard ops`` (:mod:`.sparse_to_standard`, method
+  ``densify`` or ``gather``);
+- ``tvm``: ``fold tied children``, ``fold constant children`` (the TVM importer maps ``SparseLinear`` to
+  the project's kernels).
 
 Each step preserves the model's outputs (float summation order aside); a model without the project's
 operators passes through unchanged (the same object, and an empty report). The report says what
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from neurorewrite.errors import InvalidOptionError
+from neurorewrite.passes.fold_constant import fold_constant_children
 from neurorewrite.passes.fold_tied import fold_tied_children
 from neurorewrite.passes.sparse_to_standard import METHODS, has_sparse_ops, to_standard_ops
 
@@ -28,12 +31,14 @@ RUNTIMES = ("onnxruntime", "tvm")
 
 @dataclass
 class PrepareReport:
-    """The steps that ran, in order, and what the fold did (one row per SparseLinear it folded)."""
+    """The steps that ran, in order, and what the folds did: ``folded``/``kept`` one row per SparseLinear
+    the tied fold looked at, ``constant`` one row per second layer whose constant children were folded."""
 
     runtime: str
     steps: list[str] = field(default_factory=list)
     folded: list[dict[str, object]] = field(default_factory=list)
     kept: list[dict[str, object]] = field(default_factory=list)
+    constant: list[dict[str, object]] = field(default_factory=list)
     sparse_method: str | None = None
 
     @property
@@ -47,6 +52,12 @@ Step = tuple[str, Callable[[onnx.ModelProto, PrepareReport], onnx.ModelProto]]
 def _fold(model: onnx.ModelProto, report: PrepareReport) -> onnx.ModelProto:
     new, fold = fold_tied_children(model)
     report.folded, report.kept = fold.folded, fold.kept
+    return new
+
+
+def _fold_constant(model: onnx.ModelProto, report: PrepareReport) -> onnx.ModelProto:
+    new, fold = fold_constant_children(model)
+    report.constant = fold.folded
     return new
 
 
@@ -64,7 +75,7 @@ def preparation_steps(runtime: str, sparse_method: str = "densify") -> list[Step
         raise InvalidOptionError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if sparse_method not in METHODS:
         raise InvalidOptionError(f"sparse method must be one of {', '.join(METHODS)}, got {sparse_method!r}")
-    steps: list[Step] = [("fold tied children", _fold)]
+    steps: list[Step] = [("fold tied children", _fold), ("fold constant children", _fold_constant)]
     if runtime == "onnxruntime":
         steps.append((f"sparse to standard ops ({sparse_method})", _standard(sparse_method)))
     return steps

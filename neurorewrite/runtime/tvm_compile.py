@@ -38,6 +38,7 @@ class CompileReport:
     outputs: list[str]
     sparse_kernels: list[dict[str, object]] = field(default_factory=list)
     folded: list[dict[str, object]] = field(default_factory=list)  # SparseLinear nodes that sum tied children
+    constant: list[dict[str, object]] = field(default_factory=list)  # second layers that took constant children
     tuned_tasks: int = 0
     trials: int = 0
     database: str | None = None
@@ -104,7 +105,7 @@ def compile(  # noqa: A001 (the public name the issue asks for)
                                 measure=kernel_choice == "measure")
     report = CompileReport(
         target=str(tvm_target), inputs=static, outputs=[o.name for o in proto.graph.output],
-        sparse_kernels=kernels, folded=prepared.folded,
+        sparse_kernels=kernels, folded=prepared.folded, constant=prepared.constant,
         trials=trials if tune else 0, database=None if database is None else str(database),
         kernel_choice=kernel_choice,
     )

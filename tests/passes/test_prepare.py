@@ -21,9 +21,10 @@ def sparse_fpe(tmp_path_factory):
 
 
 def test_the_sequences_by_runtime() -> None:
-    assert [name for name, _ in preparation_steps("onnxruntime")] == ["fold tied children", "sparse to standard ops (densify)"]
+    assert [name for name, _ in preparation_steps("onnxruntime")] == [
+        "fold tied children", "fold constant children", "sparse to standard ops (densify)"]
     assert [name for name, _ in preparation_steps("onnxruntime", "gather")][-1] == "sparse to standard ops (gather)"
-    assert [name for name, _ in preparation_steps("tvm")] == ["fold tied children"]
+    assert [name for name, _ in preparation_steps("tvm")] == ["fold tied children", "fold constant children"]
     with pytest.raises(InvalidOptionError, match="runtime must be one of"):
         preparation_steps("tflite")
     with pytest.raises(InvalidOptionError, match="sparse method"):
@@ -35,7 +36,7 @@ def test_ort_session_prepares_once_and_reports(sparse_fpe) -> None:
     before = path.read_bytes()
     session = ort_session(path, providers=["CPUExecutionProvider"])
     report = session.neurorewrite_preparation
-    assert report.steps == ["fold tied children", "sparse to standard ops (densify)"]
+    assert report.steps == ["fold tied children", "fold constant children", "sparse to standard ops (densify)"]
     assert report.folded and report.folded[0]["parent_nonzeros"] * 4 <= report.folded[0]["nonzeros"]
     assert path.read_bytes() == before, "loading a model must not rewrite its file"
     x = np.random.default_rng(0).standard_normal((5, 12)).astype(np.float32)

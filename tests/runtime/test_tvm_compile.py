@@ -33,7 +33,8 @@ def test_sparse_model_matches_onnxruntime_dense(tmp_path: Path, n: int, density:
     lib = tmp_path / "m.so"
     _, report = compile(mlp(w1, b1, w2, b2, sparse=True), ESTIMATE_TARGET, output=lib, shapes={"x": [n, 12]},
                         kernel_choice="estimate")
-    assert [k["out_features"] for k in report.sparse_kernels] == [32, 6]
+    # a hidden unit whose row is empty is a constant: the preparation folds it into the second layer's bias
+    assert [k["out_features"] for k in report.sparse_kernels] == [int((w1 != 0).any(axis=1).sum()), 6]
     assert report.sparse_kernels[0]["kernel"].startswith(kernel) and report.sparse_kernels[0]["choice"] == "estimated"
     x = np.random.default_rng(7).standard_normal((n, 12)).astype(np.float32)
     dense = ort_session(mlp(w1, b1, w2, b2, sparse=False), providers=["CPUExecutionProvider"])
@@ -129,3 +130,37 @@ def test_an_fpe_block_is_transposed_once_in_and_once_out(exports) -> None:
     text = mod["main"].script()
     assert text.count("tiled_transpose") == 2 and len(kernels) >= 2
     assert "R.sum(" in text
+
+
+def test_a_calibrated_model_compiles_without_its_constant_children(exports, tmp_path: Path) -> None:
+    """The calibration leaves most children without an input; the library computes the first layer's other
+    rows only (the constant ones are in the second layer's bias), says so in ``compile``'s summary, and
+    still matches onnxruntime on the calibrated dense file, at every batch of a symbolic-batch library."""
+    from neurorewrite.api import expand
+    from neurorewrite.ops import OP
+    from tests.conftest import sample_for
+
+    sample = sample_for(exports["gelu_erf"], batch=400, seed=1)
+    sparse, report = expand(exports["gelu_erf"], alpha=4, calibrate=sample, format="sparse")
+    constant = report.calibration[0]["constant_inputs"]
+    assert constant > 0
+    dense, _ = expand(exports["gelu_erf"], alpha=4, calibrate=sample, format="dense")
+    sparse.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.save(sparse, tmp_path / "c.onnx")
+    result = subprocess.run(
+        [sys.executable, "-m", "neurorewrite.cli", "compile", str(tmp_path / "c.onnx"), "--kernel-choice", "estimate",
+         "-o", str(tmp_path / "c.so")], capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    first = next(n for n in sparse.graph.node if n.op_type == OP)
+    width = next(a.i for a in first.attribute if a.name == "out_features")
+    table = result.stdout.split("children without an input folded into the next layer's bias")[1].splitlines()
+    assert table[3].split()[1:3] == [str(width), str(constant)], table  # title, header, rule, the second layer
+    kernels = result.stdout.split("sparse kernels")[1].splitlines()
+    assert kernels[3].split()[1:3] == ["16", str(width - constant)], kernels  # the first layer: in, out
+    session = ort_session(dense, providers=["CPUExecutionProvider"])
+    library = load(tmp_path / "c.so")
+    for n in (1, 9, 40):
+        x = np.random.default_rng(n).standard_normal((n, 16)).astype(np.float32)
+        want = session.run(None, {"x": x})[0]
+        np.testing.assert_allclose(library({"x": x})[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

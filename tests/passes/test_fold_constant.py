@@ -1,0 +1,218 @@
+"""Folding constant children (passes/fold_constant.py): a hidden column whose first-layer rows are all empty
+becomes part of the next layer's bias. The folded model computes the same outputs in onnxruntime on
+calibrated models (where the prune leaves most children without an input) and on exports whose
+activation is not zero at zero; the first layers keep every stored entry, the second keeps the entries
+of the columns it keeps; gated blocks fold only columns empty in both gate and up (fused or not); and
+nothing folds where the hidden tensor is read elsewhere or reaches the next layer through a
+non-element-wise operator."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from neurorewrite.api import expand
+from neurorewrite.ops import OP, csr_from_entries, sparse_linear_node
+from neurorewrite.passes.fold_constant import fold_constant_children
+from neurorewrite.passes.prepare import prepare_for_runtime
+from neurorewrite.passes.sparse_to_standard import to_standard_ops
+from neurorewrite.rewriter.graph import GraphIndex, get_attr
+from neurorewrite.rewriter.sparse_nodes import read_sparse_linear
+from tests.builders import mlp_model
+from tests.conftest import run_model, sample_for
+from tests.passes.test_calibrate_lead import correlated
+from tests.passes.test_expand_inputs import D as GD
+from tests.passes.test_expand_inputs import gated_model, gated_weights
+
+ALPHA = 4
+
+
+def outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """onnxruntime on the standard-op form of ``model`` (the conversion itself folds nothing)."""
+    return run_model(to_standard_ops(model), feeds)
+
+
+def assert_same_function(before: onnx.ModelProto, after: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    for got, want in zip(outputs(after, feeds), outputs(before, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def sparse_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, object, np.ndarray | None]]:
+    index = GraphIndex.build(model.graph)
+    return [(n, *read_sparse_linear(index, i)) for i, n in enumerate(model.graph.node) if n.op_type == OP]
+
+
+def with_empty_rows(model: onnx.ModelProto, node_name: str, rows: np.ndarray) -> onnx.ModelProto:
+    """A copy of ``model`` whose SparseLinear ``node_name`` stores nothing in ``rows`` (as a prune leaves a child)."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    index = GraphIndex.build(new.graph)
+    i = next(i for i, n in enumerate(new.graph.node) if n.name == node_name)
+    csr, _ = read_sparse_linear(index, i)
+    keep = ~np.isin(csr.rows, rows)
+    arrays = csr_from_entries(csr.values[keep], csr.rows[keep], csr.indices[keep], (csr.out_features, csr.in_features))
+    for name, array in zip(new.graph.node[i].input[1:4], arrays):
+        target = next(t for t in new.graph.initializer if t.name == name)
+        target.CopyFrom(numpy_helper.from_array(array, name))
+    return new
+
+
+def first_and_second(model: onnx.ModelProto) -> tuple[str, str]:
+    names = [n.name for n in model.graph.node if n.op_type == OP]
+    return names[0], names[-1]
+
+
+@pytest.mark.parametrize("name", ["gelu_erf", "gelu_tanh", "sigmoid", "softplus", "elu", "sklearn_mlp", "transformer"])
+def test_exports_keep_their_function_with_planted_empty_children(exports, name: str) -> None:
+    """Children emptied at random in each block's first layer: activations whose value at the bias is not
+    zero (sigmoid, softplus, GELU of a nonzero bias) move a nonzero shift into the next layer's bias."""
+    model, _ = expand(exports[name], alpha=ALPHA, split="random", seed=1, format="sparse")
+    rng = np.random.default_rng(0)
+    for node, csr, _ in sparse_nodes(model):  # a second layer's empty rows only make outputs equal to its bias
+        model = with_empty_rows(model, node.name, rng.choice(csr.out_features, csr.out_features // 3, replace=False))
+    folded, report = fold_constant_children(model)
+    assert report.folded, report.kept
+    onnx.checker.check_model(folded)
+    assert_same_function(model, folded, sample_for(exports[name], batch=3))
+    for row in report.folded:
+        assert 0 < row["constant"] < row["children"]
+
+
+def test_a_calibrated_model_folds_its_inputless_children_into_the_bias() -> None:
+    """The tiered split and the prune leave most children of a calibrated block without an input; after the
+    fold the first layer has only the others' rows, every stored entry kept, and the function is the same."""
+    model = mlp_model(d=6, h=8, o=3, seed=3)
+    x, probe = correlated(300, d=6, seed=2), correlated(40, d=6, seed=5)
+    calibrated, report = expand(model, alpha=ALPHA, calibrate={"x": x}, format="sparse")
+    assert report.calibration[0]["constant_inputs"] > 0
+    folded, fold = fold_constant_children(calibrated)
+    (row,) = fold.folded
+    assert row["constant"] == report.calibration[0]["constant_inputs"]
+    (n1, c1, b1), (n2, c2, b2) = sparse_nodes(calibrated)
+    (f1, d1, e1), (f2, d2, e2) = sparse_nodes(folded)
+    kept = np.flatnonzero(np.diff(c1.indptr) > 0)
+    assert d1.out_features == d2.in_features == kept.size == row["children"] - row["constant"]
+    np.testing.assert_array_equal(d1.values, c1.values)  # the first layer keeps every stored entry
+    np.testing.assert_array_equal(d1.indices, c1.indices)
+    np.testing.assert_array_equal(e1, b1[kept])
+    dense2 = c2.to_dense()
+    np.testing.assert_array_equal(d2.to_dense(), dense2[:, kept])  # the second keeps its kept columns' entries
+    assert c2.nonzeros - d2.nonzeros == row["folded_nonzeros"] == np.count_nonzero(np.delete(dense2, kept, axis=1))
+    shift = np.delete(dense2, kept, axis=1) @ np.maximum(np.delete(b1, kept), 0)
+    np.testing.assert_allclose(e2, b2 + shift, rtol=1e-6, atol=1e-6)
+    assert_same_function(calibrated, folded, {"x": probe})
+
+
+def test_layers_without_bias_fold_the_activation_of_zero_into_a_new_bias() -> None:
+    """sigmoid(0) = 0.5: the second layer, which had no bias, gets one holding the constant columns' sum."""
+    model, _ = expand(mlp_model(d=6, h=8, o=3, act="Sigmoid", seed=3, matmul=True, bias=False), alpha=ALPHA,
+                      split="random", format="sparse")
+    first, second = first_and_second(model)
+    planted = with_empty_rows(model, first, np.array([0, 5, 6, 7, 20, 31]))
+    (_, csr, _), (node, _, bias) = sparse_nodes(planted)
+    assert bias is None and len(node.input) == 4
+    folded, report = fold_constant_children(planted)
+    assert report.folded[0]["constant"] == int((np.diff(csr.indptr) == 0).sum()) >= 6
+    (_, _, new_bias) = sparse_nodes(folded)[1]
+    assert new_bias is not None and np.abs(new_bias).max() > 0
+    assert_same_function(planted, folded, {"x": correlated(20, d=6, seed=1)})
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_gated_block_folds_only_columns_empty_in_gate_and_up(fused: bool) -> None:
+    model, _ = expand(gated_model(gated_weights(), fused=fused), alpha=ALPHA, split="random", format="sparse")
+    names = [n.name for n in model.graph.node if n.op_type == OP]
+    width = int(get_attr(next(n for n in model.graph.node if n.name == names[-1]), "in_features", -1))
+    both, gate_only = np.array([1, 2, 9, 17]), np.array([4, 12])
+    if fused:  # one first layer: gate rows, then up rows
+        planted = with_empty_rows(model, names[0], np.concatenate([both, gate_only, width + both]))
+    else:
+        planted = with_empty_rows(with_empty_rows(model, names[0], np.concatenate([both, gate_only])), names[1], both)
+    firsts = [csr for node, csr, _ in sparse_nodes(planted) if node.name != names[-1]]
+    empty = [np.diff(csr.indptr) == 0 for csr in firsts]
+    gate, up = (empty[0][:width], empty[0][width:]) if fused else empty
+    assert gate[both].all() and up[both].all() and gate[gate_only].all()
+    folded, report = fold_constant_children(planted)
+    (row,) = report.folded
+    assert row["constant"] == int((gate & up).sum()) < int(gate.sum())  # an empty gate row alone: silu(b_g) * up(x)
+    assert_same_function(planted, folded, {"x": correlated(20, d=GD, seed=1)})
+    sizes = [n for n in folded.graph.node if n.op_type == "Split"]
+    if fused:
+        index = GraphIndex.build(folded.graph)
+        np.testing.assert_array_equal(index.constant_value(sizes[0].input[1]), [width - row["constant"]] * 2)
+
+
+def hand_built(per_column: bool) -> onnx.ModelProto:
+    """x -> SparseLinear (no bias) -> Add(c) -> Relu -> Mul(2) -> SparseLinear -> y, with rows 1 and 3 of the
+    first layer empty; ``c`` is a per-column vector or a scalar."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((6, 4)).astype(np.float32)
+    w1[[1, 3]] = 0
+    w2 = rng.standard_normal((3, 6)).astype(np.float32)
+    c = rng.standard_normal(6).astype(np.float32) if per_column else np.array(0.7, np.float32)
+    inits = {"c": c, "two": np.array(2.0, np.float32), "b2": rng.standard_normal(3).astype(np.float32)}
+    for tag, w in (("w1", w1), ("w2", w2)):
+        rows, cols = np.nonzero(w)
+        for role, a in zip(("values", "indices", "indptr"), csr_from_entries(w[rows, cols], rows, cols, w.shape)):
+            inits[f"{tag}.{role}"] = a
+    nodes = [
+        sparse_linear_node(["x", "w1.values", "w1.indices", "w1.indptr"], "h0", "first", 4, 6),
+        helper.make_node("Add", ["h0", "c"], ["h1"], name="shift"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="act"),
+        helper.make_node("Mul", ["h2", "two"], ["h3"], name="scale"),
+        sparse_linear_node(["h3", "w2.values", "w2.indices", "w2.indptr", "b2"], "y", "second", 6, 3),
+    ]
+    graph = helper.make_graph(nodes, "hand", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.neurorewrite", 1)])
+
+
+@pytest.mark.parametrize("per_column", [True, False])
+def test_per_column_operands_of_the_chain_are_cut_to_the_kept_columns(per_column: bool) -> None:
+    model = hand_built(per_column)
+    before = model.SerializeToString()
+    folded, report = fold_constant_children(model)
+    assert model.SerializeToString() == before  # the input is not modified
+    assert report.folded[0]["constant"] == 2
+    index = GraphIndex.build(folded.graph)
+    shift = next(n for n in folded.graph.node if n.name == "shift")
+    assert index.constant_value(shift.input[1]).shape == ((4,) if per_column else ())
+    assert_same_function(model, folded, {"x": correlated(10, d=4, seed=3)})
+
+
+def test_nothing_folds_where_the_hidden_tensor_is_read_elsewhere_or_reshaped() -> None:
+    model = hand_built(True)
+    read = onnx.ModelProto()
+    read.CopyFrom(model)
+    read.graph.output.append(helper.make_tensor_value_info("h2", onnx.TensorProto.FLOAT, None))
+    same, report = fold_constant_children(read)
+    assert same is read and not report.folded and not report.kept
+    reshaped = onnx.ModelProto()
+    reshaped.CopyFrom(model)
+    node = next(n for n in reshaped.graph.node if n.name == "act")
+    node.op_type = "Softmax"  # mixes the columns: none of them is constant any more
+    same, report = fold_constant_children(reshaped)
+    assert same is reshaped and not report.folded
+
+
+def test_a_layer_without_constant_children_is_reported_and_kept() -> None:
+    model, _ = expand(mlp_model(d=32, h=8, o=3, seed=3), alpha=ALPHA, split="random", format="sparse")
+    same, report = fold_constant_children(model)
+    assert same is model and report.kept == [{"node": first_and_second(model)[1], "reason": "no hidden column is constant"}]
+    first, second = first_and_second(model)
+    empty = with_empty_rows(model, first, np.arange(32))
+    same, report = fold_constant_children(empty)
+    assert same is empty and report.kept == [{"node": second, "reason": "every hidden column is constant"}]
+
+
+def test_the_runtime_preparation_folds_them_and_reports_it() -> None:
+    model = mlp_model(d=6, h=8, o=3, seed=3)
+    calibrated, _ = expand(model, alpha=ALPHA, calibrate={"x": correlated(300, d=6, seed=2)}, format="sparse")
+    for runtime in ("onnxruntime", "tvm"):
+        prepared, report = prepare_for_runtime(calibrated, runtime)
+        assert "fold constant children" in report.steps
+        assert report.constant and report.constant[0]["constant"] > 0
+    assert_same_function(calibrated, prepared, {"x": correlated(30, d=6, seed=4)})
