@@ -60,8 +60,8 @@ def compile_report(path: Path, folder: Path, args: argparse.Namespace) -> list[t
             x = np.random.default_rng(n).standard_normal((n, 768)).astype(np.float32)
             want = session.run(None, {"x": x})[0]
             errors.append(float(np.abs(compiled(x)[0] - want).max() / np.abs(want).max()))
-        kernels = "; ".join(f"{k['node'].split('/')[0]}{'/' + k['node'].split('/')[-1] if '/parents' in k['node'] else ''}: "
-                            f"{k['kernel']}" for k in report.sparse_kernels if k["nonzeros"] > 1)
+        kernels = "; ".join(f"{'/'.join(part for part in k['node'].split('/') if part != 'sparse')}: {k['kernel']}"
+                            for k in report.sparse_kernels if k["nonzeros"] > 1)
         rows.append((path.stem, batch or "any", kernels, f"{report.seconds_tune:.0f}s", f"{first:.0f}s", f"{warm:.1f}s",
                      f"{max(errors):.1e}"))
     return rows

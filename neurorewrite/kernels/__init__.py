@@ -7,7 +7,8 @@ one module per kernel family (``blocked_rows``: column-blocked ELL in register t
 ``labeled_tiles``: FPE children and dense-enough layers streamed as parent tiles, small batches;
 ``gather_gemv``: sliced ELL with hardware gathers, small batches; ``sparse_linear``: the TensorIR ELL
 kernel that MetaSchedule tunes, the CUDA kernel and the fallback), the packings they read (``ell``),
-``transpose`` (to and from the feature-major layout the kernels use), and ``tuning`` (MetaSchedule
+``row_blocks`` (a layer of dense rows above nearly empty ones run as two kernels), ``transpose`` (to
+and from the feature-major layout the kernels use), and ``tuning`` (MetaSchedule
 into a reusable database).
 
 Importing this package imports tvm; :mod:`neurorewrite.runtime` only imports it lazily. Nothing here

@@ -22,9 +22,10 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from neurorewrite.errors import InvalidOptionError, ModelLoadError, last_line
-from neurorewrite.kernels.choice import SparseLinearTask, candidates_for
+from neurorewrite.kernels.choice import Candidate, Choice, SparseLinearTask, candidates_for
 from neurorewrite.kernels.dispatch import emit_layer
 from neurorewrite.kernels.measure import PROBES, KernelRecords, choose
+from neurorewrite.kernels.row_blocks import dense_prefix, row_block
 from neurorewrite.kernels.transpose import emit_transpose
 from neurorewrite.ops import OP, check_csr
 from neurorewrite.rewriter.record import read_record
@@ -78,26 +79,39 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         dims = [_dim(v, name) for v in x.ty.shape]
         n = _product(dims[:-1])
         task = SparseLinearTask(name, d, o, csr.values, csr.indices, csr.indptr, bias, self._alpha, self._target)
-        candidates = candidates_for(task)
+        prefix = dense_prefix(csr.indptr, d)
+        blocks = [task] if not prefix else [row_block(task, 0, prefix, f"{name}/dense rows"),
+                                            row_block(task, prefix, o, f"{name}/sparse rows")]
         probes = (n,) if isinstance(n, int) else PROBES
-        choice = choose(task, candidates, probes, self._records, self._measure)
-        by_name = {c.name: c for c in candidates}
-        self.kernels.append({
-            "node": name, "kernel": choice.describe(), "rows": n if isinstance(n, int) else str(n),
-            "in_features": d, "out_features": o, "nonzeros": csr.nonzeros, "choice": choice.source,
-            "ranges": [[start, kernel] for start, kernel in choice.ranges],
-            "timings_us": {k: {str(b): t for b, t in v.items()} for k, v in choice.timings_us.items()},
-            # what each chosen kernel reads per call: its packed weights (bytes) and stored entries
-            "weight_bytes": {k: sum(int(w.nbytes) for w in by_name[k].build()[1]) for k in choice.kernels},
-        })
+        plans = []
+        for block in blocks:
+            candidates = candidates_for(block)
+            choice = choose(block, candidates, probes, self._records, self._measure)
+            plans.append((block, candidates, choice))
+            self.kernels.append(_kernel_row(block, candidates, choice, n))
         twin = self._layout.get(x)
         if twin is not None and twin.features == (d,):  # the previous layer's output, still feature-major
             xt = twin.expr
         else:
             x2 = self.bb.emit(relax.op.reshape(x, (n, d)))
             xt = emit_transpose(self.bb, x2, n, d, self._target.kind.name == "llvm")
-        yt = emit_layer(self.bb, task, candidates, choice, xt, n, self._scheduled)
+        parts = [emit_layer(self.bb, block, candidates, choice, xt, n, self._scheduled) for block, candidates, choice in plans]
+        yt = parts[0] if len(parts) == 1 else self.bb.emit(relax.op.concat(parts, axis=0))
         return self._layout.sparse_output(yt, o, tuple(dims[:-1]))
+
+
+def _kernel_row(task: SparseLinearTask, candidates: list[Candidate], choice: Choice, n: int | tvm.tirx.Expr) -> dict[str, object]:
+    """The report's row for one kernel: which runs when, how it was chosen, what it reads per call."""
+    by_name = {c.name: c for c in candidates}
+    return {
+        "node": task.name, "kernel": choice.describe(), "rows": n if isinstance(n, int) else str(n),
+        "in_features": task.in_features, "out_features": task.out_features,
+        "nonzeros": task.nonzeros, "choice": choice.source,
+        "ranges": [[start, kernel] for start, kernel in choice.ranges],
+        "timings_us": {k: {str(b): t for b, t in v.items()} for k, v in choice.timings_us.items()},
+        # what each chosen kernel reads per call: its packed weights (bytes) and stored entries
+        "weight_bytes": {k: sum(int(w.nbytes) for w in by_name[k].build()[1]) for k in choice.kernels},
+    }
 
 
 def _constant(expr: relax.Expr, node: str, role: str) -> np.ndarray:

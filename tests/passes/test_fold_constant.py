@@ -92,10 +92,12 @@ def test_a_calibrated_model_folds_its_inputless_children_into_the_bias() -> None
     assert row["constant"] == report.calibration[0]["constant_inputs"]
     (n1, c1, b1), (n2, c2, b2) = sparse_nodes(calibrated)
     (f1, d1, e1), (f2, d2, e2) = sparse_nodes(folded)
-    kept = np.flatnonzero(np.diff(c1.indptr) > 0)
+    lengths = np.diff(c1.indptr)
+    kept = np.flatnonzero(lengths > 0)
+    kept = kept[np.argsort(-lengths[kept], kind="stable")]  # the longest rows first
     assert d1.out_features == d2.in_features == kept.size == row["children"] - row["constant"]
-    np.testing.assert_array_equal(d1.values, c1.values)  # the first layer keeps every stored entry
-    np.testing.assert_array_equal(d1.indices, c1.indices)
+    np.testing.assert_array_equal(np.diff(d1.indptr), np.sort(lengths[lengths > 0])[::-1])
+    np.testing.assert_array_equal(d1.to_dense(), c1.to_dense()[kept])  # the first layer keeps every stored entry
     np.testing.assert_array_equal(e1, b1[kept])
     dense2 = c2.to_dense()
     np.testing.assert_array_equal(d2.to_dense(), dense2[:, kept])  # the second keeps its kept columns' entries
@@ -196,6 +198,17 @@ def test_nothing_folds_where_the_hidden_tensor_is_read_elsewhere_or_reshaped() -
     node.op_type = "Softmax"  # mixes the columns: none of them is constant any more
     same, report = fold_constant_children(reshaped)
     assert same is reshaped and not report.folded
+
+
+def test_a_few_constant_children_leave_the_layer_whole() -> None:
+    """Under 1/8 of the columns constant: the runs of alpha siblings stay intact for the labeled-tile kernels."""
+    model, _ = expand(mlp_model(d=32, h=8, o=3, seed=3), alpha=ALPHA, split="random", format="sparse")
+    first, second = first_and_second(model)
+    few = with_empty_rows(model, first, np.array([3, 17, 30]))
+    same, report = fold_constant_children(few)
+    assert same is few and report.kept == [{"node": second, "reason": "only 3 of 32 hidden columns are constant"}]
+    enough = with_empty_rows(model, first, np.array([3, 17, 30, 31]))
+    assert fold_constant_children(enough)[1].folded[0]["constant"] == 4
 
 
 def test_a_layer_without_constant_children_is_reported_and_kept() -> None:
