@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import tvm
 import tvm.relax.frontend.onnx
-from tvm import relax
+from tvm import relax, topi
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from neurorewrite.errors import InvalidOptionError, ModelLoadError, last_line
@@ -58,12 +58,14 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
     def _convert_operator(self, op_name: str, inputs: list, attrs: dict, opset: int) -> relax.Expr:
         if op_name == OP:
             return self._sparse_linear(inputs, attrs)
-        out = super()._convert_operator(op_name, inputs, attrs, opset)
 
         def convert(op: str, args: list) -> relax.Expr:
+            if op == "Erf" or (op == "Gelu" and _text(attrs.get("approximate", "none")) == "none"):
+                x = args[0] if isinstance(args[0], relax.Var) else self.bb.emit(args[0])  # call_te needs its shape
+                return _erf_gelu(self.bb, x) if op == "Gelu" else self.bb.emit(self.bb.call_te(topi.fast_erf, x))
             return super(_Importer, self)._convert_operator(op, args, attrs, opset)
 
-        return self._layout.propagate(op_name, inputs, attrs, out, convert)
+        return self._layout.propagate(op_name, inputs, attrs, convert(op_name, inputs), convert)
 
     def _sparse_linear(self, inputs: list, attrs: dict) -> relax.Expr:
         name = attrs["tvm_custom"]["name"] or OP
@@ -98,6 +100,21 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         parts = [emit_layer(self.bb, block, candidates, choice, xt, n, self._scheduled) for block, candidates, choice in plans]
         yt = parts[0] if len(parts) == 1 else self.bb.emit(relax.op.concat(parts, axis=0))
         return self._layout.sparse_output(yt, o, tuple(dims[:-1]))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _erf_gelu(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+    """``x/2 (1 + erf(x/sqrt 2))`` with TOPI's polynomial erf. The stock conversion's erf is a scalar libm
+    call per element: 2.8 ns an element on a Zen 4 core pair, as long as the FPE kernels themselves at
+    batch 32 (a throwaway timing, 3072 x 32 GELU: 270 us, against 49 us with the polynomial, whose
+    largest error against scipy's erf on [-4, 4] was 7e-7)."""
+    scaled = relax.op.multiply(x, relax.const(float(1 / np.sqrt(2)), "float32"))
+    erf = bb.emit(bb.call_te(topi.fast_erf, bb.emit(scaled)))
+    half = relax.op.multiply(x, relax.const(0.5, "float32"))
+    return bb.emit(relax.op.multiply(half, relax.op.add(relax.const(1.0, "float32"), erf)))
 
 
 def _kernel_row(task: SparseLinearTask, candidates: list[Candidate], choice: Choice, n: int | tvm.tirx.Expr) -> dict[str, object]:
