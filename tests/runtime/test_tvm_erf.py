@@ -4,6 +4,7 @@ the frontend's conversion."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,3 +42,12 @@ def test_erf_runs_as_a_polynomial_and_matches_onnxruntime(tmp_path: Path, op: st
     x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32) * 2
     want = ort_session(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(load(tmp_path / "a.so")(x)[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: CUDA sources cannot be built")
+@pytest.mark.parametrize("op", ["Erf", "Gelu"])
+def test_the_polynomial_erf_builds_for_cuda(tmp_path: Path, op: str) -> None:
+    """The CUDA build schedules the polynomial as it does any element-wise function (no GPU needed)."""
+    _, report = compile(activation_model(op), {"kind": "cuda", "arch": "sm_80"}, output=tmp_path / "g.so",
+                        shapes={"x": [5, 16]})
+    assert '"cuda"' in report.target and (tmp_path / "g.so").exists()
