@@ -1,7 +1,7 @@
 """Folding constant children: a hidden unit whose first-layer rows are all empty is a bias of the next layer.
 
-The prune can leave an FPE child without a single input weight (after the tiered split most children
-of a calibrated model are such: ``docs/methods.md`` 1.7). Its pre-activation is its bias on every
+The prune can leave an FPE child without a single input weight (after the tiered split a third to three
+quarters of a calibrated model's children are such: ``docs/methods.md`` 1.7). Its pre-activation is its bias on every
 row, so everything downstream of it up to the next linear layer is a constant. For a SparseLinear
 ``B`` reading ``h = f(A_1(x), ..., A_k(x))``, where ``f`` is element-wise per hidden column (a chain of
 element-wise operators whose other operands are scalars or per-column vectors) and each ``A_i`` is a

@@ -1,6 +1,6 @@
 """Folding constant children (passes/fold_constant.py): a hidden column whose first-layer rows are all empty
 becomes part of the next layer's bias. The folded model computes the same outputs in onnxruntime on
-calibrated models (where the prune leaves most children without an input) and on exports whose
+calibrated models (where the prune leaves many children without an input) and on exports whose
 activation is not zero at zero; the first layers keep every stored entry, the second keeps the entries
 of the columns it keeps; gated blocks fold only columns empty in both gate and up (fused or not); and
 nothing folds where the hidden tensor is read elsewhere or reaches the next layer through a
@@ -81,7 +81,7 @@ def test_exports_keep_their_function_with_planted_empty_children(exports, name: 
 
 
 def test_a_calibrated_model_folds_its_inputless_children_into_the_bias() -> None:
-    """The tiered split and the prune leave most children of a calibrated block without an input; after the
+    """The tiered split and the prune leave many children of a calibrated block without an input; after the
     fold the first layer has only the others' rows, every stored entry kept, and the function is the same."""
     model = mlp_model(d=6, h=8, o=3, seed=3)
     x, probe = correlated(300, d=6, seed=2), correlated(40, d=6, seed=5)

@@ -133,7 +133,7 @@ def test_an_fpe_block_is_transposed_once_in_and_once_out(exports) -> None:
 
 
 def test_a_calibrated_model_compiles_without_its_constant_children(exports, tmp_path: Path) -> None:
-    """The calibration leaves most children without an input; the library computes the first layer's other
+    """The calibration leaves many children without an input; the library computes the first layer's other
     rows only (the constant ones are in the second layer's bias), says so in ``compile``'s summary, and
     still matches onnxruntime on the calibrated dense file, at every batch of a symbolic-batch library."""
     from neurorewrite.api import expand
