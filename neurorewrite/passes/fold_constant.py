@@ -35,21 +35,12 @@ import onnxruntime as ort
 from onnx import helper
 
 from neurorewrite.ops import DOMAIN, CsrMatrix, csr_from_entries, is_sparse_linear
+from neurorewrite.rewriter.activations import is_elementwise
 from neurorewrite.rewriter.editor import GraphEditor
 from neurorewrite.rewriter.graph import GraphIndex, get_attr, node_label
 from neurorewrite.rewriter.sparse_nodes import read_sparse_linear
 
 MIN_CONSTANT_SHARE = 1 / 8  # fewer constant columns than this: the children's runs are worth more intact
-
-# operators that act on each element on its own (their other operands broadcast from a scalar or a
-# per-column vector): a column of their output depends on that column of their inputs only
-ELEMENTWISE = {
-    ("", op) for op in (
-        "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Erf", "Tanh", "Sigmoid", "HardSigmoid",
-        "HardSwish", "Softplus", "Softsign", "Mish", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Clip",
-        "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Identity",
-    )
-} | {("com.microsoft", op) for op in ("Gelu", "FastGelu", "BiasGelu", "QuickGelu")}
 
 
 @dataclass
@@ -166,7 +157,7 @@ def find_hidden(index: GraphIndex, b: int, width: int) -> _Hidden | str:
                 tensors.update(node.output)
                 tensors.add(node.input[0])
             continue
-        if (node.domain, node.op_type) not in ELEMENTWISE or len(node.output) != 1:
+        if not is_elementwise(node) or len(node.output) != 1:
             return f"{node_label(node, producer)} ({node.op_type}) is not element-wise"
         chain.add(producer)
         for slot, operand in enumerate(node.input):

@@ -69,8 +69,7 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
 
     def _sparse_linear(self, inputs: list, attrs: dict) -> relax.Expr:
         name = attrs["tvm_custom"]["name"] or OP
-        fmt = attrs.get("format", b"csr")
-        fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+        fmt = _text(attrs.get("format", b"csr"))
         if fmt != "csr":
             raise ModelLoadError(f"SparseLinear {name}: format {fmt!r} is not supported by the TVM path (only csr)")
         values, indices, indptr = (_constant(inputs[i], name, role) for i, role in ((1, "values"), (2, "indices"), (3, "indptr")))
