@@ -1,24 +1,30 @@
 """Folding constant children: a hidden unit whose first-layer rows are all empty is a bias of the next layer.
 
 The prune can leave an FPE child without a single input weight (after the tiered split a third to three
-quarters of a calibrated model's children are such: ``docs/methods.md`` 1.7). Its pre-activation is its bias on every
-row, so everything downstream of it up to the next linear layer is a constant. For a SparseLinear
-``B`` reading ``h = f(A_1(x), ..., A_k(x))``, where ``f`` is element-wise per hidden column (a chain of
-element-wise operators whose other operands are scalars or per-column vectors) and each ``A_i`` is a
-SparseLinear whose output only ``f`` reads, column ``c`` of ``h`` is constant when row ``c`` is empty in
-every ``A_i``: ``h[..., c] = f(b_1[c], ..., b_k[c])``. With ``C`` those columns and ``K`` the others,
+quarters of a calibrated model's children are such: ``docs/methods.md`` 1.7). Its pre-activation is its
+bias on every row, so everything downstream of it up to the next linear layer is a constant. For a
+block of SparseLinears, ``B`` reading ``h = f(A_1(x), ..., A_k(x))`` with ``f`` element-wise per hidden
+column, column ``c`` of ``h`` is constant when row ``c`` is empty in every ``A_i``:
+``h[..., c] = f(b_1[c], ..., b_k[c])``. With ``C`` those columns and ``K`` the others,
 
     B(h) = B[:, K] @ h[..., K] + (b_B + B[:, C] @ f(b[C])),
 
-so the pass drops rows ``C`` from every ``A_i`` (they store nothing), columns ``C`` from ``B`` (their
-entries move into its bias), and slices ``f``'s per-column operands to ``K``. It also orders ``K`` by
-the first layers' row lengths, longest first: after a calibration the lead children (about 3/4 of
-their parent's inputs) come before the children with a handful of inputs, so a runtime can run the
-dense rows and the sparse rows as two contiguous blocks (``compile`` does). Where fewer than
-:data:`MIN_CONSTANT_SHARE` of the columns are constant the layer is left whole: removing a few children
-breaks the runs of ``alpha`` siblings that the labeled-tile kernels read. The constant values are
-computed by onnxruntime running ``f`` itself on the biases: whatever ``f`` is, the fold uses the
-runtime's own arithmetic for it.
+so the pass drops rows ``C`` from every ``A_i`` (they store nothing) and columns ``C`` from ``B`` (their
+entries move into its bias), and cuts to ``K`` what else holds the hidden width: a bias an activation
+node adds (BiasGelu, FastGelu), the sizes of a Split or the bounds of the Slices that cut a fused
+gate/up output, a Reshape target. It also orders ``K`` by the first layers' row lengths, longest first:
+after a calibration the lead children (about 3/4 of their parent's inputs) come before the children
+with a handful of inputs, so a runtime can run the dense rows and the sparse rows as two contiguous
+blocks (``compile`` does). Where fewer than :data:`MIN_CONSTANT_SHARE` of the columns are constant the
+block is left whole: removing a few children breaks the runs of ``alpha`` siblings that the
+labeled-tile kernels read. The constant values are computed by onnxruntime running ``f`` itself on the
+biases: whatever ``f`` is, the fold uses the runtime's own arithmetic for it.
+
+The blocks are the ones :func:`neurorewrite.rewriter.blocks.find_blocks` finds in the sparse model, by
+the walk ``expand`` used on the original (so ``f`` is what ``expand`` rewrote: element-wise nodes with
+scalar operands, GPT-2's reshapes, a gated product). In a chain ``L1 -> f -> L2 -> g -> L3`` the middle
+layer is the second layer of one block and the first of the next: the second block is folded on the
+model the first fold wrote.
 
 Invariant: the outputs are those of the input model up to float summation order (tests: onnxruntime,
 1e-5 relative); the ``A_i`` keep every stored entry; ``B`` keeps every entry of the columns it keeps.
@@ -35,10 +41,13 @@ import onnxruntime as ort
 from onnx import helper
 
 from neurorewrite.ops import DOMAIN, CsrMatrix, csr_from_entries, is_sparse_linear
-from neurorewrite.rewriter.activations import is_elementwise
+from neurorewrite.rewriter.blocks import MLPBlock, find_blocks
 from neurorewrite.rewriter.editor import GraphEditor
-from neurorewrite.rewriter.graph import GraphIndex, get_attr, node_label
+from neurorewrite.rewriter.graph import GraphIndex, node_label
+from neurorewrite.rewriter.linear import Linear
+from neurorewrite.rewriter.region import SHAPE_ONLY
 from neurorewrite.rewriter.sparse_nodes import read_sparse_linear
+from neurorewrite.rewriter.widen import resize_shapes
 
 MIN_CONSTANT_SHARE = 1 / 8  # fewer constant columns than this: the children's runs are worth more intact
 
@@ -58,204 +67,117 @@ class ConstantFoldReport:
 
 @dataclass(frozen=True)
 class _Leaf:
-    """A hidden-width tensor a first layer computes: its output, or one part of it cut by a Split (a fused
-    gate/up projection); hidden column ``c`` is row ``offset + c`` of first layer ``first``."""
+    """A hidden-width tensor a first layer computes: its output, or one half of a fused gate/up output;
+    hidden column ``c`` is row ``offset + c`` of ``layer``."""
 
     tensor: str
-    first: int
+    layer: Linear
     offset: int
 
 
-@dataclass
-class _Hidden:
-    """What ``B`` reads: the leaves, the element-wise nodes between them and ``B`` in graph order, the
-    Splits that cut first layers, and the per-column operands ((node, input slot) of each)."""
-
-    leaves: list[_Leaf]
-    chain: list[int]
-    splits: list[int]
-    columns: list[tuple[int, int]]
-
-    @property
-    def first(self) -> list[int]:
-        return sorted({leaf.first for leaf in self.leaves})
+def _leaves(block: MLPBlock) -> list[_Leaf]:
+    """The tensors the block's element-wise function reads, each with the rows of the layer behind it."""
+    if block.split is not None:
+        gate_offset = block.split.gate_half * block.width
+        return [_Leaf(block.split.gate, block.first, gate_offset),
+                _Leaf(block.split.up, block.first, block.width - gate_offset)]
+    return [_Leaf(lin.output, lin, 0) for lin in (block.first, block.up) if lin is not None]
 
 
-def _operand_kind(index: GraphIndex, name: str, width: int) -> str | None:
-    """'scalar' or 'column' for a constant operand that broadcasts along the hidden width, else None."""
-    shape = index.constant_shape(name)
-    if shape is None:
-        return None
-    if int(np.prod(shape, dtype=np.int64)) == 1:
-        return "scalar"
-    if shape and shape[-1] == width and all(d == 1 for d in shape[:-1]):
-        return "column"
-    return None
-
-
-def split_sizes(index: GraphIndex, node: onnx.NodeProto) -> list[int] | None:
-    """The sizes a Split along the last axis cuts, or None (another axis, or sizes not constant)."""
-    axis = int(get_attr(node, "axis", 0))
-    rank = index.ranks.get(node.input[0])
-    if axis != -1 and (rank is None or axis != rank - 1):
-        return None
-    if len(node.input) > 1 and node.input[1]:
-        sizes = index.constant_value(node.input[1])
-        return None if sizes is None else [int(v) for v in np.asarray(sizes).reshape(-1)]
-    listed = get_attr(node, "split", None)
-    if listed:
-        return [int(v) for v in listed]
-    producer = index.graph.node[index.producer[node.input[0]]]
-    total = int(get_attr(producer, "out_features", -1))
-    parts = len(node.output)
-    return [total // parts] * parts if total % parts == 0 else None
-
-
-def _leaves_of(index: GraphIndex, name: str, width: int) -> list[_Leaf] | str:
-    """The leaves behind ``name`` when a first layer computes it (directly or through a Split)."""
-    producer = index.producer[name]
-    node = index.graph.node[producer]
-    if is_sparse_linear(node):
-        if int(get_attr(node, "out_features", -1)) != width:
-            return f"{node_label(node, producer)} has another width"
-        return [_Leaf(name, producer, 0)]
-    first = index.producer.get(node.input[0]) if node.input else None
-    if first is None or not is_sparse_linear(index.graph.node[first]):
-        return f"{node_label(node, producer)} (Split) does not cut a first layer"
-    sizes = split_sizes(index, node)
-    if sizes is None or any(size != width for size in sizes) or len(sizes) != len(node.output):
-        return f"{node_label(node, producer)} does not cut the hidden width along the last axis"
-    if int(get_attr(index.graph.node[first], "out_features", -1)) != width * len(sizes):
-        return f"{node_label(node, producer)} does not cut all of its first layer"
-    return [_Leaf(out, first, k * width) for k, out in enumerate(node.output)]
-
-
-def find_hidden(index: GraphIndex, b: int, width: int) -> _Hidden | str:
-    """The element-wise chain from first layers to node ``b``'s input, or why ``b``'s input is not one."""
-    leaves: dict[str, _Leaf] = {}
-    chain: set[int] = set()
-    splits: set[int] = set()
-    columns: list[tuple[int, int]] = []
-    tensors: set[str] = set()
-    pending = [index.graph.node[b].input[0]]
-    while pending:
-        name = pending.pop()
-        if name in tensors:
-            continue
-        tensors.add(name)
-        producer = index.producer.get(name)
-        if producer is None:
-            return f"{name} is not computed from a first layer"
-        node = index.graph.node[producer]
-        if is_sparse_linear(node) or (node.op_type == "Split" and node.domain in ("", "ai.onnx")):
-            found = _leaves_of(index, name, width)
-            if isinstance(found, str):
-                return found
-            leaves.update((leaf.tensor, leaf) for leaf in found)
-            if not is_sparse_linear(node):
-                splits.add(producer)
-                tensors.update(node.output)
-                tensors.add(node.input[0])
-            continue
-        if not is_elementwise(node) or len(node.output) != 1:
-            return f"{node_label(node, producer)} ({node.op_type}) is not element-wise"
-        chain.add(producer)
-        for slot, operand in enumerate(node.input):
-            if not operand:
+def fold_constant_children(model: onnx.ModelProto) -> tuple[onnx.ModelProto, ConstantFoldReport]:
+    """Fold the constant hidden columns of every block of SparseLinears into the second layer's bias; see
+    the module docstring. Returns the input object itself when nothing folds."""
+    report = ConstantFoldReport()
+    if not any(is_sparse_linear(n) for n in model.graph.node):
+        return model, report
+    decided: set[str] = set()  # blocks by their output tensor, which every fold keeps
+    while True:
+        editor, touched, waiting = None, set(), False
+        for block in find_blocks(model).blocks:
+            if block.second.output in decided or any(lin.op != "SparseLinear" for lin in block.linears):
                 continue
-            if index.constant_source(operand) in ("initializer", "constant"):
-                kind = _operand_kind(index, operand, width)
-                if kind is None:
-                    return f"{node_label(node, producer)} reads {operand}, which does not broadcast per column"
-                if kind == "column":
-                    columns.append((producer, slot))
-            else:
-                pending.append(operand)
-    readers = chain | splits | {b}
-    for name in tensors:
-        if name in index.graph_outputs or any(i not in readers for i in index.consumers.get(name, ())):
-            return f"{name} is also read elsewhere"
-    return _Hidden(sorted(leaves.values(), key=lambda leaf: (leaf.first, leaf.offset)), sorted(chain),
-                   sorted(splits), columns)
+            layers = {lin.node for lin in block.linears}
+            if layers & touched:  # the middle layer of a chain: its other block folds on the rewritten model
+                waiting = True
+                continue
+            decided.add(block.second.output)
+            editor = editor or GraphEditor.start(model)
+            if _fold_block(editor, model, block, report):
+                touched |= layers
+        if editor is not None and touched:
+            model = editor.apply(model)
+        if not waiting:
+            return model, report
 
 
-def _evaluate(model: onnx.ModelProto, index: GraphIndex, hidden: _Hidden, b: int,
-              leaf_values: dict[str, np.ndarray]) -> np.ndarray:
+def _fold_block(editor: GraphEditor, model: onnx.ModelProto, block: MLPBlock, report: ConstantFoldReport) -> bool:
+    """Queue the fold of one block on ``editor``, or report why it is kept; True when it folds."""
+    index, width = editor.index, block.width
+    label = node_label(model.graph.node[block.second.node], block.second.node)
+    leaves = _leaves(block)
+    firsts = {leaf.layer.node: (leaf.layer, *read_sparse_linear(index, leaf.layer.node)) for leaf in leaves}
+    empty = np.ones(width, dtype=bool)
+    lengths = np.zeros(width, dtype=np.int64)
+    leaf_values = {}
+    for leaf in leaves:
+        _, csr, bias = firsts[leaf.layer.node]
+        rows = slice(leaf.offset, leaf.offset + width)
+        empty &= np.diff(csr.indptr)[rows] == 0
+        lengths += np.diff(csr.indptr)[rows]
+        # a bias an activation node adds is that node's operand, so f adds it itself
+        leaf_values[leaf.tensor] = (np.zeros(width, csr.values.dtype) if bias is None
+                                    else np.asarray(bias).reshape(-1)[rows])
+    constant = np.flatnonzero(empty)
+    if constant.size in (0, width) or constant.size < MIN_CONSTANT_SHARE * width:
+        reason = ("no hidden column is constant" if constant.size == 0 else "every hidden column is constant"
+                  if constant.size == width else f"only {constant.size} of {width} hidden columns are constant")
+        report.kept.append({"node": label, "reason": reason})
+        return False
+    values = _evaluate(model, index, block, leaf_values)[constant]
+    keep = np.flatnonzero(~empty)
+    keep = keep[np.argsort(-lengths[keep], kind="stable")]  # longest rows first: see the module docstring
+    for a, (lin, csr, bias) in firsts.items():
+        offsets = sorted(leaf.offset for leaf in leaves if leaf.layer.node == a)
+        rows = np.concatenate([offset + keep for offset in offsets])
+        _narrow_first(editor, a, csr, bias, rows)
+        if lin.bias_node is not None:
+            _narrow_held_bias(editor, lin, rows)
+    resize_shapes(editor, block, int(keep.size), "kept")
+    moved = _fold_second(editor, block.second.node, label, empty, keep, constant, values)
+    editor.stale |= {*block.region_tensors, block.hidden, *(leaf.tensor for leaf in leaves)}
+    editor.stale |= {model.graph.node[a].output[0] for a in firsts}
+    report.folded.append({
+        "node": label, "first_layers": [node_label(model.graph.node[a], a) for a in sorted(firsts)],
+        "children": width, "constant": int(constant.size), "folded_nonzeros": moved,
+    })
+    return True
+
+
+def _evaluate(model: onnx.ModelProto, index: GraphIndex, block: MLPBlock, leaf_values: dict[str, np.ndarray]) -> np.ndarray:
     """``f`` at the given leaf values (each ``(width,)``), for every hidden column, run by onnxruntime."""
     graph = index.graph
     first = next(iter(leaf_values.values()))
     elem, width = helper.np_dtype_to_tensor_dtype(first.dtype), first.size
     inputs = [helper.make_tensor_value_info(name, elem, [1, width]) for name in leaf_values]
-    nodes = [graph.node[i] for i in hidden.chain]
+    nodes = []
+    for i in block.activation_nodes:
+        node = graph.node[i]
+        if node.op_type in SHAPE_ONLY and node.domain in ("", "ai.onnx"):  # values unchanged; a [1, width] row
+            node = helper.make_node("Identity", [node.input[0]], [node.output[0]])
+        nodes.append(node)
     operands = {name for n in nodes for name in n.input
                 if name and index.constant_source(name) in ("initializer", "constant")}
     inits = [onnx.numpy_helper.from_array(np.asarray(index.constant_value(name)), name) for name in sorted(operands)]
-    out = graph.node[b].input[0]
     small = helper.make_model(
-        helper.make_graph(nodes, "constant_children", inputs, [helper.make_tensor_value_info(out, elem, None)], inits),
+        helper.make_graph(nodes, "constant_children", inputs, [helper.make_tensor_value_info(block.hidden, elem, None)],
+                          inits),
         opset_imports=[o for o in model.opset_import if o.domain != DOMAIN], ir_version=model.ir_version,
     )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph's own arithmetic
     session = ort.InferenceSession(small.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = {name: value.reshape(1, width) for name, value in leaf_values.items()}
-    return np.asarray(session.run([out], feed)[0]).reshape(-1)
-
-
-def fold_constant_children(model: onnx.ModelProto) -> tuple[onnx.ModelProto, ConstantFoldReport]:
-    """Fold the constant hidden columns of every SparseLinear pair into the second layer's bias; see the
-    module docstring. Returns the input object itself when nothing folds."""
-    report = ConstantFoldReport()
-    if not any(is_sparse_linear(n) for n in model.graph.node):
-        return model, report
-    editor = GraphEditor.start(model)
-    index = editor.index
-    for b, node in enumerate(model.graph.node):
-        if not is_sparse_linear(node):
-            continue
-        width = int(get_attr(node, "in_features", -1))
-        hidden = find_hidden(index, b, width)
-        if isinstance(hidden, str):
-            continue  # not a second layer: nothing to say about it
-        label = node_label(node, b)
-        firsts = {a: read_sparse_linear(index, a) for a in hidden.first}
-        empty = np.ones(width, dtype=bool)
-        leaf_values = {}
-        for leaf in hidden.leaves:
-            csr, bias = firsts[leaf.first]
-            rows = slice(leaf.offset, leaf.offset + width)
-            empty &= np.diff(csr.indptr)[rows] == 0
-            leaf_values[leaf.tensor] = (np.zeros(width, csr.values.dtype) if bias is None
-                                        else np.asarray(bias).reshape(-1)[rows])
-        constant = np.flatnonzero(empty)
-        if constant.size in (0, width) or constant.size < MIN_CONSTANT_SHARE * width:
-            reason = ("no hidden column is constant" if constant.size == 0 else "every hidden column is constant"
-                      if constant.size == width else f"only {constant.size} of {width} hidden columns are constant")
-            report.kept.append({"node": label, "reason": reason})
-            continue
-        values = _evaluate(model, index, hidden, b, leaf_values)[constant]
-        lengths = sum(np.diff(firsts[leaf.first][0].indptr)[leaf.offset:leaf.offset + width] for leaf in hidden.leaves)
-        keep = np.flatnonzero(~empty)
-        keep = keep[np.argsort(-lengths[keep], kind="stable")]  # longest rows first: see the module docstring
-        for a, (csr, bias) in firsts.items():
-            offsets = [leaf.offset for leaf in hidden.leaves if leaf.first == a]
-            _narrow_first(editor, a, csr, bias, np.concatenate([offset + keep for offset in offsets]))
-        for i in hidden.splits:
-            _narrow_split(editor, i, keep.size, label)
-        for i, slot in hidden.columns:
-            operand = model.graph.node[i].input[slot]
-            sliced = np.take(np.asarray(index.constant_value(operand)), keep, axis=-1)
-            editor.rename_input(i, slot, editor.const(operand + ".kept", sliced))
-        moved = _fold_second(editor, b, label, empty, keep, constant, values)
-        editor.stale |= {leaf.tensor for leaf in hidden.leaves}
-        editor.stale |= {model.graph.node[i].output[0] for i in hidden.first + hidden.chain}
-        report.folded.append({
-            "node": label, "first_layers": [node_label(model.graph.node[a], a) for a in hidden.first],
-            "children": width, "constant": int(constant.size), "folded_nonzeros": moved,
-        })
-    if not report.folded:
-        return model, report
-    return editor.apply(model), report
+    return np.asarray(session.run([block.hidden], feed)[0]).reshape(-1)
 
 
 def _replace_inputs(editor: GraphEditor, i: int, inputs: dict[int, np.ndarray], base: str, roles: tuple[str, ...],
@@ -302,14 +224,14 @@ def _narrow_first(editor: GraphEditor, a: int, csr: CsrMatrix, bias: np.ndarray 
     _replace_inputs(editor, a, inputs, label + "/kept", SPARSE_ROLES, out_features=int(rows.size))
 
 
-def _narrow_split(editor: GraphEditor, i: int, width: int, label: str) -> None:
-    """Split ``i`` cutting parts of ``width`` (its sizes input or attribute, when it has one)."""
-    node = editor.index.graph.node[i]
-    parts = [width] * len(node.output)
-    if len(node.input) > 1 and node.input[1]:
-        _replace_inputs(editor, i, {1: np.array(parts, np.int64)}, label + "/kept", ("input", "sizes"))
-    else:
-        _replace_inputs(editor, i, {}, label, (), split=parts)
+def _narrow_held_bias(editor: GraphEditor, lin: Linear, rows: np.ndarray) -> None:
+    """The bias an activation node adds for ``lin``, cut to ``rows`` (a scalar one stays)."""
+    value = np.asarray(editor.index.constant_value(lin.bias))
+    if value.size == 1:
+        return
+    holder = editor.index.graph.node[lin.bias_node]
+    slot = list(holder.input).index(lin.bias)
+    editor.rename_input(lin.bias_node, slot, editor.const(lin.bias + ".kept", np.take(value, rows, axis=-1)))
 
 
 def _fold_second(editor: GraphEditor, b: int, label: str, empty: np.ndarray, keep: np.ndarray,

@@ -101,6 +101,8 @@ CONV_1X1 = Op(
 )
 SPARSE_LINEAR = Op(SPARSE_OP, Var("x"), Var("values"), Var("indices"), Var("indptr"), Maybe(Var("b")),
                    name="linear", domain=SPARSE_DOMAIN)
+SPARSE_BIAS_ACTIVATION = Op(("BiasGelu", "FastGelu"), Op(SPARSE_OP, Var("x"), Var("values"), Var("indices"), Var("indptr"),
+                                                       name="linear", domain=SPARSE_DOMAIN), Var("b"), name="act", domain=MS_DOMAIN)
 SPARSE_CONV = Op("Transpose", Op(SPARSE_OP, Op("Transpose", Var("x"), name="entry"), Var("values"), Var("indices"),
                                  Var("indptr"), Maybe(Var("b")), name="linear", domain=SPARSE_DOMAIN), name="back")
 
@@ -235,9 +237,19 @@ def _sparse_linear(index: GraphIndex, i: int, node: onnx.NodeProto) -> Linear | 
         return None
     back = m.named.get("back")
     rank = len(get_attr(index.graph.node[m.named["entry"]], "perm", [])) if conv else 0
+    bias, act = m.get("b") or None, None
+    if bias is None and not conv:
+        users = index.consumers.get(node.output[0], [])
+        if len(users) == 1 and node.output[0] not in index.graph_outputs:
+            # a bias an onnxruntime activation adds (BiasGelu, FastGelu) stays there in every format
+            found = match(index, SPARSE_BIAS_ACTIVATION, index.graph.node[users[0]].output[0])
+            if found and found.named["linear"] == i and _constant_bias(index, found) \
+                    and _bias_fits(_weight_shape(index, found["b"]), int(get_attr(node, "out_features", -1))):
+                bias, act = found["b"], users[0]
     return Linear(
         node=i, name=node_label(node, i), op="SparseLinear", data_input=m["x"], weight=m["values"], weight_out_in=True,
-        bias=m.get("b") or None, add_node=None, output=node.output[0] if back is None else index.graph.node[back].output[0],
+        bias=bias, add_node=None, bias_node=act,
+        output=node.output[0] if back is None else index.graph.node[back].output[0],
         in_features=int(get_attr(node, "in_features", -1)), out_features=int(get_attr(node, "out_features", -1)),
         read_only=True, feature_axis=1 if conv else -1, kernel=(1,) * (rank - 2) if conv else (),
         entry=m.named.get("entry"),
@@ -329,6 +341,8 @@ def read_weights(index: GraphIndex, lin: Linear) -> tuple[np.ndarray, np.ndarray
         return read_stored(index, lin)
     if lin.op == "SparseLinear":
         csr, bias = read_sparse_linear(index, lin.node)
+        if bias is None and lin.bias_node is not None:
+            bias = index.constant_value(lin.bias)
         return csr.to_dense(), None if bias is None else np.asarray(bias).reshape(-1).copy()
     w = index.constant_value(lin.weight)
     if w is None:

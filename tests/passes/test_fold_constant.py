@@ -18,6 +18,7 @@ from neurorewrite.ops import OP, csr_from_entries, sparse_linear_node
 from neurorewrite.passes.fold_constant import fold_constant_children
 from neurorewrite.passes.prepare import prepare_for_runtime
 from neurorewrite.passes.sparse_to_standard import to_standard_ops
+from neurorewrite.rewriter.blocks import find_blocks
 from neurorewrite.rewriter.graph import GraphIndex, get_attr
 from neurorewrite.rewriter.sparse_nodes import read_sparse_linear
 from tests.builders import mlp_model
@@ -25,6 +26,7 @@ from tests.conftest import run_model, sample_for
 from tests.passes.test_calibrate_lead import correlated
 from tests.passes.test_expand_inputs import D as GD
 from tests.passes.test_expand_inputs import gated_model, gated_weights
+from tests.rewriter.test_block_reasons import conv1d_mlp, gated
 
 ALPHA = 4
 
@@ -59,12 +61,24 @@ def with_empty_rows(model: onnx.ModelProto, node_name: str, rows: np.ndarray) ->
     return new
 
 
+def with_bias(model: onnx.ModelProto, node_name: str, bias: np.ndarray) -> onnx.ModelProto:
+    """A copy of ``model`` whose bias-less SparseLinear ``node_name`` adds ``bias``."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    node = next(n for n in new.graph.node if n.name == node_name)
+    assert len(node.input) == 4
+    node.input.append(node_name + ".bias")
+    new.graph.initializer.append(numpy_helper.from_array(bias, node_name + ".bias"))
+    return new
+
+
 def first_and_second(model: onnx.ModelProto) -> tuple[str, str]:
     names = [n.name for n in model.graph.node if n.op_type == OP]
     return names[0], names[-1]
 
 
-@pytest.mark.parametrize("name", ["gelu_erf", "gelu_tanh", "sigmoid", "softplus", "elu", "sklearn_mlp", "transformer"])
+@pytest.mark.parametrize(
+    "name", ["gelu_erf", "gelu_tanh", "sigmoid", "softplus", "elu", "sklearn_mlp", "transformer", "gelu_silu_chain"])
 def test_exports_keep_their_function_with_planted_empty_children(exports, name: str) -> None:
     """Children emptied at random in each block's first layer: activations whose value at the bias is not
     zero (sigmoid, softplus, GELU of a nonzero bias) move a nonzero shift into the next layer's bias."""
@@ -73,7 +87,7 @@ def test_exports_keep_their_function_with_planted_empty_children(exports, name: 
     for node, csr, _ in sparse_nodes(model):  # a second layer's empty rows only make outputs equal to its bias
         model = with_empty_rows(model, node.name, rng.choice(csr.out_features, csr.out_features // 3, replace=False))
     folded, report = fold_constant_children(model)
-    assert report.folded, report.kept
+    assert len(report.folded) == len(sparse_nodes(model)) - 1, report.kept  # each a chain: every block folds
     onnx.checker.check_model(folded, full_check=True)
     assert_same_function(model, folded, sample_for(exports[name], batch=3))
     for row in report.folded:
@@ -146,47 +160,97 @@ def test_a_gated_block_folds_only_columns_empty_in_gate_and_up(fused: bool) -> N
         np.testing.assert_array_equal(index.constant_value(sizes[0].input[1]), [width - row["constant"]] * 2)
 
 
-def hand_built(per_column: bool) -> onnx.ModelProto:
-    """x -> SparseLinear (no bias) -> Add(c) -> Relu -> Mul(2) -> SparseLinear -> y, with rows 1 and 3 of the
-    first layer empty; ``c`` is a per-column vector or a scalar."""
+def up_first(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The Slice-cut gated model with the gate cut from the second half of the fused output."""
+    swapped = onnx.ModelProto()
+    swapped.CopyFrom(model)
+    cuts = {n.name: n for n in swapped.graph.node}
+    gate, up = cuts["cut_gate"], cuts["cut_up"]
+    gate_bounds, up_bounds = list(gate.input[1:3]), list(up.input[1:3])
+    gate.input[1:3], up.input[1:3] = up_bounds, gate_bounds
+    return swapped
+
+
+@pytest.mark.parametrize("form", ["slices", "slices, up first", "reshapes"])
+def test_blocks_whose_width_is_held_by_cuts_or_reshapes_fold(form: str) -> None:
+    """A fused gate/up output cut by two Slices (the gate half first or second), and GPT-2's Conv1D with
+    Reshape targets holding the width: the bounds and targets are rewritten to the kept width, and the
+    function is the same."""
+    original = conv1d_mlp(np.array([2, 5, 8]), np.array([-1, 8])) if form == "reshapes" else gated(
+        split=np.array([8, 8]), slices=True)
+    if form == "slices, up first":
+        original = up_first(original)
+    model, _ = expand(original, alpha=ALPHA, split="random", format="sparse")
+    first, _ = first_and_second(model)
+    if form != "reshapes":  # a bias for each half: the constant is silu(b_gate) * b_up, not the other way round
+        model = with_bias(model, first, np.random.default_rng(1).standard_normal(64).astype(np.float32))
+    planted = with_empty_rows(model, first, np.array([0, 3, 4, 9, 30]) if form == "reshapes" else
+                              np.array([0, 3, 4, 9, 30, 32, 35, 36, 41, 62]))  # gate and up rows of children 0, 3, ...
+    rows = np.diff(sparse_nodes(planted)[0][1].indptr) == 0
+    constant = rows if form == "reshapes" else rows[:32] & rows[32:]
+    folded, report = fold_constant_children(planted)
+    (row,) = report.folded
+    kept = row["children"] - row["constant"]
+    assert row["constant"] == int(constant.sum()) >= 5 and constant[[0, 3, 4, 9, 30]].all()
+    x = np.random.default_rng(2).standard_normal((2, 5, 6) if form == "reshapes" else (4, 6)).astype(np.float32)
+    assert_same_function(planted, folded, {"x": x})
+    index = GraphIndex.build(folded.graph)
+    if form != "reshapes":
+        bounds = [int(index.constant_value(n.input[k])[0]) for n in folded.graph.node if n.op_type == "Slice" for k in (1, 2)]
+        assert sorted(b for b in bounds if b < 2**31) == [0, kept, kept, 2 * kept]
+    else:
+        (wide,) = find_blocks(folded).blocks
+        assert wide.width == kept and len(wide.widen) == 2  # both Reshape targets end in the kept width
+
+
+def hand_built(held_bias: bool, per_column_add: bool = False) -> onnx.ModelProto:
+    """x -> SparseLinear (no bias) -> f -> Mul(2) -> SparseLinear -> y, with rows 1 and 3 of the first layer
+    empty. ``f``: a BiasGelu adding a per-column bias (as onnxruntime's optimizer fuses it; ``expand`` keeps
+    that bias there), or Add(c) -> Relu with ``c`` a scalar or, with ``per_column_add``, a vector."""
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((6, 4)).astype(np.float32)
     w1[[1, 3]] = 0
     w2 = rng.standard_normal((3, 6)).astype(np.float32)
-    c = rng.standard_normal(6).astype(np.float32) if per_column else np.array(0.7, np.float32)
+    c = rng.standard_normal(6).astype(np.float32) if held_bias or per_column_add else np.array(0.7, np.float32)
     inits = {"c": c, "two": np.array(2.0, np.float32), "b2": rng.standard_normal(3).astype(np.float32)}
     for tag, w in (("w1", w1), ("w2", w2)):
         rows, cols = np.nonzero(w)
         for role, a in zip(("values", "indices", "indptr"), csr_from_entries(w[rows, cols], rows, cols, w.shape)):
             inits[f"{tag}.{role}"] = a
+    if held_bias:
+        f = [helper.make_node("BiasGelu", ["h0", "c"], ["h2"], name="act", domain="com.microsoft")]
+    else:
+        f = [helper.make_node("Add", ["h0", "c"], ["h1"], name="shift"), helper.make_node("Relu", ["h1"], ["h2"], name="act")]
     nodes = [
         sparse_linear_node(["x", "w1.values", "w1.indices", "w1.indptr"], "h0", "first", 4, 6),
-        helper.make_node("Add", ["h0", "c"], ["h1"], name="shift"),
-        helper.make_node("Relu", ["h1"], ["h2"], name="act"),
+        *f,
         helper.make_node("Mul", ["h2", "two"], ["h3"], name="scale"),
         sparse_linear_node(["h3", "w2.values", "w2.indices", "w2.indptr", "b2"], "y", "second", 6, 3),
     ]
     graph = helper.make_graph(nodes, "hand", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3])],
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.neurorewrite", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.neurorewrite", 1), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
 
 
-@pytest.mark.parametrize("per_column", [True, False])
-def test_per_column_operands_of_the_chain_are_cut_to_the_kept_columns(per_column: bool) -> None:
-    model = hand_built(per_column)
+@pytest.mark.parametrize("held_bias", [True, False])
+def test_a_bias_the_activation_adds_is_cut_to_the_kept_columns(held_bias: bool) -> None:
+    """A bias-less first layer whose bias a BiasGelu adds: the constant columns' value is gelu(that bias),
+    and the BiasGelu keeps the kept columns' bias; a scalar operand stays as it is."""
+    model = hand_built(held_bias)
     before = model.SerializeToString()
     folded, report = fold_constant_children(model)
     assert model.SerializeToString() == before  # the input is not modified
     assert report.folded[0]["constant"] == 2
     index = GraphIndex.build(folded.graph)
-    shift = next(n for n in folded.graph.node if n.name == "shift")
-    assert index.constant_value(shift.input[1]).shape == ((4,) if per_column else ())
+    holder = next(n for n in folded.graph.node if n.name == ("act" if held_bias else "shift"))
+    assert index.constant_value(holder.input[1]).shape == ((4,) if held_bias else ())
     assert_same_function(model, folded, {"x": correlated(10, d=4, seed=3)})
 
 
 def test_nothing_folds_where_the_hidden_tensor_is_read_elsewhere_or_reshaped() -> None:
-    model = hand_built(True)
+    model = hand_built(False)
     read = onnx.ModelProto()
     read.CopyFrom(model)
     read.graph.output.append(helper.make_tensor_value_info("h2", onnx.TensorProto.FLOAT, None))
@@ -198,6 +262,10 @@ def test_nothing_folds_where_the_hidden_tensor_is_read_elsewhere_or_reshaped() -
     node.op_type = "Softmax"  # mixes the columns: none of them is constant any more
     same, report = fold_constant_children(reshaped)
     assert same is reshaped and not report.folded
+    # a vector added apart from any layer's bias: not a block expand rewrites, so not one the fold reads
+    apart = hand_built(False, per_column_add=True)
+    same, report = fold_constant_children(apart)
+    assert same is apart and not report.folded and not report.kept
 
 
 def test_a_few_constant_children_leave_the_layer_whole() -> None:
