@@ -23,7 +23,7 @@ change its weights, and go on (``passes/calibrate.py`` refits blocks in graph or
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +45,7 @@ FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
 
 @dataclass(frozen=True)
-class _Step:
+class Step:
     """One node to evaluate: ``kind`` is an op name or ``"linear"`` (x W^T + b: a lifted layer, its bias
     Add included)."""
 
@@ -142,14 +142,14 @@ FUSED_ACTIVATIONS = {  # a declared decomposition -> the torch op that computes 
 
 
 def _fused_activations(index: GraphIndex, nodes: Collection[int], taken: Collection[int],
-                       outputs: Collection[str]) -> dict[int, _Step]:
+                       outputs: Collection[str]) -> dict[int, Step]:
     """Per covered node, the one step that replaces a decomposed activation among ``nodes``: at its
     last node the fused step, at the others a ``fused`` placeholder. A chain qualifies when all its
     nodes are among ``nodes`` and not in ``taken``, and no tensor inside it is read elsewhere or asked
     for (``outputs``)."""
     patterns = [(name, pattern) for name, (pattern, _) in FUSED_ACTIVATIONS.items()]
     asked = set(outputs)
-    steps: dict[int, _Step] = {}
+    steps: dict[int, Step] = {}
     for i in sorted(nodes):
         node = index.graph.node[i]
         if i in steps or i in taken or node.op_type != "Mul" or len(node.output) != 1:
@@ -160,8 +160,8 @@ def _fused_activations(index: GraphIndex, nodes: Collection[int], taken: Collect
         if asked & {o for j in m.nodes if j != i for o in index.graph.node[j].output}:
             continue
         for j in m.nodes:
-            steps[j] = _Step("fused", (), (), {}, node=j)
-        steps[i] = _Step("activation", (m["x"],), (node.output[0],), {"fn": name}, node=i)
+            steps[j] = Step("fused", (), (), {}, node=j)
+        steps[i] = Step("activation", (m["x"],), (node.output[0],), {"fn": name}, node=i)
     return steps
 
 
@@ -203,8 +203,8 @@ class OnnxGraph(nn.Module):
 
     # --- building -------------------------------------------------------------------------------
 
-    def _lift_linears(self, index: GraphIndex, where: str, train: Collection[str] | None) -> dict[int, _Step]:
-        steps: dict[int, _Step] = {}
+    def _lift_linears(self, index: GraphIndex, where: str, train: Collection[str] | None) -> dict[int, Step]:
+        steps: dict[int, Step] = {}
         for lin in find_linears(index).values():
             if not _trainable(index, lin):
                 continue
@@ -216,9 +216,9 @@ class OnnxGraph(nn.Module):
             self.layers[key] = layer
             self.linears[key] = lin
             # a MatMul's bias Add reads nothing else (find_linears checks it): one fused step writes the output
-            steps[lin.node] = _Step("linear", (lin.data_input,), (lin.output,), {"axis": lin.feature_axis}, key, lin.node)
+            steps[lin.node] = Step("linear", (lin.data_input,), (lin.output,), {"axis": lin.feature_axis}, key, lin.node)
             if lin.add_node is not None:
-                steps[lin.add_node] = _Step("fused", (), (), {}, key, lin.add_node)
+                steps[lin.add_node] = Step("fused", (), (), {}, key, lin.add_node)
         if not self.layers:
             raise NoBlocksError(f"{where}: no linear layer with constant, unshared weights to fine-tune")
         if train is not None:
@@ -239,7 +239,7 @@ class OnnxGraph(nn.Module):
             self.register_buffer(key, torch.from_numpy(np.array(value)), persistent=False)
             self._constants[name] = key
 
-    def _plan(self, model: onnx.ModelProto, index: GraphIndex, lifted: dict[int, _Step], where: str) -> list[_Step]:
+    def _plan(self, model: onnx.ModelProto, index: GraphIndex, lifted: dict[int, Step], where: str) -> list[Step]:
         lifted = {**_fused_activations(index, self._needed, lifted, self.output_names), **lifted}
         steps, unsupported = [], []
         for i, node in enumerate(model.graph.node):
@@ -253,7 +253,7 @@ class OnnxGraph(nn.Module):
             elif node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
                 unsupported.append(f"{node.op_type} ({node_label(node, i)})")
             else:
-                steps.append(_Step(node.op_type, tuple(node.input), tuple(node.output), _attrs(node), node=i))
+                steps.append(Step(node.op_type, tuple(node.input), tuple(node.output), _attrs(node), node=i))
         if unsupported:
             raise UnsupportedModelError(
                 f"{where}: cannot lift into torch: unsupported node(s) {', '.join(unsupported[:8])}"
@@ -298,30 +298,35 @@ class OnnxGraph(nn.Module):
         for name in [n for n in cursor.env if self._last_read.get(n, -1) < cursor.position]:
             del cursor.env[name]
 
-    def run_steps(self, env: dict[str, torch.Tensor | None], steps: list[int],
+    def run_steps(self, env: dict[str, torch.Tensor | None], steps: Sequence[Step],
                   keep: Collection[str] | None = None) -> dict[str, torch.Tensor | None]:
-        """Run the steps of index ``steps`` in order on ``env``; returns ``env``. For a stretch of the
-        graph that reads only what ``env`` holds, e.g. one MLP block. With ``keep``, every other tensor
-        the steps write is dropped after its last read among them (a wide block's intermediates are big)."""
+        """Run ``steps`` (from :meth:`steps_of_nodes`) in order on ``env``; returns ``env``. For a stretch
+        of the graph that reads only what ``env`` holds, e.g. one MLP block. With ``keep``, every other
+        tensor the steps write is dropped after its last read among them (a wide block's intermediates are big)."""
         last: dict[str, int] = {}
         if keep is not None:
-            for position, k in enumerate(steps):
-                for name in self.steps[k].inputs:
+            for position, step in enumerate(steps):
+                for name in step.inputs:
                     last[name] = position
-        for position, k in enumerate(steps):
-            self._execute(self.steps[k], env)
+        for position, step in enumerate(steps):
+            self._execute(step, env)
             if keep is not None:
-                for name in self.steps[k].inputs:
+                for name in step.inputs:
                     if last.get(name) == position and name not in keep and name in env:
                         del env[name]
         return env
 
-    def steps_of_nodes(self, nodes: Collection[int]) -> list[int]:
-        """The indices of the steps that evaluate the graph nodes ``nodes``, in order."""
-        wanted = set(nodes)
-        return [k for k, step in enumerate(self.steps) if step.node in wanted]
+    def steps_of_nodes(self, nodes: Collection[int], as_identity: Collection[int] = ()) -> list[Step]:
+        """The steps that evaluate the graph nodes ``nodes``, in order.
 
-    def _execute(self, step: _Step, env: dict[str, torch.Tensor | None]) -> None:
+        The nodes in ``as_identity`` (shape-only nodes that keep the last axis last) run as Identity: a
+        block run on rows ``(R, features)`` has no batch and sequence axes for its Reshapes to rebuild, and
+        their targets may be computed outside the block (GPT-2's Conv1D: from the Shape of its input)."""
+        wanted, same = set(nodes), set(as_identity)
+        return [Step("Identity", step.inputs[:1], step.outputs[:1], {}, node=step.node) if step.node in same else step
+                for step in self.steps if step.node in wanted]
+
+    def _execute(self, step: Step, env: dict[str, torch.Tensor | None]) -> None:
         try:
             self._compute(step, env)
         except RuntimeError as e:  # torch refuses the op: the graph's own types or shapes do not fit together
@@ -332,7 +337,7 @@ class OnnxGraph(nn.Module):
                 f"inputs: {first_line(e)}; do the model's declared types and shapes fit its nodes (is the file damaged?)"
             ) from e
 
-    def _compute(self, step: _Step, env: dict[str, torch.Tensor | None]) -> None:
+    def _compute(self, step: Step, env: dict[str, torch.Tensor | None]) -> None:
         if step.kind == "linear":
             layer = self.layers[step.layer]
             x, axis = env[step.inputs[0]], step.attrs["axis"]

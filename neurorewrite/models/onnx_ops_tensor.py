@@ -64,6 +64,27 @@ def _gather(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
     return picked.reshape((*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]))
 
 
+def _gather_elements(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
+    data, indices = xs[0], xs[1].long()
+    axis = _norm(attrs.get("axis", 0), data.dim())
+    return torch.gather(data, axis, torch.where(indices < 0, indices + data.shape[axis], indices))
+
+
+def _gather_nd(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
+    """``data`` at the index tuples in the last axis of ``indices``; the first ``batch_dims`` axes of
+    both are shared (each batch entry indexes its own slice of ``data``)."""
+    data, indices = xs[0], xs[1].long()
+    batch_dims = int(attrs.get("batch_dims", 0))
+    depth = indices.shape[-1]
+    batch = int(np.prod(data.shape[:batch_dims], dtype=np.int64))
+    indexed = data.shape[batch_dims:batch_dims + depth]
+    tuples = indices.reshape(batch, -1, depth)
+    tuples = torch.where(tuples < 0, tuples + torch.tensor(indexed, dtype=torch.int64), tuples)
+    rows = torch.arange(batch).view(batch, 1).expand(batch, tuples.shape[1])
+    picked = data.reshape(batch, *data.shape[batch_dims:])[(rows, *tuples.unbind(-1))]
+    return picked.reshape(*indices.shape[:-1], *data.shape[batch_dims + depth:])
+
+
 def _unsqueeze(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
     axes = _axes(xs, attrs) or []
     rank = xs[0].dim() + len(axes)
@@ -230,6 +251,8 @@ TENSOR_OPS: dict[str, Any] = {
     "Shape": _shape,
     "Size": lambda xs, a: torch.tensor(xs[0].numel(), dtype=torch.int64),
     "Gather": _gather,
+    "GatherElements": _gather_elements,
+    "GatherND": _gather_nd,
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
     "Concat": _concat,

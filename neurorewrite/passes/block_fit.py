@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from neurorewrite.models.fpe import enforce_masks
-from neurorewrite.models.onnx_module import OnnxGraph
+from neurorewrite.models.onnx_module import OnnxGraph, Step
 
 
 def fit_block(
-    graph: OnnxGraph, steps: Sequence[int], keys: Sequence[str], x_name: str, y_name: str,
+    graph: OnnxGraph, steps: Sequence[Step], keys: Sequence[str], x_name: str, y_name: str,
     x: torch.Tensor, t: torch.Tensor, iterations: int, lr: float, batch: int, seed: int = 0,
 ) -> tuple[float, float]:
     """Train the layers ``keys`` of ``graph`` so that running its ``steps`` (one block: the first linear,
@@ -38,7 +38,7 @@ def fit_block(
     generator = torch.Generator().manual_seed(seed)
 
     def run(rows: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, graph.run_steps({x_name: rows}, list(steps))[y_name])
+        return cast(torch.Tensor, graph.run_steps({x_name: rows}, steps)[y_name])
 
     def error() -> float:
         with torch.no_grad():

@@ -55,11 +55,11 @@ from neurorewrite.fpe.lead import InputMoments, refit_lead_children
 from neurorewrite.fpe.refit import SOLVERS, refit_masked
 from neurorewrite.fpe.support import choose_support
 from neurorewrite.models.fpe import MaskedLinear, linear_arrays
-from neurorewrite.models.onnx_module import Cursor, OnnxGraph
+from neurorewrite.models.onnx_module import Cursor, OnnxGraph, Step
 from neurorewrite.passes.block_fit import fit_block
 from neurorewrite.passes.expand_blocks import ExpandReport
 from neurorewrite.passes.sample_chunks import MASK_INPUT, SampleChunks, chunk_sample_for
-from neurorewrite.rewriter.blocks import MLPBlock, blocks_by_output, chain_ends
+from neurorewrite.rewriter.blocks import MLPBlock, blocks_by_output, chain_ends, shape_only_nodes
 from neurorewrite.rewriter.editor import NewWeights, replace_weights
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import Linear
@@ -223,7 +223,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     layer2 = exp.layers[key2]
     s1, s2 = exp.step_of(lin1.output), exp.step_of(lin2.output)
     so = orig.step_of(lin2.output)
-    block_steps = exp.steps_of_nodes(block.nodes)
+    block_steps = exp.steps_of_nodes(block.nodes, as_identity=shape_only_nodes(index, block))
     residual = _residual_operand(index, lin2.output) if options.target == "residual" else None
     width, outputs = lin2.in_features // alpha, lin2.out_features
     empty = _inputless(exp, block, alpha)
@@ -389,7 +389,7 @@ def _inputless(exp: OnnxGraph, block: MLPBlock, alpha: int) -> np.ndarray | None
     return inputless.reshape(-1, alpha).all(axis=1)
 
 
-def _refit_lead(runs: _Runs, lin1: Linear, lin2: Linear, s1: int, block_steps: list[int], alpha: int,
+def _refit_lead(runs: _Runs, lin1: Linear, lin2: Linear, s1: int, block_steps: list[Step], alpha: int,
                 ridge: float, fit_rows: bool) -> list[torch.Tensor | None] | None:
     """Stream the first layer's input in both models over the fit chunks, then refit its lead children
     (:mod:`neurorewrite.fpe.lead`). Returns, per chunk, the bare block's output rows on a held-out chunk

@@ -41,11 +41,10 @@ import onnxruntime as ort
 from onnx import helper
 
 from neurorewrite.ops import DOMAIN, CsrMatrix, csr_from_entries, is_sparse_linear
-from neurorewrite.rewriter.blocks import MLPBlock, find_blocks
+from neurorewrite.rewriter.blocks import MLPBlock, find_blocks, shape_only_nodes
 from neurorewrite.rewriter.editor import GraphEditor
 from neurorewrite.rewriter.graph import GraphIndex, node_label
 from neurorewrite.rewriter.linear import Linear
-from neurorewrite.rewriter.region import SHAPE_ONLY
 from neurorewrite.rewriter.sparse_nodes import read_sparse_linear
 from neurorewrite.rewriter.widen import resize_shapes
 
@@ -159,12 +158,9 @@ def _evaluate(model: onnx.ModelProto, index: GraphIndex, block: MLPBlock, leaf_v
     first = next(iter(leaf_values.values()))
     elem, width = helper.np_dtype_to_tensor_dtype(first.dtype), first.size
     inputs = [helper.make_tensor_value_info(name, elem, [1, width]) for name in leaf_values]
-    nodes = []
-    for i in block.activation_nodes:
-        node = graph.node[i]
-        if node.op_type in SHAPE_ONLY and node.domain in ("", "ai.onnx"):  # values unchanged; a [1, width] row
-            node = helper.make_node("Identity", [node.input[0]], [node.output[0]])
-        nodes.append(node)
+    same = set(shape_only_nodes(index, block))  # values unchanged: on a [1, width] row each is an Identity
+    nodes = [helper.make_node("Identity", [graph.node[i].input[0]], [graph.node[i].output[0]]) if i in same
+             else graph.node[i] for i in block.activation_nodes]
     operands = {name for n in nodes for name in n.input
                 if name and index.constant_source(name) in ("initializer", "constant")}
     inits = [onnx.numpy_helper.from_array(np.asarray(index.constant_value(name)), name) for name in sorted(operands)]

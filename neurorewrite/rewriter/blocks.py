@@ -28,7 +28,7 @@ from neurorewrite.rewriter.gated import FusedSplit, WidthEdit, find_up, fused_ha
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import Linear, scan_linears
 from neurorewrite.rewriter.patterns import Reason
-from neurorewrite.rewriter.region import Region, check_shapes, walk_region
+from neurorewrite.rewriter.region import SHAPE_ONLY, Region, check_shapes, walk_region
 from neurorewrite.rewriter.shapes import Widened
 from neurorewrite.rewriter.stored import per_child_blocks
 
@@ -248,6 +248,13 @@ def find_blocks(model: onnx.ModelProto) -> BlockSearch:
     search.skipped += [Skipped(lin.name, r.message, r.code) for lin, r in misses if lin.node not in in_blocks]
     search.skipped += [Skipped(name, r.message, r.code) for name, r in refused_near_misses(index, scan.refused)]
     return search
+
+
+def shape_only_nodes(index: GraphIndex, block: MLPBlock) -> list[int]:
+    """The block's Reshape/Flatten/Squeeze/Unsqueeze nodes: each keeps the hidden width last (the walk
+    admits no others), so on rows ``(R, width)`` each is an identity."""
+    return [i for i in block.activation_nodes
+            if index.graph.node[i].op_type in SHAPE_ONLY and index.graph.node[i].domain in ("", "ai.onnx")]
 
 
 def blocks_by_output(model: onnx.ModelProto, output_tensors: Collection[str]) -> list[MLPBlock]:

@@ -12,6 +12,7 @@ from neurorewrite.analysis.metrics import feature_capacity, row_cosines
 from neurorewrite.analysis.summary import block_nonzeros
 from neurorewrite.passes.calibrate import CalibrateOptions
 from neurorewrite.passes.prepare import prepare_for_runtime
+from neurorewrite.passes.sparse_to_standard import to_standard_ops
 from neurorewrite.rewriter.blocks import find_blocks
 from neurorewrite.rewriter.record import read_record
 from neurorewrite.runtime.ort import ort_session
@@ -98,6 +99,25 @@ def test_calibration_refits_the_down_projection(families, family: str) -> None:
         assert "down_proj" in note["layer"] and note["rmse_after"] < note["rmse_before"]
         assert report.blocks[0].nnz_after == report.blocks[0].nnz_before
         assert read_record(model).calibrated == (note["layer"],)
+
+
+@pytest.mark.parametrize("family,exporter", [
+    ("gpt2", "ts"), ("bert", "ts"), pytest.param("gpt2", "dynamo", marks=pytest.mark.slow),
+    pytest.param("bert", "dynamo", marks=pytest.mark.slow)])
+def test_calibration_of_conv1d_and_bert_blocks_and_their_fold_at_load(families, family: str, exporter: str) -> None:
+    """GPT-2's Conv1D (Reshapes inside the block whose targets come from the Shape of its input) and BERT
+    (GatherElements, GatherND in the exports) calibrate; the sparse file's children without an input are
+    folded at load (the Reshape targets cut with them) and the function is the same."""
+    path = families.path(family, exporter)
+    sample = {"input_ids": np.random.default_rng(3).integers(0, 101, (48, 9)).astype(np.int64)}
+    model, report = neurorewrite.expand(path, alpha=4, calibrate=sample, format="sparse")
+    (note,) = report.calibration
+    assert note["holdout_rmse_after"] < 0.2 * note["holdout_rmse_before"]
+    prepared, prep = prepare_for_runtime(model, "onnxruntime")
+    (row,) = prep.constant
+    assert row["constant"] == note["constant_inputs"] > 0
+    want = run(to_standard_ops(model), family)
+    np.testing.assert_allclose(run(prepared, family), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
 def test_gated_sparse_down_is_folded_at_load(families) -> None:
