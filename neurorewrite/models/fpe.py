@@ -31,6 +31,7 @@ from neurorewrite.errors import NoBlocksError
 from neurorewrite.fpe import FPEConfig, block_seed, check_alpha, expand_block, expand_gated_block, join_fused, split_fused
 from neurorewrite.models.fpe_structured import TiedLinear, structured_config
 from neurorewrite.models.module_blocks import ModuleSearch, SkippedModule, find_module_blocks
+from neurorewrite.models.onnx_ops_tensor import tensor_of
 from neurorewrite.models.trace_ops import is_conv1d, trace_ops
 from neurorewrite.rewriter.record import BlockRecord, FPERecord
 
@@ -51,7 +52,7 @@ class MaskedLinear(nn.Linear):
     @classmethod
     def from_arrays(cls, w: np.ndarray, b: np.ndarray | None) -> MaskedLinear:
         """A layer holding ``w`` (out, in) and ``b``, masked to their nonzero entries."""
-        weight = torch.from_numpy(np.array(w))  # a copy: the caller's array may be read-only or reused
+        weight = tensor_of(w)  # a copy: the caller's array may be read-only or reused; bfloat16 as float32
         # no random initialisation to overwrite, and the copy itself becomes the parameter: one weight-sized
         # allocation, not two (a 2 GiB layer)
         layer = nn.utils.skip_init(cls, w.shape[1], w.shape[0], bias=b is not None, dtype=weight.dtype)
@@ -59,7 +60,7 @@ class MaskedLinear(nn.Linear):
             layer.weight = nn.Parameter(weight)
             layer.weight_mask.copy_(weight != 0)
             if b is not None:
-                layer.bias.copy_(torch.from_numpy(np.array(b)))
+                layer.bias.copy_(tensor_of(b))
                 layer.bias_mask.copy_(layer.bias != 0)
         return layer
 

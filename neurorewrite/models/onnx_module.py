@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from neurorewrite.errors import NoBlocksError, UnsupportedModelError, first_line
 from neurorewrite.models.fpe import MaskedLinear, linear_arrays
 from neurorewrite.models.onnx_ops import OPS
+from neurorewrite.models.onnx_ops_tensor import tensor_of
 from neurorewrite.rewriter.activations import GELU_ERF, GELU_TANH, SILU
 from neurorewrite.rewriter.graph import GraphIndex, node_label
 from neurorewrite.rewriter.linear import Linear, find_linears, read_weights
@@ -236,7 +237,7 @@ class OnnxGraph(nn.Module):
             if value is None:
                 continue
             key = f"const{len(self._constants)}"
-            self.register_buffer(key, torch.from_numpy(np.array(value)), persistent=False)
+            self.register_buffer(key, tensor_of(value), persistent=False)
             self._constants[name] = key
 
     def _plan(self, model: onnx.ModelProto, index: GraphIndex, lifted: dict[int, Step], where: str) -> list[Step]:

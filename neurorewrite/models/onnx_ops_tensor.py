@@ -44,9 +44,20 @@ def _norm(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _dtype(onnx_type: int) -> torch.dtype:
-    from onnx import helper
+def tensor_of(array: np.ndarray) -> Tensor:
+    """A torch copy of ``array``. bfloat16 (numpy's ml_dtypes type, which torch cannot take) becomes
+    float32: a lifted bfloat16 graph computes in float32, its Casts to bfloat16 included (:func:`_dtype`)."""
+    array = np.asarray(array)
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.astype(np.float32))
+    return torch.from_numpy(np.array(array))
 
+
+def _dtype(onnx_type: int) -> torch.dtype:
+    from onnx import TensorProto, helper
+
+    if onnx_type == TensorProto.BFLOAT16:
+        return torch.float32  # see tensor_of
     return torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(onnx_type))).dtype
 
 
@@ -160,7 +171,7 @@ def _range(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
 
 def _constant_of_shape(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
     value = attrs.get("value")
-    fill = torch.from_numpy(numpy_helper.to_array(value).copy()) if value is not None else torch.zeros(1)
+    fill = tensor_of(numpy_helper.to_array(value)) if value is not None else torch.zeros(1)
     return fill.reshape(()).expand(_ints(xs[0]) or []).clone()
 
 

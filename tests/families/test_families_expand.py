@@ -102,3 +102,17 @@ def test_bf16_weights_are_kept(families, exporter: str) -> None:
     index = GraphIndex.build(new.graph)
     for lin in find_blocks(new).blocks[0].linears:
         assert index.initializers[lin.weight].data_type == onnx.TensorProto.BFLOAT16
+
+
+def test_bf16_models_calibrate_in_float32_and_keep_bf16(families) -> None:
+    """The lifter (models/onnx_module.py) computes a bfloat16 graph in float32 (torch cannot take numpy's
+    bfloat16): the calibration runs, improves the held-out error, and writes bfloat16 weights back."""
+    path = families.path("llama_bf16", "ts")
+    sample = {"input_ids": np.random.default_rng(3).integers(0, 101, (48, 9)).astype(np.int64)}
+    new, report = neurorewrite.expand(path, alpha=4, calibrate=sample)
+    (note,) = report.calibration
+    assert note["holdout_rmse_after"] < 0.8 * note["holdout_rmse_before"]
+    assert report.blocks[0].nnz_after == report.blocks[0].nnz_before == block_nonzeros(new)[0]
+    index = GraphIndex.build(new.graph)
+    for lin in find_blocks(new).blocks[0].linears:
+        assert index.initializers[lin.weight].data_type == onnx.TensorProto.BFLOAT16
