@@ -60,6 +60,10 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             return self._sparse_linear(inputs, attrs)
 
         def convert(op: str, args: list) -> relax.Expr:
+            if op == "ConstantOfShape":
+                folded = _constant_of_shape(args[0], attrs.get("value"))
+                if folded is not None:
+                    return folded
             if op == "Erf" or (op == "Gelu" and _text(attrs.get("approximate", "none")) == "none"):
                 x = args[0] if isinstance(args[0], relax.Var) else self.bb.emit(args[0])  # call_te needs its shape
                 return _erf_gelu(self.bb, x) if op == "Gelu" else self.bb.emit(self.bb.call_te(topi.fast_erf, x))
@@ -103,6 +107,17 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _constant_of_shape(shape: relax.Expr, value: object) -> relax.Expr | None:
+    """ConstantOfShape of a constant shape, as a constant (None for a computed shape). The frontend
+    broadcasts the one-element value to the shape, which fails for an empty shape (a scalar output, as
+    GPT-2's TorchScript export writes for its attention mask)."""
+    if not isinstance(shape, tvm.ir.GenericConst):
+        return None
+    dims = shape.value.numpy()
+    fill = onnx_frontend.get_numpy(value) if value is not None else np.zeros(1, np.float32)  # ONNX's default
+    return relax.const(np.full([int(d) for d in dims.reshape(-1)], fill.reshape(-1)[0], fill.dtype), str(fill.dtype))
 
 
 def _erf_gelu(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:

@@ -1,6 +1,6 @@
 """The TVM import runs erf (an ONNX ``Erf``, and the exact ``Gelu``) with TOPI's polynomial erf instead of a
 scalar libm call per element; the library still matches onnxruntime. The tanh-approximated Gelu keeps
-the frontend's conversion."""
+the frontend's conversion. A ConstantOfShape of a constant shape imports as a constant."""
 
 from __future__ import annotations
 
@@ -51,3 +51,19 @@ def test_the_polynomial_erf_builds_for_cuda(tmp_path: Path, op: str) -> None:
     _, report = compile(activation_model(op), {"kind": "cuda", "arch": "sm_80"}, output=tmp_path / "g.so",
                         shapes={"x": [5, 16]})
     assert '"cuda"' in report.target and (tmp_path / "g.so").exists()
+
+
+def test_a_scalar_constant_of_shape_imports(tmp_path: Path) -> None:
+    """ConstantOfShape of an empty shape is a scalar (GPT-2's TorchScript export writes one for its attention
+    mask); the frontend's conversion broadcasts the value to ``()`` and fails, the import makes it a constant."""
+    model = activation_model("Relu")
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.int64), "no_dims"))
+    graph.node.append(helper.make_node("ConstantOfShape", ["no_dims"], ["half"],
+                                       value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5])))
+    graph.node.append(helper.make_node("Mul", ["y", "half"], ["z"]))
+    graph.output[0].name = "z"
+    compile(model, "llvm", output=tmp_path / "c.so")
+    x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
+    want = ort_session(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(load(tmp_path / "c.so")(x)[0], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
