@@ -2,7 +2,7 @@
 
 from neurorewrite.errors import NeurorewriteError
 
-__all__ = ["NeurorewriteError", "analyze", "expand", "inspect"]
+__all__ = ["NeurorewriteError", "analyze", "convert", "expand", "inspect"]
 __version__ = "0.1.0"
 
 
@@ -11,6 +11,10 @@ def __getattr__(name: str):  # lazy: importing the package must not pull in onnx
         from neurorewrite.api import expand
 
         return expand
+    if name == "convert":
+        from neurorewrite.api import convert
+
+        return convert
     if name == "inspect":
         from neurorewrite.api import inspect
 

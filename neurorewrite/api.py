@@ -20,7 +20,7 @@ from neurorewrite.fpe.gram import keeps_rows
 from neurorewrite.fpe.refit import CHUNK_ELEMENTS
 from neurorewrite.memory import check_fits
 from neurorewrite.passes.expand_blocks import ExpandReport, Progress, expand_model
-from neurorewrite.passes.lower import check_format, lower_model
+from neurorewrite.passes.lower import LowerReport, check_format, lower_model
 from neurorewrite.passes.tie_outputs import tie_outputs
 from neurorewrite.paths import Labeled, check_no_overwrite, check_output_folder, tagged_output
 from neurorewrite.rewriter.blocks import Skipped, find_blocks, select_blocks
@@ -131,6 +131,12 @@ def expand(
         sample = load_sample(calibrate, "--calibrate")
     prune_by = check_prune_by(prune_by, sample is not None, split)
     original = load_model(model, warn=False, spill=True)  # big weights stay in files until read
+    done = read_record(original, where)
+    if done is not None:
+        raise InvalidOptionError(
+            f"{where} was already expanded by neurorewrite (alpha {done.config.alpha}, format {done.format}): expanding"
+            " it again would split its children again; expand the original model, or store this one in another"
+            " format with neurorewrite convert")
     bad_weights = warn_nonfinite(original, where)
     if sample is not None and bad_weights:
         raise InvalidOptionError("--calibrate: " + nonfinite_message(where, bad_weights).replace(
@@ -147,6 +153,36 @@ def expand(
         save_model(new, output, external_data=True if external else None)
     else:
         new = materialize(new)  # a self-contained ModelProto: no tensor left in this process's spill files
+        _check_in_memory(new)
+    return new, report
+
+
+def convert(
+    model: ModelLike, format: str, output: str | os.PathLike | None = None,
+) -> tuple[onnx.ModelProto, LowerReport]:
+    """Store an expanded ``dense`` model (as ``expand`` writes it by default, or ``finetune`` after training
+    it) in another ``format`` (:mod:`neurorewrite.passes.lower`): the same function, the same stored
+    nonzeros. With ``output`` the model is written atomically (never over an input), as ``expand`` does.
+    """
+    where = str(model) if not isinstance(model, onnx.ModelProto) else "model"
+    if output is not None:
+        inputs: list[Labeled] = [] if isinstance(model, onnx.ModelProto) else list(model_files(model))
+        check_no_overwrite(inputs, replaced_files(output))
+        check_output_folder(output, "-o")
+    expanded = load_model(model, warn=False, spill=True)
+    record = read_record(expanded, where)
+    if record is None:
+        raise InvalidOptionError(f"{where} carries no FPE record (it was not expanded by neurorewrite): run"
+                                 " neurorewrite expand on it, with --format to choose how it is stored")
+    if record.format != "dense":
+        raise InvalidOptionError(f"{where} is stored as {record.format}; convert reads the dense format only: expand"
+                                 f" the original model with --format {format}, or convert its dense file")
+    new, report = lower_model(expanded, format)
+    if output is not None:
+        external = not isinstance(model, onnx.ModelProto) and stored_with_external_data(model)
+        save_model(new, output, external_data=True if external else None)
+    else:
+        new = materialize(new)
         _check_in_memory(new)
     return new, report
 

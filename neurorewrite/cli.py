@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from neurorewrite.errors import NeurorewriteError, NeurorewriteWarning
 
-COMMANDS = ("expand", "inspect", "finetune", "analyze", "compile", "bench")
+COMMANDS = ("expand", "convert", "inspect", "finetune", "analyze", "compile", "bench")
 
 
 class OneLineParser(argparse.ArgumentParser):

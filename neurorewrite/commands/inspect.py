@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from neurorewrite.rewriter.record import FPERecord
+from neurorewrite.rewriter.record import FPERecord, LoweredLayer
 from neurorewrite.table import format_table
 
 
@@ -54,8 +55,12 @@ def render_fpe_record(record: FPERecord) -> str:
     blocks = [(b.name, f"{b.width_before} -> {b.width_after}", f"{b.nnz_before} -> {b.nnz_after}") for b in record.blocks]
     parts = ["\nFPE: " + options, format_table(("block", "width", "nonzeros"), blocks)]
     if record.lowered:
-        rows = [(row.layer, row.kind, "x".join(str(d) for d in row.shape), "-" if row.nonzeros is None else row.nonzeros,
-                 "-" if row.bytes is None else row.bytes) for row in record.lowered]
-        parts.append(format_table(("layer", "stored as", "shape", "nonzeros", "bytes"), rows,
-                                  title=f"\nformat {record.format}"))
+        parts.append(lowered_table(record.lowered, f"\nformat {record.format}"))
     return "\n".join(parts)
+
+
+def lowered_table(layers: Sequence[LoweredLayer], title: str) -> str:
+    """How each expanded layer is stored: its format's name for it, shape, nonzeros and bytes."""
+    rows = [(row.layer, row.kind, "x".join(str(d) for d in row.shape), "-" if row.nonzeros is None else row.nonzeros,
+             "-" if row.bytes is None else row.bytes) for row in layers]
+    return format_table(("layer", "stored as", "shape", "nonzeros", "bytes"), rows, title=title)
