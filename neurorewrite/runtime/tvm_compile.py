@@ -19,6 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import onnx
+from onnx import helper
+
 from neurorewrite.errors import InvalidOptionError, OutputError, last_line
 from neurorewrite.external_data import materialize
 from neurorewrite.paths import Labeled, check_no_overwrite, check_output_target
@@ -36,6 +40,7 @@ class CompileReport:
     target: str
     inputs: dict[str, list[int | str]]  # a symbolic dimension (any size at run time) is its name
     outputs: list[str]
+    input_types: dict[str, str] = field(default_factory=dict)  # numpy dtype name per input (token ids: int64)
     sparse_kernels: list[dict[str, object]] = field(default_factory=list)
     folded: list[dict[str, object]] = field(default_factory=list)  # SparseLinear nodes that sum tied children
     constant: list[dict[str, object]] = field(default_factory=list)  # second layers that took constant children
@@ -75,6 +80,7 @@ def compile(  # noqa: A001 (the public name the issue asks for)
     """
     from neurorewrite.kernels import tuning
     from neurorewrite.kernels.measure import KernelRecords
+    from neurorewrite.passes.fold_static import fold_static_values
     from neurorewrite.passes.prepare import prepare_for_runtime
     from neurorewrite.runtime.tvm_import import import_model, input_shapes, is_static
     from neurorewrite.runtime.tvm_target import parse_target
@@ -98,6 +104,9 @@ def compile(  # noqa: A001 (the public name the issue asks for)
     static = input_shapes(proto, shapes)
     db = tuning.open_database(database, tvm_target) if database is not None else None
     fixed = all(is_static(shape) for shape in static.values())
+    frozen = None
+    if fixed:  # the shape arithmetic and masks become constants: TVM's frontend fails on several while computed
+        proto, frozen = fold_static_values(proto, static)
     # measured kernel choices are kept in the database folder (default: beside the output, as for --tune)
     records_folder = database if database is not None else None if output is None else Path(str(output) + ".tuning")
     mod, kernels = import_model(proto, static, tvm_target, scheduled=db is None or not fixed,
@@ -105,10 +114,14 @@ def compile(  # noqa: A001 (the public name the issue asks for)
                                 measure=kernel_choice == "measure")
     report = CompileReport(
         target=str(tvm_target), inputs=static, outputs=[o.name for o in proto.graph.output],
+        input_types=input_types(proto, static),
         sparse_kernels=kernels, folded=prepared.folded, constant=prepared.constant,
         trials=trials if tune else 0, database=None if database is None else str(database),
         kernel_choice=kernel_choice,
     )
+    if frozen is not None and frozen.modified:
+        report.notes.append(f"{frozen.tensors} tensor(s) that the fixed input shapes determine were folded into"
+                            f" constants ({frozen.nodes} node(s) dropped)")
     start = time.monotonic()
     if db is not None and tune and not fixed:
         report.notes.append("MetaSchedule tunes static shapes only: pass --shape to tune the dense operators")
@@ -173,6 +186,12 @@ def check_space(output: Path, weights: int) -> None:
                               f"about {need >> 20} MiB")
 
 
+def input_types(model: onnx.ModelProto, inputs: Mapping[str, object]) -> dict[str, str]:
+    """The numpy dtype name of each of ``inputs`` as the graph declares it (the library takes that type)."""
+    declared = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+    return {name: np.dtype(helper.tensor_dtype_to_np_dtype(declared[name])).name for name in inputs}
+
+
 def write_library(executable, report: CompileReport, output: str | os.PathLike) -> None:  # noqa: ANN001
     """Export the library and its ``.json`` description beside it, each via a temporary file + rename.
 
@@ -184,7 +203,8 @@ def write_library(executable, report: CompileReport, output: str | os.PathLike) 
         raise OutputError(f"-o {out} is a directory; give a file name such as model.so")
     if not out.parent.exists():
         raise OutputError(f"-o {out}: folder {out.parent} does not exist")
-    meta = {"format": FORMAT_VERSION, "target": report.target, "inputs": report.inputs, "outputs": report.outputs}
+    meta = {"format": FORMAT_VERSION, "target": report.target, "inputs": report.inputs, "outputs": report.outputs,
+            "input_types": report.input_types}
     try:
         lib_tmp = _temp_path(out, ".so")
         meta_tmp = _temp_path(out, ".json")

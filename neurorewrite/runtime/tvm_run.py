@@ -38,6 +38,8 @@ class CompiledModel:
         self.path = Path(path)
         self.meta = read_metadata(self.path)
         self.input_names = list(self.meta["inputs"])
+        # libraries written before the field existed took float32 only
+        self.input_types = [np.dtype(self.meta.get("input_types", {}).get(n, "float32")) for n in self.input_names]
         kind = target_kind(self.meta["target"])
         self.device = tvm.cuda(0) if (device or ("cuda" if kind == "cuda" else "cpu")) == "cuda" else tvm.cpu(0)
         if kind == "cuda" and not self.device.exist:
@@ -78,7 +80,7 @@ class CompiledModel:
 
         staged = self._staging.get(position)
         if staged is None or staged[1].shape != array.shape:
-            tensor = tvm.runtime.empty(array.shape, "float32", self.device)
+            tensor = tvm.runtime.empty(array.shape, array.dtype.name, self.device)
             staged = self._staging[position] = (tensor, np.from_dlpack(tensor))
         np.copyto(staged[1], array)
         return staged[0]
@@ -94,17 +96,22 @@ class CompiledModel:
         if len(inputs) != len(self.input_names):
             raise DataError(f"{self.path}: expects {len(self.input_names)} input(s) {self.input_names}, got {len(inputs)}")
         arrays, sizes = [], {}  # sizes: the value each symbolic dimension takes in this call
-        for name, value in zip(self.input_names, inputs):
+        for name, dtype, value in zip(self.input_names, self.input_types, inputs):
             value = np.asarray(value)
             if value.dtype.kind not in "biuf":
                 raise DataError(f"{self.path}: input {name} has dtype {value.dtype}; it must hold numbers")
-            value = np.ascontiguousarray(value, dtype=np.float32)
+            if dtype.kind in "iub" and value.dtype.kind == "f" and not np.array_equal(value, np.round(value)):
+                raise DataError(f"{self.path}: input {name} takes {dtype.name} values (token ids, say), got fractions")
+            value = np.ascontiguousarray(value, dtype=dtype)
             expected = list(self.meta["inputs"][name])
             if not _fits(list(value.shape), expected, sizes):
                 raise DataError(f"{self.path}: input {name} was compiled for shape {expected}, got {list(value.shape)}; "
                                 "recompile with --shape for other shapes (or without it for any batch)")
             arrays.append(value)
         return arrays
+
+
+INPUT_TYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
 def _fits(shape: list[int], expected: list, sizes: dict[str, int]) -> bool:
@@ -161,6 +168,9 @@ def _metadata_problem(meta: object) -> str | None:
         if not isinstance(shape, list) or not all(
                 (isinstance(d, int) and not isinstance(d, bool) and d > 0) or (isinstance(d, str) and d) for d in shape):
             return f"input {name} has shape {shape!r}, not a list of positive integers and dimension names"
+    types = meta.get("input_types", {})
+    if not isinstance(types, dict) or set(types) - set(inputs) or not all(t in INPUT_TYPES for t in types.values()):
+        return f"input_types {str(types)[:80]} does not give a numeric type per input"
     outputs = meta.get("outputs")
     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
         return "outputs is not a list of names"

@@ -93,6 +93,8 @@ SIDECARS = {
     "checksum not hex": lambda m: {**m, "sha256": "z" * 64},
     "other format": lambda m: {**m, "format": 99},
     "outputs not names": lambda m: {**m, "outputs": [1]},
+    "input type not numeric": lambda m: {**m, "input_types": {"x": "object"}},
+    "input type for no input": lambda m: {**m, "input_types": {"ids": "int64"}},
 }
 
 
