@@ -51,12 +51,15 @@ def feeds_for(session: ort.InferenceSession, batch: int, seed: int = 0, label: s
         if dtype is None:
             raise UnsupportedModelError(f"{label}: input {i.name} has type {i.type}; bench makes random inputs of "
                                         f"types {', '.join(DTYPES)} only")
-        shape = concrete_shape(i.shape, batch)
-        if np.issubdtype(dtype, np.floating):
-            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[i.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        feeds[i.name] = random_array(concrete_shape(i.shape, batch), dtype, rng)
     return feeds
+
+
+def random_array(shape: Sequence[int], dtype: np.dtype | type, rng: np.random.Generator) -> np.ndarray:
+    """Normal floats, or 0/1 integers and booleans (valid token ids and masks for any vocabulary)."""
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    return rng.integers(0, 2, size=shape).astype(dtype)
 
 
 def concrete_shape(shape: Sequence[int | str | None], batch: int) -> list[int]:

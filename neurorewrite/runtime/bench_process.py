@@ -26,9 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from neurorewrite.errors import DataError
-from neurorewrite.runtime.bench import BenchResult
-
-SEQUENCE = 16  # every symbolic dimension after the batch (as in neurorewrite.runtime.bench)
+from neurorewrite.runtime.bench import BenchResult, concrete_shape, feeds_for, random_array
 
 
 @dataclass(frozen=True)
@@ -95,20 +93,13 @@ def _session(worker: Worker, batch: int):  # noqa: ANN202 (an InferenceSession o
 
 
 def _inputs(session: object, kind: str, batch: int) -> tuple[dict[str, np.ndarray], Callable[[], object]]:
-    rng = np.random.default_rng(0)
+    """Random inputs of each input's type (as the interleaved harness makes them) and the call to time."""
     if kind == "ort":
-        specs = [(i.name, i.shape) for i in session.get_inputs()]  # type: ignore[attr-defined]
-    else:
-        specs = list(session.meta["inputs"].items())  # type: ignore[attr-defined]
-    feeds = {}
-    for name, shape in specs:
-        dims, first = [], True
-        for d in shape:
-            dims.append(d if isinstance(d, int) else batch if first else SEQUENCE)
-            first = first and isinstance(d, int)
-        feeds[name] = rng.standard_normal(dims).astype(np.float32)
-    if kind == "ort":
+        feeds = feeds_for(session, batch)  # type: ignore[arg-type]
         return feeds, lambda: session.run(None, feeds)  # type: ignore[attr-defined]
+    rng = np.random.default_rng(0)
+    shapes, types = session.meta["inputs"], session.input_types  # type: ignore[attr-defined]
+    feeds = {name: random_array(concrete_shape(shape, batch), dtype, rng) for (name, shape), dtype in zip(shapes.items(), types)}
     return feeds, lambda: session(feeds)  # type: ignore[operator]  (numpy in, numpy out: as onnxruntime's run)
 
 

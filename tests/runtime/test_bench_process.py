@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +45,24 @@ def test_a_compiled_library_runs_in_a_worker(tmp_path: Path) -> None:
     compile(sparse, "llvm", output=tmp_path / "any.so", kernel_choice="estimate")
     result = bench_processes({"tvm": Worker("tvm", str(tmp_path / "any.so"), threads=1)}, (1, 9), rounds=1, runs=2, warmup=1)
     assert result.median[("tvm", 9)] > 0
+
+
+def test_token_id_inputs_are_fed_as_integers(tmp_path: Path) -> None:
+    """A model that reads int64 ids (an embedding lookup) runs in a worker, in onnxruntime and compiled."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32), "table")
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"])], "lookup",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])], [table])
+    path = tmp_path / "lookup.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    workers = {"ort": Worker("ort", str(path), threads=1)}
+    if importlib.util.find_spec("tvm") is not None:
+        from neurorewrite.runtime import compile
+
+        compile(path, "llvm", output=tmp_path / "lookup.so", shapes={"ids": [2, 16]}, kernel_choice="estimate")
+        workers["tvm"] = Worker("tvm", str(tmp_path / "lookup.so"), threads=1, libraries={2: str(tmp_path / "lookup.so")})
+    result = bench_processes(workers, (2,), rounds=1, runs=2, warmup=1)
+    assert all(result.median[(label, 2)] > 0 for label in workers)
