@@ -1,7 +1,10 @@
 """Deploy benchmark: original vs widened (alpha 4) models, each runtime as a user runs it, and side by side.
 
 Models: an FFN block 768 -> 3072 -> 768 (GELU) and a 2-layer torch TransformerEncoder (d_model 256,
-FFN 1024, sequence 16; exported with dynamo=True). Variants, one function each: the original; the FPE
+FFN 1024, sequence 16; exported with dynamo=True); on request (``--models minilm``) the pretrained
+all-MiniLM-L6-v2 sentence embedder (6 layers, hidden 384, FFN 1536; token ids, attention mask and token
+types as inputs, sequence 16), whose TVM libraries take its mask arithmetic as constants
+(:mod:`neurorewrite.passes.fold_static`). Variants, one function each: the original; the FPE
 expansion as ``dense`` (zeros stored), ``grouped`` (shared split), ``structured`` (``--structured``:
 blocks split, tied outgoing weights, one MatMul per child), ``sparse`` (CSR SparseLinear) through
 both standard-op conversions, all in onnxruntime; and three TVM libraries of the ``sparse`` file built
@@ -51,6 +54,7 @@ from neurorewrite.table import format_table
 ALPHA = 4
 BATCHES = (1, 32)
 SAMPLE_ROWS = 6144  # input rows (tokens) of the calibration sample: more than twice the widest layer's inputs
+MINILM_SENTENCES = 512  # MiniLM's calibration sample (benchmarks/RESULTS.md's MiniLM runs use 512 as well)
 
 
 def export_ffn(folder: Path, activation: type[torch.nn.Module] = torch.nn.GELU) -> Path:
@@ -125,17 +129,31 @@ def _untied(original: Path, folder: Path) -> Path:
 
 def _calibrated(original: Path, folder: Path) -> Path:
     """The ``sparse`` file ``expand --calibrate`` writes with its defaults, on a standard normal sample of
-    :data:`SAMPLE_ROWS` input rows (the batch dimension sized to hold them)."""
+    :data:`SAMPLE_ROWS` input rows (the batch dimension sized to hold them); MiniLM on sentences of the
+    text corpus (:data:`MINILM_SENTENCES`, padded to 64 tokens)."""
     out = _written_path(original, folder, "calibrated")
     if not out.exists():
-        (spec,) = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"]).get_inputs()
-        rest = [int(d) for d in spec.shape[1:]]
-        batch = -(-SAMPLE_ROWS // int(np.prod(rest, dtype=np.int64)))
-        sample = np.random.default_rng(0).standard_normal([batch, *rest]).astype(np.float32)
+        if original.stem == "minilm":
+            from benchmarks.minilm import tokenize
+            from benchmarks.text_corpus import sentences
+
+            sample = tokenize(sentences()[:MINILM_SENTENCES], 64)
+        else:
+            (spec,) = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"]).get_inputs()
+            rest = [int(d) for d in spec.shape[1:]]
+            batch = -(-SAMPLE_ROWS // int(np.prod(rest, dtype=np.int64)))
+            sample = {spec.name: np.random.default_rng(0).standard_normal([batch, *rest]).astype(np.float32)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            expand(original, alpha=ALPHA, calibrate={spec.name: sample}, format="sparse", output=out)
+            expand(original, alpha=ALPHA, calibrate=sample, format="sparse", output=out)
     return out
+
+
+def export_minilm(folder: Path) -> Path:
+    """``minilm.onnx``: the pretrained all-MiniLM-L6-v2 sentence embedder (:mod:`benchmarks.minilm`)."""
+    from benchmarks.minilm import export
+
+    return export(folder / "minilm.onnx")
 
 
 def ort_costs(path: Path, method: str = "densify") -> tuple[float, float]:
@@ -323,14 +341,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50, help="process harness: timed runs per process and batch")
     parser.add_argument("--repeats", type=int, default=30, help="interleaved harness: timed runs per model and batch")
     parser.add_argument("--tvm-trials", type=int, default=DEFAULT_TRIALS, help="MetaSchedule trials per batch for the fixed-shape tvm variants")
-    parser.add_argument("--models", nargs="+", choices=("ffn", "encoder"), default=["ffn", "encoder"])
+    parser.add_argument("--models", nargs="+", choices=("ffn", "encoder", "minilm"), default=["ffn", "encoder"])
     parser.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "original"],
                         default=[v for v in VARIANTS if v != "original"], help="widened variants to time against the original")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(cpu_line())
     print(load_average())
-    exports = {"ffn": export_ffn, "encoder": export_encoder}
+    exports = {"ffn": export_ffn, "encoder": export_encoder, "minilm": export_minilm}
     harnesses = ["process", "interleaved"] if args.harness == "both" else [args.harness]
     tables: dict[str, list] = {h: [] for h in harnesses}
     with tempfile.TemporaryDirectory() as tmp:

@@ -74,7 +74,8 @@ def set_threads(threads: int, spinning: bool = True) -> None:
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     initializers = {t.name for t in model.graph.initializer}
     return [
-        InputSpec(i.name, [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in i.type.tensor_type.shape.dim])
+        InputSpec(i.name, [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in i.type.tensor_type.shape.dim],
+                  f"tensor({onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type).lower()})")  # onnxruntime's names
         for i in model.graph.input if i.name not in initializers
     ]
 
