@@ -28,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--database", type=Path, help="tuning database folder (default: OUTPUT.tuning beside the output)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D0,D1,...",
                    help="fix the shape of an input with symbolic dims (repeatable), e.g. --shape x=1,768: the fast "
-                   "path, and what --tune needs; without it the library keeps the symbolic dims and runs any batch, "
-                   "each sparse layer choosing its kernel per call")
+                   "path, and what --tune needs; a named dim it fixes is fixed in every input (--shape "
+                   "input_ids=1,128 fixes the attention mask too), and what the shapes determine (masks, reshape "
+                   "targets) becomes constants, as Hugging Face exports need; without it the library keeps the "
+                   "symbolic dims and runs any batch, each sparse layer choosing its kernel per call")
     p.add_argument("--kernel-choice", choices=("measure", "estimate"), default="measure",
                    help="measure (default): time each sparse layer's candidate kernels on this machine once and keep "
                    "the choice in the tuning database; estimate: rank them by static costs (used anyway for other targets)")

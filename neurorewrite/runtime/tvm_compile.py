@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from neurorewrite.errors import InvalidOptionError, OutputError, last_line
+from neurorewrite.errors import InvalidOptionError, OutputError, UnsupportedModelError, last_line
 from neurorewrite.external_data import materialize
 from neurorewrite.paths import Labeled, check_no_overwrite, check_output_target
 from neurorewrite.rewriter.io import ModelLike, load_model, model_files, weight_bytes
@@ -82,7 +82,7 @@ def compile(  # noqa: A001 (the public name the issue asks for)
     from neurorewrite.kernels.measure import KernelRecords
     from neurorewrite.passes.fold_static import fold_static_values
     from neurorewrite.passes.prepare import prepare_for_runtime
-    from neurorewrite.runtime.tvm_import import import_model, input_shapes, is_static
+    from neurorewrite.runtime.tvm_import import import_model, input_shapes, is_static, symbolic_hint
     from neurorewrite.runtime.tvm_target import parse_target
     from neurorewrite.runtime.tvm_threads import use_physical_cores
 
@@ -129,7 +129,12 @@ def compile(  # noqa: A001 (the public name the issue asks for)
         report.tuned_tasks = tuning.tune(mod, tvm_target, db, trials, progress)
     report.seconds_tune = time.monotonic() - start
     start = time.monotonic()
-    executable = _build(mod, tvm_target, db if fixed else None)
+    try:
+        executable = _build(mod, tvm_target, db if fixed else None)
+    except MemoryError:
+        raise
+    except Exception as e:  # TVM's lowering raises its own errors on graphs it cannot compile
+        raise UnsupportedModelError(f"TVM could not build the model: {last_line(e)}{symbolic_hint(static)}") from e
     report.seconds_build = time.monotonic() - start
     if output is not None:
         write_library(executable, report, output)

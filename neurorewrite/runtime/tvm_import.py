@@ -172,7 +172,9 @@ Shape = list[int | str]  # a symbolic dimension is its name (ONNX dim_param)
 
 def input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | None) -> dict[str, Shape]:
     """Shapes of the graph inputs: ``shapes`` where given (static), else the model's own, whose
-    symbolic dimensions stay symbolic (named; an unnamed one becomes ``INPUT_dimK``)."""
+    symbolic dimensions stay symbolic (named; an unnamed one becomes ``INPUT_dimK``). A named symbolic
+    dimension that a given shape fixes is fixed in every input that has it: ``--shape input_ids=1,128``
+    fixes ``attention_mask``'s ``batch`` and ``sequence`` too."""
     shapes = dict(shapes or {})
     initializers = {t.name for t in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -192,7 +194,26 @@ def input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]] | N
             continue
         out[i.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or f"{i.name}_dim{k}")
                        for k, d in enumerate(dims)]
+    fixed: dict[str, tuple[int, str]] = {}  # symbolic dimension name -> its size, and the input that fixed it
+    for i in graph_inputs:
+        if i.name in shapes:
+            for d, size in zip(i.type.tensor_type.shape.dim, out[i.name]):
+                if d.dim_param and fixed.setdefault(d.dim_param, (int(size), i.name))[0] != size:
+                    other = fixed[d.dim_param][1]
+                    raise InvalidOptionError(f"--shape gives dimension {d.dim_param!r} size {size} for {i.name} but"
+                                             f" {fixed[d.dim_param][0]} for {other}; the model says they are one size")
+    for name, shape in out.items():
+        out[name] = [fixed[d][0] if isinstance(d, str) and d in fixed else d for d in shape]
     return out
+
+
+def symbolic_hint(shapes: Mapping[str, Shape]) -> str:
+    """What to try when TVM fails on a model with symbolic input dimensions ("" when all are fixed)."""
+    symbolic = sorted(name for name, shape in shapes.items() if not is_static(shape))
+    if not symbolic:
+        return ""
+    return (f"; with symbolic dimensions TVM fails on the shape arithmetic of many exports (Hugging Face's): fix"
+            f" them with --shape, e.g. --shape {symbolic[0]}=1,128")
 
 
 def is_static(shape: Shape) -> bool:
@@ -236,7 +257,7 @@ def import_model(
         except (InvalidOptionError, ModelLoadError):
             raise
         except Exception as e:  # the frontend raises assorted TVM and Python errors on graphs it cannot take
-            raise ModelLoadError(f"TVM could not import the model: {last_line(e)}") from e
+            raise ModelLoadError(f"TVM could not import the model: {last_line(e)}{symbolic_hint(shapes)}") from e
     # the row-major views of feature-major tensors that nothing reads (tvm_layout.py)
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     return mod, importer.kernels

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import neurorewrite
-from neurorewrite.errors import DataError
+from neurorewrite.errors import DataError, ModelLoadError, UnsupportedModelError
 from neurorewrite.passes.fold_static import fold_static_values
 from neurorewrite.runtime import compile, load, ort_session
 from tests.conftest import run_model
@@ -52,3 +52,12 @@ def test_the_static_fold_keeps_an_export_s_outputs(families) -> None:
     assert report.tensors > 0 and not [n for n in folded.graph.node if n.op_type == "Shape"]
     np.testing.assert_allclose(run_model(folded, {"input_ids": ids})[0], run_model(model, {"input_ids": ids})[0],
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("family", "error"), [("llama", ModelLoadError), ("bert", UnsupportedModelError)])
+def test_without_shape_the_failure_says_to_fix_the_shapes(families, tmp_path: Path, family: str, error: type) -> None:
+    """TVM's frontend (Llama: at import) or its lowering (BERT: at build) fails on these exports' symbolic
+    shape arithmetic; the one-line error names the fix."""
+    with pytest.raises(error, match="fix them with --shape, e.g. --shape input_ids=1,128") as info:
+        compile(families.path(family, "ts"), "llvm", output=tmp_path / "m.so", kernel_choice="estimate")
+    assert len(str(info.value).splitlines()) == 1 and not (tmp_path / "m.so").exists()
