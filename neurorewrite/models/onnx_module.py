@@ -40,7 +40,7 @@ from neurorewrite.models.onnx_ops_tensor import tensor_of
 from neurorewrite.rewriter.activations import GELU_ERF, GELU_TANH, SILU
 from neurorewrite.rewriter.graph import GraphIndex, node_label
 from neurorewrite.rewriter.linear import Linear, find_linears, read_weights
-from neurorewrite.rewriter.patterns import first_match
+from neurorewrite.rewriter.patterns import MS_DOMAIN, first_match
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
 
@@ -242,7 +242,7 @@ class OnnxGraph(nn.Module):
 
     def _plan(self, model: onnx.ModelProto, index: GraphIndex, lifted: dict[int, Step], where: str) -> list[Step]:
         lifted = {**_fused_activations(index, self._needed, lifted, self.output_names), **lifted}
-        steps, unsupported = [], []
+        steps, unsupported, fused = [], [], False
         for i, node in enumerate(model.graph.node):
             if i not in self._needed:
                 continue  # nothing asked for reads it (e.g. a classifier's label after the probabilities)
@@ -253,11 +253,15 @@ class OnnxGraph(nn.Module):
                 continue  # its value is a buffer or, for a trained linear, the layer's parameter
             elif node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
                 unsupported.append(f"{node.op_type} ({node_label(node, i)})")
+                fused |= node.domain == MS_DOMAIN
             else:
                 steps.append(Step(node.op_type, tuple(node.input), tuple(node.output), _attrs(node), node=i))
         if unsupported:
+            more = f" and {len(unsupported) - 8} more" if len(unsupported) > 8 else ""
+            hint = ("; com.microsoft nodes are onnxruntime's fusions: run this on the model as exported, before"
+                    " onnxruntime's transformer optimizer") if fused else ""
             raise UnsupportedModelError(
-                f"{where}: cannot lift into torch: unsupported node(s) {', '.join(unsupported[:8])}"
+                f"{where}: cannot lift into torch: unsupported node(s) {', '.join(unsupported[:8])}{more}{hint}"
             )
         return steps
 

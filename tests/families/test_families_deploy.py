@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 import neurorewrite
-from neurorewrite.errors import NoBlocksError
+from neurorewrite.errors import NoBlocksError, UnsupportedModelError
 from neurorewrite.rewriter.blocks import find_blocks
 from neurorewrite.rewriter.io import load_model
 from tests.conftest import run_model
@@ -153,3 +153,13 @@ def test_quantized_blocks_are_listed_with_what_to_do(families, family: str, kind
     assert ("gate_proj" if family == "llama" else "intermediate") in quantized[0].name
     with pytest.raises(NoBlocksError, match="expand the float model, then quantize"):
         neurorewrite.expand(path, alpha=4)
+
+
+def test_calibrating_an_optimized_model_says_to_use_the_export(families) -> None:
+    """The lifter does not run onnxruntime's fused contrib ops (Attention, SkipLayerNormalization, ...): the
+    one-line error names them and says to calibrate the model as exported."""
+    path = families.variant("bert", "ts", "ortopt")
+    sample = {"input_ids": np.random.default_rng(3).integers(0, 101, (48, 9)).astype(np.int64)}
+    with pytest.raises(UnsupportedModelError, match="Attention .*onnxruntime's fusions: run this on the model as exported") as info:
+        neurorewrite.expand(path, alpha=4, calibrate=sample)
+    assert len(str(info.value).splitlines()) == 1
