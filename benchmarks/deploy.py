@@ -17,6 +17,10 @@ one library per batch, tuned). ``sparse calibrated (densify)`` and ``tvm calibra
 :data:`SAMPLE_ROWS` rows: both runtimes' preparation folds the children the prune left without an input
 into the next layer's bias (:mod:`neurorewrite.passes.fold_constant`).
 
+Every onnxruntime variant runs through ``ort_session``, as a user runs it: the ``dense`` file is lowered to
+``sparse`` at load (:mod:`neurorewrite.passes.prepare`) and so runs as ``sparse (densify)`` does; the
+``dense`` rows in benchmarks/RESULTS.md from before that change time the stored dense layers.
+
 Two harnesses (``--harness``): ``process`` (default; :mod:`neurorewrite.runtime.bench_process`: each
 model alone in its own process with its runtime's default thread pool, spinning included, ``--threads``
 threads, rounds alternating) and ``interleaved`` (:mod:`neurorewrite.runtime.bench`: all models in one

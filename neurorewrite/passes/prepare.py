@@ -9,9 +9,13 @@ never changed. The sequences, by runtime:
 - ``tvm``: ``fold tied children``, ``fold constant children`` (the TVM importer maps ``SparseLinear`` to
   the project's kernels).
 
+A file ``expand`` wrote in the ``dense`` format (its FPE record says so) is first lowered to the
+``sparse`` format (``dense FPE layers to sparse``, :mod:`.lower`): the folds then apply to it as to a
+sparse file, and the runtime no longer multiplies the zeros of the widened layers.
+
 Each step preserves the model's outputs (float summation order aside); a model without the project's
-operators passes through unchanged (the same object, and an empty report). The report says what
-each step changed.
+operators or a dense FPE record passes through unchanged (the same object, and an empty report). The
+report says what each step changed.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import onnx
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.passes.fold_constant import fold_constant_children
 from neurorewrite.passes.fold_tied import fold_tied_children
+from neurorewrite.passes.lower import check_format, lower_model
 from neurorewrite.passes.sparse_to_standard import METHODS, has_sparse_ops, to_standard_ops
+from neurorewrite.rewriter.record import read_record
 
 RUNTIMES = ("onnxruntime", "tvm")
 
@@ -81,13 +87,31 @@ def preparation_steps(runtime: str, sparse_method: str = "densify") -> list[Step
     return steps
 
 
+def dense_fpe(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is an FPE expansion stored ``dense`` that the ``sparse`` format can hold."""
+    record = read_record(model)
+    if record is None or record.format != "dense" or record.alpha < 2 or not record.blocks:
+        return False
+    try:
+        check_format("sparse", record.config.split)
+    except InvalidOptionError:
+        return False
+    return True
+
+
+def _to_sparse(model: onnx.ModelProto, report: PrepareReport) -> onnx.ModelProto:
+    return lower_model(model, "sparse")[0]
+
+
 def prepare_for_runtime(
     model: onnx.ModelProto, runtime: str, sparse_method: str = "densify"
 ) -> tuple[onnx.ModelProto, PrepareReport]:
     """``model`` ready for ``runtime``; see the module docstring. The input is not modified."""
     steps = preparation_steps(runtime, sparse_method)
     report = PrepareReport(runtime)
-    if not has_sparse_ops(model):
+    if dense_fpe(model):
+        steps.insert(0, ("dense FPE layers to sparse", _to_sparse))
+    elif not has_sparse_ops(model):
         return model, report
     for name, step in steps:
         model = step(model, report)

@@ -18,7 +18,7 @@ from neurorewrite.errors import NeurorewriteError, UnsupportedModelError, first_
 from neurorewrite.executor import session_options, session_source
 from neurorewrite.external_data import folder_lock
 from neurorewrite.ops import DOMAIN
-from neurorewrite.passes.prepare import PrepareReport, prepare_for_runtime
+from neurorewrite.passes.prepare import PrepareReport, dense_fpe, prepare_for_runtime
 from neurorewrite.rewriter.io import load_model, read_header
 
 
@@ -44,7 +44,7 @@ def ort_session(
     options = session_options(threads, spinning)
     label = "the model" if isinstance(model, onnx.ModelProto) else os.fspath(model)
     try:
-        if isinstance(model, onnx.ModelProto) or _uses_own_operators(model):
+        if isinstance(model, onnx.ModelProto) or _needs_preparation(model):
             proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
             prepared, report = prepare_for_runtime(proto, "onnxruntime", sparse_method)
             with session_source(prepared) as source:  # a path with external data for a model over 1 GiB
@@ -61,6 +61,8 @@ def ort_session(
     return session
 
 
-def _uses_own_operators(path: str | os.PathLike) -> bool:
-    """Whether the file imports the project's domain (read without its weights)."""
-    return any(o.domain == DOMAIN for o in read_header(path).opset_import)
+def _needs_preparation(path: str | os.PathLike) -> bool:
+    """Whether the file imports the project's domain or is an FPE expansion stored dense (read without
+    its external weights)."""
+    header = read_header(path)
+    return any(o.domain == DOMAIN for o in header.opset_import) or dense_fpe(header)

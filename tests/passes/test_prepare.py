@@ -58,3 +58,24 @@ def test_preparation_leaves_its_input_alone(sparse_fpe) -> None:
     assert model.SerializeToString() == before and prepared is not model
     assert not any(n.domain == "ai.neurorewrite" for n in prepared.graph.node)
     assert all(o.domain != "ai.neurorewrite" for o in prepared.opset_import)
+
+
+def test_a_dense_fpe_file_is_lowered_to_sparse_and_folded_at_load(tmp_path) -> None:
+    """The format expand writes by default: both runtimes lower it to sparse first, so the folds apply and the
+    zeros of the widened layers are not multiplied; the function is the dense file's. A grouped file and a
+    model without a record are not touched."""
+    path = tmp_path / "m.fpe.onnx"
+    dense, _ = expand(mlp_model(d=12, h=10, o=4), alpha=4, output=path)
+    before = path.read_bytes()
+    session = ort_session(path, providers=["CPUExecutionProvider"])
+    assert session.neurorewrite_preparation.steps == [
+        "dense FPE layers to sparse", "fold tied children", "fold constant children", "sparse to standard ops (densify)"]
+    assert path.read_bytes() == before
+    x = np.random.default_rng(0).standard_normal((5, 12)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], run_model(dense, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    prepared, report = prepare_for_runtime(dense, "tvm")
+    assert report.steps[0] == "dense FPE layers to sparse" and report.folded
+    assert any(n.domain == "ai.neurorewrite" for n in prepared.graph.node)
+    grouped, _ = expand(mlp_model(d=12, h=10, o=4), alpha=4, split="blocks", format="grouped")
+    same, report = prepare_for_runtime(grouped, "onnxruntime")
+    assert same is grouped and not report.modified
