@@ -18,8 +18,9 @@ one library per batch, tuned). ``sparse calibrated (densify)`` and ``tvm calibra
 into the next layer's bias (:mod:`neurorewrite.passes.fold_constant`).
 
 Every onnxruntime variant runs through ``ort_session``, as a user runs it: the ``dense`` file is lowered to
-``sparse`` at load (:mod:`neurorewrite.passes.prepare`) and so runs as ``sparse (densify)`` does; the
-``dense`` rows in benchmarks/RESULTS.md from before that change time the stored dense layers.
+``sparse`` at load (:mod:`neurorewrite.passes.prepare`) and so runs as ``sparse (densify)`` does; ``dense (as
+stored)`` is that file in a plain InferenceSession (what the ``dense`` rows in benchmarks/RESULTS.md from
+before that change timed).
 
 Two harnesses (``--harness``): ``process`` (default; :mod:`neurorewrite.runtime.bench_process`: each
 model alone in its own process with its runtime's default thread pool, spinning included, ``--threads``
@@ -187,6 +188,19 @@ def dense_variant(original: Path, folder: Path, args: argparse.Namespace) -> Dep
     return _ort(_written(original, folder, "dense", split="random"), args)
 
 
+def dense_stored_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
+    """The ``dense`` file as plain onnxruntime runs it, without ``ort_session``'s lowering to sparse."""
+    from neurorewrite.executor import session_options
+
+    path = _written(original, folder, "dense", split="random")
+    weights, macs = _linear_costs(onnx.load(str(path)), gathers=False)
+    return Deployed(
+        Worker("ort", str(path), threads=args.threads, prepare=False),
+        lambda: ort.InferenceSession(str(path), session_options(args.threads, False), providers=["CPUExecutionProvider"]),
+        lambda n: weights, lambda n: macs, path,
+    )
+
+
 def grouped_variant(original: Path, folder: Path, args: argparse.Namespace) -> Deployed:
     return _ort(_written(original, folder, "grouped", split="shared", format="grouped"), args)
 
@@ -294,6 +308,7 @@ def tvm_calibrated_variant(original: Path, folder: Path, args: argparse.Namespac
 VARIANTS: dict[str, Variant] = {
     "original": original_variant,
     "dense": dense_variant,
+    "dense (as stored)": dense_stored_variant,
     "grouped": grouped_variant,
     "structured": structured_variant,
     "sparse (densify)": sparse_densify_variant,

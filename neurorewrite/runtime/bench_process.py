@@ -32,7 +32,8 @@ from neurorewrite.runtime.bench import BenchResult, concrete_shape, feeds_for, r
 @dataclass(frozen=True)
 class Worker:
     """One model as a worker process runs it: ``kind`` ``ort`` (an ONNX file, prepared as ``ort_session``
-    does) or ``tvm`` (a compiled library, or ``batch -> library`` when compiled per batch)."""
+    does; with ``prepare`` False as stored, in a plain InferenceSession) or ``tvm`` (a compiled library, or
+    ``batch -> library`` when compiled per batch)."""
 
     kind: str
     model: str
@@ -40,6 +41,7 @@ class Worker:
     sparse_method: str = "densify"
     libraries: dict[int, str] = field(default_factory=dict)  # tvm compiled per batch (the fixed-shape path)
     spinning: bool = True  # the runtimes' default
+    prepare: bool = True  # False: onnxruntime runs the file as stored (what it does without neurorewrite)
 
 
 def bench_processes(
@@ -82,6 +84,13 @@ def run_worker(worker: Worker, batches: Sequence[int], runs: int, warmup: int, t
 
 
 def _session(worker: Worker, batch: int):  # noqa: ANN202 (an InferenceSession or a CompiledModel)
+    if worker.kind == "ort" and not worker.prepare:
+        import onnxruntime as ort
+
+        from neurorewrite.executor import session_options
+
+        return ort.InferenceSession(worker.model, session_options(worker.threads, worker.spinning),
+                                    providers=["CPUExecutionProvider"])
     if worker.kind == "ort":
         from neurorewrite.runtime.ort import ort_session
 

@@ -66,3 +66,13 @@ def test_token_id_inputs_are_fed_as_integers(tmp_path: Path) -> None:
         workers["tvm"] = Worker("tvm", str(tmp_path / "lookup.so"), threads=1, libraries={2: str(tmp_path / "lookup.so")})
     result = bench_processes(workers, (2,), rounds=1, runs=2, warmup=1)
     assert all(result.median[(label, 2)] > 0 for label in workers)
+
+
+def test_a_worker_without_preparation_runs_the_file_as_stored(tmp_path: Path) -> None:
+    """``prepare=False`` is plain onnxruntime: it cannot run the project's operator, which ``ort_session``
+    rewrites at load."""
+    _, sparse = _files(tmp_path)
+    assert bench_processes({"prepared": Worker("ort", str(sparse), threads=1)}, (1,), rounds=1, runs=2, warmup=1).median
+    with pytest.raises(DataError, match="model as stored"):
+        bench_processes({"model as stored": Worker("ort", str(sparse), threads=1, prepare=False)}, (1,), rounds=1, runs=1,
+                        warmup=0)
