@@ -12,7 +12,8 @@ A tensor is *fixed* when it is a constant, the output of ``Shape`` or ``Size``, 
 deterministic node without subgraphs whose inputs are all fixed. The pass runs the model in
 onnxruntime (SparseLinear as standard ops) on inputs of the fixed shapes, takes the value of every
 fixed tensor that another node reads (or that is a graph output), stores it as an initializer and drops
-the nodes that computed fixed tensors. It runs the model twice, on different input values, and folds
+the nodes that computed fixed tensors; a node whose output exceeds :data:`MAX_FOLDED_BYTES` stays (its
+inputs are folded), so a large expanded mask does not bloat the library. It runs the model twice, on different input values, and folds
 nothing when any of those values differ between the runs: a shape that depends on input values
 (NonZero, a Reshape to a computed size) makes a Shape output vary, and must not be frozen.
 
@@ -34,6 +35,7 @@ from neurorewrite.passes.sparse_to_standard import to_standard_ops
 from neurorewrite.rewriter.graph import GraphIndex
 
 SHAPE_READERS = ("Shape", "Size")
+MAX_FOLDED_BYTES = 1 << 22  # a fixed tensor larger than this stays computed (from folded inputs)
 NOT_DETERMINISTIC = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                      "Bernoulli", "Dropout")
 
@@ -96,31 +98,41 @@ def fold_static_values(model: onnx.ModelProto,
     graph = model.graph
     index = GraphIndex.build(graph)
     fixed = _fixed_nodes(graph, index)
-    removed = set(fixed)
-    produced = {o for i in fixed for o in graph.node[i].output if o}
-    outputs = {o.name for o in graph.output}
-    read_after = {name for i, node in enumerate(graph.node) if i not in removed for name in node.input}
-    frontier = sorted(name for name in produced if name in read_after or name in outputs)
-    if not frontier:
+    produced = sorted({o for i in fixed for o in graph.node[i].output if o})
+    if not produced:
         return model, StaticFoldReport(declined="no tensor is fixed by the input shapes alone")
     runnable = to_standard_ops(model)
     del runnable.graph.output[:]
-    runnable.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in frontier)
+    runnable.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in produced)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(runnable.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    runs = [session.run(frontier, _feeds(graph, shapes, seed)) for seed in (0, 1)]
-    for name, first, second in zip(frontier, *runs):
-        if first.shape != second.shape or not np.array_equal(first, second, equal_nan=True):
+    first, second = ({name: np.asarray(v) for name, v in zip(produced, session.run(produced, _feeds(graph, shapes, seed)))}
+                     for seed in (0, 1))
+    removed = _removable(graph, fixed, first)
+    outputs = {o.name for o in graph.output}
+    read_after = {name for i, node in enumerate(graph.node) if i not in removed for name in node.input}
+    frontier = sorted({o for i in removed for o in graph.node[i].output if o in read_after or o in outputs})
+    if not frontier:
+        return model, StaticFoldReport(declined="no tensor is fixed by the input shapes alone")
+    for name in frontier:
+        if first[name].shape != second[name].shape or not np.array_equal(first[name], second[name], equal_nan=True):
             return model, StaticFoldReport(declined=f"{name} depends on the input values, not only on their shapes")
     new = onnx.ModelProto()
     new.CopyFrom(model)
     kept = [node for i, node in enumerate(new.graph.node) if i not in removed]
     del new.graph.node[:]
     new.graph.node.extend(kept)
-    new.graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name) for name, value in zip(frontier, runs[0]))
+    new.graph.initializer.extend(numpy_helper.from_array(first[name], name) for name in frontier)
     _drop_unread_constants(new.graph)
     return new, StaticFoldReport(tensors=len(frontier), nodes=len(removed))
+
+
+def _removable(graph: onnx.GraphProto, fixed: list[int], values: Mapping[str, np.ndarray]) -> set[int]:
+    """The fixed nodes to drop: all but those with an output over :data:`MAX_FOLDED_BYTES`. A mask expanded to
+    batch x heads x sequence x sequence would bloat the library: such a node stays, computed at run time
+    from its inputs, which are folded (a dropped node's output that a kept node reads becomes a constant)."""
+    return {i for i in fixed if all(values[o].nbytes <= MAX_FOLDED_BYTES for o in graph.node[i].output if o)}
 
 
 def _drop_unread_constants(graph: onnx.GraphProto) -> None:

@@ -64,3 +64,17 @@ def test_a_model_without_shape_arithmetic_is_returned_as_is() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     same, report = fold_static_values(model, {"x": [2, 4]})
     assert same is model and report.declined == "no tensor is fixed by the input shapes alone"
+
+
+def test_a_large_fixed_tensor_stays_computed_from_folded_inputs(monkeypatch) -> None:
+    """Over MAX_FOLDED_BYTES (here 64 bytes: the 96-byte ones, not the 16-byte target) a node stays; the
+    shape it reads becomes a constant."""
+    import neurorewrite.passes.fold_static as fold_static
+
+    monkeypatch.setattr(fold_static, "MAX_FOLDED_BYTES", 64)
+    model = shape_model()
+    folded, report = fold_static_values(model, {"x": [2, 3, 4]})
+    assert [n.op_type for n in folded.graph.node] == ["Reshape", "ConstantOfShape", "Add", "Reshape", "Add"]
+    assert (report.tensors, report.nodes) == (2, 3)  # the target and the shape; Shape, Slice, Concat dropped
+    x = {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)}
+    np.testing.assert_array_equal(run_model(folded, x)[0], run_model(model, x)[0])
