@@ -111,10 +111,8 @@ def expand(
     alpha = check_alpha(alpha)
     seed = check_seed(seed)
     if output is not None:
-        inputs: list[Labeled] = [] if isinstance(model, onnx.ModelProto) else list(model_files(model))
-        inputs += [(opt, p) for opt, p in (("--calibrate", calibrate), ("--groups", groups)) if isinstance(p, (str, os.PathLike))]
-        check_no_overwrite(inputs, replaced_files(output))
-        check_output_folder(output, "-o")
+        files = [(opt, p) for opt, p in (("--calibrate", calibrate), ("--groups", groups)) if isinstance(p, (str, os.PathLike))]
+        _check_output(model, output, files)
     split = default_split(split, calibrate is not None, structured)
     if structured:
         split, prune, format = _structured_options(split, format)
@@ -148,13 +146,7 @@ def expand(
     check_no_new_nonfinite(new, bool(bad_weights), "expand")
     for message in report.warnings:
         warnings.warn(message, CalibrationWarning, stacklevel=2)
-    if output is not None:
-        external = not isinstance(model, onnx.ModelProto) and stored_with_external_data(model)
-        save_model(new, output, external_data=True if external else None)
-    else:
-        new = materialize(new)  # a self-contained ModelProto: no tensor left in this process's spill files
-        _check_in_memory(new)
-    return new, report
+    return _written_or_in_memory(new, model, output), report
 
 
 def convert(
@@ -166,9 +158,7 @@ def convert(
     """
     where = str(model) if not isinstance(model, onnx.ModelProto) else "model"
     if output is not None:
-        inputs: list[Labeled] = [] if isinstance(model, onnx.ModelProto) else list(model_files(model))
-        check_no_overwrite(inputs, replaced_files(output))
-        check_output_folder(output, "-o")
+        _check_output(model, output, [])
     expanded = load_model(model, warn=False, spill=True)
     record = read_record(expanded, where)
     if record is None:
@@ -178,13 +168,26 @@ def convert(
         raise InvalidOptionError(f"{where} is stored as {record.format}; convert reads the dense format only: expand"
                                  f" the original model with --format {format}, or convert its dense file")
     new, report = lower_model(expanded, format)
+    return _written_or_in_memory(new, model, output), report
+
+
+def _check_output(model: ModelLike, output: str | os.PathLike, files: list[Labeled]) -> None:
+    """Refuse an ``output`` that would replace the model's files or the other input ``files``, or whose folder
+    cannot take it (``docs/robustness.md``)."""
+    inputs: list[Labeled] = [] if isinstance(model, onnx.ModelProto) else list(model_files(model))
+    check_no_overwrite(inputs + files, replaced_files(output))
+    check_output_folder(output, "-o")
+
+
+def _written_or_in_memory(new: onnx.ModelProto, model: ModelLike, output: str | os.PathLike | None) -> onnx.ModelProto:
+    """``new`` saved to ``output`` (external data when the input had it), or made self-contained in memory."""
     if output is not None:
         external = not isinstance(model, onnx.ModelProto) and stored_with_external_data(model)
         save_model(new, output, external_data=True if external else None)
-    else:
-        new = materialize(new)
-        _check_in_memory(new)
-    return new, report
+        return new
+    new = materialize(new)  # a self-contained ModelProto: no tensor left in this process's spill files
+    _check_in_memory(new)
+    return new
 
 
 SEED_LIMIT = 2**63  # numpy and torch both take seeds in 0 .. 2**63 - 1

@@ -111,7 +111,8 @@ class CompiledModel:
         return arrays
 
 
-INPUT_TYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+INPUT_TYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8",
+               "bool")
 
 
 def _fits(shape: list[int], expected: list, sizes: dict[str, int]) -> bool:
