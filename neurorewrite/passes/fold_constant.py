@@ -121,8 +121,9 @@ def _fold_block(editor: GraphEditor, model: onnx.ModelProto, block: MLPBlock, re
     for leaf in leaves:
         _, csr, bias = firsts[leaf.layer.node]
         rows = slice(leaf.offset, leaf.offset + width)
-        empty &= np.diff(csr.indptr)[rows] == 0
-        lengths += np.diff(csr.indptr)[rows]
+        row_lengths = np.diff(csr.indptr)[rows]
+        empty &= row_lengths == 0
+        lengths += row_lengths
         # a bias an activation node adds is that node's operand, so f adds it itself
         leaf_values[leaf.tensor] = (np.zeros(width, csr.values.dtype) if bias is None
                                     else np.asarray(bias).reshape(-1)[rows])
@@ -177,7 +178,7 @@ def _evaluate(model: onnx.ModelProto, index: GraphIndex, block: MLPBlock, leaf_v
 
 
 def _replace_inputs(editor: GraphEditor, i: int, inputs: dict[int, np.ndarray], base: str, roles: tuple[str, ...],
-                    **attrs: int | list[int]) -> None:
+                    **attrs: int) -> None:
     """Node ``i`` reading new constants (named ``base.ROLE``) in the given input slots, with ``attrs`` set."""
     old = editor.index.graph.node[i]
     node = onnx.NodeProto()
@@ -191,12 +192,7 @@ def _replace_inputs(editor: GraphEditor, i: int, inputs: dict[int, np.ndarray], 
     node.input.extend(names)
     for attr in node.attribute:
         if attr.name in attrs:
-            value = attrs[attr.name]
-            if isinstance(value, list):
-                del attr.ints[:]
-                attr.ints.extend(value)
-            else:
-                attr.i = value
+            attr.i = attrs[attr.name]
     editor.replace_node(i, [node])
 
 
