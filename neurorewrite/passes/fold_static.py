@@ -10,12 +10,14 @@ them.
 
 A tensor is *fixed* when it is a constant, the output of ``Shape`` or ``Size``, or the output of a
 deterministic node without subgraphs whose inputs are all fixed. The pass runs the model in
-onnxruntime (SparseLinear as standard ops) on inputs of the fixed shapes, takes the value of every
-fixed tensor that another node reads (or that is a graph output), stores it as an initializer and drops
-the nodes that computed fixed tensors; a node whose output exceeds :data:`MAX_FOLDED_BYTES` stays (its
-inputs are folded), so a large expanded mask does not bloat the library. It runs the model twice, on different input values, and folds
-nothing when any of those values differ between the runs: a shape that depends on input values
-(NonZero, a Reshape to a computed size) makes a Shape output vary, and must not be frozen.
+onnxruntime on inputs of the fixed shapes, each SparseLinear replaced by zeros of its output's shape (a
+fixed value reads other tensors only through their shapes, so the sparse layers need not be densified
+or multiplied). It takes the value of every fixed tensor that another node reads (or that is a graph
+output), stores it as an initializer and drops the nodes that computed fixed tensors; a node whose
+output exceeds :data:`MAX_FOLDED_BYTES` stays (its inputs are folded), so a large expanded mask does
+not bloat the library. It runs the model twice, on different input values, and folds nothing when any
+of those values differ between the runs: a shape that depends on input values (NonZero, a Reshape to a
+computed size) makes a Shape output vary, and must not be frozen.
 
 Invariant: for inputs of the fixed shapes the outputs are the input model's (tests: onnxruntime on
 the model before and after). The input is not modified.
@@ -31,7 +33,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from neurorewrite.passes.sparse_to_standard import to_standard_ops
+from neurorewrite.ops import DOMAIN, is_sparse_linear
 from neurorewrite.rewriter.graph import GraphIndex
 
 SHAPE_READERS = ("Shape", "Size")
@@ -101,7 +103,7 @@ def fold_static_values(model: onnx.ModelProto,
     produced = sorted({o for i in fixed for o in graph.node[i].output if o})
     if not produced:
         return model, StaticFoldReport(declined="no tensor is fixed by the input shapes alone")
-    runnable = to_standard_ops(model)
+    runnable = _shape_stand_ins(model, index)
     del runnable.graph.output[:]
     runnable.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in produced)
     options = ort.SessionOptions()
@@ -126,6 +128,35 @@ def fold_static_values(model: onnx.ModelProto,
     new.graph.initializer.extend(numpy_helper.from_array(first[name], name) for name in frontier)
     _drop_unread_constants(new.graph)
     return new, StaticFoldReport(tensors=len(frontier), nodes=len(removed))
+
+
+def _shape_stand_ins(model: onnx.ModelProto, index: GraphIndex) -> onnx.ModelProto:
+    """A copy of ``model`` for onnxruntime in which every SparseLinear writes zeros of its output's shape
+    (``ConstantOfShape(concat(shape(x)[:-1], [out_features]))``), in its weights' type."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    nodes = []
+    for k, node in enumerate(new.graph.node):
+        if not is_sparse_linear(node):
+            nodes.append(node)
+            continue
+        out = next(a.i for a in node.attribute if a.name == "out_features")
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(index.constant_dtype(node.input[1])))
+        base = f"stand_in{k}"
+        new.graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), f"{base}.start"),
+                                      numpy_helper.from_array(np.array([-1], np.int64), f"{base}.end"),
+                                      numpy_helper.from_array(np.array([out], np.int64), f"{base}.out")])
+        nodes += [helper.make_node("Shape", [node.input[0]], [f"{base}.shape"]),
+                  helper.make_node("Slice", [f"{base}.shape", f"{base}.start", f"{base}.end"], [f"{base}.lead"]),
+                  helper.make_node("Concat", [f"{base}.lead", f"{base}.out"], [f"{base}.target"], axis=0),
+                  helper.make_node("ConstantOfShape", [f"{base}.target"], [node.output[0]],
+                                   value=helper.make_tensor("zero", elem, [1], [0]))]
+    del new.graph.node[:]
+    new.graph.node.extend(nodes)
+    kept = [o for o in new.opset_import if o.domain != DOMAIN]
+    del new.opset_import[:]
+    new.opset_import.extend(kept)
+    return new
 
 
 def _removable(graph: onnx.GraphProto, fixed: list[int], values: Mapping[str, np.ndarray]) -> set[int]:
