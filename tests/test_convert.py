@@ -73,3 +73,11 @@ def test_convert_from_the_command_line(capsys, tmp_path, calibrated: onnx.ModelP
     assert code == 2 and "needs one input partition" in err and not (tmp_path / "g.onnx").exists()
     code, out, err = run_cli(capsys, "expand", dense, "--alpha", "4")
     assert code == 2 and not out and err.count("\n") == 1 and "neurorewrite convert" in err
+
+
+def test_convert_refuses_to_write_over_its_input(capsys, tmp_path, calibrated: onnx.ModelProto) -> None:
+    dense = tmp_path / "model.fpe.onnx"
+    onnx.save_model(calibrated, str(dense))
+    before = dense.read_bytes()
+    code, out, err = run_cli(capsys, "convert", dense, "--format", "sparse", "-o", dense)
+    assert code == 2 and err.count("\n") == 1 and dense.read_bytes() == before
