@@ -64,7 +64,9 @@ def test_fused_and_eager_select_the_same_elements_with_the_same_values_and_gradi
 
 @needs_kernel
 def test_kernel_top1_is_the_first_maximum_including_ties_nan_and_the_row_tail() -> None:
-    rows, cols = 6, 2100  # three column blocks; 2100 = 262 * 8 + 4 tail columns
+    # Three column blocks; the last has 52 columns: one round of both 16-lane chains, one more vector
+    # (the first chain's), and 4 tail columns.
+    rows, cols = 8, 2100
     z = torch.zeros(rows, cols)
     z[0, [5, 900, 1500]] = 3.0  # a tie inside the first block and across blocks: the first wins
     z[1, [1030, 2099]] = -3.0  # the largest |z - mean| lies in the second block; later ties lose
@@ -72,12 +74,14 @@ def test_kernel_top1_is_the_first_maximum_including_ties_nan_and_the_row_tail() 
     z[3] = 1.0  # every element ties: index 0
     z[4] = float("nan")  # no maximum: index 0, the NaN row copied through
     z[5, [7, 15]] = 2.0  # two lanes of one vector hold the same maximum: the lower column wins
+    z[6, [20, 32]] = 2.0  # a tie across the chains: 20 (second chain) before 32 (first chain's next vector)
+    z[7, [2085, 2097]] = 5.0  # the maximum in the vector after the chains' rounds, tied in the tail
     mean, m2 = torch.zeros(cols), torch.ones(cols)
     packed = torch.zeros(1 + 2 * cols, dtype=torch.float64)
     out, index, best = torch.empty_like(z), torch.empty(rows, dtype=torch.int64), torch.empty(rows)
     assert KERNEL is not None
     KERNEL.step(z, mean, m2, 20.0, packed, out=out, index=index, best=best)
-    assert index.tolist() == [5, 1030, 2098, 0, 0, 7]
+    assert index.tolist() == [5, 1030, 2098, 0, 0, 7, 20, 2085]
     expected = first_argmax_(z.square()[:4].clone())[:, 0].tolist()
     assert index[:4].tolist() == expected
     replaced = z.clone()
