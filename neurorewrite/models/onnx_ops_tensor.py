@@ -253,6 +253,54 @@ def _cumsum(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
     return out.flip(axis) if attrs.get("reverse", 0) else out
 
 
+def _pad_indices(size: int, before: int, after: int, mode: str) -> Tensor:
+    """Source positions along one axis for ``edge``, ``reflect`` and ``wrap`` padding by ``before`` and
+    ``after`` (both >= 0)."""
+    positions = torch.arange(-before, size + after)
+    if mode == "edge":
+        return positions.clamp(0, size - 1)
+    if mode == "wrap":
+        return positions.remainder(size)
+    period = 2 * (size - 1)  # reflect: mirror about the first and last element, which are not repeated
+    if period == 0:
+        return torch.zeros_like(positions)
+    folded = positions.remainder(period)
+    return torch.where(folded < size, folded, period - folded)
+
+
+def _pad(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
+    """ONNX ``Pad``: ``pads`` (input from opset 11, attribute before) lists every padded axis's begin
+    counts, then its end counts. ``axes`` (opset 18) names the axes it covers. Negative counts crop
+    first, and the padding then reads the cropped tensor, as onnxruntime and the ONNX reference do."""
+    x = xs[0]
+    pads = _ints(xs[1]) if len(xs) > 1 and xs[1] is not None else _ints(attrs.get("pads")) or []
+    axes = [_norm(a, x.dim()) for a in (_ints(xs[3]) if len(xs) > 3 and xs[3] is not None else range(x.dim()))]
+    mode = attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if len(xs) > 2 and xs[2] is not None and xs[2].numel():
+        value = xs[2].reshape(()).item()
+    else:
+        value = attrs.get("value", 0.0)
+    out = x
+    for k, axis in enumerate(axes):
+        before, after = pads[k], pads[k + len(axes)]
+        cut_before, cut_after = max(-before, 0), max(-after, 0)
+        out = out.narrow(axis, cut_before, out.shape[axis] - cut_before - cut_after)
+        before, after = max(before, 0), max(after, 0)
+        if before == after == 0:
+            continue
+        if mode == "constant":
+            parts = []
+            for count in (before, after):
+                shape = list(out.shape)
+                shape[axis] = count
+                parts.append(torch.full(shape, value, dtype=out.dtype))
+            out = torch.cat([parts[0], out, parts[1]], dim=axis)
+        else:
+            out = out.index_select(axis, _pad_indices(out.shape[axis], before, after, mode))
+    return out
+
+
 def _einsum(xs: Sequence[Tensor | None], attrs: dict[str, Any]) -> Tensor:
     equation = attrs["equation"]
     return torch.einsum(equation.decode() if isinstance(equation, bytes) else equation, *xs)
@@ -286,7 +334,7 @@ TENSOR_OPS: dict[str, Any] = {
     "Div": _div,
     "Einsum": _einsum,
     "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin),
-    "Mod": _mod, "Trilu": _trilu, "CumSum": _cumsum,
+    "Mod": _mod, "Trilu": _trilu, "CumSum": _cumsum, "Pad": _pad,
     "Floor": lambda xs, a: torch.floor(xs[0]), "Ceil": lambda xs, a: torch.ceil(xs[0]),
     "Round": lambda xs, a: torch.round(xs[0]), "Sign": lambda xs, a: torch.sign(xs[0]),
     "IsNaN": lambda xs, a: torch.isnan(xs[0]), "IsInf": lambda xs, a: torch.isinf(xs[0]),
