@@ -106,16 +106,24 @@ def linear_on_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def _trainable(index: GraphIndex, lin: Linear) -> bool:
-    if lin.op not in LIFTED_FORMS or lin.bias_node is not None or lin.read_only:
-        return False
-    for name in (lin.weight, lin.bias):
+    return _not_trainable_because(index, lin) is None
+
+
+def _not_trainable_because(index: GraphIndex, lin: Linear) -> str | None:
+    """Why the lifter cannot train ``lin`` (None when it can)."""
+    if lin.read_only:
+        return f"it is stored as {lin.op}, which is read, not trained"
+    if lin.op not in LIFTED_FORMS or lin.bias_node is not None:
+        return f"its form ({lin.op}{', bias added by another node' if lin.bias_node is not None else ''}) is not lifted"
+    for what, name in (("weight", lin.weight), ("bias", lin.bias)):
         if name is None:
             continue
         if index.constant_source(name) not in ("initializer", "constant"):
-            return False
-        if len(index.consumers.get(name, [])) > 1 or name in index.graph_outputs:
-            return False
-    return True
+            return f"its {what} {name} is computed, not a constant"
+        readers = len(index.consumers.get(name, [])) + (name in index.graph_outputs)
+        if readers > 1:
+            return f"its {what} {name} is read by {readers} nodes (a shared weight: training one reader would change the others)"
+    return None
 
 
 def _needed_nodes(index: GraphIndex, tensors: Collection[str]) -> set[int]:
@@ -225,7 +233,11 @@ class OnnxGraph(nn.Module):
         if train is not None:
             missing = sorted(set(train) - {lin.name for lin in self.linears.values()})
             if missing:
-                raise UnsupportedModelError(f"{where}: layer(s) {', '.join(missing[:5])} to train are not liftable linear layers")
+                found = {lin.name: lin for lin in find_linears(index).values()}
+                reasons = [f"{name} ({_not_trainable_because(index, found[name]) or 'not lifted'})" if name in found
+                           else f"{name} (not a linear layer)" for name in missing[:3]]
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise UnsupportedModelError(f"{where}: cannot train layer(s) {'; '.join(reasons)}{more}")
         return steps
 
     def _lift_constants(self, index: GraphIndex) -> None:

@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 import torch
 
-from neurorewrite.errors import DataError, InvalidOptionError
+from neurorewrite.errors import DataError, InvalidOptionError, UnsupportedModelError
 from neurorewrite.fpe import copy_outputs
 from neurorewrite.fpe.constant_inputs import ConstantInputs, constant_inputs
 from neurorewrite.fpe.gram import FitAccumulator, Moments, Scratch
@@ -151,6 +151,21 @@ def _residual_operand(index: GraphIndex, output: str) -> str | None:
     return None if index.constant_source(other) in ("initializer", "constant") or other == output else other
 
 
+def _refuse_shared_weights(index: GraphIndex, blocks: list[MLPBlock], where: str) -> None:
+    """Blocks that read one set of weights (expand shares them: ALBERT's layers) cannot be refit one by one."""
+    readers: dict[str, list[str]] = {}
+    for block in blocks:
+        for lin in block.linears:
+            readers.setdefault(index.alias_root(lin.weight), []).append(block.name)
+    shared = next((names for names in readers.values() if len(set(names)) > 1), None)
+    if shared is not None:
+        raise UnsupportedModelError(
+            f"{where}: blocks {', '.join(dict.fromkeys(shared))} read one set of weights (the model shares them between"
+            " layers, as ALBERT does); calibration refits each block on its own rows and cannot keep them one set:"
+            " expand without --calibrate (the blocks stay shared, the count exact), or calibrate an export whose"
+            " layers do not share weights")
+
+
 def _rmse(sse: float, count: int) -> float:
     return float(np.sqrt(sse / count)) if count else float("nan")
 
@@ -171,6 +186,7 @@ def calibrate_model(
     ends = chain_ends(blocks_by_output(expanded, {b.output_tensor for b in report.blocks}))
     train = {lin.name for b in ends for lin in (b.first, b.second)}
     index = GraphIndex.build(expanded.graph)
+    _refuse_shared_weights(index, ends, where)
     # lift only what the blocks' targets need: nodes after the last block may use any op
     needed = [b.second.output for b in ends] + [r for b in ends if (r := _residual_operand(index, b.second.output))]
     lifted_original = OnnxGraph(original, "the original model", outputs=needed)

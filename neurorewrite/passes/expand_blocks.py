@@ -19,10 +19,16 @@ Place in the pipeline: **expand** -> (tie) -> (calibrate) -> lower.
 
 Blocks in a chain (``L1 -> act -> L2 -> act -> L3``) share a linear: they are expanded in graph order,
 and the later block splits the already widened weights, so both counts stay exact.
+
+Blocks that read the same weights (ALBERT's layers share one FFN; the TorchScript exporter writes the
+second use as ``Identity`` copies) are expanded once: the first such block is expanded and every
+other reads its expanded tensors, so the model's nonzero count stays that of the original as well as
+each block's, and all of them keep computing one function.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 
@@ -32,6 +38,7 @@ import onnx
 from neurorewrite.errors import NoBlocksError
 from neurorewrite.fpe import FPEConfig, PruneScales, block_seed, expand_block, expand_gated_block, join_fused, split_fused
 from neurorewrite.fpe.block import Weights
+from neurorewrite.rewriter.block_checks import block_notes
 from neurorewrite.rewriter.blocks import MLPBlock, Skipped, find_blocks, select_blocks
 from neurorewrite.rewriter.editor import GraphEditor
 from neurorewrite.rewriter.graph import GraphIndex
@@ -81,6 +88,12 @@ class _Current:
         self.index = index
         self.weights: dict[int, tuple[Linear, np.ndarray, np.ndarray | None]] = {}
         self.bias_changed: set[int] = set()
+        self.followers: list[tuple[Linear, int]] = []  # a layer that reads another's new tensors, and that one's node
+
+    def follow(self, block: MLPBlock, leader: MLPBlock) -> None:
+        """``block`` reads the weights ``leader`` reads: it will read the tensors ``leader``'s expansion makes."""
+        for lin, lead in zip(block.linears, leader.linears):
+            self.followers.append((lin, lead.node))
 
     def get(self, lin: Linear) -> Weights:
         if lin.node in self.weights:
@@ -96,10 +109,13 @@ class _Current:
     def hand_over(self, editor: GraphEditor) -> None:
         """Give each layer its new weights, one at a time (each array can be freed once it is converted).
         A bias FPE did not change is left in place (so a shared one stays shared)."""
+        names: dict[int, list[str]] = {}
         for node in list(self.weights):
             lin, w, b = self.weights.pop(node)
             keep_bias = node not in self.bias_changed and lin.bias_scale == 1.0
-            editor.set_weights(lin, w, None if keep_bias else b)
+            names[node] = editor.set_weights(lin, w, None if keep_bias else b)
+        for lin, leader in self.followers:
+            editor.share_weights(lin, names[leader])
 
 
 def _expand_one(current: _Current, block: MLPBlock, cfg: FPEConfig,
@@ -153,12 +169,26 @@ def expand_model(
     current = _Current(editor.index)
     report = ExpandReport(cfg.alpha, cfg.split, cfg.seed, cfg.bias, cfg.prune, skipped=skipped,
                           lead_share=cfg.lead_share)
+    leaders = shared_weight_leaders(editor.index, blocks)
+    counts: dict[int, tuple[int, int, int, int]] = {}
     for position, block in enumerate(blocks):
         if progress is not None:
             progress(position, len(blocks), block.name)
-        before, after, nnz_before, nnz_after = _expand_one(
-            current, block, replace(cfg, seed=block_seed(cfg.seed, position)), scales.get(block.name) if scales else None,
-            input_scales.get(block.name) if input_scales else None)
+        leader = leaders.get(position, position)
+        if leader == position:
+            counts[position] = _expand_one(
+                current, block, replace(cfg, seed=block_seed(cfg.seed, position)),
+                scales.get(block.name) if scales else None, input_scales.get(block.name) if input_scales else None)
+        else:
+            current.follow(block, blocks[leader])
+            counts[position] = counts[leader]
+        before, after, nnz_before, nnz_after = counts[position]
+        notes = block.notes
+        group = [blocks[p].name for p in range(len(blocks)) if leaders.get(p, p) == leader]
+        if len(group) > 1:
+            others = ", ".join(name for name in group if name != block.name)
+            notes = (*block_notes(editor.index, block, len(group)),
+                     f"reads the same weights as block(s) {others}: expanded once, and all of them read the expanded tensors")
         widen_shapes(editor, block, cfg.alpha)
         editor.stale |= _widened_tensors(model, block)
         report.blocks.append(
@@ -167,7 +197,7 @@ def expand_model(
                 in_features=block.in_features, width_before=before, width_after=after,
                 out_features=block.out_features, nnz_before=nnz_before, nnz_after=nnz_after,
                 hidden_tensor=block.hidden, output_tensor=block.second.output,
-                up=None if block.up is None else block.up.name, form=block.form, notes=block.notes,
+                up=None if block.up is None else block.up.name, form=block.form, notes=notes,
             )
         )
     if progress is not None:
@@ -176,6 +206,32 @@ def expand_model(
     new = editor.apply(model)
     write_record(new, FPERecord(cfg, tuple(report.blocks)))
     return new, report
+
+
+def _weights_key(index: GraphIndex, lin: Linear) -> tuple:
+    """What a layer computes from its input, up to the graph: the constants it reads (through Identity
+    copies) and how it reads them."""
+    bias = None if lin.bias is None else index.alias_root(lin.bias)
+    return (index.alias_root(lin.weight), bias, lin.op, lin.weight_out_in, lin.scale, lin.bias_scale,
+            lin.kernel, lin.feature_axis, lin.in_features, lin.out_features, lin.bias_node is not None)
+
+
+def shared_weight_leaders(index: GraphIndex, blocks: list[MLPBlock]) -> dict[int, int]:
+    """Position of each block that reads the same weights, the same way, as an earlier block -> the
+    position of the first such block (the one that is expanded). A block in a chain (a linear it shares
+    with another block) is left out: the chain's expansion order already accounts for it."""
+    uses = Counter(lin.node for block in blocks for lin in block.linears)
+    first: dict[tuple, int] = {}
+    leaders: dict[int, int] = {}
+    for position, block in enumerate(blocks):
+        if any(uses[lin.node] > 1 for lin in block.linears):
+            continue
+        cut = None if block.split is None else block.split.gate_half
+        key = (block.form, cut, tuple(_weights_key(index, lin) for lin in block.linears))
+        leaders_position = first.setdefault(key, position)
+        if leaders_position != position:
+            leaders[position] = leaders_position
+    return leaders
 
 
 def _stored_as(block: MLPBlock) -> str:

@@ -34,9 +34,9 @@ def graph_input_problem(index: GraphIndex, lin: Linear) -> Reason | None:
     return None
 
 
-def _sharing_note(index: GraphIndex, lin: Linear, what: str, name: str, rewritten: bool) -> str | None:
+def _sharing_note(index: GraphIndex, lin: Linear, what: str, name: str, rewritten: bool, readers: int) -> str | None:
     others = index.sharing(name)
-    if not others:
+    if others < readers:
         return None
     root = index.alias_root(name)
     via = f" (an Identity of {root})" if root != name else ""
@@ -46,14 +46,15 @@ def _sharing_note(index: GraphIndex, lin: Linear, what: str, name: str, rewritte
     return f"{head}: FPE does not change it here, so all users keep reading it; counted in this block"
 
 
-def block_notes(index: GraphIndex, block: MLPBlock) -> list[str]:
-    """The notes a block's report row carries (see the module docstring)."""
+def block_notes(index: GraphIndex, block: MLPBlock, readers: int = 1) -> list[str]:
+    """The notes a block's report row carries (see the module docstring). ``readers``: how many blocks
+    read this block's weights and are expanded as one (a tensor only they read needs no note)."""
     notes = []
     for lin, bias_changes in ((block.first, True), (block.up, True), (block.second, False)):
         if lin is None:
             continue
         for what, name, rewritten in (("weight", lin.weight, True), ("bias", lin.bias, bias_changes)):
-            note = _sharing_note(index, lin, what, name, rewritten) if name is not None else None
+            note = _sharing_note(index, lin, what, name, rewritten, readers) if name is not None else None
             if note:
                 notes.append(note)
     first = block.first

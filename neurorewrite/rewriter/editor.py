@@ -7,13 +7,17 @@ The input model is never modified, and weights about to be replaced are never co
 
 Node order is kept: nodes that replace a node are emitted where it was, so a topologically sorted
 graph stays sorted. Every created node and tensor gets a name no other node or tensor has.
-Operators whose signature changed between opsets (``ReduceSum``'s and ``Split``'s axes moved from an
+A new constant made twice from one source (the same base name or source key, the same contents) is
+stored once (:meth:`GraphEditor.constant`): blocks that read one set of weights (ALBERT's shared
+layers) keep reading one set after any rewrite. Equal contents from different sources (children's
+equal bias shares, or one bias two layers with different weights read) stay separate parameters. Operators whose signature changed between opsets (``ReduceSum``'s and ``Split``'s axes moved from an
 attribute to an input in opset 13) are built by :meth:`GraphEditor.reduce_sum` and
 :meth:`GraphEditor.split`, the one place that knows it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -78,6 +82,7 @@ class GraphEditor:
     renames: dict[tuple[int, int], str] = field(default_factory=dict)  # (node index, input slot) -> tensor
     unscaled: set[int] = field(default_factory=set)  # Gemm/FusedMatMul nodes whose alpha/beta become 1
     released: set[str] = field(default_factory=set)  # constants to drop once nothing reads them any more
+    by_content: dict[bytes, str] = field(default_factory=dict)  # a new constant's base name and contents -> its name
 
     @classmethod
     def start(cls, model: onnx.ModelProto) -> GraphEditor:
@@ -94,8 +99,18 @@ class GraphEditor:
 
     def const(self, base: str, value: np.ndarray) -> str:
         """A new initializer holding ``value``; returns its (unique) name."""
-        name = self.name(base)
-        self.new_inits.append(make_tensor(np.ascontiguousarray(value), name))
+        return self.constant(base, np.asarray(value))
+
+    def constant(self, base: str, value: np.ndarray, source: str | None = None) -> str:
+        """The name of a new initializer holding ``value`` (any layout: it is written in C order), or of
+        the one this editor already made from ``source`` (default: ``base``) with the same dtype, shape
+        and bytes."""
+        key = (source or base).encode() + b"\0" + _content_key(value)
+        name = self.by_content.get(key)
+        if name is None:
+            name = self.by_content[key] = self.name(base)
+            # make_tensor writes C-order bytes itself (big ones to a spill file): no contiguous copy first
+            self.new_inits.append(make_tensor(value, name))
         return name
 
     def node(self, op: str, inputs: Sequence[str], base: str, domain: str = "", n_out: int = 1,
@@ -158,8 +173,9 @@ class GraphEditor:
             if name is not None:
                 self.drop_constant(name)
 
-    def set_weights(self, lin: Linear, w: np.ndarray, b: np.ndarray | None) -> None:
-        """Make ``lin`` read new effective weights ``w`` (out, in) and ``b`` (None: keep the bias).
+    def set_weights(self, lin: Linear, w: np.ndarray, b: np.ndarray | None) -> list[str]:
+        """Make ``lin`` read new effective weights ``w`` (out, in) and ``b`` (None: keep the bias); returns
+        the new tensors' names (weight, then bias), for :meth:`share_weights`.
 
         The new initializers take the stored dtype and layout of the old ones; the layer reads them,
         and the old ones are dropped unless another node still reads them (a shared tensor: the other
@@ -168,23 +184,35 @@ class GraphEditor:
         """
         if lin.read_only:
             raise ValueError(f"{lin.name} is a stored {lin.op} layer; it is read, not rewritten")
-        if lin.op in ("Gemm", "FusedMatMul"):
-            self.unscaled.add(lin.node)
         stored = w if lin.weight_out_in else w.T
         if lin.kernel:
             stored = stored.reshape(stored.shape + lin.kernel)
-        parts = [(lin.weight, lin.node, 1, stored)]
-        if b is not None and lin.bias is not None:
+        values = [stored] if b is None or lin.bias is None else [stored, b.reshape(self._bias_shape(lin.bias, b.size))]
+        # layers that read one weight tensor and get equal new weights share them (a bias only with its weight)
+        root = self.index.alias_root(lin.weight)
+        names = [self.constant(old + ".fpe", value.astype(self._stored_dtype(old), copy=False), f"{root}/{slot}")
+                 for (old, _, slot), value in zip(self._weight_slots(lin, len(values) > 1), values)]
+        self.share_weights(lin, names)
+        return names
+
+    def share_weights(self, lin: Linear, names: Sequence[str]) -> None:
+        """Make ``lin`` read the tensors another layer's :meth:`set_weights` made (``names``: weight, then
+        bias when it changed); its old ones are dropped once nothing reads them."""
+        if lin.op in ("Gemm", "FusedMatMul"):
+            self.unscaled.add(lin.node)
+        for (old, node_i, slot), name in zip(self._weight_slots(lin, len(names) > 1), names):
+            self.renames[(node_i, slot)] = name
+            self.drop_constant(old)
+
+    def _weight_slots(self, lin: Linear, with_bias: bool) -> list[tuple[str, int, int]]:
+        """(tensor, node, input slot) of the layer's weight, and of its bias with ``with_bias``."""
+        slots = [(lin.weight, lin.node, 1)]
+        if with_bias and lin.bias is not None:
             holder = lin.bias_holder
             node = self.index.graph.node[holder]
             slot = 2 if node.op_type == "Gemm" and holder == lin.node else list(node.input).index(lin.bias)
-            parts.append((lin.bias, holder, slot, b.reshape(self._bias_shape(lin.bias, b.size))))
-        for old, node_i, slot, value in parts:
-            name = self.name(old + ".fpe")
-            # make_tensor writes C-order bytes itself (big ones to a spill file): no contiguous copy first
-            self.new_inits.append(make_tensor(value.astype(self._stored_dtype(old), copy=False), name))
-            self.renames[(node_i, slot)] = name
-            self.drop_constant(old)
+            slots.append((lin.bias, holder, slot))
+        return slots
 
     def rename_input(self, node: int, slot: int, tensor: str) -> None:
         """Make input ``slot`` of node ``node`` read ``tensor`` (the old input is released)."""
@@ -246,6 +274,25 @@ class GraphEditor:
             if domain not in have:
                 new.opset_import.add(domain=domain, version=version)
         return new
+
+
+def constant_base(editor: GraphEditor, lin: Linear) -> str:
+    """The base name of the constants a lowering makes for ``lin``: its weight tensor (behind Identity
+    copies), so layers that read one weight make, and then share, one set (:meth:`GraphEditor.constant`)."""
+    return editor.index.alias_root(lin.weight)
+
+
+def _content_key(value: np.ndarray) -> bytes:
+    """A digest of an array's dtype, shape and values in C order, read a slab of rows at a time (a
+    transposed weight is not copied whole)."""
+    digest = hashlib.blake2b(f"{value.dtype.str}{value.shape}".encode(), digest_size=20)
+    if value.ndim < 2:
+        digest.update(value.tobytes())
+        return digest.digest()
+    rows = max(1, (1 << 22) // max(1, value[0].nbytes))  # about 4 MiB a slab
+    for start in range(0, value.shape[0], rows):
+        digest.update(value[start:start + rows].tobytes())  # tobytes: any dtype (bfloat16 has no buffer format)
+    return digest.digest()
 
 
 def _used_names(nodes: Iterable[onnx.NodeProto]) -> set[str]:

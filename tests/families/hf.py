@@ -104,6 +104,16 @@ def _bert(act: str = "gelu", layers: int = 1) -> Callable[[], object]:
     return build
 
 
+def _albert():
+    """ALBERT: two layers that run one shared layer (one FFN, read twice)."""
+    from transformers import AlbertConfig, AlbertModel
+
+    cfg = AlbertConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=H, num_hidden_layers=2,
+                       num_attention_heads=HEADS, embedding_size=16, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    return AlbertModel(cfg, add_pooling_layer=False)
+
+
 def _conv_mlp():
     """A ConvNeXt-style pointwise MLP on NCHW: Conv2d(24, 96, 1) -> GELU -> Conv2d(96, 24, 1)."""
     nn = _torch().nn
@@ -131,6 +141,7 @@ BUILDERS: dict[str, tuple[Callable[[], object], str]] = {
     "bert": (_bert(), "ids"),
     "bert_quick_gelu": (_bert("quick_gelu"), "ids"),
     "bert2": (_bert(layers=2), "ids"),
+    "albert": (_albert, "ids"),
     "conv_mlp": (_conv_mlp, "pixels"),
     "llama_fp16": (_decoder("LlamaModel", "LlamaConfig"), "ids"),
     "llama_bf16": (_decoder("LlamaModel", "LlamaConfig"), "ids"),

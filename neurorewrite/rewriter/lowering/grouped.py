@@ -22,7 +22,7 @@ import onnx
 
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.rewriter.blocks import MLPBlock, chain_ends
-from neurorewrite.rewriter.editor import GraphEditor
+from neurorewrite.rewriter.editor import GraphEditor, constant_base
 from neurorewrite.rewriter.linear import Linear, read_weights
 from neurorewrite.rewriter.lowering.per_child import can_lower_children, child_columns, is_tied, lower_children
 from neurorewrite.rewriter.lowering.registry import register_lowering
@@ -124,12 +124,13 @@ def lower_grouped_first(
         gather[k, : c.size] = old_to_new[c]
         blocks[k, : c.size, :] = w[k::alpha, c].T
     base = lin.name + "/grouped"
-    x = editor.node("Gather", [lin.data_input, editor.const(base + ".columns", gather.ravel())], base, axis=-1)[0]
-    x = editor.node("Reshape", [x, editor.const(base + ".split", np.array([-1, alpha, m], np.int64))], base)[0]
+    stored = constant_base(editor, lin) + "/grouped"
+    x = editor.node("Gather", [lin.data_input, editor.const(stored + ".columns", gather.ravel())], base, axis=-1)[0]
+    x = editor.node("Reshape", [x, editor.const(stored + ".split", np.array([-1, alpha, m], np.int64))], base)[0]
     x = editor.node("Transpose", [x], base, perm=[1, 0, 2])[0]
-    y = editor.node("MatMul", [x, editor.const(lin.weight + ".blocks", blocks)], base)[0]
+    y = editor.node("MatMul", [x, editor.const(stored + ".blocks", blocks)], base)[0]
     if b is not None and lin.bias_node is None:
-        y = editor.node("Add", [y, editor.const(base + ".bias", b.reshape(h, alpha).T[:, None, :].copy())], base)[0]
+        y = editor.node("Add", [y, editor.const(stored + ".bias", b.reshape(h, alpha).T[:, None, :].copy())], base)[0]
     y = editor.node("Transpose", [y], base, perm=[1, 0, 2])[0]
     shape = editor.leading_shape(lin.data_input, base, [alpha * h])
     editor.node("Reshape", [y, shape], base, outputs=[output or lin.output])
@@ -137,7 +138,7 @@ def lower_grouped_first(
     if b is not None and lin.bias_node is not None:
         holder = editor.index.graph.node[lin.bias_node]
         slot = list(holder.input).index(lin.bias)
-        editor.rename_input(lin.bias_node, slot, editor.const(base + ".bias", b[order].copy()))
+        editor.rename_input(lin.bias_node, slot, editor.const(stored + ".bias", b[order].copy()))
     if replace:
         editor.replace_linear(lin, editor.take())
     return order
@@ -161,9 +162,10 @@ def lower_second(
     if lin.bias_node is not None:
         b = None  # the activation node after the layer adds it, and keeps reading it
     matmul_out = None if b is not None else [lin.output]
-    y = editor.node("MatMul", [x, editor.const(lin.weight + (".tied" if tied else ".permuted"), weight.copy())], base,
+    stored = constant_base(editor, lin)
+    y = editor.node("MatMul", [x, editor.const(stored + (".tied" if tied else ".permuted"), weight.copy())], base,
                     outputs=matmul_out)[0]
     if b is not None:
-        editor.node("Add", [y, editor.const(base + ".bias", b)], base, outputs=[lin.output])
+        editor.node("Add", [y, editor.const(stored + "/grouped.bias", b)], base, outputs=[lin.output])
     editor.replace_linear(lin, editor.take())
     return "tied" if tied else "permuted"

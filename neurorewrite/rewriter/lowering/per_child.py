@@ -21,7 +21,8 @@ import onnx
 
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.rewriter.blocks import MLPBlock
-from neurorewrite.rewriter.editor import GraphEditor
+from neurorewrite.rewriter.editor import GraphEditor, constant_base
+from neurorewrite.rewriter.linear import Linear
 from neurorewrite.rewriter.record import LoweredLayer
 
 
@@ -68,11 +69,12 @@ def can_lower_children(editor: GraphEditor, block: MLPBlock, w1: np.ndarray, alp
                for t in (*starts, *block.region_tensors))
 
 
-def _child_linear(editor: GraphEditor, x_k: str, weight: str, w: np.ndarray, b: np.ndarray | None, cols: np.ndarray,
+def _child_linear(editor: GraphEditor, x_k: str, lin: Linear, w: np.ndarray, b: np.ndarray | None, cols: np.ndarray,
                   k: int, alpha: int, base: str) -> str:
-    (h,) = editor.node("MatMul", [x_k, editor.const(f"{weight}.child{k}", w[k::alpha, cols].T)], base)
+    stored = constant_base(editor, lin)
+    (h,) = editor.node("MatMul", [x_k, editor.const(f"{stored}.child{k}", w[k::alpha, cols].T)], base)
     if b is not None:
-        (h,) = editor.node("Add", [h, editor.const(f"{base}.bias", b[k::alpha])], base)
+        (h,) = editor.node("Add", [h, editor.const(f"{stored}/children{k}.bias", b[k::alpha])], base)
     return h
 
 
@@ -87,22 +89,23 @@ def lower_children(
     runs its own copy of the activation and the product."""
     base = block.first.name + "/children"
     cols = child_columns(w1, alpha, block.first.name)
-    parts, how = _child_inputs(editor, block.first.data_input, cols, base)
+    parts, how = _child_inputs(editor, block.first.data_input, cols, base, constant_base(editor, block.first) + "/children")
     outputs = []
     for k, (x_k, c) in enumerate(zip(parts, cols)):
-        renamed = {block.first.output: _child_linear(editor, x_k, block.first.weight, w1, b1, c, k, alpha, f"{base}{k}")}
+        renamed = {block.first.output: _child_linear(editor, x_k, block.first, w1, b1, c, k, alpha, f"{base}{k}")}
         if up is not None and block.up is not None:
-            renamed[block.up.output] = _child_linear(editor, x_k, block.up.weight, up[0], up[1], c, k, alpha,
+            renamed[block.up.output] = _child_linear(editor, x_k, block.up, up[0], up[1], c, k, alpha,
                                                      f"{block.up.name}/children{k}")
         outputs.append(_copy_activation(editor, model, block, renamed, k))
     (summed,) = editor.node("Sum", outputs, base)
     second = block.second
     if second.bias_node is not None:
         b2 = None  # the activation node after the block adds it, and keeps reading it
-    (y,) = editor.node("MatMul", [summed, editor.const(second.weight + ".tied", w2[:, ::alpha].T)], second.name + "/tied",
+    stored = constant_base(editor, second)
+    (y,) = editor.node("MatMul", [summed, editor.const(stored + ".tied", w2[:, ::alpha].T)], second.name + "/tied",
                        outputs=None if b2 is not None else [second.output])
     if b2 is not None:
-        editor.node("Add", [y, editor.const(second.name + ".bias", b2)], second.name + "/tied", outputs=[second.output])
+        editor.node("Add", [y, editor.const(stored + "/tied.bias", b2)], second.name + "/tied", outputs=[second.output])
     nodes = editor.take()
     # emitted where the second linear was: every input of the activation exists by then
     editor.replace_linear(block.first, [])
@@ -117,13 +120,13 @@ def lower_children(
     return rows + [LoweredLayer(second.name, "tied", tuple(w2.shape))]
 
 
-def _child_inputs(editor: GraphEditor, x: str, cols: list[np.ndarray], base: str) -> tuple[list[str], str]:
+def _child_inputs(editor: GraphEditor, x: str, cols: list[np.ndarray], base: str, stored: str) -> tuple[list[str], str]:
     """``x[..., S_k]`` per child: one Split when the ``S_k`` are consecutive slices, else a Gather each."""
     starts = np.cumsum([0] + [c.size for c in cols[:-1]])
     if all(np.array_equal(c, np.arange(s, s + c.size)) for s, c in zip(starts, cols)):
         return editor.split(x, [c.size for c in cols], base, axis=-1), "split"
     index_type = np.int32 if cols[0].size == 0 or max(int(c.max()) for c in cols if c.size) < 2**31 else np.int64
-    gathers = [editor.node("Gather", [x, editor.const(f"{base}{k}.columns", c.astype(index_type))], f"{base}{k}", axis=-1)[0]
+    gathers = [editor.node("Gather", [x, editor.const(f"{stored}{k}.columns", c.astype(index_type))], f"{base}{k}", axis=-1)[0]
                for k, c in enumerate(cols)]
     return gathers, "gather"
 

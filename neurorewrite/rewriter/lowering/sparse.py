@@ -11,7 +11,7 @@ import onnx
 
 from neurorewrite.ops import DOMAIN, VERSION, csr_arrays, sparse_linear_node
 from neurorewrite.rewriter.blocks import MLPBlock
-from neurorewrite.rewriter.editor import GraphEditor
+from neurorewrite.rewriter.editor import GraphEditor, constant_base
 from neurorewrite.rewriter.linear import Linear, read_weights
 from neurorewrite.rewriter.lowering.registry import register_lowering
 from neurorewrite.rewriter.record import LoweredLayer
@@ -42,12 +42,14 @@ def lower_sparse(editor: GraphEditor, lin: Linear, w: np.ndarray, b: np.ndarray 
         to_last = [0, *range(2, rank), 1]
         (x,) = editor.node("Transpose", [x], lin.name + "/channels_last", perm=to_last)
         out = editor.name(lin.output + ".channels_last")
+    # base names from the tensors behind Identity copies: layers reading one weight store one CSR
+    weight = constant_base(editor, lin)
     inputs = [
-        x, editor.const(lin.weight + ".values", values), editor.const(lin.weight + ".indices", indices),
-        editor.const(lin.weight + ".indptr", indptr),
+        x, editor.const(weight + ".values", values), editor.const(weight + ".indices", indices),
+        editor.const(weight + ".indptr", indptr),
     ]
     if b is not None and lin.bias_node is None:
-        inputs.append(editor.const((lin.bias or lin.weight) + ".bias", b))
+        inputs.append(editor.const(weight + ".bias", b))
     nodes = editor.take()
     nodes.append(sparse_linear_node(inputs, out, editor.name(lin.name + "/sparse"), w.shape[1], w.shape[0]))
     if lin.feature_axis != -1:

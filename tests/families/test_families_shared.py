@@ -1,0 +1,66 @@
+"""ALBERT, built from its transformers config and exported: its layers run one shared FFN, which the
+TorchScript exporter writes as Identity copies of one set of weights. Expanded once, both blocks read
+the one expanded copy in every format, so the whole model keeps its nonzero count; calibration, which
+would refit each block on its own, refuses it and says what to do."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import neurorewrite
+from neurorewrite.errors import UnsupportedModelError
+from neurorewrite.rewriter.blocks import find_blocks
+from neurorewrite.rewriter.io import load_model
+from neurorewrite.runtime.ort import ort_session
+from tests.conftest import run_model
+from tests.families.hf import feeds
+
+
+def initializer_nonzeros(model: onnx.ModelProto) -> int:
+    return sum(int(np.count_nonzero(numpy_helper.to_array(t))) for t in model.graph.initializer)
+
+
+def test_albert_shared_ffn_is_expanded_once_and_keeps_the_model_count(families) -> None:
+    path = families.path("albert", "ts")
+    original = load_model(path)
+    search = find_blocks(original)
+    assert [(b.form, b.activation) for b in search.blocks] == [("mlp", "Gelu(tanh)")] * 2 and not search.skipped
+    new, report = neurorewrite.expand(path, alpha=4, seed=0)
+    onnx.checker.check_model(new, full_check=True)
+    assert initializer_nonzeros(new) == initializer_nonzeros(original)
+    assert all(b.nnz_after == b.nnz_before and b.width_after == 4 * b.width_before for b in report.blocks)
+    assert all("reads the same weights as block(s)" in b.notes[-1] for b in report.blocks)
+    first, second = find_blocks(new).blocks
+    assert [lin.weight for lin in first.linears] == [lin.weight for lin in second.linears]
+    assert first.first.bias == second.first.bias
+    dense = run_model(new, feeds("albert"))[0]
+    assert np.isfinite(dense).all()
+    same, _ = neurorewrite.expand(path, alpha=1)
+    np.testing.assert_allclose(run_model(same, feeds("albert"))[0], run_model(original, feeds("albert"))[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["sparse", "grouped"])
+def test_albert_formats_store_the_shared_ffn_once(families, tmp_path, fmt: str) -> None:
+    path = families.path("albert", "ts")
+    split = {"split": "shared"} if fmt == "grouped" else {}
+    dense, _ = neurorewrite.expand(path, alpha=4, seed=0, **split)
+    out = tmp_path / f"albert.{fmt}.onnx"
+    neurorewrite.expand(path, alpha=4, seed=0, format=fmt, output=out, **split)
+    lowered = onnx.load(str(out))
+    readers = [[i for i in n.input if i in {t.name for t in lowered.graph.initializer}]
+               for n in lowered.graph.node if n.op_type in ("SparseLinear", "MatMul") and "/ffn" in n.name]
+    halves = len(readers) // 2  # the first use's nodes, then the second's, in graph order
+    assert halves and readers[:halves] == readers[halves:], "the second use reads the first use's tensors"
+    got = ort_session(str(out)).run(None, feeds("albert"))[0]
+    np.testing.assert_allclose(got, run_model(dense, feeds("albert"))[0], rtol=1e-4, atol=1e-5)
+
+
+def test_albert_calibration_refuses_shared_blocks_and_says_what_to_do(families) -> None:
+    path = families.path("albert", "ts")
+    sample = {"input_ids": np.random.default_rng(0).integers(0, 101, (16, 9)).astype(np.int64)}
+    with pytest.raises(UnsupportedModelError, match="read one set of weights.*expand without --calibrate"):
+        neurorewrite.expand(path, alpha=4, calibrate=sample)
