@@ -34,7 +34,8 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from neurorewrite.ops import DOMAIN, is_sparse_linear
-from neurorewrite.rewriter.graph import GraphIndex
+from neurorewrite.rewriter.editor import model_shell
+from neurorewrite.rewriter.graph import GraphIndex, names_used_in
 
 SHAPE_READERS = ("Shape", "Size")
 MAX_FOLDED_BYTES = 1 << 22  # a fixed tensor larger than this stays computed (from folded inputs)
@@ -132,27 +133,34 @@ def fold_static_values(model: onnx.ModelProto,
 
 def _shape_stand_ins(model: onnx.ModelProto, index: GraphIndex) -> onnx.ModelProto:
     """A copy of ``model`` for onnxruntime in which every SparseLinear writes zeros of its output's shape
-    (``ConstantOfShape(concat(shape(x)[:-1], [out_features]))``), in its weights' type."""
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
+    (``ConstantOfShape(concat(shape(x)[:-1], [out_features]))``), in its weights' type. The sparse
+    layers' weights are not copied: nothing reads them there (onnxruntime would warn about each)."""
+    new = model_shell(model)
+    stand_ins: list[onnx.TensorProto] = []
     nodes = []
-    for k, node in enumerate(new.graph.node):
+    for k, node in enumerate(model.graph.node):
         if not is_sparse_linear(node):
             nodes.append(node)
             continue
         out = next(a.i for a in node.attribute if a.name == "out_features")
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(index.constant_dtype(node.input[1])))
         base = f"stand_in{k}"
-        new.graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), f"{base}.start"),
-                                      numpy_helper.from_array(np.array([-1], np.int64), f"{base}.end"),
-                                      numpy_helper.from_array(np.array([out], np.int64), f"{base}.out")])
+        stand_ins += [numpy_helper.from_array(np.array([0], np.int64), f"{base}.start"),
+                      numpy_helper.from_array(np.array([-1], np.int64), f"{base}.end"),
+                      numpy_helper.from_array(np.array([out], np.int64), f"{base}.out")]
         nodes += [helper.make_node("Shape", [node.input[0]], [f"{base}.shape"]),
                   helper.make_node("Slice", [f"{base}.shape", f"{base}.start", f"{base}.end"], [f"{base}.lead"]),
                   helper.make_node("Concat", [f"{base}.lead", f"{base}.out"], [f"{base}.target"], axis=0),
                   helper.make_node("ConstantOfShape", [f"{base}.target"], [node.output[0]],
                                    value=helper.make_tensor("zero", elem, [1], [0]))]
-    del new.graph.node[:]
     new.graph.node.extend(nodes)
+    read = names_used_in(new.graph) | {name for node in nodes for name in node.input}
+    new.graph.initializer.extend(t for t in model.graph.initializer if t.name in read)
+    new.graph.initializer.extend(stand_ins)
+    unread = {t.name for t in model.graph.initializer} - read
+    inputs = [i for i in new.graph.input if i.name not in unread]  # an IR 3 model lists its initializers as inputs
+    del new.graph.input[:]
+    new.graph.input.extend(inputs)
     kept = [o for o in new.opset_import if o.domain != DOMAIN]
     del new.opset_import[:]
     new.opset_import.extend(kept)

@@ -8,7 +8,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from neurorewrite.passes.fold_static import fold_static_values
+import neurorewrite
+from neurorewrite.passes.fold_static import _shape_stand_ins, fold_static_values
+from neurorewrite.rewriter.graph import GraphIndex
+from neurorewrite.runtime.ort import ort_session
 from tests.conftest import run_model
 
 
@@ -78,3 +81,31 @@ def test_a_large_fixed_tensor_stays_computed_from_folded_inputs(monkeypatch) -> 
     assert (report.tensors, report.nodes) == (2, 3)  # the target and the shape; Shape, Slice, Concat dropped
     x = {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)}
     np.testing.assert_array_equal(run_model(folded, x)[0], run_model(model, x)[0])
+
+
+def test_a_sparse_model_folds_without_carrying_its_sparse_weights_into_onnxruntime(capfd) -> None:
+    """The runs that find the fixed values stand zeros in for each SparseLinear: its weights stay out of
+    that session (onnxruntime warned about every unread one, dozens of lines per compile --shape)."""
+    rng = np.random.default_rng(0)
+    consts = {"zero": np.array([0], np.int64), "one": np.array([1], np.int64), "rest": np.array([-1], np.int64),
+              "w1": rng.standard_normal((12, 8)).astype(np.float32), "b1": rng.standard_normal(8).astype(np.float32),
+              "w2": rng.standard_normal((8, 3)).astype(np.float32), "b2": rng.standard_normal(3).astype(np.float32)}
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "zero", "one"], ["b"]),
+             helper.make_node("Concat", ["b", "rest"], ["target"], axis=0), helper.make_node("Reshape", ["x", "target"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]), helper.make_node("MatMul", ["a", "w2"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["y"])]
+    graph = helper.make_graph(nodes, "sparse", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    sparse, _ = neurorewrite.expand(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), alpha=4,
+                                    format="sparse")
+    weights = {name for node in sparse.graph.node if node.domain == "ai.neurorewrite" for name in node.input[1:]}
+    assert weights
+    stand_in = _shape_stand_ins(sparse, GraphIndex.build(sparse.graph))
+    assert not weights & {t.name for t in stand_in.graph.initializer}
+    capfd.readouterr()
+    folded, report = fold_static_values(sparse, {"x": [2, 3, 4]})
+    assert report.tensors == 1 and "Removing initializer" not in capfd.readouterr().err
+    x = {"x": rng.standard_normal((2, 3, 4)).astype(np.float32)}
+    np.testing.assert_allclose(ort_session(folded).run(None, x)[0], ort_session(sparse).run(None, x)[0], rtol=1e-6)
