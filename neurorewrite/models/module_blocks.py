@@ -14,7 +14,9 @@ Three patterns, matched on the :class:`~neurorewrite.models.trace_ops.OpGraph` o
   forward stays right once the fused linear is widened; a cut by a fixed size is a near miss.
 
 The checks that follow a match, each a :class:`SkippedModule` reason when it fails: both linears
-called once per forward (a module called twice cannot be widened for one call only), weights not
+called once per forward, or every call of them inside the same block (ALBERT runs one layer several
+times: widening the block's modules widens every call alike; a module called elsewhere too cannot be
+widened for one call only), weights not
 shared with another module, widths that agree, the hidden value not an output of the forward, and no
 other user of it (a norm, a reshape, a second linear). Like the ONNX detector
 (:mod:`neurorewrite.rewriter.blocks`), a chain whose region never looked like an activation (an
@@ -265,10 +267,24 @@ def _widths(module: nn.Module) -> tuple[int, int]:
     return int(module.in_features), int(module.out_features)
 
 
-def _check(model: nn.Module, graph: OpGraph, block: ModuleBlock, owners: dict[int, list[str]]) -> str | None:
+def _calls_outside(graph: OpGraph, block: ModuleBlock) -> str | None:
+    """A module of ``block`` called other than as part of ``block`` (every call of its first linear
+    matches the same block, and each of its modules is called that many times), or None."""
+    calls = [op for op in graph.linears() if op.name == block.first]
     for path in (*block.inputs, block.second):
-        if graph.calls[path] != 1:
-            return f"{path} is called {graph.calls[path]} times in one forward; widening it would change every call"
+        if graph.calls[path] != len(calls):
+            return path
+    if len(calls) > 1 and any(_match(graph, op)[0] != block for op in calls):
+        return block.first
+    return None
+
+
+def _check(model: nn.Module, graph: OpGraph, block: ModuleBlock, owners: dict[int, list[str]]) -> str | None:
+    outside = _calls_outside(graph, block)
+    if outside is not None:
+        return (f"{outside} is called {graph.calls[outside]} times in one forward, not each time in this block; widening"
+                " it would change every call")
+    for path in (*block.inputs, block.second):
         for param in model.get_submodule(path).parameters(recurse=False):
             others = [p for p in owners.get(id(param), []) if p != path]
             if others:

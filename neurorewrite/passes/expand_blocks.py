@@ -176,8 +176,10 @@ def expand_model(
             progress(position, len(blocks), block.name)
         leader = leaders.get(position, position)
         if leader == position:
+            # the k-th block expanded gets block k's seed: fpe_expand lists a block run several times once
+            ordinal = sum(leaders.get(p, p) == p for p in range(position))
             counts[position] = _expand_one(
-                current, block, replace(cfg, seed=block_seed(cfg.seed, position)),
+                current, block, replace(cfg, seed=block_seed(cfg.seed, ordinal)),
                 scales.get(block.name) if scales else None, input_scales.get(block.name) if input_scales else None)
         else:
             current.follow(block, blocks[leader])

@@ -50,6 +50,9 @@ BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "gpt2": lambda n: transformers.GPT2Model(transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=D, n_layer=n, n_head=2, n_positions=64, use_cache=False, bos_token_id=1,
         eos_token_id=2, attn_implementation="eager")),
+    "albert": lambda n: transformers.AlbertModel(transformers.AlbertConfig(  # n layers run one shared layer
+        vocab_size=VOCAB, hidden_size=D, intermediate_size=H, num_hidden_layers=n, num_attention_heads=2,
+        embedding_size=16, max_position_embeddings=64, attn_implementation="eager"), add_pooling_layer=False),
     "vit": lambda n: transformers.ViTModel(transformers.ViTConfig(
         hidden_size=D, num_hidden_layers=n, num_attention_heads=2, intermediate_size=H, image_size=16, patch_size=8,
         attn_implementation="eager")),

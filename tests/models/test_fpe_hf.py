@@ -15,7 +15,7 @@ from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import find_linears, read_weights
 from neurorewrite.rewriter.record import read_record
 from neurorewrite.runtime.ort import ort_session
-from tests.models.hf_models import build, inputs
+from tests.models.hf_models import H, build, inputs
 
 torch.set_num_threads(1)
 
@@ -168,3 +168,31 @@ def test_the_record_export_onnx_writes_drives_the_sparse_format(tmp_path, name):
     with torch.no_grad():
         want = first(new(**feeds)).numpy()
     np.testing.assert_allclose(ort_session(sparse).run(None, feed)[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_albert_shared_layer_is_one_block_on_both_sides(tmp_path):
+    """ALBERT runs one layer (one FFN) three times: ``fpe_expand`` widens its modules once, every call
+    reads them, and the export equals ``neurorewrite expand`` on the dense export, which expands the
+    three blocks it finds there as one (same seed, same weights and masks)."""
+    model, feeds = build("albert", layers=3), inputs("albert")
+    prefix = "encoder.albert_layer_groups.0.albert_layers.0."
+    new = fpe_expand(model, alpha=3, seed=4, example_inputs=feeds)
+    assert [(b.first, b.second) for b in new.fpe_record.blocks] == [(prefix + "ffn", prefix + "ffn_output")]
+    nnz = lambda m: sum(int(torch.count_nonzero(p)) for p in m.parameters())  # noqa: E731
+    assert nnz(new) == nnz(model)
+    export_onnx(model, tmp_path / "dense.onnx", feeds)
+    torch_side = export_onnx(new, tmp_path / "torch.onnx", feeds)
+    onnx_side, report = expand(tmp_path / "dense.onnx", alpha=3, seed=4)
+    assert len(report.blocks) == 3
+    widened = [(w, b) for w, b in onnx_weights(onnx_side) if w.shape[0] == 3 * H or w.shape[1] == 3 * H]
+    from_torch = [(w, b) for w, b in onnx_weights(torch_side) if w.shape[0] == 3 * H or w.shape[1] == 3 * H]
+    assert len(widened) == 6 and from_torch, "each of the three calls reads the widened weights"
+    for (wo, bo), (wt, bt) in zip(widened, from_torch * (len(widened) // len(from_torch)), strict=True):
+        np.testing.assert_allclose(wt, wo, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(wt != 0, wo != 0)
+        if bt is not None or bo is not None:
+            np.testing.assert_allclose(bt, bo, atol=1e-6, rtol=0)
+    feed = {k: v.numpy() for k, v in feeds.items()}
+    with torch.no_grad():
+        want = first(new(**feeds)).numpy()
+    np.testing.assert_allclose(ort_session(onnx_side).run(None, feed)[0], want, rtol=1e-4, atol=1e-4)

@@ -106,12 +106,21 @@ def test_export_fallback_when_fx_cannot_trace():
 
 
 class Twice(nn.Module):
+    """fc1 is called twice, the second time without the ReLU: widening it for the block would change that call."""
+
     def __init__(self) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(self.fc2(torch.relu(self.fc1(x))))))
+        return self.fc2(torch.relu(self.fc1(x))) + self.fc2(self.fc1(x))
+
+
+class RunTwice(Twice):
+    """The whole block runs twice (ALBERT's shared layer): every call of fc1 and fc2 is in it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.tanh(self.fc2(torch.relu(self.fc1(x)))))))
 
 
 class SharedWeight(nn.Module):
@@ -243,6 +252,20 @@ def test_near_misses_are_reported_with_their_reason(cls, name, reason):
     assert any(s.name == name and reason in s.reason for s in search.skipped), search.skipped
     with pytest.raises(NoBlocksError, match=reason):
         fpe_expand(model, alpha=2)
+
+
+def test_a_block_run_twice_is_one_block_whose_widened_modules_every_call_reads():
+    model = RunTwice()
+    search = find_blocks_in_module(model)
+    assert [(b.first, b.second, b.activation) for b in search.blocks] == [("fc1", "fc2", "ReLU")]
+    new = fpe_expand(model, alpha=2, seed=1)
+    assert new.fc1.out_features == 16 and new.fc2.in_features == 16
+    nnz = lambda m: sum(int(torch.count_nonzero(p)) for p in m.parameters())  # noqa: E731
+    assert nnz(new) == nnz(model)
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        once = new.fc2(torch.relu(new.fc1(x)))
+        torch.testing.assert_close(new(x), new.fc2(torch.relu(new.fc1(torch.tanh(once)))))
 
 
 def test_skipped_blocks_stay_in_the_report_next_to_expanded_ones():
