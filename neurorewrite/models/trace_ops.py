@@ -128,6 +128,11 @@ class OpGraph:
             self.users.setdefault(a, []).append(op.index)
         return op.index
 
+    def set_input(self, index: int, arg: int) -> None:
+        """Give op ``index``, which has none yet, its one tensor operand ``arg``."""
+        self.ops[index].args = (arg,)
+        self.users.setdefault(arg, []).append(index)
+
     def linears(self) -> Iterator[Op]:
         return (op for op in self.ops if op.kind == "linear")
 
@@ -283,10 +288,15 @@ def _export_graph(model: nn.Module, exported: torch.export.ExportedProgram) -> O
         call = _linear_call(model, node, cache) if node.op == "call_function" else None
         if call is not None:
             key, path = call
-            if key not in groups:  # the first node of this call: its data input is the call's input
-                data = [ids[a] for a in operands if a not in constant_nodes and ids.get(a) is not None]
+            # the call's data input: the first operand that is neither a constant nor made inside the call
+            # (a linear written as ``x @ self.weight.T``, Falcon's, first transposes its weight)
+            data = [ids[a] for a in operands if a not in constant_nodes and ids.get(a) is not None
+                    and ids[a] != groups.get(key)]
+            if key not in groups:
                 out.calls[path] += 1
                 groups[key] = out.add("linear", path, tuple(data[:1]), label=path)
+            elif data and not out.ops[groups[key]].args:
+                out.set_input(groups[key], data[0])
             ids[node] = groups[key]
             continue
         if operands and all(a in constant_nodes for a in operands):  # computed from constants only

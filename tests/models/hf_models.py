@@ -50,6 +50,10 @@ BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "gpt2": lambda n: transformers.GPT2Model(transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=D, n_layer=n, n_head=2, n_positions=64, use_cache=False, bos_token_id=1,
         eos_token_id=2, attn_implementation="eager")),
+    "falcon": lambda n: transformers.FalconModel(transformers.FalconConfig(  # FalconLinear: x @ weight.T
+        vocab_size=VOCAB, hidden_size=D, ffn_hidden_size=H, num_hidden_layers=n, num_attention_heads=2,
+        new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=False, use_cache=False,
+        attn_implementation="eager")),
     "albert": lambda n: transformers.AlbertModel(transformers.AlbertConfig(  # n layers run one shared layer
         vocab_size=VOCAB, hidden_size=D, intermediate_size=H, num_hidden_layers=n, num_attention_heads=2,
         embedding_size=16, max_position_embeddings=64, attn_implementation="eager"), add_pooling_layer=False),

@@ -32,6 +32,7 @@ FAMILIES = {  # name -> (first, up, second, activation)
     "vit": ("layers.0.mlp.fc1", None, "layers.0.mlp.fc2", "GELU"),
     "gpt2": ("h.0.mlp.c_fc", None, "h.0.mlp.c_proj", "GELU(tanh)"),  # HF Conv1D, weight stored (in, out)
     "phi3": ("layers.0.mlp.gate_up_proj", None, "layers.0.mlp.down_proj", "SiLU"),  # fused, cut by chunk(2)
+    "falcon": ("h.0.mlp.dense_h_to_4h", None, "h.0.mlp.dense_4h_to_h", "GELU"),  # FalconLinear: x @ weight.T
 }
 
 
@@ -89,7 +90,7 @@ SLOW = pytest.mark.slow  # the same form as a fast case: kept out of the fast ti
 
 
 @pytest.mark.parametrize("name", [
-    "bert", "gpt2", "llama", "phi3", "llama:tiered", "bert:tiered", "bert:tiered:0.6",
+    "bert", "gpt2", "llama", "phi3", "falcon", "llama:tiered", "bert:tiered", "bert:tiered:0.6",
     *(pytest.param(n, marks=SLOW) for n in ("vit", "t5_relu", "t5_gated", "qwen2", "gemma", "llama_hf_init")),
 ])
 def test_export_equals_the_onnx_pass_on_the_dense_export(tmp_path, name):
