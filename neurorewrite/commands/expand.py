@@ -136,7 +136,8 @@ def render_report(report: ExpandReport, output: Path) -> str:
         )
     ]
     if report.calibration:
-        cal = [(c["layer"], f"{c['rows']} + {c['holdout_rows']}", c["first"], c["support"],
+        shared = lambda c: f" (+{len(c['shared_with'])} block(s) sharing it)" if c.get("shared_with") else ""  # noqa: E731
+        cal = [(c["layer"] + shared(c), f"{c['rows']} + {c['holdout_rows']}", c["first"], c["support"],
                 f"{'-' if c['rmse_before'] is None else format(c['rmse_before'], '.4g')} -> {c['rmse_after']:.4g}",
                 f"{c['holdout_rmse_before']:.4g} -> {c['holdout_rmse_after']:.4g}", f"{c['seconds']:.1f}s")
                for c in report.calibration]

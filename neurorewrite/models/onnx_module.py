@@ -105,12 +105,13 @@ def linear_on_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.index_copy_(-1, fed, F.linear(x, weight[fed], None if bias is None else bias[fed]))
 
 
-def _trainable(index: GraphIndex, lin: Linear) -> bool:
-    return _not_trainable_because(index, lin) is None
+def _trainable(index: GraphIndex, lin: Linear, shared: Collection[str] = ()) -> bool:
+    return _not_trainable_because(index, lin, shared) is None
 
 
-def _not_trainable_because(index: GraphIndex, lin: Linear) -> str | None:
-    """Why the lifter cannot train ``lin`` (None when it can)."""
+def _not_trainable_because(index: GraphIndex, lin: Linear, shared: Collection[str] = ()) -> str | None:
+    """Why the lifter cannot train ``lin`` (None when it can). A layer in ``shared`` may read weights
+    other nodes read too: its caller gives all of them the same values."""
     if lin.read_only:
         return f"it is stored as {lin.op}, which is read, not trained"
     if lin.op not in LIFTED_FORMS or lin.bias_node is not None:
@@ -121,7 +122,7 @@ def _not_trainable_because(index: GraphIndex, lin: Linear) -> str | None:
         if index.constant_source(name) not in ("initializer", "constant"):
             return f"its {what} {name} is computed, not a constant"
         readers = len(index.consumers.get(name, [])) + (name in index.graph_outputs)
-        if readers > 1:
+        if readers > 1 and lin.name not in shared:
             return f"its {what} {name} is read by {readers} nodes (a shared weight: training one reader would change the others)"
     return None
 
@@ -185,7 +186,9 @@ class OnnxGraph(nn.Module):
     and returns the first output (:meth:`run` returns any tensors by name)."""
 
     def __init__(self, model: onnx.ModelProto, where: str = "model", train: Collection[str] | None = None,
-                 outputs: Collection[str] | None = None) -> None:
+                 outputs: Collection[str] | None = None, shared: Collection[str] = ()) -> None:
+        """``shared``: linears lifted although other nodes read their weights (each gets its own copy;
+        the caller keeps the copies equal, as calibration does for blocks that share one set)."""
         super().__init__()
         graph = model.graph
         index = GraphIndex.build(graph)
@@ -199,7 +202,7 @@ class OnnxGraph(nn.Module):
         ]
         self.layers = nn.ModuleDict()
         self.linears: dict[str, Linear] = {}
-        lifted = self._lift_linears(index, where, train)
+        lifted = self._lift_linears(index, where, train, shared)
         self._constants: dict[str, str] = {}
         self._lift_constants(index)
         self.steps = self._plan(model, index, lifted, where)
@@ -212,10 +215,11 @@ class OnnxGraph(nn.Module):
 
     # --- building -------------------------------------------------------------------------------
 
-    def _lift_linears(self, index: GraphIndex, where: str, train: Collection[str] | None) -> dict[int, Step]:
+    def _lift_linears(self, index: GraphIndex, where: str, train: Collection[str] | None,
+                      shared: Collection[str] = ()) -> dict[int, Step]:
         steps: dict[int, Step] = {}
         for lin in find_linears(index).values():
-            if not _trainable(index, lin):
+            if not _trainable(index, lin, shared):
                 continue
             key = f"linear{len(self.layers)}"
             w, b = read_weights(index, lin)
@@ -242,8 +246,10 @@ class OnnxGraph(nn.Module):
 
     def _lift_constants(self, index: GraphIndex) -> None:
         trained = {n for lin in self.linears.values() for n in (lin.weight, lin.bias) if n}
+        in_layers = {i for lin in self.linears.values() for i in lin.nodes}
         for name in list(index.initializers) + list(index.constant_nodes):
-            if name in trained:
+            # a layer's parameter holds it; another reader (an Identity copy a shared layer reads) needs it too
+            if name in trained and set(index.consumers.get(name, ())) <= in_layers:
                 continue
             value = index.constant_value(name)
             if value is None:

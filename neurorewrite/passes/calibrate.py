@@ -34,6 +34,11 @@ a Gram ``alpha^2`` times smaller, for models too wide for a per-child refit. The
 without an input are constant inputs of the refit, left out of its Gram, support and solve
 (:mod:`neurorewrite.fpe.constant_inputs`: the bias takes their shift). ``alpha == 1`` changes nothing.
 
+Blocks that read one set of weights (expand shares them: ALBERT's layers) are fit as one: each adds
+its rows where the runs reach it (the later ones see the earlier ones before the fit), the last one
+solves, every member takes the same W2' (written once), and W1' keeps its expansion (no lead refit,
+no block training). Its note gives the errors over all the members' rows.
+
 The input model is never modified. Place in the pipeline: expand -> (tie) -> **calibrate** -> lower.
 """
 
@@ -41,7 +46,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -151,19 +156,60 @@ def _residual_operand(index: GraphIndex, output: str) -> str | None:
     return None if index.constant_source(other) in ("initializer", "constant") or other == output else other
 
 
-def _refuse_shared_weights(index: GraphIndex, blocks: list[MLPBlock], where: str) -> None:
-    """Blocks that read one set of weights (expand shares them: ALBERT's layers) cannot be refit one by one."""
-    readers: dict[str, list[str]] = {}
+@dataclass
+class _SharedFit:
+    """Blocks that read one set of weights (expand shares them: ALBERT's layers), refit as one: each
+    member adds its rows where the runs reach it, the last one fits, and every member takes the fit."""
+
+    members: list[MLPBlock]
+    acc: FitAccumulator | None = None  # the fit rows of every member so far
+    held: FitAccumulator | None = None  # the held-out rows of every member so far
+    constant: ConstantInputs | None = None
+    seconds: float = 0.0
+    gram_cpu: list[float] = field(default_factory=list)
+
+    def is_last(self, block: MLPBlock) -> bool:
+        return block.name == self.members[-1].name
+
+
+def _shared_fits(index: GraphIndex, blocks: list[MLPBlock], where: str) -> dict[str, _SharedFit]:
+    """Block name -> the :class:`_SharedFit` of its group, for blocks whose linears read the weights of
+    another block's (a group of one is left out). Refused when such weights have readers outside the
+    group's linears, or a member is gated (its gate and up are not refit, but a chain could be)."""
+    by_weights: dict[tuple[str, ...], list[MLPBlock]] = {}
     for block in blocks:
-        for lin in block.linears:
-            readers.setdefault(index.alias_root(lin.weight), []).append(block.name)
-    shared = next((names for names in readers.values() if len(set(names)) > 1), None)
-    if shared is not None:
-        raise UnsupportedModelError(
-            f"{where}: blocks {', '.join(dict.fromkeys(shared))} read one set of weights (the model shares them between"
-            " layers, as ALBERT does); calibration refits each block on its own rows and cannot keep them one set:"
-            " expand without --calibrate (the blocks stay shared, the count exact), or calibrate an export whose"
-            " layers do not share weights")
+        by_weights.setdefault(tuple(index.alias_root(lin.weight) for lin in block.linears), []).append(block)
+    roots = [root for key, members in by_weights.items() for _ in members for root in key]
+    fits: dict[str, _SharedFit] = {}
+    for key, members in by_weights.items():
+        if len(members) == 1:
+            continue
+        readers = {c for root in key for c in _readers(index, root)}
+        linears = {lin.node for b in members for lin in b.linears}
+        if not readers <= linears or any(roots.count(root) != len(members) for root in key):
+            names = ", ".join(b.name for b in members)
+            raise UnsupportedModelError(
+                f"{where}: blocks {names} read one set of weights that other nodes read too; calibration refits the"
+                " set for these blocks only: expand without --calibrate, or calibrate an export whose layers do not"
+                " share weights")
+        fit = _SharedFit(members)
+        for block in members:
+            fits[block.name] = fit
+    return fits
+
+
+def _readers(index: GraphIndex, root: str) -> list[int]:
+    """The nodes that read constant ``root``, through its Identity copies (the copies themselves not)."""
+    found, frontier = [], [root]
+    while frontier:
+        name = frontier.pop()
+        for c in index.consumers.get(name, ()):
+            node = index.graph.node[c]
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+                frontier.append(node.output[0])
+            else:
+                found.append(c)
+    return found
 
 
 def _rmse(sse: float, count: int) -> float:
@@ -186,11 +232,12 @@ def calibrate_model(
     ends = chain_ends(blocks_by_output(expanded, {b.output_tensor for b in report.blocks}))
     train = {lin.name for b in ends for lin in (b.first, b.second)}
     index = GraphIndex.build(expanded.graph)
-    _refuse_shared_weights(index, ends, where)
+    shared = _shared_fits(index, ends, where)
     # lift only what the blocks' targets need: nodes after the last block may use any op
     needed = [b.second.output for b in ends] + [r for b in ends if (r := _residual_operand(index, b.second.output))]
     lifted_original = OnnxGraph(original, "the original model", outputs=needed)
-    lifted = OnnxGraph(expanded, "the expanded model", train=train, outputs=needed)
+    lifted = OnnxGraph(expanded, "the expanded model", train=train, outputs=needed,
+                       shared={lin.name for b in ends if b.name in shared for lin in b.linears})
     chunks = chunk_sample_for(lifted_original, lifted.inputs, sample, where, options.holdout, options.chunk_rows,
                               options.mask_input)
     runs = _Runs(lifted_original, lifted, chunks, [lifted_original.start(c.feeds) for c in chunks.chunks],
@@ -199,7 +246,9 @@ def calibrate_model(
     for position, block in enumerate(ends):
         if progress is not None:
             progress(position, len(ends), block.name)
-        note = _calibrate_block(runs, block, index, report.alpha, tied, options, where)
+        note = _calibrate_block(runs, block, index, report.alpha, tied, options, where, shared.get(block.name))
+        if note is None:  # a block that shares its weights with a later one: that one fits them all
+            continue
         notes.append(note)
         inputs = note["width"] - note["constant_inputs"]  # a constant input's weight is the bias's to take
         if note["rows"] < inputs:
@@ -228,8 +277,12 @@ def calibrate_model(
 
 
 def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: int, tied: bool,
-                     options: CalibrateOptions, where: str = "--calibrate") -> dict:
-    """Stream one block's statistics over the sample, refit it, run the sample on past it."""
+                     options: CalibrateOptions, where: str = "--calibrate", group: _SharedFit | None = None) -> dict | None:
+    """Stream one block's statistics over the sample, refit it, run the sample on past it.
+
+    In a ``group`` (blocks that share their weights) the block adds its rows to the group's and, unless
+    it is the last member, returns None; the last one fits the weights of all (W2' only: no lead refit
+    of W1', no block training), and its note tells the fit and held-out errors over every member's rows."""
     start, gram_cpu = time.perf_counter(), []  # process CPU seconds of each chunk's accumulation
     # one weight per parent (tied, or --refit-per parent): fit on each parent's summed children
     alpha = children if tied or options.refit_per == "parent" else 1
@@ -244,8 +297,8 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     width, outputs = lin2.in_features // alpha, lin2.out_features
     empty = _inputless(exp, block, alpha)
     # made at the first fit rows: whether constant inputs can be left out of the fit depends on their value
-    acc: FitAccumulator | None = None
-    constant: ConstantInputs | None = None
+    acc = None if group is None else group.acc
+    constant = None if group is None else group.constant
     targets: list[torch.Tensor] = []  # per chunk, the target rows (outputs wide, not hidden wide)
     reservoir_x: list[torch.Tensor] = []
     reservoir_t: list[torch.Tensor] = []
@@ -253,7 +306,8 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
     # the lead refit: not for gated blocks (a gate and an up row per child); _refit_lead declines a chain's
     # middle linear (its input is widened too). bare: per chunk, the bare block's output rows (errors before)
     bare, held_out = None, any(c.holdout for c in runs.sample.chunks)
-    if options.first_layer == "lead" and options.refit != "none" and children > 1 and not tied and not block.gated:
+    if (options.first_layer == "lead" and options.refit != "none" and children > 1 and not tied and not block.gated
+            and group is None):
         bare = _refit_lead(runs, lin1, lin2, s1, block_steps, children, options.ridge, fit_rows=not held_out)
     lead, fit_sse_before = bare is not None, 0.0
     with torch.no_grad():
@@ -278,7 +332,7 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
                 fit_sse_before += sse
             # W1' and the activation: the hidden rows (a lead refit's held-out chunk, above, needs neither)
             env = exp.run_steps({lin1.data_input: x}, block_steps[:-1], keep={lin2.data_input})
-            if chunk.holdout:  # the fit rows' error before comes from the moments, at a fraction of the cost
+            if chunk.holdout and group is None:  # the fit rows' error before comes from the moments, at a fraction of the cost
                 y_now = chunk.rows(exp.run_steps(env, block_steps[-1:])[lin2.output], outputs, lin2.feature_axis)
                 holdout_sse_before.append(float((y_now - t).pow(2).sum()))
                 continue
@@ -298,11 +352,23 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
                     raise RuntimeError(f"{lin2.name}: an input no weight of {lin1.name} feeds varies over the sample "
                                        "(internal error: the block is not elementwise between its linears)")
                 rows_h = np.take(rows_h, constant.active, axis=1)
+            if chunk.holdout:  # a group's held-out rows: scored from their moments once the last member has fit
+                assert group is not None
+                group.held = group.held or FitAccumulator(acc.width, outputs)
+                group.held.add(rows_h, t.numpy())
+                continue
             acc.add(rows_h, t.numpy())
             gram_cpu.append(time.process_time() - tick)
             if options.refit == "block" and sum(len(r) for r in reservoir_x) < options.block_rows:
                 reservoir_x.append(chunk.rows(x, lin1.in_features, lin1.feature_axis))
                 reservoir_t.append(t)
+        if group is not None:
+            group.acc, group.constant = acc, constant
+            group.seconds += time.perf_counter() - start
+            group.gram_cpu += gram_cpu
+            if not group.is_last(block):
+                return None
+            start, gram_cpu = time.perf_counter() - group.seconds, group.gram_cpu
         moments = (acc or FitAccumulator(width, outputs)).finish()
         if constant is not None:
             moments = replace(moments, constant=len(constant.columns))
@@ -325,6 +391,8 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         else:
             sse_before = fit_sse_before
         tick = time.process_time()
+        # the layers that take the fit: this block's, or every member's of its group (equal copies)
+        refit = [layer2] if group is None else [exp.layers[exp.key_of(m.second.name)] for m in group.members]
         # per child only: per parent (and tied) a row's support is a set of parents whose copies share one weight
         support = "hessian" if options.support == "hessian" and alpha == 1 and isinstance(moments, Moments) else "kept"
         if support == "hessian":
@@ -334,7 +402,8 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
             except DataError as error:
                 raise DataError(f"{where}: {lin2.name}: {error}") from None
             w0 = chosen if constant is None else constant.widen(chosen, w0)
-            layer2.weight_mask.copy_(torch.from_numpy(w0 != 0).reshape(layer2.weight_mask.shape))
+            for layer in refit:
+                layer.weight_mask.copy_(torch.from_numpy(w0 != 0).reshape(layer.weight_mask.shape))
         support_cpu = time.process_time() - tick
         tick = time.process_time()
         # the preconditioner groups a parent's children; fit per parent there are none to group
@@ -346,31 +415,47 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
                                           offset=None if constant is None else constant.offset(w0))
         if constant is not None:  # the constant columns keep their weights (the bias took their shift)
             new_w = constant.widen(new_w, w0)
+        fitted = new_w, new_b
         if alpha > 1:
             new_w = copy_outputs(new_w, alpha)
-        layer2.weight.copy_(torch.from_numpy(new_w))
-        if new_b is not None and layer2.bias is not None:
-            layer2.bias.copy_(torch.from_numpy(new_b))
-        if not tied:  # pruned copies stay zero before the sample runs on (OnnxGraph.weights restores the support)
-            layer2.apply_mask()
+        for layer in refit:
+            layer.weight.copy_(torch.from_numpy(new_w))
+            if new_b is not None and layer.bias is not None:
+                layer.bias.copy_(torch.from_numpy(new_b))
+            if not tied:  # pruned copies stay zero before the sample runs on (OnnxGraph.weights restores the support)
+                layer.apply_mask()
         solve_cpu = time.process_time() - tick
     block_fit = None
     tick = time.process_time()
-    if options.refit == "block" and not tied:  # training the block would untie the shared columns
+    if options.refit == "block" and not tied and group is None:  # training would untie shared columns or blocks
         x_rows, t_rows = torch.cat(reservoir_x)[: options.block_rows], torch.cat(reservoir_t)[: options.block_rows]
         block_fit = fit_block(exp, block_steps, [key1, key2], lin1.data_input, lin2.output, x_rows, t_rows,
                               options.block_steps, options.block_lr, options.block_batch, options.seed)
     block_cpu = time.process_time() - tick
     sse_after: dict[bool, list[float]] = {False: [], True: []}  # per chunk, by whether it is held out
+    if group is not None:  # every member's rows, from their moments: W1' did not change, so neither did h
+        scored = {False: moments, True: None if group.held is None else group.held.finish()}
+        rows = {h: 0 if m is None else int(m.n) for h, m in scored.items()}
+        for h, m in scored.items():
+            if m is not None:
+                w_fit, b_fit = fitted
+                shift = None if constant is None else constant.offset(w_fit)
+                sse_after[h].append(float(m.error(w_fit[:, active], b_fit if shift is None else (0.0 if b_fit is None else b_fit) + shift).sum()))
+                if h:
+                    holdout_sse_before.append(float(m.error(w0[:, active], b_all).sum()))
     with torch.no_grad():
         for chunk, ecur, t in zip(runs.sample.chunks, runs.exp_cursors, targets):
+            if group is not None:
+                break
             exp.advance(ecur, s2 + 1)
             y = chunk.rows(ecur.env[lin2.output], outputs, lin2.feature_axis)
             exp.release(ecur)
             sse_after[chunk.holdout].append(float((y - t).pow(2).sum()))
-    rows = {h: sum(len(t) for c, t in zip(runs.sample.chunks, targets) if c.holdout == h) for h in (False, True)}
+    if group is None:
+        rows = {h: sum(len(t) for c, t in zip(runs.sample.chunks, targets) if c.holdout == h) for h in (False, True)}
     return {
         "block": block.name, "layer": lin2.name, "rows": rows[False], "holdout_rows": rows[True],
+        "shared_with": [] if group is None else [m.name for m in group.members if m.name != block.name],
         "width": width, "constant_inputs": 0 if constant is None else len(constant.columns), "target": "residual" if residual is not None else "output", "refit": options.refit, "support": support,
         "first": "lead" if lead else "keep", "first_layer": lin1.name,
         "rmse_before": None if sse_before is None else _rmse(sse_before, rows[False] * outputs), "rmse_after": _rmse(sum(sse_after[False]), rows[False] * outputs),

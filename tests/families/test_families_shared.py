@@ -1,7 +1,7 @@
 """ALBERT, built from its transformers config and exported: its layers run one shared FFN, which the
 TorchScript exporter writes as Identity copies of one set of weights. Expanded once, both blocks read
-the one expanded copy in every format, so the whole model keeps its nonzero count; calibration, which
-would refit each block on its own, refuses it and says what to do."""
+the one expanded copy in every format, so the whole model keeps its nonzero count; calibration fits
+the one set on both blocks' rows."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from onnx import numpy_helper
 
 import neurorewrite
-from neurorewrite.errors import UnsupportedModelError
 from neurorewrite.rewriter.blocks import find_blocks
 from neurorewrite.rewriter.io import load_model
 from neurorewrite.runtime.ort import ort_session
@@ -59,8 +58,12 @@ def test_albert_formats_store_the_shared_ffn_once(families, tmp_path, fmt: str) 
     np.testing.assert_allclose(got, run_model(dense, feeds("albert"))[0], rtol=1e-4, atol=1e-5)
 
 
-def test_albert_calibration_refuses_shared_blocks_and_says_what_to_do(families) -> None:
+def test_albert_calibrates_its_shared_ffn_as_one_set(families) -> None:
     path = families.path("albert", "ts")
-    sample = {"input_ids": np.random.default_rng(0).integers(0, 101, (16, 9)).astype(np.int64)}
-    with pytest.raises(UnsupportedModelError, match="read one set of weights.*expand without --calibrate"):
-        neurorewrite.expand(path, alpha=4, calibrate=sample)
+    sample = {"input_ids": np.random.default_rng(0).integers(0, 101, (64, 9)).astype(np.int64)}
+    new, report = neurorewrite.expand(path, alpha=4, calibrate=sample)
+    assert initializer_nonzeros(new) == initializer_nonzeros(load_model(path))
+    first, second = find_blocks(new).blocks
+    assert [lin.weight for lin in first.linears] == [lin.weight for lin in second.linears]
+    (note,) = report.calibration
+    assert note["shared_with"] == [first.name] and note["holdout_rmse_after"] < note["holdout_rmse_before"]

@@ -241,7 +241,8 @@ def test_held_out_errors_are_the_models_own_on_the_held_out_samples() -> None:
     assert all(isinstance(v, float) and v == round(v, 2) and 0 <= v <= spent + 0.01 for v in note["cpu_seconds"].values())
     assert set(note) == {"block", "layer", "rows", "holdout_rows", "width", "target", "refit", "support", "rmse_before", "rmse_after",
                          "holdout_rmse_before", "holdout_rmse_after", "solver", "iterations", "residual", "block_mse",
-                         "seconds", "cpu_seconds", "first", "first_layer", "constant_inputs"}
+                         "seconds", "cpu_seconds", "first", "first_layer", "constant_inputs", "shared_with"}
+    assert note["shared_with"] == []
     assert (note["block"], note["layer"], note["solver"]) == ("fc1", "fc2", "cg")
     assert (note["first"], note["first_layer"]) == ("lead", "fc1")
     assert 0 < note["iterations"] <= CalibrateOptions().iterations and 0 <= note["residual"] < 1

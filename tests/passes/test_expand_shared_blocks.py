@@ -1,6 +1,6 @@
 """Blocks that read the same weights (ALBERT shares one FFN across its layers) are expanded once: every
 such block reads the one expanded copy, so the whole model's nonzero count stays the original's and
-the blocks keep computing one function."""
+the blocks keep computing one function. Calibration fits the shared W2' once, on every member's rows."""
 
 from __future__ import annotations
 
@@ -97,3 +97,30 @@ def test_a_reader_outside_the_blocks_keeps_the_original_weight() -> None:
     assert run_model(new, {"x": x})[1] == pytest.approx(run_model(original, {"x": x})[1])
     # the blocks share one expanded copy; the original w1 stays for the outside reader
     assert initializer_nonzeros(new) == initializer_nonzeros(original) + D * H
+
+
+def test_calibration_fits_the_shared_weights_once_on_every_members_rows() -> None:
+    original = twice_applied_ffn()
+    n = 200
+    x = np.random.default_rng(2).standard_normal((n, D)).astype(np.float32)
+    bare, _ = neurorewrite.expand(original, alpha=4, seed=3, split="tiered")
+    new, report = neurorewrite.expand(original, alpha=4, seed=3, calibrate={"x": x})
+    assert initializer_nonzeros(new) == initializer_nonzeros(original)
+    first, second = find_blocks(new).blocks
+    assert [lin.weight for lin in first.linears] == [lin.weight for lin in second.linears], "still one set"
+    (note,) = report.calibration  # one fit for the group, at its last member
+    assert note["block"] == second.name and note["shared_with"] == [first.name]
+    assert note["rows"] + note["holdout_rows"] == 2 * n, "both members' rows"
+    assert note["rmse_after"] < note["rmse_before"] and note["holdout_rmse_after"] < note["holdout_rmse_before"]
+    test = {"x": np.random.default_rng(3).standard_normal((64, D)).astype(np.float32)}
+    want = run_model(original, test)[0]
+    error = lambda m: float(np.sqrt(((run_model(m, test)[0] - want) ** 2).mean()))  # noqa: E731
+    assert error(new) < error(bare)
+
+
+def test_calibration_leaves_the_original_weight_to_a_reader_outside_the_blocks() -> None:
+    original = twice_applied_ffn(outside_reader=True)
+    x = {"x": np.random.default_rng(2).standard_normal((100, D)).astype(np.float32)}
+    new, report = neurorewrite.expand(original, alpha=4, seed=3, calibrate=x)
+    assert len(report.calibration) == 1
+    assert run_model(new, x)[1] == pytest.approx(run_model(original, x)[1])
