@@ -42,7 +42,7 @@ from onnx import helper
 
 from neurorewrite.ops import DOMAIN, CsrMatrix, csr_from_entries, is_sparse_linear
 from neurorewrite.rewriter.blocks import MLPBlock, find_blocks, shape_only_nodes
-from neurorewrite.rewriter.editor import GraphEditor
+from neurorewrite.rewriter.editor import RUNTIME_ONLY, GraphEditor
 from neurorewrite.rewriter.graph import GraphIndex, node_label
 from neurorewrite.rewriter.linear import Linear
 from neurorewrite.rewriter.sparse_nodes import read_sparse_linear
@@ -187,7 +187,7 @@ def _replace_inputs(editor: GraphEditor, i: int, inputs: dict[int, np.ndarray], 
     for slot, value in inputs.items():
         if names[slot]:
             editor.drop_constant(names[slot])
-        names[slot] = editor.const(f"{base}.{roles[slot]}", value)
+        names[slot] = editor.const(f"{base}.{roles[slot]}", value, RUNTIME_ONLY)
     del node.input[:]
     node.input.extend(names)
     for attr in node.attribute:
@@ -223,7 +223,7 @@ def _narrow_held_bias(editor: GraphEditor, lin: Linear, rows: np.ndarray) -> Non
         return
     holder = editor.index.graph.node[lin.bias_node]
     slot = list(holder.input).index(lin.bias)
-    editor.rename_input(lin.bias_node, slot, editor.const(lin.bias + ".kept", np.take(value, rows, axis=-1)))
+    editor.rename_input(lin.bias_node, slot, editor.const(lin.bias + ".kept", np.take(value, rows, axis=-1), RUNTIME_ONLY))
 
 
 def _fold_second(editor: GraphEditor, b: int, label: str, empty: np.ndarray, keep: np.ndarray,

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from neurorewrite.ops import csr_from_entries, is_sparse_linear, narrowest_int, sparse_linear_node
-from neurorewrite.rewriter.editor import GraphEditor
+from neurorewrite.rewriter.editor import RUNTIME_ONLY, GraphEditor
 from neurorewrite.rewriter.graph import get_attr, node_label
 from neurorewrite.rewriter.record import read_record
 from neurorewrite.rewriter.sparse_nodes import read_sparse_linear
@@ -122,7 +122,7 @@ def _folded_nodes(editor: GraphEditor, node: onnx.NodeProto, label: str, parents
     if rest[0].size:
         # the few untied copies read a handful of children: gather those, not the whole hidden layer
         used, local = np.unique(rest[1].astype(np.int64), return_inverse=True)
-        (picked,) = editor.node("Gather", [x, editor.const(label + ".untied_columns", used)], label, axis=-1)
+        (picked,) = editor.node("Gather", [x, editor.const(label + ".untied_columns", used, RUNTIME_ONLY)], label, axis=-1)
         untied = editor.name(label + ".untied")
         csr = (rest[0], local.astype(narrowest_int(max(used.size - 1, 0))), rest[2])
         _sparse_node(editor, [picked], csr, [], untied, label + "/untied", int(used.size), n_out)
@@ -132,5 +132,5 @@ def _folded_nodes(editor: GraphEditor, node: onnx.NodeProto, label: str, parents
 
 def _sparse_node(editor: GraphEditor, data: list[str], csr: Csr, bias: list[str], out: str, base: str,
                  n_in: int, n_out: int) -> None:
-    arrays = [editor.const(f"{base}.{role}", a) for role, a in zip(("values", "indices", "indptr"), csr)]
+    arrays = [editor.const(f"{base}.{role}", a, RUNTIME_ONLY) for role, a in zip(("values", "indices", "indptr"), csr)]
     editor.pending.append(sparse_linear_node([*data, *arrays, *bias], out, editor.name(base), n_in, n_out))

@@ -23,7 +23,7 @@ import onnx
 
 from neurorewrite.errors import InvalidOptionError
 from neurorewrite.ops import DOMAIN, CsrMatrix, is_sparse_linear
-from neurorewrite.rewriter.editor import GraphEditor
+from neurorewrite.rewriter.editor import RUNTIME_ONLY, GraphEditor
 from neurorewrite.rewriter.graph import node_label
 from neurorewrite.rewriter.sparse_nodes import read_sparse_linear
 
@@ -59,21 +59,21 @@ def to_standard_ops(model: onnx.ModelProto, method: str = "densify") -> onnx.Mod
 
 def _add_bias(editor: GraphEditor, y: str, out: str, base: str, bias: np.ndarray | None) -> None:
     if bias is not None:
-        editor.node("Add", [y, editor.const(base + ".bias", bias)], base, outputs=[out])
+        editor.node("Add", [y, editor.const(base + ".bias", bias, RUNTIME_ONLY)], base, outputs=[out])
 
 
 def _densified(editor: GraphEditor, x: str, out: str, base: str, csr: CsrMatrix, bias: np.ndarray | None) -> None:
-    weight = editor.const(base + ".dense_w", np.ascontiguousarray(csr.to_dense().T))
+    weight = editor.const(base + ".dense_w", np.ascontiguousarray(csr.to_dense().T), RUNTIME_ONLY)
     (y,) = editor.node("MatMul", [x, weight], base, outputs=None if bias is not None else [out])
     _add_bias(editor, y, out, base, bias)
 
 
 def _gathered(editor: GraphEditor, x: str, out: str, base: str, csr: CsrMatrix, bias: np.ndarray | None) -> None:
     ell_idx, ell_val = _ell(csr)
-    (picked,) = editor.node("Gather", [x, editor.const(base + ".ell_idx", ell_idx.ravel())], base, axis=-1)
+    (picked,) = editor.node("Gather", [x, editor.const(base + ".ell_idx", ell_idx.ravel(), RUNTIME_ONLY)], base, axis=-1)
     shape = editor.leading_shape(x, base, list(ell_idx.shape))
     (rows,) = editor.node("Reshape", [picked, shape], base)
-    (products,) = editor.node("Mul", [rows, editor.const(base + ".ell_val", ell_val)], base)
+    (products,) = editor.node("Mul", [rows, editor.const(base + ".ell_val", ell_val, RUNTIME_ONLY)], base)
     summed = editor.reduce_sum(products, [-1], base, output=None if bias is not None else out)
     _add_bias(editor, summed, out, base, bias)
 

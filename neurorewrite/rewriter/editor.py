@@ -97,9 +97,9 @@ class GraphEditor:
         """A tensor or node name not used in the graph yet."""
         return unique_name(base, self.taken)
 
-    def const(self, base: str, value: np.ndarray) -> str:
-        """A new initializer holding ``value``; returns its (unique) name."""
-        return self.constant(base, np.asarray(value))
+    def const(self, base: str, value: np.ndarray, source: str | None = None) -> str:
+        """A new initializer holding ``value``; returns its (unique) name (see :meth:`constant` for ``source``)."""
+        return self.constant(base, np.asarray(value), source)
 
     def constant(self, base: str, value: np.ndarray, source: str | None = None) -> str:
         """The name of a new initializer holding ``value`` (any layout: it is written in C order), or of
@@ -274,6 +274,12 @@ class GraphEditor:
             if domain not in have:
                 new.opset_import.add(domain=domain, version=version)
         return new
+
+
+# The ``source`` of constants that go to a runtime, never back to a file that is trained (what the runtime
+# preparation makes): equal ones are stored once whatever layer made them, so the layers of blocks that
+# share their weights (ALBERT's) do not get a copy each in the runtime's memory.
+RUNTIME_ONLY = "runtime only"
 
 
 def constant_base(editor: GraphEditor, lin: Linear) -> str:

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 import neurorewrite
 from neurorewrite.rewriter.blocks import find_blocks
 from neurorewrite.rewriter.io import load_model
+from neurorewrite.passes.prepare import prepare_for_runtime
 from neurorewrite.runtime.ort import ort_session
 from tests.conftest import run_model
 from tests.families.hf import feeds
@@ -67,3 +68,19 @@ def test_albert_calibrates_its_shared_ffn_as_one_set(families) -> None:
     assert [lin.weight for lin in first.linears] == [lin.weight for lin in second.linears]
     (note,) = report.calibration
     assert note["shared_with"] == [first.name] and note["holdout_rmse_after"] < note["holdout_rmse_before"]
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "tvm"])
+def test_the_runtime_preparation_keeps_one_copy_of_the_shared_ffn(families, tmp_path, runtime: str) -> None:
+    """Densified (onnxruntime) or folded (TVM), the two uses of ALBERT's FFN read one set of constants:
+    a copy per use would multiply the runtime's memory for the FFN by the number of layers."""
+    path = families.path("albert", "ts")
+    sample = {"input_ids": np.random.default_rng(0).integers(0, 101, (64, 9)).astype(np.int64)}
+    out = tmp_path / "albert.sparse.onnx"
+    neurorewrite.expand(path, alpha=4, calibrate=sample, format="sparse", output=out)
+    prepared, _ = prepare_for_runtime(load_model(out), runtime)
+    inits = {t.name for t in prepared.graph.initializer}
+    ffn = [n for n in prepared.graph.node if "/ffn" in n.name and n.op_type in ("MatMul", "SparseLinear")]
+    weights = [[i for i in n.input[1:] if i in inits] for n in ffn]
+    assert len(ffn) >= 4 and all(weights)
+    assert len({tuple(w) for w in weights}) == len(ffn) // 2, "each layer's constants once, read by both uses"
