@@ -174,8 +174,8 @@ class _SharedFit:
 
 def _shared_fits(index: GraphIndex, blocks: list[MLPBlock], where: str) -> dict[str, _SharedFit]:
     """Block name -> the :class:`_SharedFit` of its group, for blocks whose linears read the weights of
-    another block's (a group of one is left out). Refused when such weights have readers outside the
-    group's linears, or a member is gated (its gate and up are not refit, but a chain could be)."""
+    another block's (a group of one is left out). Refused when other nodes read such weights too (expand
+    gives the group tensors of its own, so only a chain through the group or a hand-made graph does)."""
     by_weights: dict[tuple[str, ...], list[MLPBlock]] = {}
     for block in blocks:
         by_weights.setdefault(tuple(index.alias_root(lin.weight) for lin in block.linears), []).append(block)
@@ -184,7 +184,7 @@ def _shared_fits(index: GraphIndex, blocks: list[MLPBlock], where: str) -> dict[
     for key, members in by_weights.items():
         if len(members) == 1:
             continue
-        readers = {c for root in key for c in _readers(index, root)}
+        readers = {c for root in key for c in index.readers(root)[0]}
         linears = {lin.node for b in members for lin in b.linears}
         if not readers <= linears or any(roots.count(root) != len(members) for root in key):
             names = ", ".join(b.name for b in members)
@@ -196,20 +196,6 @@ def _shared_fits(index: GraphIndex, blocks: list[MLPBlock], where: str) -> dict[
         for block in members:
             fits[block.name] = fit
     return fits
-
-
-def _readers(index: GraphIndex, root: str) -> list[int]:
-    """The nodes that read constant ``root``, through its Identity copies (the copies themselves not)."""
-    found, frontier = [], [root]
-    while frontier:
-        name = frontier.pop()
-        for c in index.consumers.get(name, ()):
-            node = index.graph.node[c]
-            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
-                frontier.append(node.output[0])
-            else:
-                found.append(c)
-    return found
 
 
 def _rmse(sse: float, count: int) -> float:

@@ -116,19 +116,25 @@ class GraphIndex:
     def sharing(self, name: str) -> int:
         """How many node inputs (and graph outputs) other than one read the constant behind ``name``,
         through every ``Identity`` copy of it: 0 when only one user reads it."""
+        nodes, outputs = self.readers(name)
+        return max(len(nodes) + outputs - 1, 0)
+
+    def readers(self, name: str) -> tuple[list[int], int]:
+        """The nodes that read the constant behind ``name`` (once per input it fills), through every
+        ``Identity`` copy of it (the copies themselves not), and how many graph outputs it is."""
         root = self.alias_root(name)
-        users, frontier, seen = 0, [root], {root}
+        nodes, outputs, frontier, seen = [], 0, [root], {root}
         while frontier:
             t = frontier.pop()
-            users += 1 if t in self.graph_outputs else 0
+            outputs += t in self.graph_outputs
             for i in self.consumers.get(t, ()):
                 node = self.graph.node[i]
                 if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.output[0] not in seen:
                     seen.add(node.output[0])
                     frontier.append(node.output[0])
                 else:
-                    users += 1
-        return max(users - 1, 0)
+                    nodes.append(i)
+        return nodes, outputs
 
 
 def _constant_attr_value(node: onnx.NodeProto) -> np.ndarray | None:

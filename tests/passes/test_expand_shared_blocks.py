@@ -124,3 +124,19 @@ def test_calibration_leaves_the_original_weight_to_a_reader_outside_the_blocks()
     new, report = neurorewrite.expand(original, alpha=4, seed=3, calibrate=x)
     assert len(report.calibration) == 1
     assert run_model(new, x)[1] == pytest.approx(run_model(original, x)[1])
+
+
+def test_calibration_refuses_shared_weights_that_another_node_reads() -> None:
+    """expand gives a group tensors of its own; a graph where another node reads them too (made by hand
+    here) cannot have them refit for the blocks alone."""
+    from neurorewrite.errors import UnsupportedModelError
+    from neurorewrite.passes.calibrate import calibrate_model
+
+    original = twice_applied_ffn()
+    expanded, report = neurorewrite.expand(original, alpha=4, seed=3)
+    weight = find_blocks(expanded).blocks[0].first.weight
+    expanded.graph.node.append(helper.make_node("ReduceSum", [weight], ["w_total"], name="outside", keepdims=0))
+    expanded.graph.output.append(helper.make_tensor_value_info("w_total", TensorProto.FLOAT, []))
+    x = {"x": np.random.default_rng(2).standard_normal((100, D)).astype(np.float32)}
+    with pytest.raises(UnsupportedModelError, match="read one set of weights that other nodes read too"):
+        calibrate_model(original, expanded, report, x)
