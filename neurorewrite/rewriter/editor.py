@@ -8,9 +8,11 @@ The input model is never modified, and weights about to be replaced are never co
 Node order is kept: nodes that replace a node are emitted where it was, so a topologically sorted
 graph stays sorted. Every created node and tensor gets a name no other node or tensor has.
 A new constant made twice from one source (the same base name or source key, the same contents) is
-stored once (:meth:`GraphEditor.constant`): blocks that read one set of weights (ALBERT's shared
-layers) keep reading one set after any rewrite. Equal contents from different sources (children's
-equal bias shares, or one bias two layers with different weights read) stay separate parameters. Operators whose signature changed between opsets (``ReduceSum``'s and ``Split``'s axes moved from an
+stored once (:meth:`GraphEditor.const`): blocks that read one set of weights (ALBERT's shared layers)
+keep reading one set after any rewrite. Equal contents from different sources (children's equal bias
+shares, or one bias two layers with different weights read) stay separate parameters.
+
+Operators whose signature changed between opsets (``ReduceSum``'s and ``Split``'s axes moved from an
 attribute to an input in opset 13) are built by :meth:`GraphEditor.reduce_sum` and
 :meth:`GraphEditor.split`, the one place that knows it.
 """
@@ -82,7 +84,7 @@ class GraphEditor:
     renames: dict[tuple[int, int], str] = field(default_factory=dict)  # (node index, input slot) -> tensor
     unscaled: set[int] = field(default_factory=set)  # Gemm/FusedMatMul nodes whose alpha/beta become 1
     released: set[str] = field(default_factory=set)  # constants to drop once nothing reads them any more
-    by_content: dict[bytes, str] = field(default_factory=dict)  # a new constant's base name and contents -> its name
+    by_content: dict[bytes, str] = field(default_factory=dict)  # a new constant's source and contents -> its name
 
     @classmethod
     def start(cls, model: onnx.ModelProto) -> GraphEditor:
@@ -98,13 +100,10 @@ class GraphEditor:
         return unique_name(base, self.taken)
 
     def const(self, base: str, value: np.ndarray, source: str | None = None) -> str:
-        """A new initializer holding ``value``; returns its (unique) name (see :meth:`constant` for ``source``)."""
-        return self.constant(base, np.asarray(value), source)
-
-    def constant(self, base: str, value: np.ndarray, source: str | None = None) -> str:
         """The name of a new initializer holding ``value`` (any layout: it is written in C order), or of
         the one this editor already made from ``source`` (default: ``base``) with the same dtype, shape
         and bytes."""
+        value = np.asarray(value)
         key = (source or base).encode() + b"\0" + _content_key(value)
         name = self.by_content.get(key)
         if name is None:
@@ -190,7 +189,7 @@ class GraphEditor:
         values = [stored] if b is None or lin.bias is None else [stored, b.reshape(self._bias_shape(lin.bias, b.size))]
         # layers that read one weight tensor and get equal new weights share them (a bias only with its weight)
         root = self.index.alias_root(lin.weight)
-        names = [self.constant(old + ".fpe", value.astype(self._stored_dtype(old), copy=False), f"{root}/{slot}")
+        names = [self.const(old + ".fpe", value.astype(self._stored_dtype(old), copy=False), f"{root}/{slot}")
                  for (old, _, slot), value in zip(self._weight_slots(lin, len(values) > 1), values)]
         self.share_weights(lin, names)
         return names
@@ -284,7 +283,7 @@ RUNTIME_ONLY = "runtime only"
 
 def constant_base(editor: GraphEditor, lin: Linear) -> str:
     """The base name of the constants a lowering makes for ``lin``: its weight tensor (behind Identity
-    copies), so layers that read one weight make, and then share, one set (:meth:`GraphEditor.constant`)."""
+    copies), so layers that read one weight make, and then share, one set (:meth:`GraphEditor.const`)."""
     return editor.index.alias_root(lin.weight)
 
 
