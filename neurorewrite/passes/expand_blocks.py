@@ -21,9 +21,10 @@ Blocks in a chain (``L1 -> act -> L2 -> act -> L3``) share a linear: they are ex
 and the later block splits the already widened weights, so both counts stay exact.
 
 Blocks that read the same weights (ALBERT's layers share one FFN; the TorchScript exporter writes the
-second use as ``Identity`` copies) are expanded once: the first such block is expanded and every
-other reads its expanded tensors, so the model's nonzero count stays that of the original as well as
-each block's, and all of them keep computing one function.
+second use as ``Identity`` copies, the dynamo exporter as a second initializer with the same values)
+are expanded once: the first such block is expanded and every other reads its expanded tensors, so
+each block keeps its count and all of them keep computing one function. The model keeps its count
+too, or, where the export stored the shared weights once per use, stores them once.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from neurorewrite.fpe import FPEConfig, PruneScales, block_seed, expand_block, e
 from neurorewrite.fpe.block import Weights
 from neurorewrite.rewriter.block_checks import block_notes
 from neurorewrite.rewriter.blocks import MLPBlock, Skipped, find_blocks, select_blocks
-from neurorewrite.rewriter.editor import GraphEditor
+from neurorewrite.rewriter.editor import GraphEditor, content_key
 from neurorewrite.rewriter.graph import GraphIndex
 from neurorewrite.rewriter.linear import Linear, read_weights
 from neurorewrite.rewriter.record import BlockRecord, FPERecord, write_record
@@ -211,11 +212,12 @@ def expand_model(
 
 
 def _weights_key(index: GraphIndex, lin: Linear) -> tuple:
-    """What a layer computes from its input, up to the graph: the constants it reads (through Identity
-    copies) and how it reads them."""
-    bias = None if lin.bias is None else index.alias_root(lin.bias)
-    return (index.alias_root(lin.weight), bias, lin.op, lin.weight_out_in, lin.scale, lin.bias_scale,
-            lin.kernel, lin.feature_axis, lin.in_features, lin.out_features, lin.bias_node is not None)
+    """What a layer computes from its input, up to the graph: the values of the constants it reads (the
+    dynamo exporter stores a shared layer's transposed weight once per use) and how it reads them."""
+    values = [None if name is None else index.constant_value(name) for name in (lin.weight, lin.bias)]
+    digests = tuple(None if v is None else content_key(np.asarray(v)) for v in values)
+    return (*digests, lin.op, lin.weight_out_in, lin.scale, lin.bias_scale, lin.kernel, lin.feature_axis,
+            lin.in_features, lin.out_features, lin.bias_node is not None)
 
 
 def shared_weight_leaders(index: GraphIndex, blocks: list[MLPBlock]) -> dict[int, int]:

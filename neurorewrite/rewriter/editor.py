@@ -104,7 +104,7 @@ class GraphEditor:
         the one this editor already made from ``source`` (default: ``base``) with the same dtype, shape
         and bytes."""
         value = np.asarray(value)
-        key = (source or base).encode() + b"\0" + _content_key(value)
+        key = (source or base).encode() + b"\0" + content_key(value)
         name = self.by_content.get(key)
         if name is None:
             name = self.by_content[key] = self.name(base)
@@ -287,7 +287,7 @@ def constant_base(editor: GraphEditor, lin: Linear) -> str:
     return editor.index.alias_root(lin.weight)
 
 
-def _content_key(value: np.ndarray) -> bytes:
+def content_key(value: np.ndarray) -> bytes:
     """A digest of an array's dtype, shape and values in C order, read a slab of rows at a time (a
     transposed weight is not copied whole)."""
     digest = hashlib.blake2b(f"{value.dtype.str}{value.shape}".encode(), digest_size=20)
