@@ -23,7 +23,7 @@ change its weights, and go on (``passes/calibrate.py`` refits blocks in graph or
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,13 +105,13 @@ def linear_on_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.index_copy_(-1, fed, F.linear(x, weight[fed], None if bias is None else bias[fed]))
 
 
-def _trainable(index: GraphIndex, lin: Linear, shared: Collection[str] = ()) -> bool:
-    return _not_trainable_because(index, lin, shared) is None
+def _trainable(index: GraphIndex, lin: Linear, tied: Collection[int] = ()) -> bool:
+    return _not_trainable_because(index, lin, tied) is None
 
 
-def _not_trainable_because(index: GraphIndex, lin: Linear, shared: Collection[str] = ()) -> str | None:
-    """Why the lifter cannot train ``lin`` (None when it can). A layer in ``shared`` may read weights
-    other nodes read too: its caller gives all of them the same values."""
+def _not_trainable_because(index: GraphIndex, lin: Linear, tied: Collection[int] = ()) -> str | None:
+    """Why the lifter cannot train ``lin`` (None when it can). A layer in ``tied`` (node indices, see
+    :func:`tied_layers`) reads weights that only other layers of its tie read."""
     if lin.read_only:
         return f"it is stored as {lin.op}, which is read, not trained"
     if lin.op not in LIFTED_FORMS or lin.bias_node is not None:
@@ -122,9 +122,30 @@ def _not_trainable_because(index: GraphIndex, lin: Linear, shared: Collection[st
         if index.constant_source(name) not in ("initializer", "constant"):
             return f"its {what} {name} is computed, not a constant"
         readers = len(index.consumers.get(name, [])) + (name in index.graph_outputs)
-        if readers > 1 and lin.name not in shared:
+        if readers > 1 and lin.node not in tied:
             return f"its {what} {name} is read by {readers} nodes (a shared weight: training one reader would change the others)"
     return None
+
+
+def tied_layers(index: GraphIndex, linears: Iterable[Linear]) -> dict[int, int]:
+    """Node of each linear that reads the weight and bias (through Identity copies) an earlier one reads,
+    the same way, where nothing but such linears reads them (ALBERT's shared layer run several times) ->
+    the earlier linear's node. The lifter makes them one layer: training sums the gradients of every use."""
+    groups: dict[tuple, list[Linear]] = {}
+    for lin in linears:
+        if lin.op in LIFTED_FORMS and lin.bias_node is None and not lin.read_only:
+            bias = None if lin.bias is None else index.alias_root(lin.bias)
+            key = (index.alias_root(lin.weight), bias, lin.op, lin.weight_out_in, lin.scale, lin.bias_scale, lin.kernel,
+                   lin.feature_axis)
+            groups.setdefault(key, []).append(lin)
+    tied: dict[int, int] = {}
+    for (weight, bias, *_), group in groups.items():
+        if len(group) < 2 or index.readers(weight) != (sorted(lin.node for lin in group), 0):
+            continue
+        if bias is not None and index.readers(bias) != (sorted(lin.bias_holder for lin in group), 0):
+            continue
+        tied.update({lin.node: group[0].node for lin in group[1:]})
+    return tied
 
 
 def _needed_nodes(index: GraphIndex, tensors: Collection[str]) -> set[int]:
@@ -186,9 +207,7 @@ class OnnxGraph(nn.Module):
     and returns the first output (:meth:`run` returns any tensors by name)."""
 
     def __init__(self, model: onnx.ModelProto, where: str = "model", train: Collection[str] | None = None,
-                 outputs: Collection[str] | None = None, shared: Collection[str] = ()) -> None:
-        """``shared``: linears lifted although other nodes read their weights (each gets its own copy;
-        the caller keeps the copies equal, as calibration does for blocks that share one set)."""
+                 outputs: Collection[str] | None = None) -> None:
         super().__init__()
         graph = model.graph
         index = GraphIndex.build(graph)
@@ -202,7 +221,7 @@ class OnnxGraph(nn.Module):
         ]
         self.layers = nn.ModuleDict()
         self.linears: dict[str, Linear] = {}
-        lifted = self._lift_linears(index, where, train, shared)
+        lifted = self._lift_linears(index, where, train)
         self._constants: dict[str, str] = {}
         self._lift_constants(index)
         self.steps = self._plan(model, index, lifted, where)
@@ -215,17 +234,25 @@ class OnnxGraph(nn.Module):
 
     # --- building -------------------------------------------------------------------------------
 
-    def _lift_linears(self, index: GraphIndex, where: str, train: Collection[str] | None,
-                      shared: Collection[str] = ()) -> dict[int, Step]:
+    def _lift_linears(self, index: GraphIndex, where: str, train: Collection[str] | None) -> dict[int, Step]:
+        """One layer per linear, except tied ones (:func:`tied_layers`), which are one layer under several keys."""
         steps: dict[int, Step] = {}
-        for lin in find_linears(index).values():
-            if not _trainable(index, lin, shared):
+        linears = list(find_linears(index).values())
+        tied = tied_layers(index, linears)
+        tied_nodes = set(tied) | set(tied.values())
+        key_of_node: dict[int, str] = {}
+        for lin in linears:
+            if not _trainable(index, lin, tied_nodes):
                 continue
-            key = f"linear{len(self.layers)}"
-            w, b = read_weights(index, lin)
-            layer = MaskedLinear.from_arrays(w, b)
-            if train is not None and lin.name not in train:
+            key = f"linear{len(self.linears)}"
+            key_of_node[lin.node] = key
+            if lin.node in tied:
+                layer = self.layers[key_of_node[tied[lin.node]]]
+            else:
+                layer = MaskedLinear.from_arrays(*read_weights(index, lin))
                 layer.requires_grad_(False)
+            if train is None or lin.name in train:  # a tied layer trains when any of its uses is to be trained
+                layer.requires_grad_(True)
             self.layers[key] = layer
             self.linears[key] = lin
             # a MatMul's bias Add reads nothing else (find_linears checks it): one fused step writes the output
@@ -238,7 +265,7 @@ class OnnxGraph(nn.Module):
             missing = sorted(set(train) - {lin.name for lin in self.linears.values()})
             if missing:
                 found = {lin.name: lin for lin in find_linears(index).values()}
-                reasons = [f"{name} ({_not_trainable_because(index, found[name]) or 'not lifted'})" if name in found
+                reasons = [f"{name} ({_not_trainable_because(index, found[name], tied_nodes) or 'not lifted'})" if name in found
                            else f"{name} (not a linear layer)" for name in missing[:3]]
                 more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
                 raise UnsupportedModelError(f"{where}: cannot train layer(s) {'; '.join(reasons)}{more}")

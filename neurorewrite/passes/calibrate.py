@@ -222,8 +222,7 @@ def calibrate_model(
     # lift only what the blocks' targets need: nodes after the last block may use any op
     needed = [b.second.output for b in ends] + [r for b in ends if (r := _residual_operand(index, b.second.output))]
     lifted_original = OnnxGraph(original, "the original model", outputs=needed)
-    lifted = OnnxGraph(expanded, "the expanded model", train=train, outputs=needed,
-                       shared={lin.name for b in ends if b.name in shared for lin in b.linears})
+    lifted = OnnxGraph(expanded, "the expanded model", train=train, outputs=needed)  # a group's layers: one each
     chunks = chunk_sample_for(lifted_original, lifted.inputs, sample, where, options.holdout, options.chunk_rows,
                               options.mask_input)
     runs = _Runs(lifted_original, lifted, chunks, [lifted_original.start(c.feeds) for c in chunks.chunks],
@@ -377,8 +376,9 @@ def _calibrate_block(runs: _Runs, block: MLPBlock, index: GraphIndex, children: 
         else:
             sse_before = fit_sse_before
         tick = time.process_time()
-        # the layers that take the fit: this block's, or every member's of its group (equal copies)
-        refit = [layer2] if group is None else [exp.layers[exp.key_of(m.second.name)] for m in group.members]
+        # the layer that takes the fit: the group's members read one (OnnxGraph lifts a tie as one layer)
+        refit = [layer2] if group is None else list({id(layer): layer for layer in (
+            exp.layers[exp.key_of(m.second.name)] for m in group.members)}.values())
         # per child only: per parent (and tied) a row's support is a set of parents whose copies share one weight
         support = "hessian" if options.support == "hessian" and alpha == 1 and isinstance(moments, Moments) else "kept"
         if support == "hessian":

@@ -193,7 +193,8 @@ def distill_model(
     rng = np.random.default_rng(options.seed)
     keys = [k for k, layer in lifted.layers.items() if any(p.requires_grad for p in layer.parameters())]
     before = {k: lifted.layers[k].nonzeros() for k in keys}
-    params = [p for k in keys for p in lifted.layers[k].parameters()]
+    # a tied layer (one layer under several keys: ALBERT's) is one set of parameters, stepped once
+    params = list({id(p): p for k in keys for p in lifted.layers[k].parameters()}.values())
     if options.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=options.lr, weight_decay=options.weight_decay)
     else:

@@ -140,3 +140,27 @@ def test_calibration_refuses_shared_weights_that_another_node_reads() -> None:
     x = {"x": np.random.default_rng(2).standard_normal((100, D)).astype(np.float32)}
     with pytest.raises(UnsupportedModelError, match="read one set of weights that other nodes read too"):
         calibrate_model(original, expanded, report, x)
+
+
+def test_the_lifter_makes_tied_layers_one_layer_and_distillation_steps_it_once() -> None:
+    """Every use of the shared weights is one torch layer, so training sums their gradients; the
+    distillation's optimizer holds its parameters once (twice would step them twice)."""
+    import warnings
+
+    from neurorewrite.models.onnx_module import OnnxGraph
+    from neurorewrite.passes.distill_onnx import DistillOptions, distill_model
+
+    original = twice_applied_ffn()
+    student, _ = neurorewrite.expand(original, alpha=4, seed=3)
+    first, second = find_blocks(student).blocks
+    lifted = OnnxGraph(student, train={lin.name for b in (first, second) for lin in b.linears})
+    for a, b in zip(first.linears, second.linears):
+        assert lifted.layers[lifted.key_of(a.name)] is lifted.layers[lifted.key_of(b.name)]
+    x = {"x": np.random.default_rng(4).standard_normal((64, D)).astype(np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns about a parameter group holding a parameter twice
+        tuned, report = distill_model(student, original, x, DistillOptions(epochs=3, optimizer="sgd", lr=1e-2))
+    assert initializer_nonzeros(tuned) == initializer_nonzeros(original)
+    first, second = find_blocks(tuned).blocks
+    assert [lin.weight for lin in first.linears] == [lin.weight for lin in second.linears], "still one set"
+    assert report.held_out_after < report.held_out_before
